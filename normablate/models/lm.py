@@ -1,0 +1,124 @@
+"""A GPT-style causal decoder (nanoGPT's shape) whose norms and attention honour a padding mask.
+
+``forward(idx, mask=None)``: ``idx`` (B, T) int tokens; ``mask`` (B, T) bool, True for real tokens of
+right-padded sequences. The mask reaches every norm (so masked BatchNorm ignores padding) and the attention
+(padded keys are never attended to). Tied input/output embeddings; byte vocabulary (256) by default.
+Written by hand rather than taken from timm/HF because the mask has to reach every norm.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import register
+from ._common import check_choice
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
+        super().__init__()
+        if n_embd % n_head:
+            raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
+        self.n_head, self.dropout = n_head, dropout
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, h, T, d)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int, dropout: float, bias: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """pre-norm: x + attn(n1(x)), x + mlp(n2(x));  post-norm (original Transformer): n1(x + attn(x)), ..."""
+
+    def __init__(self, n_embd: int, n_head: int, norm_layer: Callable, dropout: float, bias: bool,
+                 pre_norm: bool) -> None:
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.n1 = norm_layer(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
+        self.n2 = norm_layer(n_embd)
+        self.mlp = MLP(n_embd, dropout, bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.drop(self.attn(self.n1(x, mask=mask), attn_mask))
+            return x + self.mlp(self.n2(x, mask=mask))
+        x = self.n1(x + self.drop(self.attn(x, attn_mask)), mask=mask)
+        return self.n2(x + self.mlp(x), mask=mask)
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, norm_layer: Callable, vocab_size: int = 256, block_size: int = 256, n_layer: int = 4,
+                 n_head: int = 4, n_embd: int = 128, dropout: float = 0.0, bias: bool = True,
+                 norm_placement: str = "pre") -> None:
+        super().__init__()
+        check_choice("norm_placement", norm_placement, ("pre", "post"))
+        self.block_size = block_size
+        self.tok = nn.Embedding(vocab_size, n_embd)
+        self.pos = nn.Embedding(block_size, n_embd)
+        self.drop = nn.Dropout(dropout)
+        pre = norm_placement == "pre"
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, norm_layer, dropout, bias, pre) for _ in range(n_layer))
+        self.norm_f = norm_layer(n_embd) if pre else None  # post-norm already ends on a norm
+        self.head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.head.weight = self.tok.weight  # tied embeddings
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T = idx.shape
+        if T > self.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
+        attn_mask = None
+        if mask is not None:
+            mask = mask.bool()
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            # Keys must be real; a padded query may also see itself so its row is never empty (no NaN).
+            keys = mask[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=idx.device)
+            attn_mask = causal & keys  # (B, 1, T, T), True = may attend
+        x = self.drop(self.tok(idx) + self.pos(torch.arange(T, device=idx.device)))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, mask, attn_mask)
+        if self.norm_f is not None:
+            x = self.norm_f(x, mask=mask)
+        return self.head(x)  # (B, T, vocab)
+
+
+@register("transformer_lm", layout="tokens")
+def transformer_lm(norm_layer, vocab_size: int = 256, block_size: int = 256, n_layer: int = 4, n_head: int = 4,
+                   n_embd: int = 128, dropout: float = 0.0, bias: bool = True,
+                   norm_placement: str = "pre") -> nn.Module:
+    return TransformerLM(norm_layer, vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias,
+                         norm_placement)

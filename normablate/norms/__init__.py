@@ -1,0 +1,132 @@
+"""Normalization layers, by name.
+
+Contract of the registry: an entry is a class or factory called as
+``entry(num_features, layout=..., **kwargs) -> nn.Module`` where ``layout`` is ``"image"`` (inputs
+``(N, C, H, W)``) or ``"tokens"`` (inputs ``(N, T, C)``). The module's ``forward(x, mask=None)`` keeps the
+shape; ``mask`` is ``(N, T)`` bool with True marking a real token (only the tokens layout uses it).
+
+    import normablate as nb
+    nb.norms.available()
+    nb.norms.create("bn", 64, layout="image", momentum=0.1)
+
+    @nb.norms.register("my_norm")
+    class MyNorm(nn.Module):
+        def __init__(self, num_features, layout="image", **kw): ...
+        def forward(self, x, mask=None): ...
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..registry import Registry
+
+LAYOUTS = ("image", "tokens")
+
+REGISTRY = Registry("norm", __doc__ or "")
+
+
+def register(name: str, obj: Any = None, *, override: bool = False):
+    """Register a norm class/factory ``(num_features, layout, **kwargs)``; usable as a decorator."""
+    return REGISTRY.register(name, obj, override=override)
+
+
+def available() -> list[str]:
+    """Names of the registered norms."""
+    return REGISTRY.available()
+
+
+def _accepted_kwargs(fn: Callable) -> tuple[set[str], bool]:
+    """Keyword names ``fn`` takes (after num_features) and whether it takes ``**kwargs``."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return set(), True
+    names, var_kw = set(), False
+    for i, p in enumerate(sig.parameters.values()):
+        if p.kind is p.VAR_KEYWORD:
+            var_kw = True
+        elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and i > 0:
+            names.add(p.name)
+    return names, var_kw
+
+
+def options(name: str) -> list[str]:
+    """Options (keyword arguments) the norm ``name`` accepts, besides ``num_features`` and ``layout``."""
+    names, _ = _accepted_kwargs(REGISTRY.get(name))
+    return sorted(names - {"layout"})
+
+
+def _build(entry: Callable, label: str, num_features: int, layout: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    if layout not in LAYOUTS:
+        raise ConfigError(f"norm layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    names, var_kw = _accepted_kwargs(entry)
+    if not var_kw:
+        bad = sorted(set(kwargs) - names)
+        if bad:
+            valid = sorted(names - {"layout"}) or ["(none)"]
+            raise ConfigError(f"norm {label!r} got unknown option(s) {', '.join(bad)}; valid: {', '.join(valid)}")
+    if "layout" in names or var_kw:
+        return entry(num_features, layout=layout, **kwargs)
+    if layout != "image" and not kwargs:
+        # A plain callable such as nn.LayerNorm, taking channels only: works on channel-last tokens.
+        return entry(num_features)
+    return entry(num_features, **kwargs)
+
+
+def create(name: str, num_features: int, layout: str = "image", **kwargs: Any) -> nn.Module:
+    """Build the norm ``name`` for ``num_features`` channels in ``layout``."""
+    return _build(REGISTRY.get(name), name, num_features, layout, kwargs)
+
+
+def resolve(spec: Any, layout: str) -> Callable[[int], nn.Module]:
+    """Turn a norm spec into a ``norm_layer(num_features) -> nn.Module`` callable, once.
+
+    ``spec`` is a registered name or import path, a mapping ``{"name": ..., **options}``, or a callable
+    (a class or factory taking ``num_features`` and optionally ``layout`` and options). Options are checked
+    here, by building one throw-away instance, so a typo fails before any model is built.
+    """
+    if isinstance(spec, str):
+        name, kwargs, entry = spec, {}, REGISTRY.get(spec)
+    elif isinstance(spec, Mapping):
+        kwargs = dict(spec)
+        if "name" not in kwargs:
+            raise ConfigError(f"norm spec {dict(spec)!r} has no 'name'; valid names: {', '.join(available())}")
+        name = kwargs.pop("name")
+        entry = REGISTRY.get(name)
+    elif callable(spec):
+        name, kwargs, entry = getattr(spec, "__name__", repr(spec)), {}, spec
+    else:
+        raise ConfigError(
+            f"norm must be a name, a mapping with 'name', or a callable; got {type(spec).__name__} {spec!r}"
+        )
+    if layout not in LAYOUTS:
+        raise ConfigError(f"norm layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    _build(entry, name, 8, layout, kwargs)  # validate options now: fail before building a model
+
+    # A plain function (not a partial): timm's get_norm_layer unbinds partials and passes device/dtype.
+    def norm_layer(num_features: int, device: Any = None, dtype: Any = None) -> nn.Module:
+        module = _build(entry, name, num_features, layout, kwargs)
+        return module.to(device=device, dtype=dtype) if device is not None or dtype is not None else module
+
+    norm_layer.norm_name = name  # type: ignore[attr-defined]
+    norm_layer.layout = layout  # type: ignore[attr-defined]
+    return norm_layer
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalization layer (ours, PyTorch's or timm's)."""
+    from . import batch, group, layer, masked, rms  # noqa: F401
+
+    base = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
+    return isinstance(module, base) or getattr(module, "is_normalization", False)
+
+
+# Register the built-in families (each file registers itself on import).
+from . import batch, group, identity, layer, masked, rms  # noqa: E402,F401
+
+__all__ = ["LAYOUTS", "REGISTRY", "available", "create", "is_norm", "options", "register", "resolve"]

@@ -1,0 +1,83 @@
+"""BatchNorm (``bn``) and Santurkar et al.'s noisy BatchNorm (``noisy_bn``).
+
+``bn`` *is* PyTorch's BatchNorm (subclassing ``_BatchNorm``): same statistics, running-stat update
+(``running = (1 - m) * running + m * batch``, m = 0.1, unbiased running_var) and kernels, so it matches
+``nn.BatchNorm1d/2d`` exactly. For tokens ``(N, T, C)`` it normalizes each channel over N*T positions.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import register
+
+
+def check_batch_size(x: torch.Tensor, channel_dim: int, training: bool) -> None:
+    """Batch statistics need more than one value per channel; say so in plain words."""
+    if training and x.numel() // max(x.shape[channel_dim], 1) <= 1:
+        raise ValueError(
+            f"BatchNorm in training mode needs more than one value per channel to compute batch statistics, "
+            f"got input of shape {tuple(x.shape)} (one value per channel). Use a batch size > 1, "
+            f"call model.eval(), or choose a batch-independent norm (ln, rms, gn)."
+        )
+
+
+@register("bn")
+class BatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over every dim but the channel; eval uses running statistics."""
+
+    is_normalization = True
+
+    def __init__(self, num_features: int, layout: str = "image", eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats)
+        self.layout = layout
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least a 2D input, got shape {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ARG002
+        # Plain BN ignores the mask on purpose: padded tokens enter its statistics (that is the ablation).
+        if self.layout == "tokens":
+            x = x.transpose(1, 2)  # (N, T, C) -> (N, C, T)
+        check_batch_size(x, 1, self.training or not self.track_running_stats)
+        y = super().forward(x)
+        return y.transpose(1, 2) if self.layout == "tokens" else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", layout={self.layout}"
+
+
+@register("noisy_bn")
+class NoisyBatchNorm(BatchNorm):
+    """BN followed by noise of non-zero mean and non-unit variance, redrawn at every training step.
+
+    Santurkar et al. (2018, Sec. 2.1) inject such "distributional instability" after BN to show that a
+    network trains about as well although each layer's input distribution keeps shifting. Per channel and
+    per training step: ``y = bn(x) * s + m`` with ``s ~ U(1, noise_scale)`` and ``m ~ U(-noise_mean,
+    noise_mean)``; additionally each (sample, channel) gets its own draw when ``per_sample`` is set, so
+    the shift is not common to the batch. No noise in eval mode.
+    """
+
+    def __init__(self, num_features: int, layout: str = "image", eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True, noise_mean: float = 0.5,
+                 noise_scale: float = 1.5, per_sample: bool = False) -> None:
+        super().__init__(num_features, layout=layout, eps=eps, momentum=momentum, affine=affine)
+        if noise_scale < 1.0 or noise_mean < 0.0:
+            raise ValueError(f"noisy_bn needs noise_scale >= 1 and noise_mean >= 0, got {noise_scale}, {noise_mean}")
+        self.noise_mean, self.noise_scale, self.per_sample = noise_mean, noise_scale, per_sample
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        y = super().forward(x, mask)
+        if not self.training:
+            return y
+        c_dim = 1 if self.layout == "image" else y.dim() - 1
+        shape = [1] * y.dim()
+        shape[c_dim] = y.shape[c_dim]
+        if self.per_sample:
+            shape[0] = y.shape[0]
+        scale = torch.empty(shape, device=y.device, dtype=y.dtype).uniform_(1.0, self.noise_scale)
+        shift = torch.empty(shape, device=y.device, dtype=y.dtype).uniform_(-self.noise_mean, self.noise_mean)
+        return y * scale + shift
