@@ -1,0 +1,331 @@
+"""Run configuration: dataclasses with a reason per field, loaded from YAML plus ``key=value`` overrides.
+
+Everything is validated before anything is built: an unknown key, a wrong type or a bad value raises
+``ConfigError`` naming the key, what is allowed and, for a typo, the closest valid key.
+
+Hand-written rather than jsonargparse/LightningCLI because (a) the valid keys under ``model`` depend on the
+chosen backbone (its builder's signature) and the norm options on the chosen norm, which a static schema
+cannot express, and (b) we want "did you mean" hints for typos. YAML parsing is PyYAML's.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError, closest
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet20"  # a name in nb.models.available()
+    norm: Any = "bn"  # a norm name, "pkg.mod:Class", or {name: ..., **options}
+    # any further key is an option of the backbone's builder (e.g. width, ffn_norm, norm_position)
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # "synthetic" (embedded, no files), a hub name ("cifar10"), or a local path
+    batch_size: int = 128  # training batch size (the batch-size study varies this)
+    val_batch_size: int = 500  # evaluation batch size; BN train/eval gap is measured at this size
+    train_limit: int | None = None  # use only the first N training examples (None: all)
+    val_limit: int | None = None  # use only the first N validation examples (None: all)
+    augment: bool = True  # vision: random crop (pad 4) + horizontal flip, done on the device in batch
+    train_split: str = "train"
+    val_split: str = "test"  # CIFAR-10 has no validation split; the test split serves, as is common
+    image_key: str | None = None  # column of images (None: guess "img"/"image")
+    label_key: str | None = None  # column of labels (None: guess "label"/"labels")
+    text_key: str | None = None  # column of text (None: guess "text")
+    mode: Literal["blocks", "samples"] = "blocks"  # text: contiguous windows, or one padded sample per line
+    block_size: int = 128  # text: window length / maximum sample length in tokens (bytes)
+    val_fraction: float = 0.1  # text: tail fraction held out when the source has a single split
+    cache_dir: str | None = None  # decoded tensors are cached here (None: $NORMABLATE_CACHE or ~/.cache/normablate)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1  # peak learning rate (after warmup)
+    momentum: float = 0.9  # SGD momentum (heavy ball)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW
+    weight_decay: float = 5e-4  # applied only to tensors with dim >= 2: norm gains and biases never decayed
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"  # after warmup, over trainer.max_steps
+    warmup_steps: int = 0  # linear warmup from 0
+    min_lr_ratio: float = 0.0  # cosine/linear decay ends at lr * min_lr_ratio
+    grad_clip: float | None = None  # clip the global gradient norm to this value (None: no clipping)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 500  # optimizer steps; the budget of one run
+    val_every: int = 100  # validate (and checkpoint) every N steps, and at the end
+    val_batches: int | None = None  # limit validation to N batches (None: the whole split)
+    log_every: int = 10  # log training scalars every N steps
+    accelerator: str = "cpu"  # "cpu", "gpu", "auto"
+    precision: str = "32-true"  # Lightning precision string
+    deterministic: bool = True  # same config + seed -> same metrics (on CPU)
+    threads: int | None = None  # torch intra-op threads (None: leave as is)
+    divergence_factor: float = 10.0  # stop as diverged when the smoothed train loss exceeds factor * its start
+    target_metric: str | None = None  # e.g. "val/acc": record the first step and time it reaches target_value
+    target_value: float | None = None
+    progress: bool = True  # show a progress bar
+    track_batchstat_gap: bool = True  # BN family: also validate with batch statistics (train/eval gap)
+    log_dir: str = "lightning_logs"  # runs go to <log_dir>/<experiment>/<run>/
+
+
+@dataclass
+class RunConfig:
+    experiment: str = "default"  # folder under log_dir grouping runs (a sweep uses its study name)
+    run: str | None = None  # run folder name (None: derived from backbone, norm, lr, batch size and seed)
+    seed: int = 0  # seeds model init, data order and augmentation
+    task: Literal["classification", "lm"] | None = None  # None: derived from the backbone
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain nested dict (model options flattened into ``model``), the form YAML files use."""
+    d = dataclasses.asdict(cfg)
+    options = d["model"].pop("options")
+    d["model"].update(options)
+    d["optim"]["betas"] = list(d["optim"]["betas"])
+    return d
+
+
+def parse_value(text: str) -> Any:
+    """A CLI override value: YAML scalar/list/dict syntax (``0.1``, ``null``, ``[1, 2]``, ``{name: bn}``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[p] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.05)")
+        key, _, value = item.partition("=")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "norm":
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check (and gently coerce: int -> float, list -> tuple) ``value`` against annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            coerced = []
+            for v, a in zip(value, args):
+                ok, cv = _type_ok(v, a)
+                if not ok:
+                    return False, value
+                coerced.append(cv)
+            return True, tuple(coerced)
+        return False, value
+    if tp is dict or origin is dict:
+        return isinstance(value, dict), value
+    return isinstance(value, tp), value
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build_section(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            hint = closest(key, names)
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'; valid keys in {prefix.rstrip('.') or 'the top level'}: "
+                f"{', '.join(names)}" + (f" (did you mean {prefix}{hint}?)" if hint else "")
+            )
+        ok, coerced = _type_ok(value, hints[key])
+        if not ok and typing.get_origin(hints[key]) is Literal:
+            allowed = [str(a) for a in typing.get_args(hints[key])]
+            hint = closest(str(value), allowed)
+            raise ConfigError(f"config key {prefix}{key}={value!r} is not allowed; valid: {', '.join(allowed)}"
+                              + (f" (did you mean {hint!r}?)" if hint else ""))
+        if not ok:
+            raise ConfigError(f"config key {prefix}{key}={value!r} has the wrong type; expected {_describe(hints[key])}")
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def from_dict(d: dict[str, Any]) -> RunConfig:
+    """Validate a nested dict into a RunConfig (types, choices, ranges, backbone and norm options)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a run config must be a mapping, got {type(d).__name__}")
+    d = copy.deepcopy(d)
+    top_fields = [f.name for f in dataclasses.fields(RunConfig)]
+    for key in d:
+        if key not in top_fields:
+            hint = closest(key, top_fields)
+            raise ConfigError(f"unknown config key {key!r}; valid top-level keys: {', '.join(top_fields)}"
+                              + (f" (did you mean {hint!r}?)" if hint else ""))
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = d.pop(name, None) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config key {name!r} must be a mapping, got {values!r}")
+        if name == "model":
+            values = dict(values)
+            options = {k: values.pop(k) for k in list(values) if k not in ("backbone", "norm", "options")}
+            options.update(values.pop("options", None) or {})
+            values["options"] = options
+        sections[name] = _build_section(cls, values, f"{name}.")
+    top = _build_section(RunConfig, {k: v for k, v in d.items()}, "")
+    cfg = dataclasses.replace(top, **sections)
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Values and cross-field rules; backbone/norm options against the registries."""
+    from . import models, norms
+
+    m, dc, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
+    models.REGISTRY.get(m.backbone)  # unknown backbone -> lists valid
+    models.check_options(m.backbone, m.options)
+    layout = models.layout(m.backbone)
+    norms.resolve(m.norm, layout)  # unknown norm or norm option -> lists valid
+    if "ffn_norm" in m.options and m.options["ffn_norm"] not in (None, True, False):
+        norms.resolve(m.options["ffn_norm"], "tokens")
+    want_task = "lm" if m.backbone == "transformer_lm" else "classification"
+    if cfg.task is None:
+        cfg.task = want_task
+    _check(cfg.task == want_task, f"task={cfg.task!r} does not fit backbone {m.backbone!r}; use task={want_task!r}")
+    _check(dc.batch_size >= 1, f"data.batch_size={dc.batch_size} must be >= 1")
+    _check(dc.val_batch_size >= 1, f"data.val_batch_size={dc.val_batch_size} must be >= 1")
+    _check(dc.block_size >= 2, f"data.block_size={dc.block_size} must be >= 2")
+    _check(0.0 < dc.val_fraction < 1.0, f"data.val_fraction={dc.val_fraction} must be in (0, 1)")
+    for k in ("train_limit", "val_limit"):
+        v = getattr(dc, k)
+        _check(v is None or v >= 1, f"data.{k}={v} must be >= 1 or null")
+    _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    _check(0 <= o.momentum < 1, f"optim.momentum={o.momentum} must be in [0, 1)")
+    _check(all(0 <= b < 1 for b in o.betas), f"optim.betas={list(o.betas)} must each be in [0, 1)")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    _check(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip={o.grad_clip} must be > 0 or null")
+    _check(t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1")
+    _check(t.val_every >= 1, f"trainer.val_every={t.val_every} must be >= 1")
+    _check(t.log_every >= 1, f"trainer.log_every={t.log_every} must be >= 1")
+    _check(t.val_batches is None or t.val_batches >= 1, f"trainer.val_batches={t.val_batches} must be >= 1 or null")
+    _check(t.divergence_factor > 1, f"trainer.divergence_factor={t.divergence_factor} must be > 1")
+    _check(t.accelerator in ("cpu", "gpu", "cuda", "mps", "auto"),
+           f"trainer.accelerator={t.accelerator!r} is not allowed; valid: cpu, gpu, cuda, mps, auto")
+    metrics = ("val/acc", "val/loss") if cfg.task == "classification" else ("val/ppl", "val/loss")
+    _check((t.target_metric is None) == (t.target_value is None),
+           "trainer.target_metric and trainer.target_value must be given together")
+    _check(t.target_metric is None or t.target_metric in metrics,
+           f"trainer.target_metric={t.target_metric!r} is not allowed for task {cfg.task!r}; valid: {', '.join(metrics)}")
+    _check(cfg.run is None or ("/" not in cfg.run and cfg.run not in ("", ".", "..")),
+           f"run={cfg.run!r} must be a plain folder name")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    with open(p) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """YAML file (optional) + overrides (``["optim.lr=0.05", ...]`` or ``{"optim.lr": 0.05}``) -> RunConfig."""
+    d = load_yaml(path) if path is not None else {}
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for key, value in (overrides or {}).items():
+        set_dotted(d, key, value)
+    return from_dict(d)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
