@@ -68,10 +68,11 @@ class NoisyBatchNorm(BatchNorm):
         if noise_scale < 1.0 or noise_mean < 0.0:
             raise ValueError(f"noisy_bn needs noise_scale >= 1 and noise_mean >= 0, got {noise_scale}, {noise_mean}")
         self.noise_mean, self.noise_scale, self.per_sample = noise_mean, noise_scale, per_sample
+        self.noise_enabled = True  # switched off to measure batch-statistics loss without noise
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         y = super().forward(x, mask)
-        if not self.training:
+        if not self.training or not self.noise_enabled:
             return y
         c_dim = 1 if self.layout == "image" else y.dim() - 1
         shape = [1] * y.dim()

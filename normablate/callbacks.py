@@ -1,0 +1,153 @@
+"""Lightning callbacks that turn a training run into a measurement.
+
+``RunMonitor`` records the curves, stops diverged runs (a result, not a crash), times the run, detects when a
+target metric is first reached, checkpoints ``last.ckpt`` after each validation, and stops cleanly on
+Ctrl-C / SIGTERM. Its state is saved in the checkpoint, so a resumed run yields the same record as an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+
+class RunInterrupted(Exception):
+    """Raised (after saving a checkpoint) when the run received SIGINT/SIGTERM."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"interrupted by signal {signum} at step {step}; resume with --resume")
+        self.signum, self.step = signum, step
+
+
+class StopRequest:
+    """Set from a signal handler; read at the next step boundary (so the checkpoint is consistent)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum, frame) -> None:  # noqa: ARG002
+        if self.signum is not None and signum == 2:  # a second Ctrl-C: give up waiting
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+def save_checkpoint_atomic(trainer: L.Trainer, path: Path) -> None:
+    tmp = path.with_suffix(".ckpt.tmp")
+    trainer.save_checkpoint(tmp)
+    os.replace(tmp, path)
+
+
+class RunMonitor(L.Callback):
+    def __init__(self, run_dir: Path, max_steps: int, samples_per_step: float, divergence_factor: float = 10.0,
+                 target_metric: str | None = None, target_value: float | None = None,
+                 stop_request: StopRequest | None = None, ema: float = 0.9) -> None:
+        self.run_dir = Path(run_dir)
+        self.max_steps = max_steps
+        self.samples_per_step = samples_per_step
+        self.divergence_factor = divergence_factor
+        self.target_metric, self.target_value = target_metric, target_value
+        self.stop_request = stop_request
+        self.ema_beta = ema
+        # state (saved in checkpoints)
+        self.history: dict[str, list[list[float]]] = {}
+        self.loss_start: float | None = None
+        self.loss_ema: float | None = None
+        self.diverged_step: int | None = None
+        self.diverged_reason: str | None = None
+        self.steps_to_target: int | None = None
+        self.time_to_target: float | None = None
+        self.elapsed = 0.0  # wall-clock seconds of fit so far (training + validation), summed over resumes
+        self.train_time = 0.0  # seconds spent in training steps only
+        self.samples = 0.0
+        self.loss_sum = 0.0
+        self.loss_count = 0
+        self._t_fit = self._t_step = 0.0
+        self._elapsed_at_fit_start = 0.0
+
+    # -------------------------------------------------------------- state for resume
+    def state_dict(self) -> dict[str, Any]:
+        keys = ("history", "loss_start", "loss_ema", "diverged_step", "diverged_reason", "steps_to_target",
+                "time_to_target", "train_time", "samples", "loss_sum", "loss_count")
+        d = {k: getattr(self, k) for k in keys}
+        d["elapsed"] = self.now_elapsed()
+        return d
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._elapsed_at_fit_start = self.elapsed
+
+    def now_elapsed(self) -> float:
+        return self._elapsed_at_fit_start + (time.perf_counter() - self._t_fit if self._t_fit else 0.0)
+
+    def _record(self, name: str, step: int, value: float) -> None:
+        self.history.setdefault(name, []).append([int(step), float(value)])
+
+    # -------------------------------------------------------------- hooks
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._elapsed_at_fit_start = self.elapsed
+        self._t_fit = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t_step = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.train_time += time.perf_counter() - self._t_step
+        self.samples += self.samples_per_step
+        step = trainer.global_step  # steps completed
+        loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
+        self._record("train/loss", step, loss)
+        if math.isfinite(loss):
+            self.loss_sum += loss
+            self.loss_count += 1
+        if step % max(1, trainer.log_every_n_steps) == 0 and self.train_time > 0:
+            pl_module.log("throughput", self.samples / self.train_time, on_step=True, on_epoch=False)
+        self._check_divergence(trainer, step, loss)
+        if self.stop_request is not None and self.stop_request.signum is not None:
+            save_checkpoint_atomic(trainer, self.run_dir / "last.ckpt")
+            raise RunInterrupted(self.stop_request.signum, step)
+        if step >= self.max_steps:
+            trainer.should_stop = True  # triggers a final validation at the last step
+
+    def _check_divergence(self, trainer, step: int, loss: float) -> None:
+        if self.diverged_step is not None:
+            return
+        if not math.isfinite(loss):
+            self.diverged_step, self.diverged_reason = step, f"non-finite training loss ({loss})"
+        else:
+            if self.loss_start is None:
+                self.loss_start = loss
+            self.loss_ema = loss if self.loss_ema is None else self.ema_beta * self.loss_ema + (1 - self.ema_beta) * loss
+            limit = self.divergence_factor * max(self.loss_start, 1e-8)
+            if self.loss_ema > limit:
+                self.diverged_step = step
+                self.diverged_reason = (f"smoothed training loss {self.loss_ema:.4g} exceeded "
+                                        f"{self.divergence_factor:g} x its start ({self.loss_start:.4g})")
+        if self.diverged_step is not None:
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        step = trainer.global_step
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        for k, v in metrics.items():
+            self._record(k, step, v)
+        if self.target_metric and self.steps_to_target is None and self.target_metric in metrics:
+            v = metrics[self.target_metric]
+            better = v >= self.target_value if self.target_metric.endswith("acc") else v <= self.target_value
+            if better:
+                self.steps_to_target, self.time_to_target = step, self.now_elapsed()
+        if self.diverged_step is None:
+            save_checkpoint_atomic(trainer, self.run_dir / "last.ckpt")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.elapsed = self.now_elapsed()
+        self._t_fit = 0.0
+        self._elapsed_at_fit_start = self.elapsed

@@ -1,0 +1,109 @@
+"""The LightningModule shared by both tasks: thin; it receives its network and only knows losses and metrics."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from torch import nn
+
+from ..config import OptimConfig
+from .optim import build_optimizer, build_scheduler
+
+
+def batch_stat_norms(model: nn.Module) -> list[nn.Module]:
+    """BatchNorm-family layers that keep running statistics (their eval differs from their training)."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def using_batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Evaluate with batch statistics (BN in train mode) without touching running stats or adding noise."""
+    layers = batch_stat_norms(model)
+    saved = [(m, m.training, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in layers]
+    noisy = [(m, m.noise_enabled) for m in layers if hasattr(m, "noise_enabled")]
+    try:
+        for m in layers:
+            m.train()
+        for m, _ in noisy:
+            m.noise_enabled = False
+        yield
+    finally:
+        for m, training, buffers in saved:
+            m.train(training)
+            for k, b in buffers.items():
+                getattr(m, k).copy_(b)
+        for m, enabled in noisy:
+            m.noise_enabled = enabled
+
+
+class NormTask(L.LightningModule):
+    """Subclasses define ``loss_and_outputs(batch)`` and the metric objects."""
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, max_steps: int, track_batchstat_gap: bool = True):
+        super().__init__()
+        self.model = model
+        self.optim_cfg = optim
+        self.max_steps = max_steps
+        self.has_batch_stats = track_batchstat_gap and bool(batch_stat_norms(model))
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.optim_cfg, self.model)
+        scheduler = build_scheduler(self.optim_cfg, optimizer, self.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        self.log("grad_norm", norm, on_step=True, on_epoch=False)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.optim_cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.update_val_metrics(batch, prefix="val")
+        if self.has_batch_stats:
+            with using_batch_statistics(self.model):
+                self.update_val_metrics(batch, prefix="val_batchstats")
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.compute_val_metrics()
+        if "val_batchstats/loss" in metrics:
+            metrics["val/loss_batchstats"] = metrics.pop("val_batchstats/loss")
+            metrics["val/train_eval_gap"] = metrics["val/loss"] - metrics["val/loss_batchstats"]
+            for k in [k for k in metrics if k.startswith("val_batchstats/")]:
+                metrics[k.replace("val_batchstats/", "val/") + "_batchstats"] = metrics.pop(k)
+        self.log_dict(metrics, prog_bar=False)
+
+    # ------------------------------------------------------------------ RNG state for exact resume
+    def on_save_checkpoint(self, checkpoint) -> None:
+        checkpoint["rng_torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            checkpoint["rng_cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        if "rng_torch" in checkpoint:
+            torch.set_rng_state(checkpoint["rng_torch"])
+        if "rng_cuda" in checkpoint and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+
+    # ------------------------------------------------------------------ to implement
+    def loss(self, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update_val_metrics(self, batch, prefix: str) -> None:
+        raise NotImplementedError
+
+    def compute_val_metrics(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError

@@ -1,0 +1,42 @@
+"""Causal language modelling: token-level cross-entropy ignoring padding (-100 targets), perplexity."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+
+from ..config import OptimConfig
+from .base import NormTask
+
+
+class LanguageModelTask(NormTask):
+    def __init__(self, model: nn.Module, optim: OptimConfig, max_steps: int, track_batchstat_gap: bool = True):
+        super().__init__(model, optim, max_steps, track_batchstat_gap)
+        # token-weighted mean NLL; perplexity = exp(mean NLL) over all real target tokens of the split
+        self.val_nll = nn.ModuleDict({p: MeanMetric() for p in ("val", "val_batchstats")})
+
+    def _nll(self, batch) -> tuple[torch.Tensor, int]:
+        idx, targets, mask = batch  # (B, T), (B, T) with -100 where no real next token, (B, T) bool or None
+        logits = self.model(idx, mask=mask)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return loss, int((targets != -100).sum())
+
+    def loss(self, batch) -> torch.Tensor:
+        return self._nll(batch)[0]
+
+    def update_val_metrics(self, batch, prefix: str) -> None:
+        loss, n = self._nll(batch)
+        if n:
+            self.val_nll[prefix].update(loss, weight=n)
+
+    def compute_val_metrics(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for prefix, m in self.val_nll.items():
+            if m.update_count == 0:
+                continue
+            nll = m.compute()
+            out[f"{prefix}/loss"] = nll
+            out[f"{prefix}/ppl"] = torch.exp(nll)
+            m.reset()
+        return out

@@ -1,0 +1,233 @@
+"""``train(cfg) -> RunResult``: one configured run, end to end. The CLI, the tests and the sweeps all call it.
+
+The run directory ``<log_dir>/<experiment>/<run>/`` holds the TensorBoard events, ``config.yaml`` (resolved),
+``versions.json`` (libraries, git commit), ``last.ckpt`` and, once finished, ``result.json``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from . import __version__, models
+from .callbacks import RunInterrupted, RunMonitor, StopRequest
+from .config import RunConfig, from_dict, to_dict, to_yaml
+from .errors import ConfigError
+from .result import RunResult
+
+log = logging.getLogger(__name__)
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    norm = cfg.model.norm if isinstance(cfg.model.norm, str) else cfg.model.norm.get("name", "norm")
+    norm = str(norm).replace(":", "_").replace(".", "_")
+    return f"{cfg.model.backbone}-{norm}-lr{cfg.optim.lr:g}-bs{cfg.data.batch_size}-s{cfg.seed}"
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.trainer.log_dir) / cfg.experiment / (cfg.run or default_run_name(cfg))
+
+
+def versions() -> dict[str, str]:
+    import datasets
+    import optuna
+    import timm
+    import torchmetrics
+
+    commit, dirty = "unknown", None
+    repo = Path(__file__).resolve().parents[1]
+    with contextlib.suppress(Exception):
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    return {
+        "normablate": __version__, "git_commit": commit, "git_dirty": str(dirty), "python": sys.version.split()[0],
+        "platform": platform.platform(), "torch": torch.__version__, "lightning": L.__version__,
+        "torchmetrics": torchmetrics.__version__, "timm": timm.__version__, "datasets": datasets.__version__,
+        "optuna": optuna.__version__,
+    }
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Progress over optimizer steps (the training stream is infinite, so Lightning knows no total)."""
+
+    def __init__(self, max_steps: int) -> None:
+        super().__init__(refresh_rate=10)
+        self._max_steps = max_steps
+
+    @property
+    def total_train_batches(self):
+        return self._max_steps
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.reset(total=self._max_steps)
+        self.train_progress_bar.initial = trainer.global_step
+        self.train_progress_bar.n = trainer.global_step
+        self.train_progress_bar.set_description(f"train {trainer.lightning_module.run_label}")
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """SIGINT/SIGTERM set a flag that the run checks at the next step boundary (then checkpoints and stops)."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, request)
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "norm":
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+    return out
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__`.*")
+    warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+
+
+def build_model(cfg: RunConfig, datamodule) -> torch.nn.Module:
+    options = dict(cfg.model.options)
+    if cfg.task == "classification":
+        options.setdefault("num_classes", datamodule.num_classes)
+        if "in_chans" in models.options(cfg.model.backbone):
+            options.setdefault("in_chans", datamodule.in_chans)
+        if cfg.model.backbone == "vit":
+            options.setdefault("img_size", datamodule.image_size)
+    else:
+        options.setdefault("vocab_size", datamodule.vocab_size)
+        options.setdefault("block_size", cfg.data.block_size)
+    return models.create(cfg.model.backbone, norm=cfg.model.norm, **options)
+
+
+def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = False) -> RunResult:
+    """Run one training run to completion (or divergence, or interruption) and return its record."""
+    from .data import build_datamodule
+    from .tasks import ClassificationTask, LanguageModelTask
+
+    cfg = from_dict(cfg if isinstance(cfg, dict) else to_dict(cfg))  # (re)validate before building anything
+    _quiet_lightning()
+    if cfg.run is None:
+        cfg.run = default_run_name(cfg)
+    run_dir = run_dir_of(cfg)
+    ckpt = run_dir / "last.ckpt"
+    result_file = run_dir / "result.json"
+    if resume and result_file.exists():
+        done = RunResult.load(result_file)
+        if done.status in ("completed", "diverged"):
+            log.info("run %s already finished (%s); not repeating it", run_dir, done.status)
+            return done
+    if not resume and (ckpt.exists() or result_file.exists()):
+        raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue it "
+                          f"or choose another run name (run=...)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    (run_dir / "versions.json").write_text(json.dumps(versions(), indent=1))
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    datamodule = build_datamodule(cfg.data, cfg.task, cfg.seed)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = build_model(cfg, datamodule)
+    t = cfg.trainer
+    if cfg.task == "classification":
+        task = ClassificationTask(model, cfg.optim, t.max_steps, datamodule.num_classes, t.track_batchstat_gap)
+    else:
+        task = LanguageModelTask(model, cfg.optim, t.max_steps, t.track_batchstat_gap)
+    task.run_label = cfg.run
+
+    logger = TensorBoardLogger(save_dir=t.log_dir, name=cfg.experiment, version=cfg.run, default_hp_metric=False)
+    metric = "val/acc" if cfg.task == "classification" else "val/ppl"
+    hp_metric = "hp/val_" + metric.split("/")[1]
+    hp_metrics = ["hp/val_loss", hp_metric, "hp/diverged", "hp/train_eval_gap",
+                  "hp/steps", "hp/throughput"]
+    resuming = resume and ckpt.exists()
+    if not resuming:
+        logger.log_hyperparams(_flat(to_dict(cfg)), metrics={k: float("nan") for k in hp_metrics})
+
+    with stop_on_signals() as stop:
+        monitor = RunMonitor(run_dir, t.max_steps, float(datamodule.samples_per_step), t.divergence_factor,
+                             t.target_metric, t.target_value, stop)
+        cbs = [monitor, *(callbacks or [])]
+        if t.progress:
+            cbs.append(StepProgressBar(t.max_steps))
+        trainer = L.Trainer(
+            max_steps=t.max_steps, val_check_interval=t.val_every, check_val_every_n_epoch=None,
+            limit_val_batches=t.val_batches if t.val_batches is not None else 1.0, num_sanity_val_steps=0,
+            logger=logger, callbacks=cbs, enable_checkpointing=False, enable_progress_bar=t.progress,
+            enable_model_summary=False, deterministic=t.deterministic, accelerator=t.accelerator, devices=1,
+            precision=t.precision, log_every_n_steps=t.log_every, gradient_clip_val=cfg.optim.grad_clip,
+        )
+        status = "completed"
+        t0 = time.perf_counter()
+        try:
+            trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt) if resuming else None)
+        except RunInterrupted as e:
+            log.warning(str(e))
+            status = "interrupted"
+            monitor.elapsed = monitor.now_elapsed()
+        if monitor.diverged_step is not None:
+            status = "diverged"
+
+    hist = monitor.history
+    final = {k: v[-1][1] for k, v in hist.items() if k.startswith("val/")}
+    best = {}  # best over validations: max accuracy, min loss / perplexity
+    for k, v in hist.items():
+        vals = [x[1] for x in v if math.isfinite(x[1])]
+        if k.startswith("val/") and vals and not k.endswith("gap"):
+            best[k] = max(vals) if "acc" in k else min(vals)
+    result = RunResult(
+        run_dir=str(run_dir), status=status, steps=int(trainer.global_step), final=final, best=best,
+        diverged_step=monitor.diverged_step, steps_to_target=monitor.steps_to_target,
+        time_to_target=monitor.time_to_target,
+        train_loss_auc=monitor.loss_sum / monitor.loss_count if monitor.loss_count else None,
+        wall_time=monitor.elapsed if monitor.elapsed else time.perf_counter() - t0,
+        throughput=monitor.samples / monitor.train_time if monitor.train_time else 0.0,
+        history=hist, config=to_dict(cfg),
+    )
+    if status != "interrupted":
+        logger.log_metrics({
+            "hp/val_loss": final.get("val/loss", float("nan")),
+            hp_metric: final.get(metric, float("nan")),
+            "hp/diverged": float(status == "diverged"),
+            "hp/train_eval_gap": final.get("val/train_eval_gap", float("nan")),
+            "hp/steps": float(result.steps), "hp/throughput": result.throughput,
+        }, step=result.steps)
+        result.save(result_file)
+    logger.finalize("success" if status != "interrupted" else "interrupted")
+    return result
