@@ -75,6 +75,16 @@ class StepProgressBar(TQDMProgressBar):
     def total_train_batches(self):
         return self._max_steps
 
+    def init_validation_tqdm(self):
+        bar = super().init_validation_tqdm()
+        bar.disable = True  # one bar for the run; validation results go to the summary and TensorBoard
+        return bar
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
     def on_train_epoch_start(self, trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.reset(total=self._max_steps)

@@ -1,0 +1,223 @@
+"""End-to-end training runs: learning, TensorBoard scalars, determinism, resume, divergence, configs, errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from normablate.cli import main
+from normablate.config import load_config
+from normablate.errors import ConfigError
+from normablate.result import RunResult
+from normablate.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_IMAGE = [
+    "model.backbone=resnet20", "model.width=8", "data.source=synthetic", "data.batch_size=64",
+    "data.train_limit=4096", "data.val_limit=500", "data.val_batch_size=250", "optim.lr=0.05",
+    "optim.warmup_steps=5", "trainer.max_steps=40", "trainer.val_every=20", "trainer.progress=false",
+]
+TINY_LM = [
+    "model.backbone=transformer_lm", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
+    "data.source=synthetic", "data.mode=samples", "data.block_size=64", "data.batch_size=16",
+    "data.val_batch_size=32", "optim.name=adamw", "optim.lr=3e-3", "optim.weight_decay=0.1",
+    "optim.warmup_steps=5", "trainer.max_steps=40", "trainer.val_every=20", "trainer.val_batches=4",
+    "trainer.progress=false",
+]
+
+
+def cfg_for(tmp_path, base, *extra):
+    return load_config(None, [*base, f"trainer.log_dir={tmp_path}", "experiment=t", *extra])
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_image_run_learns_and_logs(tmp_path):
+    result = train(cfg_for(tmp_path, TINY_IMAGE, "model.norm=bn"))
+    assert result.status == "completed" and result.steps == 40
+    assert result.final["val/acc"] > 0.2, result.final  # chance is 0.1
+    tags = scalars(Path(result.run_dir))
+    for tag in ("train/loss", "val/loss", "val/acc", "lr", "grad_norm", "throughput",
+                "val/loss_batchstats", "val/train_eval_gap", "hp/val_acc", "hp/diverged"):
+        assert tag in tags, f"{tag} missing from TensorBoard events: {sorted(tags)}"
+    assert len(tags["val/acc"]) == 2  # steps 20 and 40
+    run_dir = Path(result.run_dir)
+    assert (run_dir / "config.yaml").exists() and (run_dir / "last.ckpt").exists()
+    versions = json.loads((run_dir / "versions.json").read_text())
+    assert {"torch", "lightning", "timm", "git_commit"} <= set(versions)
+    assert RunResult.load(run_dir / "result.json").final == result.final
+    # the HPARAMS plugin entry is written
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    assert "hparams" in acc.Tags().get("tensors", []) or any("hparams" in str(t) for t in acc.Tags().values())
+
+
+def test_lm_run_learns(tmp_path):
+    result = train(cfg_for(tmp_path, TINY_LM, "model.norm=masked_bn"))
+    assert result.status == "completed"
+    assert result.final["val/ppl"] < 40, result.final  # uniform over bytes is 256
+    tags = scalars(Path(result.run_dir))
+    assert {"val/ppl", "val/loss", "val/train_eval_gap"} <= set(tags)
+
+
+def test_no_batchstat_gap_without_bn(tmp_path):
+    result = train(cfg_for(tmp_path, TINY_IMAGE, "model.norm=ln", "trainer.max_steps=4", "trainer.val_every=4"))
+    assert "val/train_eval_gap" not in result.final and "val/loss" in result.final
+
+
+def test_real_cifar10_run(tmp_path, shared_data):
+    result = train(cfg_for(tmp_path, TINY_IMAGE, f"data.source={shared_data / 'cifar10'}", "data.train_limit=5000",
+                           "data.val_limit=1000", "trainer.max_steps=60", "trainer.val_every=60"))
+    assert result.final["val/acc"] > 0.18, result.final
+
+
+def test_real_tinyshakespeare_run(tmp_path, shared_data):
+    result = train(cfg_for(tmp_path, TINY_LM, f"data.source={shared_data / 'tinyshakespeare' / 'input.txt'}",
+                           "data.mode=blocks", "model.norm=ln"))
+    assert result.final["val/ppl"] < 40, result.final
+
+
+def test_deterministic(tmp_path):
+    a = train(cfg_for(tmp_path, TINY_IMAGE, "run=a", "trainer.max_steps=10", "trainer.val_every=5",
+                      "model.norm=noisy_bn"))
+    b = train(cfg_for(tmp_path, TINY_IMAGE, "run=b", "trainer.max_steps=10", "trainer.val_every=5",
+                      "model.norm=noisy_bn"))
+    assert a.final == b.final
+    assert a.history["train/loss"] == b.history["train/loss"]
+
+
+class _InterruptAt(L.Callback):
+    """Simulates Ctrl-C arriving during step ``step`` (the same path a real SIGINT takes)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step - 1:
+            monitor = next(c for c in trainer.callbacks if type(c).__name__ == "RunMonitor")
+            monitor.stop_request.signum = signal.SIGINT
+
+
+@pytest.mark.parametrize("norm,base", [("noisy_bn", TINY_IMAGE), ("masked_bn", TINY_LM)])
+def test_resume_equals_uninterrupted(tmp_path, norm, base):
+    steps = ["trainer.max_steps=24", "trainer.val_every=8", f"model.norm={norm}", "model.dropout=0.1"
+             if base is TINY_LM else "data.augment=true"]
+    full = train(cfg_for(tmp_path, base, "run=full", *steps))
+    cut = train(cfg_for(tmp_path, base, "run=cut", *steps), callbacks=[_InterruptAt(13)])
+    assert cut.status == "interrupted" and cut.steps == 13
+    assert not (Path(cut.run_dir) / "result.json").exists()
+    resumed = train(cfg_for(tmp_path, base, "run=cut", *steps), resume=True)
+    assert resumed.status == "completed" and resumed.steps == 24
+    assert resumed.final == full.final
+    assert resumed.history["train/loss"] == full.history["train/loss"]
+    # a finished run is not repeated
+    again = train(cfg_for(tmp_path, base, "run=cut", *steps), resume=True)
+    assert again.wall_time == resumed.wall_time
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    cfg = cfg_for(tmp_path, TINY_IMAGE, "run=x", "trainer.max_steps=2", "trainer.val_every=2")
+    train(cfg)
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        train(cfg)
+
+
+def test_divergence_is_a_result(tmp_path, capsys):
+    code = main(["train", *TINY_IMAGE, f"trainer.log_dir={tmp_path}", "model.norm=none", "optim.lr=1e4",
+                 "optim.warmup_steps=0", "trainer.max_steps=30"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "status   diverged at step" in out
+    result = RunResult.load(next(tmp_path.rglob("result.json")))
+    assert result.diverged and result.diverged_step is not None and result.diverged_step < 30
+
+
+@pytest.mark.slow
+def test_sigint_checkpoint_then_resume_cli(tmp_path):
+    args = [sys.executable, "-m", "normablate.cli", "train", *TINY_IMAGE, f"trainer.log_dir={tmp_path}",
+            "run=sig", "trainer.max_steps=400", "trainer.val_every=10"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = tmp_path / "t" / "sig" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ckpt.exists(), proc.communicate()[0] if proc.poll() is not None else "no checkpoint in time"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "interrupted" in out
+    code = subprocess.run([*args[:4], *args[4:], "--resume", "trainer.max_steps=400"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert code.returncode == 0, code.stdout + code.stderr
+    result = RunResult.load(tmp_path / "t" / "sig" / "result.json")
+    assert result.status == "completed" and result.steps == 400
+
+
+def test_every_shipped_run_config_runs(tmp_path, shared_data):
+    configs = sorted((ROOT / "configs" / "runs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = load_config(path)
+        source = cfg.data.source
+        if source == "cifar10":
+            source = str(shared_data / "cifar10")  # the hub is unreachable here
+        elif source.startswith("../shared/data"):
+            source = str(shared_data / source.removeprefix("../shared/data/"))
+        over = [f"data.source={source}", f"trainer.log_dir={tmp_path}", "trainer.max_steps=2",
+                "trainer.val_every=2", "trainer.val_batches=1", "data.train_limit=256", "data.val_limit=64",
+                "data.val_batch_size=32", "data.batch_size=8", "trainer.progress=false", "trainer.accelerator=cpu"]
+        result = train(load_config(path, over))
+        assert result.status == "completed", path.name
+        assert result.steps == 2
+
+
+# ------------------------------------------------------------------------------------------------ bad configs
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.lrr=0.1"], r"unknown config key 'optim.lrr'.*did you mean optim.lr"),
+    (["optim.lr=fast"], r"optim.lr='fast' has the wrong type; expected float"),
+    (["optim.lr=-1"], r"optim.lr=-1.0 must be > 0"),
+    (["optim.name=adam"], r"optim.name='adam' is not allowed; valid: sgd, adamw \(did you mean 'adamw'\?\)"),
+    (["model.norm=batchnorm"], r"unknown norm 'batchnorm'; valid: bn, gn, ln"),
+    (["model.backbone=resnet21"], r"unknown backbone 'resnet21'.*did you mean 'resnet20'"),
+    (["model.widht=2"], r"backbone 'resnet20' has no option 'widht'.*did you mean 'width'"),
+    (["model.norm={name: ln, momentum: 0.1}"], r"norm 'ln' got unknown option\(s\) momentum"),
+    (["data.mode=lines"], r"data.mode='lines' is not allowed; valid: blocks, samples"),
+    (["trainer.max_steps=0"], r"trainer.max_steps=0 must be >= 1"),
+    (["sed=1"], r"unknown config key 'sed'.*did you mean 'seed'"),
+    (["task=lm"], r"task='lm' does not fit backbone 'resnet20'; use task='classification'"),
+    (["trainer.target_metric=val/ppl", "trainer.target_value=3"], r"target_metric='val/ppl' is not allowed"),
+    (["optim.lr"], r"override 'optim.lr' is not of the form key=value"),
+])
+def test_bad_config_message_and_exit_code(tmp_path, capsys, overrides, message):
+    import re
+
+    code = main(["train", f"trainer.log_dir={tmp_path}", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.search(message, err), err
+    assert not any(tmp_path.iterdir())  # nothing was built or written
+
+
+def test_bad_config_file(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_print_config(capsys):
+    assert main(["train", "--config", str(ROOT / "configs/runs/vit_cifar10.yaml"), "model.norm=ln",
+                 "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "norm: ln" in out and "ffn_norm: bn" in out and "max_steps: 20000" in out
