@@ -45,8 +45,8 @@ def available() -> list[str]:
 def options(name: str) -> dict[str, Any]:
     """Options of backbone ``name`` with their defaults (``norm`` excluded)."""
     sig = inspect.signature(REGISTRY.get(name))
-    return {k: p.default for k, p in sig.parameters.items() if k != "norm_layer" and p.kind is p.KEYWORD_ONLY
-            or (k != "norm_layer" and p.kind is p.POSITIONAL_OR_KEYWORD)}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {k: p.default for k, p in sig.parameters.items() if k != "norm_layer" and p.kind in kinds}
 
 
 def layout(name: str) -> str:
