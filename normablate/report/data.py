@@ -1,0 +1,143 @@
+"""Read a sweep's trials back from the storage into one table: one row per counted trial.
+
+Counted: for grid kinds, one trial per grid point, the first COMPLETE one by trial number (else the first PRUNED);
+any further COMPLETE trial of the same point (only possible after concurrent re-queues by several machines) is
+ignored and reported in ``notes``. For ``search``, every COMPLETE or PRUNED trial of every group study.
+FAIL trials (crashed runs, workers that died and were retried) are never counted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from ..errors import ConfigError
+from ..sweep.runner import ATTR
+from ..sweep.spec import SweepSpec, norm_label, value_label
+from ..sweep.storage import normalize_url, open_storage, retry
+
+SCALAR = (int, float, str, bool)
+
+
+@dataclass
+class StudyData:
+    name: str
+    storage: str
+    spec: SweepSpec
+    trials: pd.DataFrame  # one row per counted trial (see the module doc)
+    total: int  # trials the sweep is meant to have
+    notes: list[str] = field(default_factory=list)
+    histories: dict[int, dict] = field(default_factory=dict)  # row index -> {"train/loss": [[step, v], ...], ...}
+
+    @property
+    def axis_names(self) -> list[str]:
+        return [a.name for a in self.spec.axes]
+
+    @property
+    def group_cols(self) -> list[str]:
+        """Columns that define a configuration: all axes but the seed, ``norm`` first (``search``: the group)."""
+        if self.spec.kind == "search":
+            return ["group"]  # each group is its own search
+        return ["norm"] + [a for a in self.axis_names if a not in ("norm", "seed")]
+
+
+def metric_columns(df: pd.DataFrame) -> list[str]:
+    """Numeric per-trial measurements (everything the summary averages)."""
+    lead = [c for c in df.columns if c.startswith("final_")] + [c for c in df.columns if c.startswith("best_")]
+    rest = ["steps_to_target", "time_to_target", "train_loss_auc", "steps", "wall_time", "throughput"]
+    return lead + [c for c in rest if c in df.columns]
+
+
+def col(metric_key: str, at: str = "final") -> str:
+    """Column name of a metric: ``col("val/acc") == "final_val_acc"``."""
+    return f"{at}_" + metric_key.replace("/", "_")
+
+
+def load(study_name: str, storage: str | None = None) -> StudyData:
+    url = normalize_url(storage)
+    st = open_storage(url)
+    try:
+        main = retry(lambda: optuna.load_study(study_name=study_name, storage=st))
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_studies(st)]
+        tops = sorted(n for n in names if "/" not in n)
+        raise ConfigError(f"no study {study_name!r} in {url}; studies there: {', '.join(tops) or 'none'}") from None
+    meta = main.user_attrs.get(ATTR)
+    if meta is None:
+        raise ConfigError(f"study {study_name!r} in {url} was not made by `normablate sweep` (no spec attribute)")
+    spec = SweepSpec.from_json(meta["spec"])
+    notes: list[str] = []
+    rows: list[dict[str, Any]] = []
+    histories: dict[int, dict] = {}
+    if spec.kind == "search":
+        sources = [(retry(lambda n=n: optuna.load_study(study_name=n, storage=st)), n) for n in meta["groups"]]
+    else:
+        sources = [(main, study_name)]
+    points = spec.points()
+    for study, sname in sources:
+        trials = retry(lambda s=study: s.get_trials(deepcopy=False))
+        counted: list[optuna.trial.FrozenTrial] = []
+        if spec.kind == "search":
+            counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        else:
+            by_point: dict[int, list] = {}
+            for t in trials:
+                if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "point" in t.user_attrs:
+                    by_point.setdefault(int(t.user_attrs["point"]), []).append(t)
+            for p, ts in sorted(by_point.items()):
+                ts.sort(key=lambda t: (t.state != TrialState.COMPLETE, t.number))
+                counted.append(ts[0])
+                dups = [t.number for t in ts[1:] if t.state == TrialState.COMPLETE]
+                if dups:
+                    notes.append(f"grid point {points[p].label(spec.axes)}: trial {ts[0].number} counted, "
+                                 f"duplicate trial(s) {dups} ignored")
+        failed = sum(t.state == TrialState.FAIL and not t.user_attrs.get("skipped") for t in trials)
+        if failed:
+            notes.append(f"{sname}: {failed} failed trial(s) not counted (crashed runs or dead workers, retried "
+                         f"where possible)")
+        for t in counted:
+            row = _row(t, spec, points, sname)
+            histories[len(rows)] = t.user_attrs.get("history") or {}
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    if len(df):  # grid order (the spec's axis order), whatever order the workers finished in
+        order = sorted(range(len(df)), key=lambda i: (df["point"].iloc[i] if df["point"].iloc[i] is not None else -1,
+                                                      df["trial"].iloc[i]))
+        histories = {new: histories[old] for new, old in enumerate(order)}
+        df = df.iloc[order].reset_index(drop=True)
+    if len(df) < spec.total:
+        notes.append(f"{len(df)} of {spec.total} trials finished; the tables cover those")
+    return StudyData(study_name, url, spec, df, spec.total, notes, histories)
+
+
+def _row(t: optuna.trial.FrozenTrial, spec: SweepSpec, points, sname: str) -> dict[str, Any]:
+    ua = t.user_attrs
+    cfg = ua.get("config") or {}
+    row: dict[str, Any] = {"trial": t.number, "point": ua.get("point"), "study": sname, "state": t.state.name.lower(),
+                           "status": ua.get("status", "pruned" if t.state == TrialState.PRUNED else "?"),
+                           "diverged": bool(ua.get("diverged", False))}
+    point = points[int(ua["point"])] if "point" in ua and int(ua["point"]) < len(points) else None
+    row["norm"] = norm_label((cfg.get("model") or {}).get("norm", "?"))
+    if spec.kind == "search":
+        row["group"] = ua.get("group", sname.split("/", 1)[-1])
+    for a in spec.axes:
+        v = point.values[a.key] if point is not None else None
+        row[a.name] = v if isinstance(v, SCALAR) else value_label(v)
+    for k, v in (ua.get("params") or {}).items():
+        row["param_" + k] = v if isinstance(v, SCALAR) or v is None else value_label(v)
+    # the LR and batch size actually used (batch_size kind scales the LR)
+    row["lr_used"] = (cfg.get("optim") or {}).get("lr")
+    row["batch_size_used"] = (cfg.get("data") or {}).get("batch_size")
+    row["max_steps"] = (cfg.get("trainer") or {}).get("max_steps")
+    row["value"] = t.value if t.state == TrialState.COMPLETE else None
+    for at in ("final", "best"):
+        for k, v in (ua.get(at) or {}).items():
+            row[col(k, at)] = v
+    for k in ("steps_to_target", "time_to_target", "train_loss_auc", "steps", "wall_time", "throughput",
+              "diverged_step"):
+        row[k] = ua.get(k)
+    row["run_dir"] = ua.get("run_dir")
+    return row

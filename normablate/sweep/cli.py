@@ -1,0 +1,45 @@
+"""``normablate sweep``: the argparse part (the CLI module wires it in as a subcommand)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True, help="sweep spec YAML (e.g. configs/sweeps/quick.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="run-config overrides for every trial, e.g. trainer.max_steps=50 trainer.accelerator=gpu")
+    p.add_argument("--storage", help="Optuna storage: a SQLAlchemy URL (postgresql://user@host/db), a journal file "
+                                     "(journal:PATH or PATH.log), or PATH.db (default: sqlite:///<log_dir>/optuna.db)")
+    p.add_argument("--study-name", help="study name (default: the spec's study_name, else the spec file's name)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1); other "
+                                                          "machines join with the same command and --storage")
+    p.add_argument("--dry-run", action="store_true", help="fake instant runs (normablate.sweep.dryrun) to check the "
+                                                          "spec, storage and report; study name gets '-dryrun'")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="do not write the report when the sweep is complete")
+    p.add_argument("--check", action="store_true", help="validate the spec and every trial config, then exit")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .runner import run_sweep
+    from .spec import load_spec
+
+    spec = load_spec(args.config, overrides=args.overrides, study_name=args.study_name, dry_run=args.dry_run)
+    if args.check:
+        n = spec.validate_all()
+        print(f"sweep {spec.study_name!r} ({spec.kind}): {spec.total} trials; {n} run configs valid")
+        return 0
+    res = run_sweep(spec, storage=args.storage, workers=args.workers)
+    if res.exit_code == 130:
+        print("interrupted: run the same command again to continue (finished trials are kept)")
+        return 130
+    if args.report and res.counts.done:
+        from ..report import write_report
+
+        out = write_report(res.study_name, storage=res.storage)
+        print(f"report: {out / 'summary.md'}  (tables: summary.csv, plots: *.png in {out})")
+    if not res.complete:
+        print(f"{res.counts.total - res.counts.done} trial(s) not done; run the same command again to retry them",
+              file=sys.stderr)
+    return res.exit_code

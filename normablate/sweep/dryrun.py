@@ -1,0 +1,109 @@
+"""A stand-in for ``normablate.train.train`` that trains nothing: instant, deterministic, fake curves.
+
+``normablate sweep --dry-run`` uses it to check a sweep spec, the storage, the workers and the report in
+seconds before spending GPU hours; the sweep tests use it where real training is not the point. The numbers
+are made up, in a plausible shape: each norm has a largest stable LR (``LR_MAX``; the run diverges above it),
+accuracy peaks a decade below it, BN loses accuracy at small batches, and every seed adds a little noise.
+
+Same contract as the real one: writes ``result.json`` and a ``last.ckpt`` (JSON, step only) under
+``<log_dir>/<experiment>/<run>/``, continues from ``last.ckpt`` with ``resume=True``, calls the callbacks'
+``on_validation_end`` after each validation (so Optuna pruning works), returns a ``RunResult``.
+``NORMABLATE_DRYRUN_DELAY`` (seconds per run, default 0) makes runs take time, e.g. to test killing a worker.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from ..config import RunConfig, from_dict, to_dict
+from ..errors import ConfigError
+from ..result import RunResult
+
+LR_MAX = {"bn": 3.0, "noisy_bn": 2.0, "masked_bn": 2.0, "gn": 1.0, "ln": 1.0, "rms": 1.0, "none": 0.3}
+
+
+def _noise(*key: object) -> float:
+    """Deterministic uniform noise in [-1, 1] from ``key``."""
+    h = hashlib.sha256(repr(key).encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**63 - 1.0
+
+
+def curves(cfg: RunConfig) -> dict:
+    """The made-up run: final accuracy, time constant, divergence step."""
+    norm = cfg.model.norm if isinstance(cfg.model.norm, str) else cfg.model.norm.get("name", "?")
+    lr, bs, steps = cfg.optim.lr, cfg.data.batch_size, cfg.trainer.max_steps
+    lr_max = LR_MAX.get(norm, 1.0)
+    lr_opt = lr_max / 10
+    quality = math.exp(-0.5 * (math.log10(lr / lr_opt) / 0.8) ** 2)
+    if norm in ("bn", "noisy_bn", "masked_bn") and bs < 32:
+        quality *= 1 - 0.15 * math.log2(32 / bs)
+    quality *= min(1.0, 0.5 + steps / 400)
+    acc = 0.1 + 0.8 * max(0.0, quality) + 0.01 * _noise(cfg.seed, norm, lr, bs, "acc")
+    tau = max(5.0, steps / 5 * (1 + lr_opt / lr) / 2 * (1.5 if norm == "none" else 1.0))
+    diverged = lr > lr_max
+    div_step = max(2, int(steps * lr_max / lr / 3)) if diverged else None
+    return {"acc": acc, "tau": tau, "div_step": div_step, "norm": norm}
+
+
+def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = False) -> RunResult:
+    cfg = from_dict(cfg if isinstance(cfg, dict) else to_dict(cfg))
+    run = cfg.run or f"dryrun-s{cfg.seed}"
+    run_dir = Path(cfg.trainer.log_dir) / cfg.experiment / run
+    ckpt, result_file = run_dir / "last.ckpt", run_dir / "result.json"
+    if resume and result_file.exists():
+        return RunResult.load(result_file)
+    if not resume and (ckpt.exists() or result_file.exists()):
+        raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; pass resume=True")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    c = curves(cfg)
+    t = cfg.trainer
+    start = json.loads(ckpt.read_text())["step"] if resume and ckpt.exists() else 0
+    delay = float(os.environ.get("NORMABLATE_DRYRUN_DELAY", "0"))
+    history: dict[str, list] = json.loads(ckpt.read_text()).get("history", {}) if start else {}
+    t0 = time.perf_counter()
+    status, steps_to_target, time_to_target = "completed", None, None
+    last = cfg.trainer.max_steps if c["div_step"] is None else c["div_step"]
+    monitor = SimpleNamespace(history=history)
+    step = start
+    for step in range(start + 1, last + 1):
+        frac = 1 - math.exp(-step / c["tau"])
+        loss = 2.3 * (1 - 0.85 * frac * (c["acc"] - 0.1) / 0.8) * (1 + 0.02 * _noise(cfg.seed, step, c["norm"]))
+        if c["div_step"] is not None:
+            loss *= math.exp(6 * step / c["div_step"])
+        history.setdefault("train/loss", []).append([step, loss])
+        if step % t.val_every == 0 or step == last:
+            if delay:
+                time.sleep(delay * min(t.val_every, last) / last)
+            acc = 0.1 + (c["acc"] - 0.1) * frac if c["div_step"] is None else 0.1
+            vloss = 2.3 * (1 - 0.85 * (acc - 0.1) / 0.8)
+            metrics = {"val/loss": vloss, "val/acc": acc} if cfg.task == "classification" else \
+                {"val/loss": vloss, "val/ppl": math.exp(vloss)}
+            for k, v in metrics.items():
+                history.setdefault(k, []).append([step, v])
+            if t.target_metric and steps_to_target is None:
+                v = metrics[t.target_metric]
+                if (v >= t.target_value) if t.target_metric.endswith("acc") else (v <= t.target_value):
+                    steps_to_target, time_to_target = step, time.perf_counter() - t0
+            fake = SimpleNamespace(callback_metrics=metrics, global_step=step, sanity_checking=False,
+                                   callbacks=[monitor])
+            for cb in callbacks or []:
+                cb.on_validation_end(fake, None)
+            ckpt.write_text(json.dumps({"step": step, "history": history}))
+    if c["div_step"] is not None:
+        status = "diverged"
+    wall = time.perf_counter() - t0
+    final = {k: v[-1][1] for k, v in history.items() if k.startswith("val/")}
+    best = {k: (max if k.endswith("acc") else min)(x[1] for x in v) for k, v in history.items() if k.startswith("val/")}
+    losses = [v for _, v in history.get("train/loss", []) if math.isfinite(v)]
+    result = RunResult(
+        run_dir=str(run_dir), status=status, steps=step, final=final, best=best, diverged_step=c["div_step"],
+        steps_to_target=steps_to_target, time_to_target=time_to_target,
+        train_loss_auc=sum(losses) / len(losses) if losses else None, wall_time=wall,
+        throughput=step * cfg.data.batch_size / max(wall, 1e-6), history=history, config=to_dict(cfg))
+    result.save(result_file)
+    return result

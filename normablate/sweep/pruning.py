@@ -1,0 +1,38 @@
+"""Optuna pruning for Lightning runs: report the validation metric at each validation, stop hopeless trials.
+
+About twenty lines, so no dependency on ``optuna-integration`` (whose ``PyTorchLightningPruningCallback`` also
+pins Lightning versions and checks for distributed set-ups we do not use).
+"""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import optuna
+
+
+class OptunaPruning(L.Callback):
+    """After each validation: ``trial.report(metric, global_step)``; raise ``TrialPruned`` if the pruner says so.
+
+    Keeps the run's curves (from any callback with a ``history`` attribute, i.e. ``RunMonitor``) so a pruned
+    trial's record still has them.
+    """
+
+    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+        self.trial, self.metric = trial, metric
+        self.pruned_step: int | None = None
+        self.history: dict = {}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
+            return
+        value, step = float(trainer.callback_metrics[self.metric]), int(trainer.global_step)
+        if not math.isfinite(value):
+            return  # a diverging run is stopped (and recorded) by the run itself
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            self.pruned_step = step
+            for cb in trainer.callbacks:
+                if isinstance(getattr(cb, "history", None), dict) and cb is not self:
+                    self.history = {k: [list(p) for p in v] for k, v in cb.history.items()}
+            raise optuna.TrialPruned(f"pruned at step {step} ({self.metric}={value:.4g})")
