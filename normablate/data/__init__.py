@@ -1,0 +1,31 @@
+"""Data: tensors decoded once and cached, batches built on the training device, each a function of (seed, step).
+
+    from normablate.data import build_datamodule
+    dm = build_datamodule(cfg.data, task="classification", seed=0)   # VisionDataModule
+    dm.setup()                  # decode or read the cache; fills num_classes, in_chans, image_size, ...
+    x, y = dm.train_batch(step=0)                  # what training_step receives (also via a Trainer)
+    dm = build_datamodule(cfg.data, task="lm", seed=0)               # TextDataModule
+    idx, targets, mask = dm.train_batch(step=0)    # mask is None in blocks mode
+
+Files: ``vision.py`` (images), ``text.py`` (bytes), ``synthetic.py`` (embedded procedural data),
+``sources.py`` (hub names and local paths), ``cache.py`` (on-disk tensor cache), ``common.py`` (step-indexed
+batching shared by both). Module docstrings state each contract.
+"""
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .common import StepDataModule
+from .text import TextDataModule
+from .vision import VisionDataModule
+
+TASKS = {"classification": VisionDataModule, "lm": TextDataModule}
+
+
+def build_datamodule(cfg, task: str, seed: int) -> StepDataModule:
+    """The DataModule for ``task`` ("classification" or "lm") configured by ``cfg`` (a ``DataConfig``)."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
+    return TASKS[task](cfg, seed)
+
+
+__all__ = ["build_datamodule", "StepDataModule", "TextDataModule", "VisionDataModule"]
