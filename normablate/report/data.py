@@ -62,7 +62,7 @@ def load(study_name: str, storage: str | None = None) -> StudyData:
     try:
         main = retry(lambda: optuna.load_study(study_name=study_name, storage=st))
     except KeyError:
-        names = [s.study_name for s in optuna.get_all_studies(st)]
+        names = optuna.get_all_study_names(st)
         tops = sorted(n for n in names if "/" not in n)
         raise ConfigError(f"no study {study_name!r} in {url}; studies there: {', '.join(tops) or 'none'}") from None
     meta = main.user_attrs.get(ATTR)

@@ -66,6 +66,8 @@ def loss_curves(data: StudyData, out: Path) -> Path | None:
         colors = _colors(norms)
     seeds = df.groupby(data.group_cols, dropna=False).size().max()
     drew = False
+    per_sample = data.spec.kind == "batch_size" and "batch_size_used" in df
+    any_diverged = bool(df["diverged"].astype(bool).any())
     ylo, yhi = math.inf, 0.0
     ends: list[tuple] = []  # where diverged curves stop: (step, loss, color), drawn after the y range is known
     for ax, panel in zip(axes.flat, panels):
@@ -82,6 +84,8 @@ def loss_curves(data: StudyData, out: Path) -> Path | None:
             steps, mean, _ = _mean_curve(curves)
             if not len(steps):
                 continue
+            if per_sample:  # batch-size studies: compare at equal samples seen, not equal steps
+                steps = steps * float(df.loc[rows[0], "batch_size_used"])
             ax.plot(steps, mean, color=colors[name], label=name, lw=1.6)
             drew = True
             if df.loc[rows, "diverged"].astype(bool).any():
@@ -92,7 +96,7 @@ def loss_curves(data: StudyData, out: Path) -> Path | None:
         ax.set_yscale("log")
         ax._nb_ends = ends  # type: ignore[attr-defined]
         ax.set_title(", ".join(f"{c}={_fmt(v)}" for c, v in zip(panel_cols, panel)) or "all runs", fontsize=10)
-        ax.set_xlabel("optimizer step")
+        ax.set_xlabel("training samples seen" if per_sample else "optimizer step")
         ax.grid(alpha=0.3, which="both")
     for ax in axes[:, 0]:
         ax.set_ylabel("training loss (nats, log scale)")
@@ -119,8 +123,9 @@ def loss_curves(data: StudyData, out: Path) -> Path | None:
             if ll not in labels:
                 handles.append(hh)
                 labels.append(ll)
-    handles.append(plt.Line2D([], [], color="gray", marker="x", ls="", ms=8, mew=2))
-    labels.append("run(s) diverged")
+    if any_diverged:
+        handles.append(plt.Line2D([], [], color="gray", marker="x", ls="", ms=8, mew=2))
+        labels.append("run(s) diverged")
     fig.legend(handles, labels, loc="center right", title=line_key, frameon=False)
     fig.suptitle(f"{data.name}: training loss per {line_key} (mean over up to {seeds} seed(s))")
     fig.tight_layout(rect=(0, 0, 1 - 1.3 / fig.get_figwidth(), 1))
@@ -281,6 +286,7 @@ def search_history(data: StudyData, out: Path) -> Path | None:
             best.append(sign * run if math.isfinite(run) else math.nan)
         ax.plot(sub["trial"], vals, "o", color=colors[g], alpha=0.4, ms=4)
         ax.step(sub["trial"], best, where="post", color=colors[g], lw=1.8, label=f"{g} (best so far)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("trial number (within the group's study)")
     ax.set_ylabel(metric_label(spec.metric, spec.metric_at))
     ax.set_title(f"{data.name}: search progress per group (dots: trials; diverged not shown)")

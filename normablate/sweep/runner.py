@@ -75,13 +75,18 @@ HOST = host_id()
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (on this host) still runs; a zombie (killed, not yet reaped by its parent) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] != "Z"
+    except (OSError, ValueError, IndexError):
+        return True
 
 
 def load_trainer(path: str) -> Callable[..., RunResult]:
@@ -475,8 +480,6 @@ class Sweep:
 
     def run_slot(self, slot: Slot, trainer_fn: Callable[..., RunResult]) -> str:
         """Run one claimed trial and tell the storage. Returns a one-line summary."""
-        from .pruning import OptunaPruning
-
         trial, spec = slot.trial, self.spec
         dup = self._is_duplicate(slot)
         if dup is not None:
@@ -495,11 +498,16 @@ class Sweep:
         for k, v in {"run": run, "run_dir": str(run_dir), "config": to_dict(cfg), "params": params}.items():
             trial.set_user_attr(k, v)
         resume = is_retry and ((run_dir / "last.ckpt").exists() or (run_dir / "result.json").exists())
+        trial.set_user_attr("resumed", resume)
         label = slot.point.label(spec.axes) + (" " + " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float)
                                                               else f"{k.split('.')[-1]}={v}"
                                                               for k, v in params.items()) if params else "")
         self.log(f"trial {trial.number} started: {label}" + (" (resuming)" if resume else ""))
-        pruning = OptunaPruning(trial, spec.metric) if spec.pruner.get("name", "none") != "none" else None
+        pruning = None
+        if spec.pruner.get("name", "none") != "none":
+            from .pruning import OptunaPruning  # imports Lightning
+
+            pruning = OptunaPruning(trial, spec.metric)
         t_start = time.time()
         with Heartbeat(self.storage, trial._trial_id, float(spec.heartbeat["interval"])):
             try:
