@@ -47,6 +47,7 @@ class DataConfig:
     block_size: int = 128  # text: window length / maximum sample length in tokens (bytes)
     val_fraction: float = 0.1  # text: tail fraction held out when the source has a single split
     cache_dir: str | None = None  # decoded tensors are cached here (None: $NORMABLATE_CACHE or ~/.cache/normablate)
+    hub_config: str | None = None  # hub sources: the dataset configuration, load_dataset(source, hub_config)
 
 
 @dataclass

@@ -101,7 +101,7 @@ def test_cifar_augmentation_on_device_batches(cifar, cifar_cfg):
     assert torch.equal(py5, y5)  # augmentation never changes which examples
     changed = (px5 != x5).flatten(1).any(1).float().mean()
     assert changed > 0.8  # crops (P = 80/81) and flips happen
-    spec = cifar._train_spec(5)
+    spec = cifar.train_spec(5)
     flipped_only = ((spec["shift"] == 4).all(1) & spec["flip"]).nonzero().flatten()
     for i in flipped_only:
         assert torch.equal(x5[i], px5[i].flip(-1))
@@ -199,6 +199,15 @@ def test_save_to_disk_single_parquet_and_hub(tmp_path, cache_dir, monkeypatch):
     dm = dm_for(replace(cfg, source="someone/tiny-images"))
     assert calls == ["someone/tiny-images"] and dm.num_val == 3
 
+    text = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["= Title =", "", "a line", "x"] * 5}),
+                                 "test": datasets.Dataset.from_dict({"text": ["one more line", "and another"]})})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, *a, **k: calls.append((name, *a)) or text)
+    dm = dm_for(replace(cfg, source="wikitext", hub_config="wikitext-2-raw-v1", mode="samples", val_split="test",
+                        block_size=8), "lm")
+    assert calls[-1] == ("wikitext", "wikitext-2-raw-v1") and (dm.num_train, dm.num_val) == (10, 2)  # "", "x" dropped
+    idx, targets, mask = list(dm.val_batches())[0]
+    assert bytes(idx[0, :8].tolist()) == b"one more" and bytes(targets[0, :8].tolist()) == b"ne more "
+
     def offline(name, *a, **k):
         raise ConnectionError("no network")
 
@@ -253,7 +262,7 @@ def test_shakespeare_samples(shared_data, shakespeare):
     assert len(set(n.tolist())) > 3 and n.max() == T  # lengths vary; padded to the longest
     assert torch.equal(mask, torch.arange(T)[None] < n[:, None])  # right padding: mask is a prefix
     assert torch.equal(targets == -100, ~mask) and (idx[~mask] == 0).all()
-    spec = dm._train_spec(4)
+    spec = dm.train_spec(4)
     for b in range(B):  # every row is its sample: inputs = bytes[:-1], targets = bytes[1:]
         s, L = dm.train_starts[spec["index"][b]], dm.train_lens[spec["index"][b]]
         sample = dm.train_data[s:s + L].long()

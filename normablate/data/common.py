@@ -101,10 +101,12 @@ class StepDataModule(L.LightningDataModule):
     def _load(self) -> None:  # fill the CPU tensors and the public attributes
         raise NotImplementedError
 
-    def _train_spec(self, step: int) -> dict[str, Any]:
+    def train_spec(self, step: int) -> dict[str, Any]:
+        """The batch spec of training step ``step`` (CPU tensors: indices/offsets and augmentation draws)."""
         raise NotImplementedError
 
-    def _val_specs(self) -> list[dict[str, Any]]:
+    def val_specs(self) -> list[dict[str, Any]]:
+        """The validation batch specs, in order."""
         raise NotImplementedError
 
     def _build(self, spec: dict[str, Any]) -> Any:  # spec on device -> batch on device
@@ -122,11 +124,11 @@ class StepDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(StepStream(self._start, self._train_spec), batch_size=None, num_workers=0)
+        return DataLoader(StepStream(self._start, self.train_spec), batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self._val_specs(), batch_size=None, shuffle=False, num_workers=0)
+        return DataLoader(self.val_specs(), batch_size=None, shuffle=False, num_workers=0)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> Any:
         if isinstance(batch, dict) and batch.get("kind") in ("train", "val"):
@@ -137,12 +139,12 @@ class StepDataModule(L.LightningDataModule):
     def train_batch(self, step: int, device: str | torch.device = "cpu") -> Any:
         """The training batch of global step ``step`` on ``device`` (what ``training_step`` receives)."""
         self.setup()
-        return self._build(_to(self._train_spec(step), device))
+        return self._build(_to(self.train_spec(step), device))
 
     def val_batches(self, device: str | torch.device = "cpu") -> Iterator[Any]:
         """The validation batches, in order, on ``device``."""
         self.setup()
-        for spec in self._val_specs():
+        for spec in self.val_specs():
             yield self._build(_to(spec, device))
 
     # ---------------------------------------------------------------- helpers

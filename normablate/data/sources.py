@@ -13,7 +13,9 @@ Kinds of source (checked in this order):
 - a directory holding ``*.txt`` files (text)         -> the same split rules
 - a directory holding images (vision)                -> ``load_dataset("imagefolder", data_dir=...)``
 - an existing text file (text)                       -> read by ``text.py`` (one split)
-- anything else that does not look like a path       -> ``datasets.load_dataset(name)`` from the hub
+- anything else that does not look like a path       -> ``datasets.load_dataset(name[, cfg.hub_config])`` from
+                                                       the hub (cached tensors are keyed by name and config, so
+                                                       a cached run never contacts the hub)
 """
 from __future__ import annotations
 
@@ -140,6 +142,7 @@ class Source:
     path: Path | None
     key: dict[str, Any]  # cache identity
     cache_dir: str | None = None
+    hub_config: str | None = None  # load_dataset(name, hub_config)
     _splits: dict[str, Split] | None = field(default=None, repr=False)
 
     def splits(self) -> dict[str, Split]:
@@ -170,6 +173,8 @@ class Source:
             elif self.kind == "imagefolder":
                 ds = datasets.load_dataset("imagefolder", data_dir=str(self.path),
                                            cache_dir=str(cache_root(self.cache_dir) / "hf"))
+            elif self.hub_config is not None:
+                ds = datasets.load_dataset(self.name, self.hub_config)
             else:
                 ds = datasets.load_dataset(self.name)
         except ConfigError:
@@ -183,7 +188,7 @@ class Source:
         return {str(s): _dataset_split(str(s), d) for s, d in ds.items()}
 
 
-def locate(source: str, task: str, cache_dir: str | None = None) -> Source:
+def locate(source: str, task: str, cache_dir: str | None = None, hub_config: str | None = None) -> Source:
     """Classify ``source`` (see the module docstring) without reading data; ConfigError when it cannot be."""
     p = Path(source).expanduser()
     if p.exists():
@@ -211,7 +216,7 @@ def locate(source: str, task: str, cache_dir: str | None = None) -> Source:
         return Source(source, kind, p, {"source": kind, **fingerprint(p)}, cache_dir)
     if _looks_like_path(source):
         raise missing_path(source)
-    return Source(source, "hub", None, {"source": "hub", "name": source}, cache_dir)
+    return Source(source, "hub", None, {"source": "hub", "name": source, "config": hub_config}, cache_dir, hub_config)
 
 
 def guess_column(split: Split, given: str | None, candidates: tuple[str, ...], what: str, cfg_key: str,

@@ -120,7 +120,7 @@ def load_splits(cfg) -> dict[str, Any]:
         key = {"source": "synthetic-text", "seed": synthetic.TEXT_SEED, **holdout_key}
         return cache.cached("text", key, lambda: _plain_text_splits(
             cfg, {"train": synthetic.text().encode()}, "synthetic"), cfg.cache_dir)
-    src = locate(cfg.source, "lm", cfg.cache_dir)
+    src = locate(cfg.source, "lm", cfg.cache_dir, cfg.hub_config)
     if src.kind == "text_file":
         return cache.cached("text", {**src.key, **holdout_key}, lambda: _plain_text_splits(
             cfg, {"train": src.path.read_bytes()}, src.name), cfg.cache_dir)
@@ -196,7 +196,7 @@ class TextDataModule(StepDataModule):
                 fracs.append(1 - r.sum().item() / (len(r) * r.max().item()))
             self.pad_fraction = float(sum(fracs) / len(fracs))
 
-    def _train_spec(self, step: int) -> dict[str, Any]:
+    def train_spec(self, step: int) -> dict[str, Any]:
         if self.mode == "blocks":
             g = generator(self.seed, "blocks", step)
             high = self.num_train_tokens - self.block_size  # offsets o with o + T <= N - 1
@@ -205,7 +205,7 @@ class TextDataModule(StepDataModule):
         idx = self.sampler(step)
         return {"kind": "train", "step": step, "index": idx, "width": int(self.train_lens[idx].max())}
 
-    def _val_specs(self) -> list[dict[str, Any]]:
+    def val_specs(self) -> list[dict[str, Any]]:
         bs, T = self.cfg.val_batch_size, self.block_size
         if self.mode == "blocks":
             return [{"kind": "val", "offset": torch.arange(i, min(i + bs, self.num_val)) * T}

@@ -130,7 +130,7 @@ def load_splits(cfg) -> dict[str, dict[str, Any]]:
         return {role: {"x": payload[f"{name}_x"][:limits[role]], "y": payload[f"{name}_y"][:limits[role]],
                        "label_names": synthetic.CLASS_NAMES, "_cache_hit": payload["_cache_hit"]}
                 for role, name in names.items()}
-    src = locate(cfg.source, "classification", cfg.cache_dir)
+    src = locate(cfg.source, "classification", cfg.cache_dir, cfg.hub_config)
     plan = plan_splits(src, split_rows(src), cfg.train_split, cfg.val_split, cfg.val_fraction)
     out = {}
     for role, (split, start, stop) in plan.items():
@@ -185,7 +185,7 @@ class VisionDataModule(StepDataModule):
         self.mean, self.std = channel_stats(self.train_x)  # (3,), (3,)
         self.sampler = EpochSampler(self.num_train, cfg.batch_size, self.seed)
 
-    def _train_spec(self, step: int) -> dict[str, Any]:
+    def train_spec(self, step: int) -> dict[str, Any]:
         spec = {"kind": "train", "step": step, "index": self.sampler(step)}
         if self.cfg.augment:
             g = generator(self.seed, "augment", step)
@@ -194,7 +194,7 @@ class VisionDataModule(StepDataModule):
             spec["flip"] = torch.rand(b, generator=g) < 0.5  # (B,)
         return spec
 
-    def _val_specs(self) -> list[dict[str, Any]]:
+    def val_specs(self) -> list[dict[str, Any]]:
         bs = self.cfg.val_batch_size
         return [{"kind": "val", "index": torch.arange(i, min(i + bs, self.num_val))}
                 for i in range(0, self.num_val, bs)]
