@@ -45,7 +45,7 @@ class DataConfig:
     text_key: str | None = None  # column of text (None: guess "text")
     mode: Literal["blocks", "samples"] = "blocks"  # text: contiguous windows, or one padded sample per line
     block_size: int = 128  # text: window length / maximum sample length in tokens (bytes)
-    val_fraction: float = 0.1  # text: tail fraction held out when the source has a single split
+    val_fraction: float = 0.1  # tail fraction held out as validation when the source has a single split
     cache_dir: str | None = None  # decoded tensors are cached here (None: $NORMABLATE_CACHE or ~/.cache/normablate)
     hub_config: str | None = None  # hub sources: the dataset configuration, load_dataset(source, hub_config)
 

@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TINY_IMAGE = [
     "model.backbone=resnet20", "model.width=8", "data.source=synthetic", "data.batch_size=64",
-    "data.train_limit=4096", "data.val_limit=500", "data.val_batch_size=250", "optim.lr=0.05",
-    "optim.warmup_steps=5", "trainer.max_steps=40", "trainer.val_every=20", "trainer.progress=false",
+    "data.train_limit=4096", "data.val_limit=500", "data.val_batch_size=250", "data.augment=false",
+    "optim.name=adamw", "optim.lr=3e-3", "optim.weight_decay=0.05", "optim.warmup_steps=5",
+    "trainer.max_steps=60", "trainer.val_every=30", "trainer.progress=false",
 ]
 TINY_LM = [
     "model.backbone=transformer_lm", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
@@ -47,30 +48,31 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
 
 def test_image_run_learns_and_logs(tmp_path):
     result = train(cfg_for(tmp_path, TINY_IMAGE, "model.norm=bn"))
-    assert result.status == "completed" and result.steps == 40
-    assert result.final["val/acc"] > 0.2, result.final  # chance is 0.1
+    assert result.status == "completed" and result.steps == 60
+    assert result.final["val/acc"] > 0.2, result.final  # chance is 0.1 (+-0.013 at 500 samples)
     tags = scalars(Path(result.run_dir))
     for tag in ("train/loss", "val/loss", "val/acc", "lr", "grad_norm", "throughput",
                 "val/loss_batchstats", "val/train_eval_gap", "hp/val_acc", "hp/diverged"):
         assert tag in tags, f"{tag} missing from TensorBoard events: {sorted(tags)}"
-    assert len(tags["val/acc"]) == 2  # steps 20 and 40
+    assert len(tags["val/acc"]) == 2  # steps 30 and 60
     run_dir = Path(result.run_dir)
     assert (run_dir / "config.yaml").exists() and (run_dir / "last.ckpt").exists()
     versions = json.loads((run_dir / "versions.json").read_text())
     assert {"torch", "lightning", "timm", "git_commit"} <= set(versions)
     assert RunResult.load(run_dir / "result.json").final == result.final
-    # the HPARAMS plugin entry is written
+    # the HPARAMS plugin entry is written, with the config keys and the final-metric tags
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
-    assert "hparams" in acc.Tags().get("tensors", []) or any("hparams" in str(t) for t in acc.Tags().values())
+    content = b"".join(acc.PluginTagToContent("hparams").values())
+    assert b"optim.lr" in content and b"model.norm" in content and b"hp/val_acc" in content
 
 
 def test_lm_run_learns(tmp_path):
-    result = train(cfg_for(tmp_path, TINY_LM, "model.norm=masked_bn"))
+    result = train(cfg_for(tmp_path, TINY_LM, "model.norm=ln"))
     assert result.status == "completed"
     assert result.final["val/ppl"] < 40, result.final  # uniform over bytes is 256
     tags = scalars(Path(result.run_dir))
-    assert {"val/ppl", "val/loss", "val/train_eval_gap"} <= set(tags)
+    assert {"val/ppl", "val/loss", "train/loss", "lr", "grad_norm", "throughput", "hp/val_ppl"} <= set(tags)
 
 
 def test_no_batchstat_gap_without_bn(tmp_path):
@@ -81,7 +83,7 @@ def test_no_batchstat_gap_without_bn(tmp_path):
 def test_real_cifar10_run(tmp_path, shared_data):
     result = train(cfg_for(tmp_path, TINY_IMAGE, f"data.source={shared_data / 'cifar10'}", "data.train_limit=5000",
                            "data.val_limit=1000", "trainer.max_steps=60", "trainer.val_every=60"))
-    assert result.final["val/acc"] > 0.18, result.final
+    assert result.final["val/acc"] > 0.2, result.final  # chance is 0.1 (+-0.01 at 1000 samples)
 
 
 def test_real_tinyshakespeare_run(tmp_path, shared_data):
@@ -121,6 +123,7 @@ def test_resume_equals_uninterrupted(tmp_path, norm, base):
     assert not (Path(cut.run_dir) / "result.json").exists()
     resumed = train(cfg_for(tmp_path, base, "run=cut", *steps), resume=True)
     assert resumed.status == "completed" and resumed.steps == 24
+    assert "val/train_eval_gap" in resumed.final  # BN family: running-stat vs batch-stat validation
     assert resumed.final == full.final
     assert resumed.history["train/loss"] == full.history["train/loss"]
     # a finished run is not repeated
@@ -136,8 +139,8 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 
 def test_divergence_is_a_result(tmp_path, capsys):
-    code = main(["train", *TINY_IMAGE, f"trainer.log_dir={tmp_path}", "model.norm=none", "optim.lr=1e4",
-                 "optim.warmup_steps=0", "trainer.max_steps=30"])
+    code = main(["train", *TINY_IMAGE, f"trainer.log_dir={tmp_path}", "model.norm=none", "optim.name=sgd",
+                 "optim.lr=1e4", "optim.warmup_steps=0", "trainer.max_steps=30"])
     assert code == 0
     out = capsys.readouterr().out
     assert "status   diverged at step" in out

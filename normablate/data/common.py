@@ -124,7 +124,10 @@ class StepDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(StepStream(self._start, self.train_spec), batch_size=None, num_workers=0)
+        # A private generator: a DataLoader iterator otherwise draws its base seed from the global RNG, so
+        # creating one on resume (or at each validation) would shift dropout/noise draws -> inexact resume.
+        return DataLoader(StepStream(self._start, self.train_spec), batch_size=None, num_workers=0,
+                          generator=torch.Generator())
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
