@@ -299,12 +299,16 @@ class Sweep:
             main = retry(lambda: optuna.load_study(study_name=spec.study_name, storage=self.storage))
         except KeyError:
             raise ConfigError(f"no study {spec.study_name!r} in {self.url}") from None
-        deadline = time.time() + timeout
+        deadline = time.time() + 10  # its creator writes the spec right after creating it
         while ATTR not in main.user_attrs and time.time() < deadline:
             time.sleep(0.5)
+            main = retry(lambda: optuna.load_study(study_name=spec.study_name, storage=self.storage))
         old = main.user_attrs.get(ATTR)
         if old is None:
-            raise ConfigError(f"study {spec.study_name!r} in {self.url} was not made by `normablate sweep`")
+            raise ConfigError(f"study {spec.study_name!r} in {self.url} was not made by `normablate sweep` (no spec "
+                              f"attribute); choose another --study-name, or delete it: optuna delete-study "
+                              f"--study-name {spec.study_name} --storage {self.url}")
+        deadline = time.time() + timeout
         if old["fingerprint"] != meta["fingerprint"]:
             diff = _spec_diff(old["spec"], meta["spec"])
             raise ConfigError(f"study {spec.study_name!r} in {self.url} was started from a different sweep spec "

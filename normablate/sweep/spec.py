@@ -340,12 +340,10 @@ def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | dict[str
 
     # base run config
     base_raw = raw.get("base", {})
-    if isinstance(base_raw, str):
+    if isinstance(base_raw, str):  # relative to the spec file (else to the working directory)
         base_path = Path(base_raw)
-        if not base_path.is_absolute() and source is not None and not base_path.exists():
+        if not base_path.is_absolute() and source is not None and (source.parent / base_path).exists():
             base_path = source.parent / base_path
-        if not base_path.exists() and source is not None:
-            base_path = (source.parent / base_raw).resolve()
         base = load_yaml(base_path)
     elif isinstance(base_raw, dict):
         base = copy.deepcopy(base_raw)
