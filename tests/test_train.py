@@ -150,23 +150,31 @@ def test_divergence_is_a_result(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sigint_checkpoint_then_resume_cli(tmp_path):
+    """A real Ctrl-C: the CLI saves a checkpoint, exits 130; --resume finishes the run."""
     args = [sys.executable, "-m", "normablate.cli", "train", *TINY_IMAGE, f"trainer.log_dir={tmp_path}",
-            "run=sig", "trainer.max_steps=400", "trainer.val_every=10"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ckpt = tmp_path / "t" / "sig" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert ckpt.exists(), proc.communicate()[0] if proc.poll() is not None else "no checkpoint in time"
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out
-    assert "interrupted" in out
-    code = subprocess.run([*args[:4], *args[4:], "--resume", "trainer.max_steps=400"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert code.returncode == 0, code.stdout + code.stderr
+            "run=sig", "trainer.max_steps=300", "trainer.val_every=10"]
+    log = open(tmp_path / "out.log", "w")  # a file, not a pipe: a full pipe would block the child
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        ckpt = tmp_path / "t" / "sig" / "last.ckpt"
+        deadline = time.monotonic() + 600
+        while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ckpt.exists(), (tmp_path / "out.log").read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = (tmp_path / "out.log").read_text()
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted" in out and not (tmp_path / "t" / "sig" / "result.json").exists()
+    done = subprocess.run([*args, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     result = RunResult.load(tmp_path / "t" / "sig" / "result.json")
-    assert result.status == "completed" and result.steps == 400
+    assert result.status == "completed" and result.steps == 300
+    assert [s for s, _ in result.history["val/acc"]] == list(range(10, 301, 10))
 
 
 def test_every_shipped_run_config_runs(tmp_path, shared_data):
