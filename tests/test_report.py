@@ -178,3 +178,23 @@ def test_batch_size_convergence_and_search_reports(tmp_path):
         assert best.loc[g, "best_value"] == pytest.approx(st.best_value)
         assert best.loc[g, "optim.lr"] == pytest.approx(st.best_params["optim.lr"])
     assert (out / "search_history.png").exists()
+
+
+def test_report_before_any_trial_finished(tmp_path):
+    from normablate.sweep.runner import Sweep
+
+    sw = Sweep(load_spec(make_spec(tmp_path)), verbose=False)
+    sw.setup()  # study created, 18 trials queued, none run
+    out = write_report("r", storage=sw.url, out_dir=tmp_path / "rep")
+    md = (out / "summary.md").read_text()
+    assert "trials counted: 0 of 18" in md and "no finished trials" in md
+    assert not list(out.glob("*.png"))
+
+
+def test_report_cli(tmp_path, capsys):
+    from normablate.report.__main__ import main
+
+    res = run_sweep(make_spec(tmp_path, grid={"model.norm": ["bn", "ln"], "optim.lr": [0.1]}))
+    assert main(["--study", "r", "--storage", res.storage, "--out", str(tmp_path / "o")]) == 0
+    assert "report: " in capsys.readouterr().out and (tmp_path / "o" / "summary.csv").exists()
+    assert main(["--study", "zzz", "--storage", res.storage]) == 2

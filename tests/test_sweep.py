@@ -251,11 +251,14 @@ def test_resume_after_sigkill_of_the_sweep(tmp_path):
             running = [t for t in ts if t.state == TrialState.RUNNING and "run" in t.user_attrs]
             return (done, running) if len(done) >= 2 and running else None
 
-        done, running = wait_for(ready, 120, "two trials COMPLETE and one RUNNING", proc)
+        wait_for(ready, 120, "two trials COMPLETE and one RUNNING", proc)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    before = {t.number: t.datetime_start for t in trials_of(url) if t.state == TrialState.COMPLETE}
+    at_kill = trials_of(url)  # what the storage holds once every process is dead
+    before = {t.number: t.datetime_start for t in at_kill if t.state == TrialState.COMPLETE}
+    running = [t for t in at_kill if t.state == TrialState.RUNNING]
+    assert running, "the kill should have caught at least one trial mid-run"
     res = run_sweep(path)  # in this process, no delay
     assert res.complete and res.exit_code == 0
     trials = trials_of(url)
@@ -295,7 +298,7 @@ def test_postgres_two_workers_one_killed(tmp_path):
                           and (t.system_attrs.get("nb:worker") or {}).get("pid") == b.pid]
                 return b_running if a.pid in pid and b_done and b_running else None
 
-            victim = wait_for(b_mid_trial, 120, "both workers busy, B mid-trial after finishing one", b)[0]
+            wait_for(b_mid_trial, 120, "both workers busy, B mid-trial after finishing one", b)
             os.killpg(b.pid, signal.SIGKILL)
             b.wait()
             out, _ = a.communicate(timeout=180)
@@ -310,9 +313,12 @@ def test_postgres_two_workers_one_killed(tmp_path):
         workers = Counter((t.system_attrs["nb:worker"]["host"], t.system_attrs["nb:worker"]["pid"])
                           for t in counted.values())
         assert set(workers) == {(HOST, a.pid), (HOST, b.pid)}, workers  # both shared the work
-        dead = next(t for t in trials if t.number == victim.number)
+        victims = [t for t in trials if t.state != TrialState.COMPLETE  # B's trial in flight when it died
+                   and (t.system_attrs.get("nb:worker") or {}).get("pid") == b.pid]
+        assert len(victims) == 1, "B was killed mid-trial"
+        dead = next(t for t in trials if t.number == victims[0].number)
         assert dead.state == TrialState.FAIL
-        retry = [t for t in trials if victim.number in t.system_attrs.get("nb:retry_of", [])]
+        retry = [t for t in trials if dead.number in t.system_attrs.get("nb:retry_of", [])]
         assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
         assert retry[0].system_attrs["nb:worker"]["pid"] == a.pid
         assert "worker process is gone" in out

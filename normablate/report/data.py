@@ -121,6 +121,7 @@ def _row(t: optuna.trial.FrozenTrial, spec: SweepSpec, points, sname: str) -> di
                            "diverged": bool(ua.get("diverged", False))}
     point = points[int(ua["point"])] if "point" in ua and int(ua["point"]) < len(points) else None
     row["norm"] = norm_label((cfg.get("model") or {}).get("norm", "?"))
+    row["task"] = cfg.get("task")
     if spec.kind == "search":
         row["group"] = ua.get("group", sname.split("/", 1)[-1])
     for a in spec.axes:

@@ -139,6 +139,20 @@ def _fmt(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def _bounds(metric: str, lo: float, hi: float) -> tuple[float, float]:
+    """y range from the data (means and CIs), kept inside the metric's natural range (accuracy in [0, 1])."""
+    pad = 0.06 * (hi - lo or 1.0)
+    lo, hi = lo - pad, hi + pad
+    if metric.endswith("acc"):
+        lo, hi = max(lo, 0.0), min(hi, 1.0)
+    return max(lo, 0.0) if metric.endswith(("loss", "ppl")) else lo, hi
+
+
+def _dodge(i: int, n: int, log: bool = True) -> float:
+    """Multiplicative x offset for line i of n, so error bars at the same x do not hide each other."""
+    return 10 ** (0.012 * (i - (n - 1) / 2)) if log else 1.0
+
+
 def lr_curves(data: StudyData, lr_table, out: Path) -> Path | None:
     """Metric vs LR (log x) per norm with 95% CI error bars; x marks LRs where a seed diverged; star = best LR."""
     if lr_table is None or not len(lr_table):
@@ -148,33 +162,42 @@ def lr_curves(data: StudyData, lr_table, out: Path) -> Path | None:
     names = [" ".join(_fmt(r[c]) for c in lr_table.columns if c in data.group_cols and c != "lr")
              for _, r in lr_table.iterrows()]
     colors = _colors(names)
-    finite = [p["mean"] for per in lr_table["_per_lr"] for p in per if math.isfinite(p["mean"])]
-    lo = min(finite) if finite else 0.0
-    hi = max(finite) if finite else 1.0
-    pad = 0.08 * (hi - lo or 1.0)
-    bottom = lo - 2 * pad
-    for name, (_, r) in zip(names, lr_table.iterrows()):
+    pts = [p for per in lr_table["_per_lr"] for p in per if math.isfinite(p["mean"])]
+    cis = [p["ci95"] if math.isfinite(p["ci95"]) else 0.0 for p in pts]
+    lo, hi = _bounds(spec.metric, min((p["mean"] - c for p, c in zip(pts, cis)), default=0.0),
+                     max((p["mean"] + c for p, c in zip(pts, cis)), default=1.0))
+    bottom = lo + 0.02 * (hi - lo)
+    any_div = False
+    for i, (name, (_, r)) in enumerate(zip(names, lr_table.iterrows())):
         per = r["_per_lr"]
-        xs = [p["lr"] for p in per if math.isfinite(p["mean"])]
+        k = _dodge(i, len(names))
+        xs = [p["lr"] * k for p in per if math.isfinite(p["mean"])]
         ys = [p["mean"] for p in per if math.isfinite(p["mean"])]
         es = [0 if not math.isfinite(p["ci95"]) else p["ci95"] for p in per if math.isfinite(p["mean"])]
         ax.errorbar(xs, ys, yerr=es, marker="o", ms=5, capsize=3, lw=1.6, color=colors[name], label=name)
-        dx = [p["lr"] for p in per if p["n_diverged"]]
+        dx = [p["lr"] * k for p in per if p["n_diverged"]]
         if dx:
-            ax.plot(dx, [bottom + pad * 0.5] * len(dx), "x", color=colors[name], ms=10, mew=2.5)
+            any_div = True
+            ax.plot(dx, [bottom] * len(dx), "x", color=colors[name], ms=10, mew=2.5, clip_on=False)
         if r["best_lr"] is not None and r["best_mean"] is not None and math.isfinite(r["best_mean"]):
-            ax.plot([r["best_lr"]], [r["best_mean"]], "*", color=colors[name], ms=14, mec="black", mew=0.6)
+            ax.plot([r["best_lr"] * k], [r["best_mean"]], "*", color=colors[name], ms=14, mec="black", mew=0.6)
     ax.set_xscale("log")
-    ax.set_ylim(bottom, hi + pad)
+    lrs = sorted({p["lr"] for per in lr_table["_per_lr"] for p in per})
+    ax.set_xticks(lrs)
+    ax.set_xticklabels([f"{x:g}" for x in lrs])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_ylim(lo, hi)
     ax.set_xlabel("peak learning rate (log scale)")
     ax.set_ylabel(metric_label(spec.metric, spec.metric_at))
     ax.set_title(f"{data.name}: LR sensitivity (mean ± 95% CI over seeds)")
     ax.grid(alpha=0.3, which="both")
     handles, labels = ax.get_legend_handles_labels()
-    handles += [plt.Line2D([], [], color="gray", marker="x", ls="", ms=9, mew=2),
-                plt.Line2D([], [], color="gray", marker="*", ls="", ms=12, mec="black")]
-    labels += ["diverged (≥1 seed)", "best LR"]
-    ax.legend(handles, labels, fontsize=9, loc="best")
+    if any_div:
+        handles.append(plt.Line2D([], [], color="gray", marker="x", ls="", ms=9, mew=2))
+        labels.append("diverged (≥1 seed)")
+    handles.append(plt.Line2D([], [], color="gray", marker="*", ls="", ms=12, mec="black"))
+    labels.append("best LR")
+    ax.legend(handles, labels, fontsize=9, loc="best", title="norm")
     fig.tight_layout()
     path = out / "lr_sensitivity.png"
     fig.savefig(path, dpi=DPI)
@@ -191,7 +214,8 @@ def batch_curves(data: StudyData, out: Path) -> Path | None:
     cols = [c for c in data.group_cols if c != "batch_size"]
     keys = list(dict.fromkeys(tuple(r[c] for c in cols) for _, r in df.iterrows()))
     colors = _colors([" ".join(map(_fmt, k)) for k in keys])
-    for k in keys:
+    ylo, yhi = math.inf, -math.inf
+    for i, k in enumerate(keys):
         name = " ".join(map(_fmt, k))
         mask = np.ones(len(df), bool)
         for c, v in zip(cols, k):
@@ -204,14 +228,18 @@ def batch_curves(data: StudyData, out: Path) -> Path | None:
             if s["diverged"].astype(bool).any():
                 dx.append(int(bs))
             if n:
-                xs.append(int(bs))
+                xs.append(int(bs) * _dodge(i, len(keys)))
                 ys.append(m)
                 es.append(ci if math.isfinite(ci) else 0)
+                ylo, yhi = min(ylo, m - es[-1]), max(yhi, m + es[-1])
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, lw=1.6, color=colors[name], label=name)
         if dx:
             ax.plot(dx, [min(ys or [0])] * len(dx), "x", color=colors[name], ms=10, mew=2.5)
     ax.set_xscale("log", base=2)
+    if math.isfinite(ylo):
+        ax.set_ylim(*_bounds(spec.metric, ylo, yhi))
     bss = sorted(set(int(b) for b in df["batch_size"]))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xticks(bss)
     ax.set_xticklabels([str(b) for b in bss])
     ax.set_xlabel("batch size (samples per step, log scale)")

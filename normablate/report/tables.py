@@ -205,14 +205,18 @@ def compact_summary(data: StudyData, summ: pd.DataFrame) -> pd.DataFrame:
     if spec.kind == "convergence":
         keys += ["steps_to_target", "time_to_target"]
     keys += ["wall_time", "throughput"]
+    unit = "tokens" if "task" in data.trials and (data.trials["task"] == "lm").any() else "samples"
     out = []
     for _, r in summ.iterrows():
         row = {c: r[c] for c in data.group_cols}
         row.update(n=int(r["n"]), diverged=int(r["n_diverged"]))
         if r.get("n_pruned"):
             row["pruned"] = int(r["n_pruned"])
+        units = {"wall_time": "wall time (s)", "throughput": f"throughput ({unit}/s)",
+                 "steps_to_target": "steps to target", "time_to_target": "time to target (s)",
+                 "train_loss_auc": "train-loss AUC"}
         for k in dict.fromkeys(keys):
             if f"{k}_mean" in r:
-                row[k.replace("_val_", " val/")] = fmt_ci(r[f"{k}_mean"], r[f"{k}_ci95"])
+                row[units.get(k, k.replace("_val_", " val/"))] = fmt_ci(r[f"{k}_mean"], r[f"{k}_ci95"])
         out.append(row)
     return pd.DataFrame(out)
