@@ -44,7 +44,11 @@ def write_report(study_name: str, storage: str | None = None, out_dir: str | Pat
                          "diverged_lrs"]] if len(lr) else lr
         cells = lr[key + [c for c in lr.columns if c.startswith("lr=")]] if len(lr) else lr
         section = (f"## LR sensitivity ({spec.metric_at} {spec.metric}, tolerance {tol_s})\n\n"
-                   + tables.markdown_table(head) + f"\n### {spec.metric_at} {spec.metric} at each LR "
+                   + tables.markdown_table(head)
+                   + "\nRead the width together with best_mean: a norm that barely trains at any LR (e.g. stays at "
+                     "chance) has every LR within tolerance of its best, so a wide range there means insensitive "
+                     "because nothing works, not robust.\n"
+                   + f"\n### {spec.metric_at} {spec.metric} at each LR "
                    "(mean ± 95% CI; [k/n diverged])\n\n" + tables.markdown_table(cells))
         figures.append(("LR sensitivity", plots.lr_curves(data, lr, out)))
     elif kind == "batch_size":
