@@ -27,6 +27,7 @@ enqueued again once at start-up, and a worker stops when no trial is waiting or 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import math
@@ -520,8 +521,8 @@ class Sweep:
                 self._record_pruned(trial, pruning, cfg, run_dir, time.time() - t_start)
                 self._tell(slot, state=TrialState.PRUNED)
                 return f"trial {trial.number} {label}: {e}"
-            except (KeyboardInterrupt, SystemExit):
-                self._interrupt(slot, "interrupted (KeyboardInterrupt/SystemExit)")
+            except (KeyboardInterrupt, SystemExit) as e:  # e.g. Lightning's SIGTERMException (a SystemExit)
+                self._interrupt(slot, f"interrupted ({type(e).__name__}); re-queued")
                 raise
             except Exception as e:  # noqa: BLE001  a crashed run is recorded, and the sweep goes on
                 trial.set_user_attr("error", "".join(traceback.format_exception_only(type(e), e)).strip()[-2000:])
@@ -602,7 +603,7 @@ class Sweep:
         trainer_fn = load_trainer(self.spec.trainer_fn)
         poll = poll if poll is not None else min(2.0, float(self.spec.heartbeat["interval"]) / 2)
         waiting_msg = False
-        while not self.interrupted:
+        while not self.interrupted and STOP.signum is None:
             self.reap_stale()
             slot = self.claim()
             if slot is None:
@@ -610,7 +611,7 @@ class Sweep:
                 if c.running == 0 and c.waiting == 0:
                     break
                 if not waiting_msg:
-                    self.log(f"{c.running} trial(s) still running elsewhere; waiting (they are re-queued if their "
+                    self.log(f"{c.running} trial(s) still running in other workers; waiting (re-queued if their "
                              f"worker dies)")
                     waiting_msg = True
                 time.sleep(poll)
@@ -618,7 +619,9 @@ class Sweep:
             waiting_msg = False
             last = self.run_slot(slot, trainer_fn)
             self.progress(last)
-        return 130 if self.interrupted else 0
+        if STOP.signum is not None and not self.interrupted:
+            self.log(f"stopped by signal {STOP.signum}; run the same command again to continue")
+        return 130 if self.interrupted or STOP.signum is not None else 0
 
 
 def _spec_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -642,8 +645,33 @@ def _die_with_parent() -> None:
         pass
 
 
-def _sigterm_to_exit(signum, frame) -> None:  # noqa: ARG001
-    raise SystemExit(128 + signum)
+class _StopFlag:
+    """SIGINT/SIGTERM between runs: claim nothing new and exit once the current trial is recorded (a run in progress
+    handles the signal itself: it checkpoints, stops, and its trial is re-queued). A second Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum, frame) -> None:  # noqa: ARG002
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+STOP = _StopFlag()
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, STOP) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _worker_main(spec: SweepSpec, url: str, runtime: dict, name: str, t0: float, done_at_start: int,
@@ -651,12 +679,45 @@ def _worker_main(spec: SweepSpec, url: str, runtime: dict, name: str, t0: float,
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before prctl took effect
         sys.exit(1)
-    signal.signal(signal.SIGTERM, _sigterm_to_exit)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sweep = Sweep(spec, url, runtime=runtime, worker=name)
-    sweep.setup(create=False)
-    sweep.t0, sweep.done_at_start = t0, done_at_start
-    sys.exit(sweep.work())
+    with _stop_on_signals():
+        sweep = Sweep(spec, url, runtime=runtime, worker=name)
+        sweep.setup(create=False)
+        sweep.t0, sweep.done_at_start = t0, done_at_start
+        code = sweep.work()
+    sys.exit(code)
+
+
+def _run_workers(spec: SweepSpec, sweep: Sweep, runtime: dict, workers: int) -> int:
+    """Start ``workers`` processes on the shared storage and wait for them. A SIGTERM to this process is passed on
+    (Ctrl-C in a terminal reaches them directly); each stops after recording its current trial."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, name=f"w{i}",
+                         args=(spec, sweep.url, runtime, f"w{i}", sweep.t0, sweep.done_at_start, os.getpid()))
+             for i in range(workers)]
+    for p in procs:
+        p.start()
+    forwarded = False
+    try:
+        while any(p.is_alive() for p in procs):
+            if STOP.signum == signal.SIGTERM and not forwarded:
+                for p in procs:
+                    if p.is_alive() and p.pid:
+                        os.kill(p.pid, signal.SIGTERM)
+                forwarded = True
+            for p in procs:
+                p.join(timeout=0.5)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop them now (their trials are re-queued when found dead)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=60)
+        return 130
+    codes = [p.exitcode for p in procs]
+    if STOP.signum is not None or any(c in (130, -signal.SIGTERM, -signal.SIGINT) for c in codes):
+        return 130
+    return 0 if all(c == 0 for c in codes) else 1
 
 
 def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, study_name: str | None = None,
@@ -682,44 +743,21 @@ def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, s
     sweep.log(f"storage {sweep.url}; {c.done}/{c.total} done, {c.waiting} queued; {workers} worker(s); "
               f"runs under {Path(spec.log_dir) / spec.study_name}")
     code = 0
-    if workers == 1:
-        previous = signal.signal(signal.SIGTERM, _sigterm_to_exit) \
-            if threading.current_thread() is threading.main_thread() else None
-        try:
-            code = sweep.work()
-        except (KeyboardInterrupt, SystemExit):
-            code = 130
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-    else:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker_main, name=f"w{i}",
-                             args=(spec, sweep.url, runtime, f"w{i}", sweep.t0, sweep.done_at_start, os.getpid()))
-                 for i in range(workers)]
-        for p in procs:
-            p.start()
-        try:
-            for p in procs:
-                p.join()
-        except KeyboardInterrupt:
-            for p in procs:
-                p.join(timeout=120)
-            code = 130
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()
-                    p.join(timeout=60)
-        codes = [p.exitcode for p in procs]
-        if any(x not in (0, None) for x in codes):
-            code = 130 if any(x in (130, 143, -signal.SIGTERM, -signal.SIGINT) for x in codes) else 1
+    STOP.signum = None
+    with _stop_on_signals():
+        if workers == 1:
+            try:
+                code = sweep.work()
+            except (KeyboardInterrupt, SystemExit):
+                code = 130
+        else:
+            code = _run_workers(spec, sweep, runtime, workers)
     counts = sweep.counts()
     if code == 0 and counts.failed:
         code = 1
     names = [s.study_name for s, _ in sweep.studies]
     res = SweepResult(spec.study_name, sweep.url, spec.kind, counts, names, time.time() - sweep.t0, code)
-    sweep.log(f"finished: {counts.line()} in {fmt_time(res.elapsed)}"
+    sweep.log(f"{'stopped' if code == 130 else 'finished'}: {counts.line()} in {fmt_time(res.elapsed)}"
               + (f"; {counts.failed} failed (see the trials' 'error' attribute; re-run to retry)"
                  if counts.failed else "")
               + (f"; {counts.duplicates} duplicate trial(s) ignored" if counts.duplicates else ""))
