@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,11 @@ class RunMonitor(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self._elapsed_at_fit_start = self.elapsed
         self._t_fit = time.perf_counter()
+        if self.stop_request is not None and threading.current_thread() is threading.main_thread():
+            # Lightning composes its own SIGTERM handler with ours and raises SIGTERMException wherever it
+            # lands (e.g. mid-validation, without a checkpoint). Ours alone: stop at the next step boundary.
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, self.stop_request)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._t_step = time.perf_counter()

@@ -61,22 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run from its last.ckpt")
     p.set_defaults(func=cmd_train)
 
-    try:
-        from .sweep import add_sweep_arguments, cmd_sweep
-    except ImportError:
-        pass
-    else:
-        p = sub.add_parser("sweep", help="run an ablation sweep (an Optuna study) from a sweep spec")
-        add_sweep_arguments(p)
-        p.set_defaults(func=cmd_sweep)
-    try:
-        from .report import add_report_arguments, cmd_report
-    except ImportError:
-        pass
-    else:
-        p = sub.add_parser("report", help="tables and plots of a finished or running study")
-        add_report_arguments(p)
-        p.set_defaults(func=cmd_report)
+    from .report import add_report_arguments, cmd_report
+    from .sweep import add_sweep_arguments, cmd_sweep
+
+    p = sub.add_parser("sweep", help="run an ablation sweep (an Optuna study) from a sweep spec")
+    add_sweep_arguments(p)
+    p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("report", help="tables and plots of a finished or running study")
+    add_report_arguments(p)
+    p.set_defaults(func=cmd_report)
     return parser
 
 

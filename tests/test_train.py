@@ -131,6 +131,30 @@ def test_resume_equals_uninterrupted(tmp_path, norm, base):
     assert again.wall_time == resumed.wall_time
 
 
+class _SigtermDuringValidation(L.Callback):
+    """A real SIGTERM delivered to this process while validation runs (Lightning's own handler would raise)."""
+
+    def __init__(self):
+        self.sent = False
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_validation_checkpoints_at_next_step(tmp_path):
+    steps = ["trainer.max_steps=12", "trainer.val_every=4", "model.norm=bn"]
+    before = signal.getsignal(signal.SIGTERM)
+    full = train(cfg_for(tmp_path, TINY_IMAGE, "run=full", *steps))
+    cut = train(cfg_for(tmp_path, TINY_IMAGE, "run=cut", *steps), callbacks=[_SigtermDuringValidation()])
+    assert cut.status == "interrupted" and cut.steps == 5  # validation at step 4 finished, stopped after step 5
+    assert [s for s, _ in cut.history["val/acc"]] == [4]
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers restored after the run
+    resumed = train(cfg_for(tmp_path, TINY_IMAGE, "run=cut", *steps), resume=True)
+    assert resumed.final == full.final and resumed.history["train/loss"] == full.history["train/loss"]
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     cfg = cfg_for(tmp_path, TINY_IMAGE, "run=x", "trainer.max_steps=2", "trainer.val_every=2")
     train(cfg)
