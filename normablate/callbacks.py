@@ -95,6 +95,9 @@ class RunMonitor(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self._elapsed_at_fit_start = self.elapsed
         self._t_fit = time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # (Lightning installs its signal handlers after on_fit_start, before on_train_start.)
         if self.stop_request is not None and threading.current_thread() is threading.main_thread():
             # Lightning composes its own SIGTERM handler with ours and raises SIGTERMException wherever it
             # lands (e.g. mid-validation, without a checkpoint). Ours alone: stop at the next step boundary.
