@@ -176,7 +176,7 @@ def test_divergence_is_a_result(tmp_path, capsys):
 def test_sigint_checkpoint_then_resume_cli(tmp_path):
     """A real Ctrl-C: the CLI saves a checkpoint, exits 130; --resume finishes the run."""
     args = [sys.executable, "-m", "normablate.cli", "train", *TINY_IMAGE, f"trainer.log_dir={tmp_path}",
-            "run=sig", "trainer.max_steps=300", "trainer.val_every=10"]
+            "experiment=t", "run=sig", "trainer.max_steps=300", "trainer.val_every=10"]
     log = open(tmp_path / "out.log", "w")  # a file, not a pipe: a full pipe would block the child
     proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
