@@ -192,9 +192,9 @@ def test_report_before_any_trial_finished(tmp_path):
 
 
 def test_report_cli(tmp_path, capsys):
-    from normablate.report.__main__ import main
+    from normablate.cli import main
 
     res = run_sweep(make_spec(tmp_path, grid={"model.norm": ["bn", "ln"], "optim.lr": [0.1]}))
-    assert main(["--study", "r", "--storage", res.storage, "--out", str(tmp_path / "o")]) == 0
+    assert main(["report", "--study", "r", "--storage", res.storage, "--out", str(tmp_path / "o")]) == 0
     assert "report: " in capsys.readouterr().out and (tmp_path / "o" / "summary.csv").exists()
-    assert main(["--study", "zzz", "--storage", res.storage]) == 2
+    assert main(["report", "--study", "zzz", "--storage", res.storage]) == 2
