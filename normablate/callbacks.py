@@ -46,11 +46,13 @@ def save_checkpoint_atomic(trainer: L.Trainer, path: Path) -> None:
 
 
 class RunMonitor(L.Callback):
-    def __init__(self, run_dir: Path, max_steps: int, samples_per_step: float, divergence_factor: float = 10.0,
+    def __init__(self, run_dir: Path, max_steps: int, val_every: int, samples_per_step: float,
+                 divergence_factor: float = 10.0,
                  target_metric: str | None = None, target_value: float | None = None,
                  stop_request: StopRequest | None = None, ema: float = 0.9) -> None:
         self.run_dir = Path(run_dir)
         self.max_steps = max_steps
+        self.val_every = val_every
         self.samples_per_step = samples_per_step
         self.divergence_factor = divergence_factor
         self.target_metric, self.target_value = target_metric, target_value
@@ -119,11 +121,13 @@ class RunMonitor(L.Callback):
         if step % max(1, trainer.log_every_n_steps) == 0 and self.train_time > 0:
             pl_module.log("throughput", self.samples / self.train_time, on_step=True, on_epoch=False)
         self._check_divergence(trainer, step, loss)
-        if self.stop_request is not None and self.stop_request.signum is not None:
+        if step >= self.max_steps:
+            trainer.should_stop = True  # triggers a final validation at the last step (a stop request waits)
+        elif self.stop_request is not None and self.stop_request.signum is not None and step % self.val_every:
+            # Between validations: checkpoint now. On a validation step, Lightning would skip the due
+            # validation on resume, so we stop in on_validation_end instead, after its checkpoint.
             save_checkpoint_atomic(trainer, self.run_dir / "last.ckpt")
             raise RunInterrupted(self.stop_request.signum, step)
-        if step >= self.max_steps:
-            trainer.should_stop = True  # triggers a final validation at the last step
 
     def _check_divergence(self, trainer, step: int, loss: float) -> None:
         if self.diverged_step is not None:
@@ -156,6 +160,8 @@ class RunMonitor(L.Callback):
                 self.steps_to_target, self.time_to_target = step, self.now_elapsed()
         if self.diverged_step is None:
             save_checkpoint_atomic(trainer, self.run_dir / "last.ckpt")
+            if self.stop_request is not None and self.stop_request.signum is not None and step < self.max_steps:
+                raise RunInterrupted(self.stop_request.signum, step)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.elapsed = self.now_elapsed()

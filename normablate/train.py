@@ -191,7 +191,8 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
         logger.log_hyperparams(_flat(to_dict(cfg)), metrics={k: float("nan") for k in hp_metrics})
 
     with stop_on_signals() as stop:
-        monitor = RunMonitor(run_dir, t.max_steps, float(datamodule.samples_per_step), t.divergence_factor,
+        monitor = RunMonitor(run_dir, t.max_steps, t.val_every, float(datamodule.samples_per_step),
+                             t.divergence_factor,
                              t.target_metric, t.target_value, stop)
         cbs = [monitor, *(callbacks or [])]
         if t.progress:

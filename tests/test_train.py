@@ -113,19 +113,25 @@ class _InterruptAt(L.Callback):
             monitor.stop_request.signum = signal.SIGINT
 
 
-@pytest.mark.parametrize("norm,base", [("noisy_bn", TINY_IMAGE), ("masked_bn", TINY_LM)])
-def test_resume_equals_uninterrupted(tmp_path, norm, base):
+@pytest.mark.parametrize("norm,base,cut_at", [("noisy_bn", TINY_IMAGE, 13), ("masked_bn", TINY_LM, 13),
+                                               ("noisy_bn", TINY_IMAGE, 16), ("masked_bn", TINY_LM, 24)])
+def test_resume_equals_uninterrupted(tmp_path, norm, base, cut_at):
+    """Interrupted between validations (13), on a validation step (16) or on the last step (24)."""
     steps = ["trainer.max_steps=24", "trainer.val_every=8", f"model.norm={norm}", "model.dropout=0.1"
              if base is TINY_LM else "data.augment=true"]
     full = train(cfg_for(tmp_path, base, "run=full", *steps))
-    cut = train(cfg_for(tmp_path, base, "run=cut", *steps), callbacks=[_InterruptAt(13)])
-    assert cut.status == "interrupted" and cut.steps == 13
+    cut = train(cfg_for(tmp_path, base, "run=cut", *steps), callbacks=[_InterruptAt(cut_at)])
+    if cut_at == 24:  # a request on the last step lets the run finish
+        assert cut.status == "completed" and cut.final == full.final
+        return
+    assert cut.status == "interrupted" and cut.steps == cut_at
     assert not (Path(cut.run_dir) / "result.json").exists()
     resumed = train(cfg_for(tmp_path, base, "run=cut", *steps), resume=True)
     assert resumed.status == "completed" and resumed.steps == 24
     assert "val/train_eval_gap" in resumed.final  # BN family: running-stat vs batch-stat validation
     assert resumed.final == full.final
-    assert resumed.history["train/loss"] == full.history["train/loss"]
+    for key in full.history:  # every curve, validations included, step for step
+        assert resumed.history[key] == full.history[key], key
     # a finished run is not repeated
     again = train(cfg_for(tmp_path, base, "run=cut", *steps), resume=True)
     assert again.wall_time == resumed.wall_time
@@ -143,16 +149,16 @@ class _SigtermDuringValidation(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_sigterm_during_validation_checkpoints_at_next_step(tmp_path):
+def test_sigterm_during_validation_stops_after_it(tmp_path):
     steps = ["trainer.max_steps=12", "trainer.val_every=4", "model.norm=bn"]
     before = signal.getsignal(signal.SIGTERM)
     full = train(cfg_for(tmp_path, TINY_IMAGE, "run=full", *steps))
     cut = train(cfg_for(tmp_path, TINY_IMAGE, "run=cut", *steps), callbacks=[_SigtermDuringValidation()])
-    assert cut.status == "interrupted" and cut.steps == 5  # validation at step 4 finished, stopped after step 5
+    assert cut.status == "interrupted" and cut.steps == 4  # validation at step 4 finished and checkpointed
     assert [s for s, _ in cut.history["val/acc"]] == [4]
     assert signal.getsignal(signal.SIGTERM) == before  # handlers restored after the run
     resumed = train(cfg_for(tmp_path, TINY_IMAGE, "run=cut", *steps), resume=True)
-    assert resumed.final == full.final and resumed.history["train/loss"] == full.history["train/loss"]
+    assert resumed.final == full.final and resumed.history == full.history
 
 
 def test_existing_run_is_not_overwritten(tmp_path):
