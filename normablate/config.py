@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from .errors import ConfigError, closest
@@ -273,6 +274,20 @@ def validate(cfg: RunConfig) -> None:
     norms.resolve(m.norm, layout)  # unknown norm or norm option -> lists valid
     if "ffn_norm" in m.options and m.options["ffn_norm"] not in (None, True, False):
         norms.resolve(m.options["ffn_norm"], "tokens")
+    opts = dict(m.options)
+    if m.backbone == "transformer_lm":
+        _check(opts.get("block_size", dc.block_size) >= dc.block_size,
+               f"model.block_size={opts.get('block_size')} is smaller than data.block_size={dc.block_size}; "
+               f"the model cannot read the sequences the data produces")
+        _check(opts.get("vocab_size", 256) >= 256,
+               f"model.vocab_size={opts.get('vocab_size')} must be >= 256 (byte-level tokens)")
+    try:  # build once on the meta device (no memory, no init cost): bad option values fail here, not mid-run
+        with torch.device("meta"):
+            models.create(m.backbone, norm=m.norm, **opts)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(f"model {m.backbone!r} cannot be built with norm={m.norm!r} and options {opts}: {e}") from e
     want_task = "lm" if m.backbone == "transformer_lm" else "classification"
     if cfg.task is None:
         cfg.task = want_task

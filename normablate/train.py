@@ -133,6 +133,9 @@ def build_model(cfg: RunConfig, datamodule) -> torch.nn.Module:
     options = dict(cfg.model.options)
     if cfg.task == "classification":
         options.setdefault("num_classes", datamodule.num_classes)
+        if options["num_classes"] < datamodule.num_classes:
+            raise ConfigError(f"model.num_classes={options['num_classes']} is smaller than the "
+                              f"{datamodule.num_classes} classes of data.source={cfg.data.source!r}")
         if "in_chans" in models.options(cfg.model.backbone):
             options.setdefault("in_chans", datamodule.in_chans)
         if cfg.model.backbone == "vit":

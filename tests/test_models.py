@@ -103,11 +103,20 @@ def test_cnn_norm_position_orders_layers():
     assert seen[0] >= 0
 
 
-def test_resnet_conv_bias_only_without_norm():
-    with_bn = nb.models.create("resnet20", norm="bn")
-    without = nb.models.create("resnet20", norm="none")
-    assert with_bn.stem.conv.bias is None
-    assert without.stem.conv.bias is not None
+def test_conv_bias_dropped_only_where_bn_directly_follows():
+    assert nb.models.create("resnet20", norm="bn").stem.conv.bias is None
+    assert nb.models.create("vgg11", norm="masked_bn", width=0.125).features[0].conv.bias is None
+    for norm, position in (("none", "before_act"), ("ln", "before_act"), ("rms", "before_act"),
+                           ("gn", "before_act"), ("bn", "after_act")):
+        model = nb.models.create("resnet20", norm=norm, norm_position=position)
+        assert model.stem.conv.bias is not None and model.blocks[0].c1.bias is not None, (norm, position)
+
+
+def test_vit_avg_pool_final_norm_on_pooled_features():
+    for norm in ("bn", "masked_bn", "noisy_bn", "ln"):
+        model = nb.models.create("vit", norm=norm, global_pool="avg", **TINY["vit"])
+        assert nb.norms.is_norm(model.fc_norm)
+        model(torch.randn(4, 3, 32, 32)).sum().backward()
 
 
 def test_resnet18_is_timm_with_injected_norm():
@@ -136,8 +145,12 @@ def test_lm_real_token_logits_do_not_depend_on_padding(norm, placement):
         a = model(idx12, mask=mask12)
         b = model(idx16, mask=mask16)[:, :12]
         torch.testing.assert_close(a[mask12], b[mask12], atol=1e-10, rtol=1e-10)
-        # and the gradients of a loss on real tokens reach no pad position
         assert torch.isfinite(b).all()
+    # a loss on real tokens sends no gradient to positions that only padding occupies (12..15)
+    model.train().zero_grad()
+    model(idx16, mask=mask16)[mask16].sum().backward()
+    assert model.pos.weight.grad[12:].abs().max() == 0
+    assert model.pos.weight.grad[:12].abs().max() > 0
 
 
 def test_lm_plain_bn_is_polluted_by_padding():

@@ -120,6 +120,11 @@ def test_rms_formula_eps_inside_root():
     torch.testing.assert_close(rms(x), expected)
 
 
+@pytest.mark.parametrize("channels,groups", [(8, 2), (16, 4), (32, 8), (64, 16), (128, 32), (192, 32), (3, 1)])
+def test_gn_default_groups_keep_four_channels_per_group(channels, groups):
+    assert nb.norms.create("gn", channels).num_groups == groups
+
+
 @pytest.mark.parametrize("groups", [None, 2, 8])
 def test_gn_equals_groupnorm(groups):
     ours = nb.norms.create("gn", 8, layout="image", **({} if groups is None else {"num_groups": groups}))
@@ -151,19 +156,34 @@ def test_none_is_true_identity():
     assert not nb.norms.is_norm(m)
 
 
-def test_noisy_bn_noise_changes_each_step_and_off_in_eval():
+def test_noisy_bn_noise_changes_each_step_and_eval_is_expected_transform():
     m = nb.norms.create("noisy_bn", 4, noise_mean=0.5, noise_scale=2.0)
     x = torch.randn(16, 4, 3, 3)
     y1, y2 = m(x), m(x)
     assert not torch.allclose(y1, y2)
-    per_channel_mean = y1.mean(dim=(0, 2, 3))
-    assert per_channel_mean.abs().max() > 1e-3  # non-zero mean noise
     m.eval()
-    # running stats saw the same x twice vs once: compare against a BN fed the same two steps
+    # running stats saw the same x twice: compare against a BN fed the same two steps
     ref = nb.norms.create("bn", 4)
     ref(x), ref(x)
     ref.eval()
-    torch.testing.assert_close(m(x), ref(x), **TOL)
+    torch.testing.assert_close(m(x), ref(x) * 1.5, **TOL)  # E[s] = (1 + 2) / 2, E[m] = 0
+
+
+def test_noisy_bn_noise_distribution_per_sample_and_channel():
+    """Recover each (sample, channel)'s scale s and shift m from y = z * s + m (z: plain BN output)."""
+    m = nb.norms.create("noisy_bn", 3, affine=False, noise_mean=0.5, noise_scale=2.0)
+    bn = nb.norms.create("bn", 3, affine=False)
+    scales, shifts = [], []
+    for _ in range(50):
+        x = torch.randn(8, 3, 6, 6)
+        y, z = m(x), bn(x)
+        s = y.std(dim=(2, 3)) / z.std(dim=(2, 3))  # (N, C)
+        scales.append(s)
+        shifts.append(y.mean(dim=(2, 3)) - s * z.mean(dim=(2, 3)))
+    s, sh = torch.cat(scales), torch.cat(shifts)
+    assert s.min() >= 1 - 1e-4 and s.max() <= 2 + 1e-4 and abs(s.mean() - 1.5) < 0.05
+    assert sh.abs().max() <= 0.5 + 1e-4 and abs(sh.mean()) < 0.05 and sh.std() > 0.2
+    assert s[:8].std(dim=0).min() > 0.05  # different draws for different samples of one batch
 
 
 # ---------------------------------------------------------------- masked BatchNorm
@@ -224,6 +244,17 @@ def test_masked_bn_pad_values_change_nothing():
     torch.testing.assert_close(a(x, mask=mask), b(x2, mask=mask), atol=0, rtol=0)
     torch.testing.assert_close(a.running_mean, b.running_mean, atol=0, rtol=0)
     torch.testing.assert_close(a.running_var, b.running_var, atol=0, rtol=0)
+
+
+def test_masked_bn_non_finite_pad_does_not_leak():
+    x, mask = _padded()
+    a = nb.norms.create("masked_bn", 5, layout="tokens").double()
+    b = copy.deepcopy(a)
+    x2 = x.clone()
+    x2[~mask] = float("inf")
+    x2[0, -1] = float("nan") if not mask[0, -1] else x2[0, -1]
+    torch.testing.assert_close(a(x, mask=mask), b(x2, mask=mask), atol=0, rtol=0)
+    assert torch.isfinite(b.running_var).all()
 
 
 def test_masked_bn_all_pad_batch_no_nan_no_update():

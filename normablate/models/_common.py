@@ -5,7 +5,6 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .. import norms
 from ..errors import ConfigError
 
 NORM_POSITIONS = ("before_act", "after_act")
@@ -16,14 +15,14 @@ def check_choice(option: str, value: object, allowed: tuple) -> None:
         raise ConfigError(f"{option}={value!r} is not allowed; valid: {', '.join(map(str, allowed))}")
 
 
-def has_shift(norm_layer: Callable[[int], nn.Module]) -> bool:
-    """Whether the norm normalizes (then a preceding conv's bias would be redundant)."""
-    return norms.is_norm(norm_layer(8))
-
-
-def conv_bias(norm_layer: Callable[[int], nn.Module], bias: bool | None) -> bool:
-    """Conv bias: explicit if given, else only where no norm follows (a net without norm still gets biases)."""
-    return (not has_shift(norm_layer)) if bias is None else bias
+def conv_bias(norm_layer: Callable[[int], nn.Module], bias: bool | None, channels: int, norm_position: str) -> bool:
+    """Conv bias: explicit if given; else dropped only where a BatchNorm directly follows the conv (its
+    per-channel mean subtraction removes any per-channel bias). LN/RMS/GN do not remove it, and after the
+    activation the bias sets the ReLU threshold, so there it stays."""
+    if bias is not None:
+        return bias
+    follows = norm_layer(channels)
+    return not (isinstance(follows, nn.modules.batchnorm._BatchNorm) and norm_position == "before_act")
 
 
 def init_cnn(model: nn.Module) -> None:

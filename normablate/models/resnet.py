@@ -62,7 +62,7 @@ class CifarResNet(nn.Module):
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
-        bias = conv_bias(norm_layer, bias)
+        bias = conv_bias(norm_layer, bias, width, norm_position)
         self.stem = ConvNormAct(in_chans, width, norm_layer, norm_position, bias=bias)
         blocks, cin = [], width
         for stage, cout in enumerate((width, 2 * width, 4 * width)):

@@ -23,7 +23,8 @@ class VGG(nn.Module):
         check_choice("norm_position", norm_position, NORM_POSITIONS)
         if width <= 0:
             raise ValueError(f"width must be > 0, got {width}")
-        bias = conv_bias(norm_layer, bias)
+        first = next(v for v in cfg if v != "M")
+        bias = conv_bias(norm_layer, bias, max(1, int(round(first * width))), norm_position)
         layers: list[nn.Module] = []
         cin = in_chans
         for v in cfg:

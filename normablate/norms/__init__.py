@@ -61,7 +61,7 @@ def options(name: str) -> list[str]:
     return sorted(names - {"layout"})
 
 
-def _build(entry: Callable, label: str, num_features: int, layout: str, kwargs: Mapping[str, Any]) -> nn.Module:
+def _check_options(entry: Callable, label: str, layout: str, kwargs: Mapping[str, Any]) -> None:
     if layout not in LAYOUTS:
         raise ConfigError(f"norm layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     names, var_kw = _accepted_kwargs(entry)
@@ -70,12 +70,21 @@ def _build(entry: Callable, label: str, num_features: int, layout: str, kwargs: 
         if bad:
             valid = sorted(names - {"layout"}) or ["(none)"]
             raise ConfigError(f"norm {label!r} got unknown option(s) {', '.join(bad)}; valid: {', '.join(valid)}")
-    if "layout" in names or var_kw:
-        return entry(num_features, layout=layout, **kwargs)
-    if layout != "image" and not kwargs:
-        # A plain callable such as nn.LayerNorm, taking channels only: works on channel-last tokens.
-        return entry(num_features)
-    return entry(num_features, **kwargs)
+
+
+def _build(entry: Callable, label: str, num_features: int, layout: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    _check_options(entry, label, layout, kwargs)
+    names, var_kw = _accepted_kwargs(entry)
+    try:
+        if "layout" in names or var_kw:
+            return entry(num_features, layout=layout, **kwargs)
+        if layout != "image" and not kwargs:
+            # A plain callable such as nn.LayerNorm, taking channels only: works on channel-last tokens.
+            return entry(num_features)
+        return entry(num_features, **kwargs)
+    except (ValueError, TypeError) as e:  # a bad option value (e.g. num_groups not dividing C): a config error
+        opts = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no options"
+        raise ConfigError(f"norm {label!r} ({opts}) cannot be built for {num_features} channels: {e}") from e
 
 
 def create(name: str, num_features: int, layout: str = "image", **kwargs: Any) -> nn.Module:
@@ -87,8 +96,8 @@ def resolve(spec: Any, layout: str) -> Callable[[int], nn.Module]:
     """Turn a norm spec into a ``norm_layer(num_features) -> nn.Module`` callable, once.
 
     ``spec`` is a registered name or import path, a mapping ``{"name": ..., **options}``, or a callable
-    (a class or factory taking ``num_features`` and optionally ``layout`` and options). Options are checked
-    here, by building one throw-away instance, so a typo fails before any model is built.
+    (a class or factory taking ``num_features`` and optionally ``layout`` and options). Option names are
+    checked here, so a typo fails before any model is built; bad values fail as ConfigError when built.
     """
     if isinstance(spec, str):
         name, kwargs, entry = spec, {}, REGISTRY.get(spec)
@@ -106,7 +115,7 @@ def resolve(spec: Any, layout: str) -> Callable[[int], nn.Module]:
         )
     if layout not in LAYOUTS:
         raise ConfigError(f"norm layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-    _build(entry, name, 8, layout, kwargs)  # validate options now: fail before building a model
+    _check_options(entry, name, layout, kwargs)  # option names now; values when the model is built
 
     # A plain function (not a partial): timm's get_norm_layer unbinds partials and passes device/dtype.
     def norm_layer(num_features: int, device: Any = None, dtype: Any = None) -> nn.Module:

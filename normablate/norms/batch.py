@@ -40,11 +40,12 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ARG002
         # Plain BN ignores the mask on purpose: padded tokens enter its statistics (that is the ablation).
-        if self.layout == "tokens":
+        tokens = self.layout == "tokens" and x.dim() > 2  # (N, C) inputs (e.g. after pooling) need no transpose
+        if tokens:
             x = x.transpose(1, 2)  # (N, T, C) -> (N, C, T)
         check_batch_size(x, 1, self.training or not self.track_running_stats)
         y = super().forward(x)
-        return y.transpose(1, 2) if self.layout == "tokens" else y
+        return y.transpose(1, 2) if tokens else y
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", layout={self.layout}"
@@ -55,15 +56,17 @@ class NoisyBatchNorm(BatchNorm):
     """BN followed by noise of non-zero mean and non-unit variance, redrawn at every training step.
 
     Santurkar et al. (2018, Sec. 2.1) inject such "distributional instability" after BN to show that a
-    network trains about as well although each layer's input distribution keeps shifting. Per channel and
-    per training step: ``y = bn(x) * s + m`` with ``s ~ U(1, noise_scale)`` and ``m ~ U(-noise_mean,
-    noise_mean)``; additionally each (sample, channel) gets its own draw when ``per_sample`` is set, so
-    the shift is not common to the batch. No noise in eval mode.
+    network trains about as well although each layer's input distribution keeps shifting. At every training
+    step: ``y = bn(x) * s + m`` with ``s ~ U(1, noise_scale)`` and ``m ~ U(-noise_mean, noise_mean)``, drawn
+    for each (sample, channel) (``per_sample: true``, the default, as the paper perturbs each activation of
+    each sample) or once per channel for the whole batch (``per_sample: false``). Eval applies the expected
+    transform ``y = bn(x) * E[s] + E[m] = bn(x) * (1 + noise_scale) / 2``, so the network evaluated is the
+    one the later layers were trained against on average.
     """
 
     def __init__(self, num_features: int, layout: str = "image", eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True, noise_mean: float = 0.5,
-                 noise_scale: float = 1.5, per_sample: bool = False) -> None:
+                 noise_scale: float = 1.5, per_sample: bool = True) -> None:
         super().__init__(num_features, layout=layout, eps=eps, momentum=momentum, affine=affine)
         if noise_scale < 1.0 or noise_mean < 0.0:
             raise ValueError(f"noisy_bn needs noise_scale >= 1 and noise_mean >= 0, got {noise_scale}, {noise_mean}")
@@ -72,7 +75,9 @@ class NoisyBatchNorm(BatchNorm):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         y = super().forward(x, mask)
-        if not self.training or not self.noise_enabled:
+        if not self.training:
+            return y * ((1.0 + self.noise_scale) / 2.0)
+        if not self.noise_enabled:
             return y
         c_dim = 1 if self.layout == "image" else y.dim() - 1
         shape = [1] * y.dim()

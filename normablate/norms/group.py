@@ -7,9 +7,11 @@ from torch import nn
 from . import register
 
 
-def default_groups(num_features: int, max_groups: int = 32) -> int:
-    """The largest divisor of ``num_features`` that is at most ``max_groups`` (32 as in Wu & He 2018)."""
-    return max(g for g in range(1, min(max_groups, num_features) + 1) if num_features % g == 0)
+def default_groups(num_features: int, max_groups: int = 32, min_group_size: int = 4) -> int:
+    """The largest divisor of ``num_features`` that is at most ``max_groups`` (32, Wu & He 2018) and leaves at
+    least ``min_group_size`` channels per group (so narrow layers do not silently become InstanceNorm)."""
+    limit = max(1, min(max_groups, num_features // min_group_size))
+    return max(g for g in range(1, limit + 1) if num_features % g == 0)
 
 
 @register("gn")

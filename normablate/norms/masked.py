@@ -26,8 +26,11 @@ class MaskedBatchNorm(BatchNorm):
             return super().forward(x)
         if mask.shape != x.shape[:2]:
             raise ValueError(f"masked_bn: mask shape {tuple(mask.shape)} does not match tokens {tuple(x.shape[:2])}")
-        m = mask.to(x.dtype).unsqueeze(-1)  # (N, T, 1)
-        n = m.sum()
+        keep = mask.bool().unsqueeze(-1)  # (N, T, 1)
+        # where(), not multiplication: 0 * inf = NaN, so a non-finite value at a pad would leak into the stats.
+        acc = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32  # fp16/bf16 -> fp32 stats
+        xf = torch.where(keep, x.to(acc), 0.0)  # (as PyTorch's BN computes statistics under autocast)
+        n = keep.sum().to(xf.dtype)
         use_batch_stats = self.training or not self.track_running_stats
         if use_batch_stats:
             if self.training and n.item() == 1:
@@ -36,17 +39,17 @@ class MaskedBatchNorm(BatchNorm):
                     "statistics; the batch holds exactly one real token."
                 )
             denom = n.clamp(min=1)
-            mean = (x * m).sum(dim=(0, 1)) / denom  # (C,)
-            xc = (x - mean) * m
+            mean = xf.sum(dim=(0, 1)) / denom  # (C,)
+            xc = torch.where(keep, xf - mean, 0.0)
             var = (xc * xc).sum(dim=(0, 1)) / denom  # biased, used to normalize (as PyTorch)
             if self.training and self.track_running_stats and n.item() > 0:
                 self._update_running(mean.detach(), var.detach(), n.detach())
         else:
             mean, var = self.running_mean, self.running_var
-        y = (x - mean) * torch.rsqrt(var + self.eps)
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
         if self.affine:
             y = y * self.weight + self.bias
-        return y * m  # padded positions -> 0
+        return torch.where(keep, y, 0.0).to(x.dtype)  # padded positions -> 0
 
     @torch.no_grad()
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
