@@ -127,7 +127,10 @@ def test_cifar_validation_and_normalisation(cifar, cifar_cfg):
     vb = list(cifar.val_batches())
     assert [len(y) for _, y in vb] == [100, 100, 56]
     assert same(vb[0], next(iter(cifar.val_batches())))
-    assert torch.equal(torch.cat([y for _, y in vb]), cifar.val_y)
+    order = torch.cat([s["index"] for s in cifar.val_specs()])
+    assert sorted(order.tolist()) == list(range(len(cifar.val_y)))  # every example once, in a fixed mixed order
+    assert not torch.equal(order, torch.arange(len(order)))
+    assert torch.equal(torch.cat([y for _, y in vb]), cifar.val_y[order])
     full = dm_for(replace(cifar_cfg, augment=False, batch_size=512))
     x, _ = full.train_batch(0)  # one batch = the whole (limited) train split
     assert torch.allclose(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-4)
@@ -186,12 +189,17 @@ def test_save_to_disk_single_parquet_and_hub(tmp_path, cache_dir, monkeypatch):
     assert torch.equal(dm.val_x[0].permute(1, 2, 0), torch.from_numpy(arrays[7]))
     assert dm.train_y.tolist() == [i % 3 for i in range(7)]
 
-    # one parquet file: the tail val_fraction is held out as validation
+    # one parquet file, sorted by label: a fixed random val_fraction is held out (not the tail, whose classes
+    # the training split would never see); train and val partition the rows, images stay with their labels
     pq.write_table(pa.table({"img": [{"bytes": _png(a), "path": None} for a in arrays], "label": list(range(10))}),
                    tmp_path / "one.parquet")
     dm = dm_for(replace(cfg, source=str(tmp_path / "one.parquet"), val_split="test", val_fraction=0.2))
-    assert dm.train_y.tolist() == list(range(8)) and dm.val_y.tolist() == [8, 9]
-    assert torch.equal(dm.val_x[1].permute(1, 2, 0), torch.from_numpy(arrays[9]))
+    assert len(dm.val_y) == 2 and sorted(dm.train_y.tolist() + dm.val_y.tolist()) == list(range(10))
+    assert dm.val_y.tolist() != [8, 9]
+    for j, label in enumerate(dm.val_y.tolist()):
+        assert torch.equal(dm.val_x[j].permute(1, 2, 0), torch.from_numpy(arrays[label]))
+    again = dm_for(replace(cfg, source=str(tmp_path / "one.parquet"), val_split="test", val_fraction=0.2))
+    assert again.val_y.tolist() == dm.val_y.tolist()  # the held-out subset is fixed
 
     # a hub name goes to datasets.load_dataset(name)
     calls = []

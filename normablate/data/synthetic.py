@@ -21,14 +21,18 @@ sums, bracket closing, repeated names).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import random
+from pathlib import Path
 
 import torch
 
 NUM_CLASSES = 10
 CLASS_NAMES = ["hstripes", "vstripes", "checker", "rings", "blob", "dots", "crosshatch", "spokes", "square",
                "plus"]
+# Cache keys include a hash of this file, so an edit to a generator never reuses stale cached tensors.
+CODE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 IMAGE_SEED = 20240601  # the embedded dataset is fixed; the run seed only orders and augments it
 TEXT_SEED = 20240602
 TRAIN_SIZE, VAL_SIZE = 20_000, 2_000

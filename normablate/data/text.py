@@ -117,7 +117,7 @@ def load_splits(cfg) -> dict[str, Any]:
     """Payload ``{train_data, train_starts, train_ends, val_data, ...}`` (cached), limits not yet applied."""
     holdout_key = {"train_split": cfg.train_split, "val_split": cfg.val_split, "val_fraction": cfg.val_fraction}
     if cfg.source == "synthetic":
-        key = {"source": "synthetic-text", "seed": synthetic.TEXT_SEED, **holdout_key}
+        key = {"source": "synthetic-text", "seed": synthetic.TEXT_SEED, "code": synthetic.CODE_HASH, **holdout_key}
         return cache.cached("text", key, lambda: _plain_text_splits(
             cfg, {"train": synthetic.text().encode()}, "synthetic"), cfg.cache_dir)
     src = locate(cfg.source, "lm", cfg.cache_dir, cfg.hub_config)

@@ -122,7 +122,7 @@ def load_splits(cfg) -> dict[str, dict[str, Any]]:
         for role, name in names.items():
             if name not in ("train", "test"):
                 raise ConfigError(f"data.{role}_split={name!r}: the synthetic image source has splits train, test")
-        key = {"source": "synthetic-images", "seed": synthetic.IMAGE_SEED, "train": synthetic.TRAIN_SIZE,
+        key = {"source": "synthetic-images", "seed": synthetic.IMAGE_SEED, "code": synthetic.CODE_HASH, "train": synthetic.TRAIN_SIZE,
                "test": synthetic.VAL_SIZE}
         payload = cache.cached("synthetic", key, lambda: {
             f"{s}_{k}": v for s, (x, y) in synthetic.image_splits().items() for k, v in (("x", x), ("y", y))
@@ -132,6 +132,20 @@ def load_splits(cfg) -> dict[str, dict[str, Any]]:
                 for role, name in names.items()}
     src = locate(cfg.source, "classification", cfg.cache_dir, cfg.hub_config)
     plan = plan_splits(src, split_rows(src), cfg.train_split, cfg.val_split, cfg.val_fraction)
+    (tr_split, _, tr_stop), (va_split, va_start, va_stop) = plan["train"], plan["val"]
+    if tr_split == va_split and tr_stop == va_start:
+        # One split only: hold out a fixed random subset (not the tail: tables and image folders are often
+        # sorted by class, and a tail would hold classes never seen in training).
+        key = {**src.key, "split": tr_split, "rows": [0, va_stop], "image_key": cfg.image_key,
+               "label_key": cfg.label_key}
+        full = cache.cached("images", key, lambda: _load_table_split(src, "train", tr_split, 0, va_stop, cfg),
+                            cfg.cache_dir)
+        perm = torch.randperm(va_stop, generator=torch.Generator().manual_seed(0))
+        n_val = va_stop - va_start
+        index = {"val": perm[:n_val], "train": perm[n_val:]}
+        return {role: {"x": full["x"][i[:limits[role]]], "y": full["y"][i[:limits[role]]],
+                       "label_names": full["label_names"], "_cache_hit": full["_cache_hit"]}
+                for role, i in index.items()}
     out = {}
     for role, (split, start, stop) in plan.items():
         if limits[role] is not None:
@@ -195,9 +209,15 @@ class VisionDataModule(StepDataModule):
         return spec
 
     def val_specs(self) -> list[dict[str, Any]]:
+        """Fixed batches over a fixed permutation of the validation set (the same for every run and seed):
+        class-sorted splits still give mixed batches, which the batch-statistics evaluation (train/eval gap)
+        needs. A short remainder is merged into the previous batch rather than evaluated alone."""
         bs = self.cfg.val_batch_size
-        return [{"kind": "val", "index": torch.arange(i, min(i + bs, self.num_val))}
-                for i in range(0, self.num_val, bs)]
+        order = torch.randperm(self.num_val, generator=torch.Generator().manual_seed(0))
+        bounds = list(range(0, self.num_val, bs)) + [self.num_val]
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] < bs // 2:
+            del bounds[-2]
+        return [{"kind": "val", "index": order[a:b]} for a, b in zip(bounds[:-1], bounds[1:])]
 
     def _build(self, spec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = spec["index"]
