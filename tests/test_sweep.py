@@ -220,13 +220,13 @@ def test_pruning_with_median_pruner(tmp_path):
 
 
 def test_cli_check_and_dry_run(tmp_path, capsys):
-    from normablate.sweep.__main__ import main
+    from normablate.cli import main
 
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({**make_spec(tmp_path), "trainer_fn": "normablate.train:train"}))
-    assert main(["--config", str(path), "--check"]) == 0
+    assert main(["sweep", "--config", str(path), "--check"]) == 0
     assert "12 trials" in capsys.readouterr().out
-    assert main(["--config", str(path), "--dry-run"]) == 0
+    assert main(["sweep", "--config", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "12/12 trials done" in out and "ETA" in out and "report:" in out
     assert (tmp_path / "logs" / "t-dryrun" / "report" / "summary.md").exists()

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from ..config import from_dict, load_yaml, parse_overrides, set_dotted
+from ..config import RunConfig, from_dict, load_yaml, parse_overrides, set_dotted, to_dict
 from ..errors import ConfigError, closest
 
 KINDS = ("lr_sensitivity", "batch_size", "convergence", "search", "grid")
@@ -194,21 +194,20 @@ class SweepSpec:
 
     def _apply_batch_rule(self, d: dict[str, Any]) -> None:
         base_bs = int(self.options["base_batch_size"])
-        bs = int(_get_dotted(d, "data.batch_size") or 128)
+        bs = int(_value(d, "data.batch_size"))
         ratio = bs / base_bs
         rule = self.options["lr_scaling"]
-        lr = float(_get_dotted(d, "optim.lr") or 0.1)
+        lr = float(_value(d, "optim.lr"))
         scale = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
         set_dotted(d, "optim.lr", lr * scale)
         budget = self.options["budget"]
         if "samples" in budget:
             steps = max(1, math.ceil(int(budget["samples"]) / bs))
             # validate and warm up after the same number of samples at every batch size
-            for key in ("trainer.val_every", "optim.warmup_steps"):
-                v = _get_dotted(d, key)
+            for key in ("trainer.val_every", "optim.warmup_steps"):  # config defaults included
+                v = int(_value(d, key))
                 if v:
-                    set_dotted(d, key, max(1, round(int(v) * base_bs / bs)) if key.endswith("val_every")
-                               else round(int(v) * base_bs / bs))
+                    set_dotted(d, key, max(1, round(v * base_bs / bs)))
         else:
             steps = int(budget["steps"])
         set_dotted(d, "trainer.max_steps", steps)
@@ -260,6 +259,12 @@ class SweepSpec:
 
 
 # ---------------------------------------------------------------------- loading and checking
+def _value(d: dict, key: str) -> Any:
+    """``key`` from the trial dict, else the run config's default for it."""
+    v = _get_dotted(d, key)
+    return _get_dotted(to_dict(RunConfig()), key) if v is None else v
+
+
 def _get_dotted(d: dict, key: str) -> Any:
     cur: Any = d
     for p in key.split("."):
