@@ -191,6 +191,31 @@ def test_dead_worker_trial_is_failed_retried_and_resumed(tmp_path):
     one_complete_per_point(trials, 2)
 
 
+def test_reaper_ignores_clock_skew_of_live_workers(tmp_path, monkeypatch):
+    """A worker on a machine whose clock is an hour behind keeps beating: it is alive, never reaped.
+    Once its heartbeat value stops changing for `grace` seconds of *our* clock, it is."""
+    import types
+
+    from normablate.sweep import runner
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(**{**vars(time), "time": lambda: clock[0]}))
+    spec = load_spec(make_spec(tmp_path, grid={"model.norm": ["bn"], "optim.lr": [0.1]}))
+    sw = Sweep(spec, verbose=False)
+    sw.setup()
+    tid = sw.claim().trial._trial_id
+    sw.my_trials.clear()
+    sw.storage.set_trial_system_attr(tid, "nb:worker", {"host": "elsewhere", "pid": 1})
+    grace = float(spec.heartbeat["grace"])
+    for beat in range(5):  # skewed by an hour, but changing: alive
+        sw.storage.set_trial_system_attr(tid, "nb:heartbeat", clock[0] - 3600 + beat)
+        assert sw.reap_stale() == 0
+        clock[0] += grace * 0.9
+    clock[0] += grace + 1  # no new beat for longer than grace (local time): dead
+    assert sw.reap_stale() == 1
+    assert sw.storage.get_trial(tid).state == TrialState.FAIL
+
+
 def test_search_kind_one_study_per_group(tmp_path):
     d = make_spec(tmp_path, kind="search", grid={"model.norm": ["bn", "ln"]}, n_trials=5,
                   search_space={"optim.lr": {"low": 0.001, "high": 1.0, "log": True},

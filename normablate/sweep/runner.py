@@ -16,8 +16,9 @@ worker re-runs a point that is still running elsewhere. Popping a WAITING trial 
 Dead workers
 ------------
 A worker writes a heartbeat (time and ``host:pid``) into its trial's system attributes every
-``heartbeat.interval`` seconds. Before claiming work, every worker fails RUNNING trials whose heartbeat is older
-than ``heartbeat.grace`` or whose process is gone (same host, pid not alive), and enqueues a retry that keeps
+``heartbeat.interval`` seconds. Before claiming work, every worker fails RUNNING trials whose heartbeat value has
+not changed for ``heartbeat.grace`` seconds of its own clock (so clock skew between machines cannot kill a live
+trial) or whose process is gone (same host, pid not alive), and enqueues a retry that keeps
 the point, the params and the run directory, so the retry resumes from the run's ``last.ckpt``. Failing a
 trial is atomic, so only one worker enqueues the retry. We keep our own heartbeat because Optuna's (RDB only,
 and tied to ``study.optimize``) does not exist for journal storage.
@@ -224,6 +225,7 @@ class Sweep:
         self.worker = worker
         self.points = spec.points()
         self.my_trials: set[int] = set()
+        self._beats: dict[int, tuple[Any, float]] = {}  # trial id -> (last heartbeat value, local time first seen)
         self.interrupted = False
         self.t0 = time.time()
         self.done_at_start = 0
@@ -406,7 +408,13 @@ class Sweep:
                     beat = t.datetime_start.timestamp()
                 dead = w.get("host") == HOST and isinstance(w.get("pid"), int) and w["pid"] != os.getpid() \
                     and not pid_alive(w["pid"])
-                silent = beat is not None and now - float(beat) > grace
+                # Silent = the heartbeat *value* has not changed for `grace` seconds of this machine's clock
+                # (never compare another machine's timestamps with ours: clock skew would kill live trials).
+                seen_value, seen_at = self._beats.get(t._trial_id, (None, now))
+                if beat != seen_value:
+                    seen_value, seen_at = beat, now
+                self._beats[t._trial_id] = (seen_value, seen_at)
+                silent = beat is not None and now - seen_at > grace
                 if not (dead or silent):
                     continue
                 try:
@@ -414,7 +422,7 @@ class Sweep:
                         continue
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue  # finished meanwhile, or another worker reaped it first
-                why = "its worker process is gone" if dead else f"no heartbeat for {now - float(beat):.0f}s"
+                why = "its worker process is gone" if dead else f"no heartbeat for {now - seen_at:.0f}s"
                 self.log(f"trial {t.number} ({t.user_attrs.get('run', '?')}) failed: {why}; queued again")
                 self._requeue(study, t, reason=why)
                 n += 1
