@@ -129,8 +129,6 @@ def resolve(spec: Any, layout: str) -> Callable[[int], nn.Module]:
 
 def is_norm(module: nn.Module) -> bool:
     """Whether ``module`` is a normalization layer (ours, PyTorch's or timm's)."""
-    from . import batch, group, layer, masked, rms  # noqa: F401
-
     base = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
     return isinstance(module, base) or getattr(module, "is_normalization", False)
 

@@ -64,6 +64,15 @@ def summary(data: StudyData) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def _cell(s: pd.DataFrame, metric: str) -> tuple[float, float, int, int, str]:
+    """One axis value's trials: mean, CI half-width, finished count, diverged count, and the table text
+    ("diverged" when all diverged, else "mean ± ci" with "[k/n diverged]" when some did)."""
+    m, ci, n = mean_ci(_ok(s)[metric].tolist() if metric in s else [])
+    nd = int(s["diverged"].astype(bool).sum())
+    text = "diverged" if nd == len(s) else fmt_ci(m, ci) + (f" [{nd}/{len(s)} diverged]" if nd else "")
+    return m, ci, n, nd, text
+
+
 def _better(direction: str):
     return (lambda a, b: a > b) if direction == "maximize" else (lambda a, b: a < b)
 
@@ -81,8 +90,7 @@ def lr_sensitivity(data: StudyData) -> pd.DataFrame:
         row: dict[str, Any] = dict(zip(cols, key))
         per_lr = []
         for lr, s in sorted(sub.groupby("lr"), key=lambda kv: float(kv[0])):
-            m, ci, n = mean_ci(_ok(s)[metric].tolist() if metric in s else [])
-            nd = int(s["diverged"].astype(bool).sum())
+            m, ci, n, nd, _ = _cell(s, metric)
             per_lr.append({"lr": float(lr), "mean": m, "ci95": ci, "n": len(s), "n_ok": n, "n_diverged": nd})
         stable = [p for p in per_lr if p["n_diverged"] == 0 and p["n_ok"] > 0 and math.isfinite(p["mean"])]
         best = None
@@ -113,10 +121,8 @@ def lr_sensitivity(data: StudyData) -> pd.DataFrame:
             width_decades=math.log10(hi / lo) if lo else None,
             diverged_lrs=" ".join(f"{p['lr']:g}({p['n_diverged']}/{p['n']})" for p in per_lr if p["n_diverged"]),
         )
-        for p in per_lr:
-            row[f"lr={p['lr']:g}"] = ("diverged" if p["n_diverged"] == p["n"] else
-                                      fmt_ci(p["mean"], p["ci95"]) + (f" [{p['n_diverged']}/{p['n']} diverged]"
-                                                                     if p["n_diverged"] else ""))
+        for lr, s in sorted(sub.groupby("lr"), key=lambda kv: float(kv[0])):
+            row[f"lr={float(lr):g}"] = _cell(s, metric)[4]
         row["_per_lr"] = per_lr
         out.append(row)
     return pd.DataFrame(out)
@@ -132,11 +138,8 @@ def batch_size(data: StudyData) -> pd.DataFrame:
         row: dict[str, Any] = dict(zip(cols, key))
         means = []
         for bs, s in sorted(sub.groupby("batch_size"), key=lambda kv: int(kv[0])):
-            m, ci, n = mean_ci(_ok(s)[metric].tolist() if metric in s else [])
-            nd = int(s["diverged"].astype(bool).sum())
-            lr = s["lr_used"].iloc[0]
-            row[f"bs={int(bs)}"] = ("diverged" if nd == len(s) else fmt_ci(m, ci)
-                                    + (f" [{nd}/{len(s)} diverged]" if nd else "")) + f" (lr {lr:.3g})"
+            m, _, _, _, text = _cell(s, metric)
+            row[f"bs={int(bs)}"] = text + f" (lr {s['lr_used'].iloc[0]:.3g})"
             if math.isfinite(m):
                 means.append(m)
         row["spread"] = max(means) - min(means) if means else None
