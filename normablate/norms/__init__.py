@@ -134,6 +134,6 @@ def is_norm(module: nn.Module) -> bool:
 
 
 # Register the built-in families (each file registers itself on import).
-from . import batch, group, identity, layer, masked, rms  # noqa: E402,F401
+from . import batch, dyt, group, identity, layer, masked, powernorm, renorm, rms  # noqa: E402,F401
 
 __all__ = ["LAYOUTS", "REGISTRY", "available", "create", "is_norm", "options", "register", "resolve"]

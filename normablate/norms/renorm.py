@@ -1,0 +1,114 @@
+"""Batch Renormalization (``batch_renorm``, Ioffe 2017, "Batch Renormalization: Towards Reducing Minibatch
+Dependence in Batch-Normalized Models").
+
+Training, per channel, with batch mean/std ``mu_B``, ``sigma_B = sqrt(var_B + eps)`` (biased var, as BN) and
+running ``mu``, ``sigma = sqrt(running_var + eps)``::
+
+    r = clip(sigma_B / sigma, 1/r_max, r_max)        # no gradient through r
+    d = clip((mu_B - mu) / sigma, -d_max, d_max)     # no gradient through d
+    y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+
+Gradients do flow through ``mu_B`` and ``sigma_B``, as in BN. With r_max = 1 and d_max = 0, r = 1 and d = 0
+and the layer is BatchNorm (outputs, gradients and running statistics equal ``nn.BatchNorm``, tested). Eval
+uses the running statistics, as BN. Running statistics follow PyTorch's BN convention (the rest of this
+package and ``nn.BatchNorm``): ``running = (1 - m) * running + m * batch`` with the unbiased batch variance;
+the paper writes the update on sigma itself (``sigma += m * (sigma_B - sigma)``). This is the one deliberate
+difference, so that r_max = 1, d_max = 0 is exactly ``bn``.
+
+Warm-up schedule. The paper's experiments (Sec. 5.1) keep r_max = 1, d_max = 0 for the first 5k steps and then
+relax them gradually, to r_max = 3 at 40k steps and d_max = 5 at 25k steps. Here, with s = the number of
+training forwards done before this one (buffer ``renorm_step``, saved in ``state_dict`` so a resumed run
+continues exactly),
+
+    r_max(s) = 1 + (r_max - 1) * clamp((s - warmup_steps) / (r_max_steps - warmup_steps), 0, 1)
+    d_max(s) =      d_max      * clamp((s - warmup_steps) / (d_max_steps - warmup_steps), 0, 1)
+
+(linear relaxation; the paper says "gradually" without giving the curve). Defaults are the paper's
+(5000 / 40000 / 25000 steps): in a short run the layer is plain BN throughout, so scale the steps to the run.
+``warmup_steps = r_max_steps = d_max_steps = 0`` gives constant limits from the first step.
+
+Written by hand: neither PyTorch nor timm has batch renormalization. Subclasses our ``BatchNorm`` (so the
+running buffers, eval path, layouts and every ``_BatchNorm`` check - conv bias, train/eval gap - carry over);
+the batch statistics are computed in one method, ``batch_stats``, for a synchronized variant to override.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import register
+from .batch import BatchNorm, check_batch_size
+
+
+@register("batch_renorm")
+class BatchRenorm(BatchNorm):
+    def __init__(self, num_features: int, layout: str = "image", eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True, r_max: float = 3.0, d_max: float = 5.0,
+                 warmup_steps: int = 5000, r_max_steps: int = 40000, d_max_steps: int = 25000) -> None:
+        if not r_max >= 1.0:
+            raise ValueError(f"batch_renorm: r_max must be >= 1 (r is clipped to [1/r_max, r_max]), got {r_max}")
+        if not d_max >= 0.0:
+            raise ValueError(f"batch_renorm: d_max must be >= 0 (d is clipped to [-d_max, d_max]), got {d_max}")
+        if warmup_steps < 0:
+            raise ValueError(f"batch_renorm: warmup_steps must be >= 0, got {warmup_steps}")
+        for key, end in (("r_max_steps", r_max_steps), ("d_max_steps", d_max_steps)):
+            if end < warmup_steps:
+                raise ValueError(f"batch_renorm: {key}={end} must be >= warmup_steps={warmup_steps} "
+                                 f"(the step at which the limit is fully relaxed)")
+        super().__init__(num_features, layout=layout, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=True)
+        self.r_max, self.d_max = float(r_max), float(d_max)
+        self.warmup_steps, self.r_max_steps, self.d_max_steps = int(warmup_steps), int(r_max_steps), int(d_max_steps)
+        self.register_buffer("renorm_step", torch.zeros((), dtype=torch.long))  # training forwards so far
+
+    def limits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_max, d_max) for the current step, as 0-dim tensors on the buffers' device (no host sync)."""
+        s = self.renorm_step.to(torch.float64)
+
+        def relaxed(end_step: int) -> torch.Tensor:
+            if end_step <= self.warmup_steps:
+                return (s >= self.warmup_steps).to(torch.float64)
+            return ((s - self.warmup_steps) / (end_step - self.warmup_steps)).clamp(0.0, 1.0)
+
+        return 1.0 + (self.r_max - 1.0) * relaxed(self.r_max_steps), self.d_max * relaxed(self.d_max_steps)
+
+    def batch_stats(self, x: torch.Tensor, c_dim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Per-channel batch mean and biased variance over every dim but ``c_dim`` (with gradient), and the
+        number of values per channel."""
+        var, mean = torch.var_mean(x, dim=tuple(d for d in range(x.dim()) if d != c_dim), unbiased=False)
+        return mean, var, x.numel() // x.shape[c_dim]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x, mask)  # BN with running statistics
+        # image (N, C, H, W) and pooled (N, C): channel dim 1; tokens (N, T, C): channel last
+        c_dim = x.dim() - 1 if self.layout == "tokens" and x.dim() > 2 else 1
+        shape = [1] * x.dim()
+        shape[c_dim] = -1
+        check_batch_size(x, c_dim, True)
+        acc = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32  # fp16/bf16: fp32 stats
+        xf = x.to(acc)
+        mean, var, n = self.batch_stats(xf, c_dim)  # (C,), (C,)
+        std = torch.sqrt(var + self.eps)
+        with torch.no_grad():
+            r_max, d_max = self.limits()
+            running_std = torch.sqrt(self.running_var.to(acc) + self.eps)
+            r = (std / running_std).clamp(1.0 / r_max.to(acc), r_max.to(acc))
+            d = ((mean - self.running_mean.to(acc)) / running_std).clamp(-d_max.to(acc), d_max.to(acc))
+        y = (xf - mean.view(shape)) / std.view(shape) * r.view(shape) + d.view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        self._update_running(mean.detach(), var.detach(), n)
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+        self.renorm_step.add_(1)
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        unbiased = var * (n / (n - 1))
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}, warmup_steps="
+                f"{self.warmup_steps}, r_max_steps={self.r_max_steps}, d_max_steps={self.d_max_steps}")
