@@ -1,0 +1,353 @@
+"""DyT, PowerNorm and Batch Renormalization against their definitions and the authors' code; Peri-LN placement
+and QK-norm in the Transformer LM and the ViT.
+
+The fixture ``tests/data/recent_norms_reference.pt`` holds inputs, outputs, gradients and running statistics
+produced by the authors' own implementations, run outside this repository (no code of theirs is in it):
+
+- DyT: github.com/jiachenzhu/DyT @ aab5dde0bc1bdd4410f687dad404c87b31808f90, ``dynamic_tanh.py``, unchanged.
+- PowerNorm: github.com/sIncerass/powernorm @ 9ea6226a3203d5d6fcee07a5c6dec38ec6bc5e9f,
+  ``fairseq/modules/norms/mask_powernorm.py`` with one compatibility edit (``ctx.saved_variables`` ->
+  ``ctx.saved_tensors``, gone from current PyTorch). Inputs (T, B, C), ``pad_mask`` (B, T) True = pad, float64,
+  4 training steps then one eval batch, for three set-ups: its default group scaling (2 groups, warm-up 2),
+  and its ``gp`` module replaced by identity (Algorithm 1 alone) without padding (warm-up 1) and with padding
+  (warm-up 2).
+
+Produced by (with the two files above copied into /tmp/ref): ``cd /tmp/ref && python gen_fixtures.py``; the
+script seeds torch with 0, builds each module in float64, sets gamma ~ U(0.5, 1.5), beta ~ U(-1, 1), feeds
+randn inputs, back-propagates ``(y * w).sum()`` for a randn ``w`` and saves every tensor (torch.save).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import normablate as nb
+
+FIXTURE = Path(__file__).parent / "data" / "recent_norms_reference.pt"
+F64 = dict(atol=1e-10, rtol=1e-10)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return torch.load(FIXTURE, weights_only=True)
+
+
+# ================================================================ DyT
+@pytest.mark.parametrize("layout", ["tokens", "image"])
+def test_dyt_matches_authors_code(reference, layout):
+    ref = reference["dyt"][layout]
+    m = nb.norms.create("dyt", 6, layout=layout, alpha_init=ref["alpha_init"]).double()
+    assert m.alpha.shape == (1,) and m.alpha.item() == pytest.approx(ref["alpha_init"], rel=1e-7)  # float32 init
+    with torch.no_grad():
+        m.weight.copy_(ref["weight"]), m.bias.copy_(ref["bias"])
+    x = ref["x"].clone().requires_grad_(True)
+    y = m(x)
+    (y * ref["w"]).sum().backward()
+    torch.testing.assert_close(y, ref["y"], **F64)
+    torch.testing.assert_close(x.grad, ref["x_grad"], **F64)
+    for name in ("alpha", "weight", "bias"):
+        torch.testing.assert_close(getattr(m, name).grad, ref[f"{name}_grad"], **F64)
+
+
+def test_dyt_formula_default_alpha_and_options():
+    x = torch.randn(2, 3, 4)
+    m = nb.norms.create("dyt", 4, layout="tokens")
+    assert m.alpha.item() == 0.5  # the paper's default
+    torch.testing.assert_close(m(x), torch.tanh(0.5 * x))
+    m = nb.norms.create("dyt", 4, layout="tokens", per_channel_alpha=True, alpha_init=0.7, bias=False)
+    assert m.alpha.shape == (4,) and m.bias is None
+    with torch.no_grad():
+        m.alpha.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4])), m.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    torch.testing.assert_close(m(x), torch.tanh(x * m.alpha) * m.weight)
+    img = nb.norms.create("dyt", 4, layout="image", per_channel_alpha=True)
+    img.load_state_dict(m.state_dict(), strict=False)
+    with torch.no_grad():
+        img.bias.copy_(torch.tensor([0.5, -0.5, 1.0, 0.0]))
+    xi = torch.randn(2, 4, 3, 3)
+    expected = torch.tanh(xi * m.alpha.view(1, 4, 1, 1)) * m.weight.view(1, 4, 1, 1) + img.bias.view(1, 4, 1, 1)
+    torch.testing.assert_close(img(xi), expected)
+    bare = nb.norms.create("dyt", 4, affine=False)
+    assert [n for n, _ in bare.named_parameters()] == ["alpha"]
+    assert nb.norms.is_norm(bare) and list(bare.buffers()) == []
+
+
+def test_dyt_has_no_batch_or_token_dependence():
+    m = nb.norms.create("dyt", 5, layout="tokens")
+    x = torch.randn(4, 6, 5)
+    torch.testing.assert_close(m(x)[1:2, 2:3], m(x[1:2, 2:3]), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, float("nan"), float("inf")])
+def test_dyt_rejects_non_positive_alpha_init(value):
+    with pytest.raises(nb.ConfigError, match=r"dyt: alpha_init must be a finite number > 0"):
+        nb.norms.create("dyt", 4, alpha_init=value)
+
+
+# ================================================================ PowerNorm
+def _pn_like(rec, warmup):
+    m = nb.norms.create("powernorm", 8, layout="tokens", alpha_fwd=0.9, alpha_bkw=0.9, warmup_iters=warmup,
+                        group_scaling=None if rec["no_group_scaling"] else rec["group_num"]).double()
+    with torch.no_grad():
+        m.weight.copy_(rec["weight"]), m.bias.copy_(rec["bias"])
+    return m
+
+
+@pytest.mark.parametrize("setup", ["grouped_warmup2", "plain_warmup1", "plain_padded_warmup2"])
+def test_powernorm_matches_authors_code(reference, setup):
+    """Forward, running statistics, the gradient statistic nu and the gradients, step by step.
+
+    Documented differences (module docstring): the reference's ``ema_gz`` is ``nu / (1 - alpha_bkw)``; after
+    warm-up its backward divides by the batch psi_B where the paper (and we) divide by psi_{t-1}, so there our
+    dL/dx = its dL/dx * psi_B / psi_{t-1} (checked where no group scaling sits in between); with padding its
+    nu and parameter gradients also count padded positions, so there only forward and running stats compare.
+    """
+    rec = reference["powernorm"][setup]
+    m = _pn_like(rec, rec["warmup"])
+    pad = rec["pad_mask"]
+    mask = None if pad is None else ~pad  # (B, T) True = real
+    real = torch.ones(7, 4, dtype=torch.bool) if pad is None else ~pad.T  # (T, B)
+    prev_phi = torch.ones(8, dtype=torch.float64)
+    for i, s in enumerate(rec["steps"], start=1):
+        x = s["x"].transpose(0, 1).clone().requires_grad_(True)  # (T, B, C) -> (B, T, C)
+        y = m(x, mask=mask)
+        (y * s["w"].transpose(0, 1)).sum().backward()
+        torch.testing.assert_close(y.transpose(0, 1)[real], s["y"][real], **F64)
+        torch.testing.assert_close(m.running_phi, s["running_phi"], **F64)
+        if pad is None:
+            torch.testing.assert_close(m.running_nu, 0.1 * s["ema_gz"], **F64)
+            torch.testing.assert_close(m.weight.grad, s["weight_grad"], **F64)
+            torch.testing.assert_close(m.bias.grad, s["bias_grad"], **F64)
+            grad = x.grad.transpose(0, 1)
+            if i <= rec["warmup"]:
+                torch.testing.assert_close(grad, s["x_grad"], **F64)
+            elif rec["no_group_scaling"]:
+                psi_b2 = s["x"].pow(2).mean(dim=(0, 1))
+                expected = s["x_grad"] * torch.sqrt(psi_b2 + 1e-5) / torch.sqrt(prev_phi + 1e-5)
+                torch.testing.assert_close(grad, expected, **F64)
+            assert not torch.allclose(grad, torch.zeros_like(grad))
+        prev_phi = s["running_phi"]
+        m.zero_grad()
+    m.eval()
+    y = m(rec["eval_x"].transpose(0, 1), mask=mask)
+    torch.testing.assert_close(y.transpose(0, 1)[real], rec["eval_y"][real], **F64)
+
+
+def test_powernorm_forward_after_warmup_uses_previous_running_stat():
+    m = nb.norms.create("powernorm", 3, layout="tokens", warmup_iters=0, affine=False).double()
+    phi = torch.tensor([4.0, 9.0, 16.0], dtype=torch.float64)
+    with torch.no_grad():
+        m.running_phi.copy_(phi)
+    x = torch.randn(5, 6, 3, dtype=torch.float64) * 10
+    y = m(x)
+    torch.testing.assert_close(y, x / torch.sqrt(phi + 1e-5), **F64)
+    expected_phi = 0.9 * phi + 0.1 * x.pow(2).mean(dim=(0, 1))  # no mean subtracted
+    torch.testing.assert_close(m.running_phi, expected_phi, **F64)
+    m.eval()
+    torch.testing.assert_close(m(x), x / torch.sqrt(expected_phi + 1e-5), **F64)
+
+
+def test_powernorm_approximate_backward_formula():
+    """dL/dx = (g - nu z) / psi, nu <- nu + (1 - a_b) mean((g - nu z) z), on a hand-set state."""
+    m = nb.norms.create("powernorm", 2, layout="tokens", warmup_iters=0, alpha_bkw=0.8).double()
+    with torch.no_grad():
+        m.running_phi.copy_(torch.tensor([4.0, 0.25])), m.running_nu.copy_(torch.tensor([0.3, -0.2], dtype=torch.float64))
+        m.weight.copy_(torch.tensor([2.0, 0.5]))
+    x = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, 2, dtype=torch.float64)
+    (m(x) * w).sum().backward()
+    psi = torch.sqrt(torch.tensor([4.0, 0.25], dtype=torch.float64) + 1e-5)
+    z = x.detach() / psi
+    g = w * torch.tensor([2.0, 0.5], dtype=torch.float64)
+    g_approx = g - torch.tensor([0.3, -0.2], dtype=torch.float64) * z
+    torch.testing.assert_close(x.grad, g_approx / psi, **F64)
+    nu = torch.tensor([0.3, -0.2], dtype=torch.float64) + 0.2 * (g_approx * z).mean(dim=(0, 1))
+    torch.testing.assert_close(m.running_nu, nu, **F64)
+    torch.testing.assert_close(m.weight.grad, (w * z).sum(dim=(0, 1)), **F64)
+
+
+def _padded(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 7, 5, generator=g, dtype=torch.float64) * 2 + 0.5
+    mask = torch.arange(7)[None, :] < torch.tensor([7, 3, 5, 1])[:, None]
+    return x, mask
+
+
+@pytest.mark.parametrize("warmup", [0, 2, 10])
+@pytest.mark.parametrize("group_scaling", [None, 5])
+def test_powernorm_masked_equals_real_tokens_alone(warmup, group_scaling):
+    """Statistics, outputs, gradients and running state equal PowerNorm on the real tokens alone."""
+    x, mask = _padded()
+    a = nb.norms.create("powernorm", 5, layout="tokens", warmup_iters=warmup, group_scaling=group_scaling).double()
+    with torch.no_grad():
+        a.weight.uniform_(0.5, 1.5), a.bias.uniform_(-1, 1)
+    b = copy.deepcopy(a)
+    for step in range(4):
+        xs = x * (step + 1)
+        xa = xs.clone().requires_grad_(True)
+        xb = xs[mask][None].clone().requires_grad_(True)  # (1, M, C): the real tokens alone
+        ya, yb = a(xa, mask=mask), b(xb)
+        w = torch.randn_like(yb)
+        (ya[mask] * w[0]).sum().backward()
+        (yb * w).sum().backward()
+        torch.testing.assert_close(ya[mask], yb[0], **F64)
+        assert (ya[~mask] == 0).all() and (xa.grad[~mask] == 0).all()
+        torch.testing.assert_close(xa.grad[mask], xb.grad[0], **F64)
+        for k in ("running_phi", "running_nu", "iters"):
+            torch.testing.assert_close(getattr(a, k), getattr(b, k), **F64)
+        torch.testing.assert_close(a.weight.grad, b.weight.grad, **F64)
+        a.zero_grad(), b.zero_grad()
+    a.eval(), b.eval()
+    torch.testing.assert_close(a(x, mask=mask)[mask], b(x[mask][None])[0], **F64)
+
+
+def test_powernorm_pads_never_leak_and_all_pad_batch_changes_nothing():
+    x, mask = _padded()
+    a = nb.norms.create("powernorm", 5, layout="tokens", warmup_iters=1).double()
+    b = copy.deepcopy(a)
+    x2 = x.clone()
+    x2[~mask] = float("inf")
+    torch.testing.assert_close(a(x, mask=mask), b(x2, mask=mask), atol=0, rtol=0)
+    torch.testing.assert_close(a.running_phi, b.running_phi, atol=0, rtol=0)
+    before = copy.deepcopy(a.state_dict())
+    xe = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    y = a(xe, mask=torch.zeros(2, 3, dtype=torch.bool))
+    y.sum().backward()
+    assert (y == 0).all() and torch.isfinite(xe.grad).all()
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+
+
+def test_powernorm_image_layout_equals_tokens_layout():
+    x = torch.randn(4, 6, 3, 3, dtype=torch.float64)
+    img = nb.norms.create("powernorm", 6, layout="image", warmup_iters=1).double()
+    tok = nb.norms.create("powernorm", 6, layout="tokens", warmup_iters=1).double()
+    for _ in range(3):
+        xa = x.clone().requires_grad_(True)
+        xb = x.permute(0, 2, 3, 1).clone().requires_grad_(True)
+        ya, yb = img(xa), tok(xb)
+        ya.pow(3).sum().backward(), yb.pow(3).sum().backward()
+        torch.testing.assert_close(ya.permute(0, 2, 3, 1), yb, **F64)
+        torch.testing.assert_close(xa.grad.permute(0, 2, 3, 1), xb.grad, **F64)
+    torch.testing.assert_close(img.running_nu, tok.running_nu, **F64)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"alpha_fwd": 1.0}, r"alpha_fwd must be in \[0, 1\)"),
+    ({"alpha_bkw": -0.1}, r"alpha_bkw must be in \[0, 1\)"),
+    ({"warmup_iters": -1}, r"warmup_iters must be an integer >= 0"),
+    ({"group_scaling": 3}, r"group_scaling must be null or a number of groups >= 1 dividing num_features=8"),
+    ({"eps": 0.0}, r"eps must be > 0"),
+])
+def test_powernorm_rejects_bad_options(options, message):
+    with pytest.raises(nb.ConfigError, match=message):
+        nb.norms.create("powernorm", 8, layout="tokens", **options)
+
+
+# ================================================================ Batch Renormalization
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("layout", ["image", "tokens"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_renorm_with_unit_limits_equals_batchnorm(dtype, tol, layout, momentum):
+    ours = nb.norms.create("batch_renorm", 6, layout=layout, r_max=1.0, d_max=0.0, momentum=momentum,
+                           warmup_steps=0, r_max_steps=0, d_max_steps=0).to(dtype)
+    ref = (nn.BatchNorm2d if layout == "image" else nn.BatchNorm1d)(6, momentum=momentum).to(dtype)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5), ours.bias.uniform_(-1, 1)
+        ref.weight.copy_(ours.weight), ref.bias.copy_(ours.bias)
+    to_ref = (lambda t: t) if layout == "image" else (lambda t: t.transpose(1, 2))
+    for step in range(4):
+        shape = (8, 6, 5, 5) if layout == "image" else (4, 9, 6)
+        x = (torch.randn(shape, dtype=dtype) * (step + 1) + step)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ya, yb = ours(xa), to_ref(ref(to_ref(xb)))
+        w = torch.randn_like(ya)
+        (ya * w).sum().backward(), (yb * w).sum().backward()
+        torch.testing.assert_close(ya, yb, atol=tol, rtol=tol)
+        torch.testing.assert_close(xa.grad, xb.grad, atol=tol, rtol=tol)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=tol, rtol=tol)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, atol=tol, rtol=tol)
+        ours.zero_grad(), ref.zero_grad()
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, atol=tol, rtol=tol)
+    torch.testing.assert_close(ours.running_var, ref.running_var, atol=tol, rtol=tol)
+    assert ours.num_batches_tracked == ref.num_batches_tracked == 4
+    ours.eval(), ref.eval()
+    x = torch.randn(shape, dtype=dtype)
+    torch.testing.assert_close(ours(x), to_ref(ref(to_ref(x))), atol=tol, rtol=tol)
+
+
+def test_batch_renorm_r_d_clipping_by_hand():
+    """Running mu = 0, sigma = 1; three channels of two values each, r_max = 2, d_max = 0.5, eps = 0.
+
+    ch0: x = (0, 8):     mu_B = 4, sigma_B = 4   -> r = clip(4, 1/2, 2) = 2,   d = clip(4, -.5, .5) = .5
+    ch1: x = (-.1, .1):  mu_B = 0, sigma_B = .1  -> r = clip(.1) = 1/2,        d = 0
+    ch2: x = (-1, 1.4):  mu_B = .2, sigma_B = 1.2 -> r = 1.2 (inside),         d = .2 (inside)
+    y = (x - mu_B) / sigma_B * r + d
+    """
+    m = nb.norms.create("batch_renorm", 3, layout="tokens", eps=0.0, affine=False, r_max=2.0, d_max=0.5,
+                        warmup_steps=0, r_max_steps=0, d_max_steps=0).double()
+    x = torch.tensor([[[0.0, -0.1, -1.0], [8.0, 0.1, 1.4]]], dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    expected = torch.tensor([[[-1.5, -0.5, -1.0], [2.5, 0.5, 1.4]]], dtype=torch.float64)
+    torch.testing.assert_close(y, expected, **F64)
+    # no gradient through r and d: the gradient is BN's, scaled by the (constant) r
+    w = torch.tensor([[[1.0, 2.0, -1.0], [3.0, 0.5, 2.0]]], dtype=torch.float64)
+    (y * w).sum().backward()
+    xc = x.detach().clone().requires_grad_(True)
+    mean, std = xc.mean(dim=(0, 1)), xc.var(dim=(0, 1), unbiased=False).sqrt()
+    ((xc - mean) / std * torch.tensor([2.0, 0.5, 1.2], dtype=torch.float64) * w).sum().backward()
+    torch.testing.assert_close(x.grad, xc.grad, **F64)
+    torch.testing.assert_close(m.running_mean, 0.1 * torch.tensor([4.0, 0.0, 0.2], dtype=torch.float64), **F64)
+
+
+def test_batch_renorm_schedule_and_exact_resume():
+    kw = dict(layout="tokens", r_max=3.0, d_max=5.0, warmup_steps=2, r_max_steps=6, d_max_steps=4)
+    m = nb.norms.create("batch_renorm", 2, **kw)
+    seen = []
+    for _ in range(8):
+        r, d = m.limits()
+        seen.append((r.item(), d.item()))
+        m(torch.randn(4, 3, 2))
+    assert seen == [(1, 0), (1, 0), (1, 0), (1.5, 2.5), (2, 5), (2.5, 5), (3, 5), (3, 5)]
+    assert m.state_dict()["renorm_step"] == 8
+    m.eval()
+    m(torch.randn(4, 3, 2))
+    assert m.renorm_step == 8  # eval does not advance the schedule
+    # resume: 5 steps in one go == 3 steps, state_dict, a fresh module, 2 more steps
+    torch.manual_seed(1)
+    batches = [torch.randn(4, 3, 2) * 3 + 1 for _ in range(5)]
+    a = nb.norms.create("batch_renorm", 2, **kw)
+    outs = [a(b) for b in batches]
+    b = nb.norms.create("batch_renorm", 2, **kw)
+    for x in batches[:3]:
+        b(x)
+    c = nb.norms.create("batch_renorm", 2, **kw)
+    c.load_state_dict(b.state_dict())
+    for x, expected in zip(batches[3:], outs[3:]):
+        torch.testing.assert_close(c(x), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"r_max": 0.5}, r"r_max must be >= 1"),
+    ({"d_max": -1.0}, r"d_max must be >= 0"),
+    ({"warmup_steps": -1}, r"warmup_steps must be >= 0"),
+    ({"warmup_steps": 10, "r_max_steps": 5}, r"r_max_steps=5 must be >= warmup_steps=10"),
+])
+def test_batch_renorm_rejects_bad_options(options, message):
+    with pytest.raises(nb.ConfigError, match=message):
+        nb.norms.create("batch_renorm", 4, **options)
+
+
+def test_bad_norm_option_values_fail_at_config_time(tmp_path, capsys):
+    from normablate.cli import main
+
+    for norm, message in (("{name: batch_renorm, r_max: 0.5}", "r_max must be >= 1"),
+                          ("{name: dyt, alpha_init: 0}", "alpha_init must be a finite number > 0"),
+                          ("{name: powernorm, alpha_fwd: 1.5}", "alpha_fwd must be in [0, 1)")):
+        assert main(["train", f"trainer.log_dir={tmp_path}", f"model.norm={norm}"]) == 2
+        assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
