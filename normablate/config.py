@@ -81,6 +81,27 @@ class TrainerConfig:
     progress: bool = True  # show a progress bar
     track_batchstat_gap: bool = True  # BN family: also validate with batch statistics (train/eval gap)
     log_dir: str = "lightning_logs"  # runs go to <log_dir>/<experiment>/<run>/
+    # Data parallel (Lightning's names). data.batch_size is the GLOBAL batch of one optimizer step: each of the
+    # devices * num_nodes ranks gets its own contiguous slice, so a run means the same at any scale.
+    devices: int = 1  # processes per machine (CPU: gloo) or GPUs per machine (NCCL); > 1 runs DDP
+    num_nodes: int = 1  # machines; each runs `devices` ranks (launch with srun/torchrun, as Lightning expects)
+    strategy: str = "auto"  # "auto" (DDP when more than one rank), "ddp", "ddp_find_unused_parameters_true"
+    sync_batchnorm: bool = False  # synchronize every BN-family norm's batch statistics across ranks (norms/sync.py)
+    precise_bn: int = 0  # > 0: before each validation, also evaluate with running stats recomputed as the exact
+    #                      population statistics of this many training batches (PreciseBN; val/*_precise)
+
+
+@dataclass
+class ProbeConfig:
+    """Loss-landscape and ICS probes (Santurkar et al. 2018); see normablate/probes. Off by default."""
+
+    enabled: bool = False  # probe during training (the run's trajectory is unchanged; probed steps cost more)
+    every: int = 100  # probe at step 1 and every N steps after; 100 keeps the cost to a few % (README)
+    step_sizes: list = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])  # eta grid along -grad: the paper's range
+    relative_to_lr: bool = True  # step sizes are multiples of the current LR (False: absolute step sizes)
+    landscape: bool = True  # loss variation, gradient predictiveness, effective beta-smoothness
+    ics: bool = True  # internal covariate shift per layer (one extra forward/backward per layer)
+    layers: list | None = None  # ICS layers: module names with a weight (None: every Conv/Linear/Embedding)
 
 
 @dataclass
@@ -93,9 +114,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig,
+            "probes": ProbeConfig}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -311,6 +334,17 @@ def validate(cfg: RunConfig) -> None:
     _check(t.log_every >= 1, f"trainer.log_every={t.log_every} must be >= 1")
     _check(t.val_batches is None or t.val_batches >= 1, f"trainer.val_batches={t.val_batches} must be >= 1 or null")
     _check(t.divergence_factor > 1, f"trainer.divergence_factor={t.divergence_factor} must be > 1")
+    _check(t.devices >= 1, f"trainer.devices={t.devices} must be >= 1")
+    _check(t.num_nodes >= 1, f"trainer.num_nodes={t.num_nodes} must be >= 1")
+    strategies = ("auto", "ddp", "ddp_find_unused_parameters_true")
+    _check(t.strategy in strategies, f"trainer.strategy={t.strategy!r} is not allowed; valid: {', '.join(strategies)} "
+                                     f"(spawn-based and sharded strategies would lose the run record)")
+    world = t.devices * t.num_nodes
+    _check(dc.batch_size % world == 0,
+           f"data.batch_size={dc.batch_size} (the global batch) must be divisible by trainer.devices x "
+           f"trainer.num_nodes = {world}, so every rank gets an equal slice")
+    _check(dc.val_batch_size >= world, f"data.val_batch_size={dc.val_batch_size} must be >= the {world} ranks")
+    _check(t.precise_bn >= 0, f"trainer.precise_bn={t.precise_bn} must be >= 0 (0: off)")
     _check(t.accelerator in ("cpu", "gpu", "cuda", "mps", "auto"),
            f"trainer.accelerator={t.accelerator!r} is not allowed; valid: cpu, gpu, cuda, mps, auto")
     metrics = ("val/acc", "val/loss") if cfg.task == "classification" else ("val/ppl", "val/loss")
@@ -318,6 +352,13 @@ def validate(cfg: RunConfig) -> None:
            "trainer.target_metric and trainer.target_value must be given together")
     _check(t.target_metric is None or t.target_metric in metrics,
            f"trainer.target_metric={t.target_metric!r} is not allowed for task {cfg.task!r}; valid: {', '.join(metrics)}")
+    pr = cfg.probes
+    _check(pr.every >= 1, f"probes.every={pr.every} must be >= 1")
+    _check(bool(pr.step_sizes) and all(isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0
+                                       for e in pr.step_sizes),
+           f"probes.step_sizes={pr.step_sizes!r} must be a non-empty list of numbers > 0")
+    _check(pr.layers is None or (bool(pr.layers) and all(isinstance(n, str) for n in pr.layers)),
+           f"probes.layers={pr.layers!r} must be null or a non-empty list of module names")
     _check(cfg.run is None or ("/" not in cfg.run and cfg.run not in ("", ".", "..")),
            f"run={cfg.run!r} must be a plain folder name")
 

@@ -23,6 +23,7 @@ class RunResult:
     throughput: float = 0.0  # training samples (vision) or tokens (LM) per second
     history: dict[str, list[list[float]]] = field(default_factory=dict)  # metric -> [[step, value], ...]
     config: dict[str, Any] = field(default_factory=dict)  # the resolved config (to_dict form)
+    probes: dict[str, float] = field(default_factory=dict)  # probes on: mean of each "probe/..." series over the run
 
     @property
     def diverged(self) -> bool:

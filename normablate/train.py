@@ -28,6 +28,7 @@ from . import __version__, models
 from .callbacks import RunInterrupted, RunMonitor, StopRequest
 from .config import RunConfig, from_dict, to_dict, to_yaml
 from .errors import ConfigError
+from .probes.callback import summarize as summarize_probes
 from .result import RunResult
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,12 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
         monitor = RunMonitor(run_dir, t.max_steps, t.val_every, float(datamodule.samples_per_step),
                              t.divergence_factor,
                              t.target_metric, t.target_value, stop)
-        cbs = [monitor, *(callbacks or [])]
+        probe = None
+        if cfg.probes.enabled:  # after the monitor, so its step timing (throughput) leaves the probes out
+            from .probes import ProbeCallback
+
+            probe = ProbeCallback(model, cfg.probes)
+        cbs = [monitor, *([probe] if probe else []), *(callbacks or [])]
         if t.progress:
             cbs.append(StepProgressBar(t.max_steps))
         trainer = L.Trainer(
@@ -218,7 +224,7 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
         if monitor.diverged_step is not None:
             status = "diverged"
 
-    hist = monitor.history
+    hist = {**monitor.history, **(probe.history if probe else {})}  # probe series: "probe/..." keys
     final = {k: v[-1][1] for k, v in hist.items() if k.startswith("val/")}
     best = {}  # best over validations: max accuracy, min loss / perplexity
     for k, v in hist.items():
@@ -232,7 +238,7 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
         train_loss_auc=monitor.loss_sum / monitor.loss_count if monitor.loss_count else None,
         wall_time=monitor.elapsed if monitor.elapsed else time.perf_counter() - t0,
         throughput=monitor.samples / monitor.train_time if monitor.train_time else 0.0,
-        history=hist, config=to_dict(cfg),
+        history=hist, config=to_dict(cfg), probes=summarize_probes(hist) if probe else {},
     )
     if status != "interrupted":
         logger.log_metrics({
