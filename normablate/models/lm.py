@@ -9,28 +9,39 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import norms
 from . import register
 from ._common import check_choice
+from ._transformer import PLACEMENTS, HeadNorm
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
+    """Causal multi-head attention; ``qk_norm_layer`` (optional) normalizes q and k per head over head_dim."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool,
+                 qk_norm_layer: Callable | None = None) -> None:
         super().__init__()
         if n_embd % n_head:
             raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
         self.n_head, self.dropout = n_head, dropout
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.q_norm = HeadNorm(qk_norm_layer(n_embd // n_head)) if qk_norm_layer is not None else None
+        self.k_norm = HeadNorm(qk_norm_layer(n_embd // n_head)) if qk_norm_layer is not None else None
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, h, T, d)
+        if self.q_norm is not None:  # the padding mask reaches the QK norms too
+            q, k = self.q_norm(q, mask=mask), self.k_norm(k, mask=mask)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -48,39 +59,45 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """pre-norm: x + attn(n1(x)), x + mlp(n2(x));  post-norm (original Transformer): n1(x + attn(x)), ..."""
+    """pre: x + attn(n1(x)), x + mlp(n2(x));  post (original Transformer): n1(x + attn(x)), n2(x + mlp(x));
+    peri (Peri-LN): x + n1_out(attn(n1(x))), x + n2_out(mlp(n2(x)))."""
 
     def __init__(self, n_embd: int, n_head: int, norm_layer: Callable, dropout: float, bias: bool,
-                 pre_norm: bool) -> None:
+                 placement: str, qk_norm_layer: Callable | None = None) -> None:
         super().__init__()
-        self.pre_norm = pre_norm
+        self.placement = placement
         self.n1 = norm_layer(n_embd)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, qk_norm_layer)
         self.n2 = norm_layer(n_embd)
         self.mlp = MLP(n_embd, dropout, bias)
         self.drop = nn.Dropout(dropout)
+        if placement == "peri":
+            self.n1_out, self.n2_out = norm_layer(n_embd), norm_layer(n_embd)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        if self.pre_norm:
-            x = x + self.drop(self.attn(self.n1(x, mask=mask), attn_mask))
+        if self.placement == "pre":
+            x = x + self.drop(self.attn(self.n1(x, mask=mask), attn_mask, mask))
             return x + self.mlp(self.n2(x, mask=mask))
-        x = self.n1(x + self.drop(self.attn(x, attn_mask)), mask=mask)
+        if self.placement == "peri":
+            x = x + self.drop(self.n1_out(self.attn(self.n1(x, mask=mask), attn_mask, mask), mask=mask))
+            return x + self.n2_out(self.mlp(self.n2(x, mask=mask)), mask=mask)
+        x = self.n1(x + self.drop(self.attn(x, attn_mask, mask)), mask=mask)
         return self.n2(x + self.mlp(x), mask=mask)
 
 
 class TransformerLM(nn.Module):
     def __init__(self, norm_layer: Callable, vocab_size: int = 256, block_size: int = 256, n_layer: int = 4,
                  n_head: int = 4, n_embd: int = 128, dropout: float = 0.0, bias: bool = True,
-                 norm_placement: str = "pre") -> None:
+                 norm_placement: str = "pre", qk_norm_layer: Callable | None = None) -> None:
         super().__init__()
-        check_choice("norm_placement", norm_placement, ("pre", "post"))
+        check_choice("norm_placement", norm_placement, PLACEMENTS)
         self.block_size = block_size
         self.tok = nn.Embedding(vocab_size, n_embd)
         self.pos = nn.Embedding(block_size, n_embd)
         self.drop = nn.Dropout(dropout)
-        pre = norm_placement == "pre"
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, norm_layer, dropout, bias, pre) for _ in range(n_layer))
-        self.norm_f = norm_layer(n_embd) if pre else None  # post-norm already ends on a norm
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, norm_layer, dropout, bias, norm_placement, qk_norm_layer)
+                                    for _ in range(n_layer))
+        self.norm_f = norm_layer(n_embd) if norm_placement != "post" else None  # post-norm already ends on a norm
         self.head = nn.Linear(n_embd, vocab_size, bias=False)
         self.head.weight = self.tok.weight  # tied embeddings
         self.apply(self._init)
@@ -119,6 +136,10 @@ class TransformerLM(nn.Module):
 @register("transformer_lm", layout="tokens")
 def transformer_lm(norm_layer, vocab_size: int = 256, block_size: int = 256, n_layer: int = 4, n_head: int = 4,
                    n_embd: int = 128, dropout: float = 0.0, bias: bool = True,
-                   norm_placement: str = "pre") -> nn.Module:
+                   norm_placement: str = "pre", qk_norm: Any = None) -> nn.Module:
+    """``norm_placement``: pre | post | peri (models/_transformer.py). ``qk_norm``: null (none) or a norm spec
+    (name or ``{name: ..., **options}``, any registered norm) applied to queries and keys per head over
+    head_dim before the dot product; it receives the padding mask like every other norm."""
+    qk_norm_layer = None if qk_norm in (None, False, "") else norms.resolve(qk_norm, "tokens")
     return TransformerLM(norm_layer, vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias,
-                         norm_placement)
+                         norm_placement, qk_norm_layer)

@@ -1,6 +1,8 @@
 """Vision Transformer for 32x32 inputs: timm's ``VisionTransformer`` with our norm in every norm site
 (each block's norm1/norm2 and the final norm) and an optional norm between the two FFN linear layers
-(BN-in-FFN, Yao et al. 2021).
+(BN-in-FFN, Yao et al. 2021). ``norm_placement`` (pre | post | peri, models/_transformer.py) and ``qk_norm``
+(any norm spec, per head over head_dim) come from our ``Block``, a subclass of timm's ``Block``: with the
+defaults (pre, no QK norm) it is timm's block, same modules, same names, same computation.
 
 timm pitfalls handled here: ``VisionTransformer`` replaces a falsy ``norm_layer`` by LayerNorm (we always pass
 a callable, ``none`` included), and ``Block`` passes ``norm_layer=None`` to its MLP, overriding any
@@ -12,12 +14,14 @@ from functools import partial
 from typing import Any
 
 import torch
+from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .. import norms
 from . import register
 from ._common import check_choice
+from ._transformer import PLACEMENTS, HeadNorm
 
 FFN_NORM_POSITIONS = ("before_act", "after_act")
 
@@ -46,18 +50,47 @@ class FFN(nn.Module):
         return self.drop(self.fc2(self.drop(x)))
 
 
+class Block(TimmBlock):
+    """timm's pre-norm block, plus post (``norm1(x + attn(x))``) and peri (``x + norm1_out(attn(norm1(x)))``)
+    placements and an optional QK norm (our norm, wrapped per head, in place of timm's q_norm/k_norm)."""
+
+    def __init__(self, *, placement: str = "pre", qk_norm_layer=None, **timm_kwargs: Any) -> None:
+        super().__init__(**timm_kwargs)
+        self.placement = placement
+        if placement == "peri":
+            dim, norm_layer = timm_kwargs["dim"], timm_kwargs["norm_layer"]
+            self.norm1_out, self.norm2_out = norm_layer(dim), norm_layer(dim)
+        if qk_norm_layer is not None:
+            self.attn.q_norm = HeadNorm(qk_norm_layer(self.attn.head_dim))  # q, k: (B, h, N, head_dim)
+            self.attn.k_norm = HeadNorm(qk_norm_layer(self.attn.head_dim))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if self.placement == "pre":
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if self.placement == "peri":
+            a = self.norm1_out(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
+            x = x + self.drop_path1(self.ls1(a))
+            return x + self.drop_path2(self.ls2(self.norm2_out(self.mlp(self.norm2(x)))))
+        x = self.norm1(x + self.drop_path1(self.ls1(self.attn(x, attn_mask=attn_mask, is_causal=is_causal))))
+        return self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
+
+
 @register("vit", layout="tokens")
 def vit(norm_layer, num_classes: int = 10, img_size: int = 32, patch_size: int = 4, in_chans: int = 3,
         embed_dim: int = 192, depth: int = 6, num_heads: int = 3, mlp_ratio: float = 2.0,
         ffn_norm: Any = None, ffn_norm_position: str = "before_act", drop_path_rate: float = 0.0,
-        global_pool: str = "token") -> nn.Module:
+        global_pool: str = "token", norm_placement: str = "pre", qk_norm: Any = None) -> nn.Module:
     """A tiny ViT (default 6 blocks of width 192, 64 patches of 4x4 + a class token).
 
     ``ffn_norm``: ``None`` (no FFN norm), ``True`` (the same norm as everywhere else), or a norm spec (name or
-    ``{"name": ..., **options}``) for the norm inserted between fc1 and fc2.
+    ``{"name": ..., **options}``) for the norm inserted between fc1 and fc2. ``norm_placement``: pre | post |
+    peri; post has no final norm (the last block ends on one). ``qk_norm``: null or a norm spec, applied to
+    queries and keys per head over head_dim before the dot product.
     """
     check_choice("ffn_norm_position", ffn_norm_position, FFN_NORM_POSITIONS)
     check_choice("global_pool", global_pool, ("token", "avg"))
+    check_choice("norm_placement", norm_placement, PLACEMENTS)
+    qk_norm_layer = None if qk_norm in (None, False, "") else norms.resolve(qk_norm, "tokens")
     if ffn_norm is True:
         ffn_norm_layer = norm_layer
     elif ffn_norm in (None, False, ""):
@@ -69,5 +102,7 @@ def vit(norm_layer, num_classes: int = 10, img_size: int = 32, patch_size: int =
         embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
         global_pool=global_pool, class_token=True, drop_path_rate=drop_path_rate,
         norm_layer=norm_layer, mlp_layer=partial(FFN, ffn_norm_layer=ffn_norm_layer, position=ffn_norm_position),
+        block_fn=partial(Block, placement=norm_placement, qk_norm_layer=qk_norm_layer),
+        final_norm=norm_placement != "post",
     )
     return model
