@@ -126,8 +126,8 @@ def test_resnet18_is_timm_with_injected_norm():
 
 
 # ---------------------------------------------------------------- language model and padding
-@pytest.mark.parametrize("norm", ["masked_bn", "ln", "rms", "none", "gn"])
-@pytest.mark.parametrize("placement", ["pre", "post"])
+@pytest.mark.parametrize("norm", ["masked_bn", "ln", "rms", "none", "gn", "dyt", "powernorm"])
+@pytest.mark.parametrize("placement", ["pre", "post", "peri"])
 def test_lm_real_token_logits_do_not_depend_on_padding(norm, placement):
     torch.manual_seed(0)
     model = nb.models.create("transformer_lm", norm=norm, norm_placement=placement, **TINY["transformer_lm"])

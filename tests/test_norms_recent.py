@@ -351,3 +351,182 @@ def test_bad_norm_option_values_fail_at_config_time(tmp_path, capsys):
         assert main(["train", f"trainer.log_dir={tmp_path}", f"model.norm={norm}"]) == 2
         assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+# ================================================================ placement and QK norm in the Transformers
+LM = {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16}
+VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def _lm_padding_pair():
+    lengths = torch.tensor([9, 4, 12, 6])
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 256, (4, 12), generator=g)
+    mask12 = torch.arange(12)[None] < lengths[:, None]
+    idx12 = tokens.masked_fill(~mask12, 0)
+    idx16 = torch.cat([tokens.masked_fill(~mask12, 7), torch.full((4, 4), 99)], dim=1)
+    mask16 = torch.cat([mask12, torch.zeros(4, 4, dtype=torch.bool)], dim=1)
+    return idx12, mask12, idx16, mask16
+
+
+@pytest.mark.parametrize("placement", ["pre", "post", "peri"])
+@pytest.mark.parametrize("norm,qk_norm", [
+    ("ln", "masked_bn"), ("ln", {"name": "powernorm", "warmup_iters": 0}), ("rms", "rms"), ("dyt", "dyt"),
+    ({"name": "powernorm", "warmup_iters": 0}, None), ({"name": "powernorm", "warmup_iters": 5}, "ln"),
+    ("masked_bn", "masked_bn"),
+])
+def test_lm_logits_do_not_depend_on_padding_with_qk_norm(placement, norm, qk_norm):
+    """Mask-aware norms everywhere (QK norms included): real-token logits and gradients, in train and eval
+    mode, are the same whether a sequence is padded to 12 or to 16 with other pad ids. Each call starts from
+    the same state (PowerNorm after warm-up normalizes by the running statistic, which a call updates)."""
+    torch.manual_seed(0)
+    model = nb.models.create("transformer_lm", norm=norm, qk_norm=qk_norm, norm_placement=placement, **LM).double()
+    idx12, mask12, idx16, mask16 = _lm_padding_pair()
+    for mode in ("train", "eval"):
+        a_model, b_model = copy.deepcopy(model), copy.deepcopy(model)
+        getattr(a_model, mode)(), getattr(b_model, mode)()
+        a = a_model(idx12, mask=mask12)
+        b = b_model(idx16, mask=mask16)[:, :12]
+        torch.testing.assert_close(a[mask12], b[mask12], atol=1e-10, rtol=1e-10)
+        assert torch.isfinite(b).all()
+        a[mask12].pow(2).sum().backward(), b[mask12].pow(2).sum().backward()
+        for (name, pa), (_, pb) in zip(a_model.named_parameters(), b_model.named_parameters()):
+            if name != "pos.weight":  # positions 12..15 exist only in the padded call
+                torch.testing.assert_close(pa.grad, pb.grad, atol=1e-9, rtol=1e-7, msg=name)
+        for (name, ba), (_, bb) in zip(a_model.named_buffers(), b_model.named_buffers()):
+            torch.testing.assert_close(ba, bb, atol=1e-10, rtol=1e-10, msg=name)
+
+
+def test_lm_mask_reaches_qk_norms():
+    seen = []
+
+    @nb.norms.register("spy_norm")
+    class Spy(nn.Module):
+        def __init__(self, num_features, layout="image"):
+            super().__init__()
+            self.c = num_features
+
+        def forward(self, x, mask=None):
+            seen.append((self.c, tuple(x.shape), None if mask is None else mask.clone()))
+            return x
+
+    try:
+        model = nb.models.create("transformer_lm", norm="ln", qk_norm="spy_norm", **LM)
+        mask = torch.tensor([[True] * 5 + [False] * 3, [True] * 8])
+        model(torch.randint(0, 256, (2, 8)), mask=mask)
+    finally:
+        nb.norms.REGISTRY.unregister("spy_norm")
+    assert len(seen) == 2 * LM["n_layer"]  # q and k of each block
+    for c, shape, m in seen:
+        assert c == 16 and shape == (2, 2 * 8, 16)  # (B, heads * T, head_dim)
+        assert torch.equal(m, mask.repeat(1, 2))  # each head's tokens carry the mask
+
+
+def test_qk_norm_normalizes_each_head_over_head_dim():
+    for backbone, kw, x in (("transformer_lm", LM, torch.randint(0, 256, (2, 8))),
+                            ("vit", VIT, torch.randn(2, 3, 32, 32))):
+        model = nb.models.create(backbone, norm="ln", qk_norm={"name": "ln", "affine": False}, **kw)
+        out = {}
+        attn = model.blocks[0].attn
+        attn.q_norm.register_forward_hook(lambda m, i, o: out.update(q=(i[0], o)))  # returns None
+        model(x)
+        q_in, q = out["q"]
+        assert q.shape == q_in.shape and q.shape[1:2] == (2,) and q.shape[-1] == 16  # (B, h, T, head_dim)
+        expected = (q_in - q_in.mean(-1, keepdim=True)) / torch.sqrt(q_in.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        torch.testing.assert_close(q, expected, atol=1e-5, rtol=1e-5)  # each (head, token) vector on its own
+
+
+@pytest.mark.parametrize("backbone", ["transformer_lm", "vit"])
+def test_norm_sites_per_placement_and_qk_norm(backbone):
+    kw, depth = (LM, LM["n_layer"]) if backbone == "transformer_lm" else (VIT, VIT["depth"])
+    expected = {"pre": 2 * depth + 1, "post": 2 * depth, "peri": 4 * depth + 1}
+    for placement, sites in expected.items():
+        for qk_norm, extra in ((None, 0), ("rms", 2 * depth), ("none", 0)):
+            model = nb.models.create(backbone, norm="dyt", norm_placement=placement, qk_norm=qk_norm, **kw)
+            found = [m for m in model.modules() if nb.norms.is_norm(m)]
+            assert len(found) == sites + extra, (placement, qk_norm)
+            assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())  # no silent LN fallback
+
+
+def test_lm_peri_and_post_blocks_compute_their_formula():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 32)
+    for placement in ("peri", "post"):
+        model = nb.models.create("transformer_lm", norm="ln", norm_placement=placement, **LM)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)  # non-trivial gains and biases
+        blk = model.blocks[0]
+        attn = lambda t: blk.attn(t, None)  # noqa: E731
+        if placement == "peri":
+            h = x + blk.n1_out(attn(blk.n1(x)))
+            expected = h + blk.n2_out(blk.mlp(blk.n2(h)))
+            assert model.norm_f is not None
+        else:
+            h = blk.n1(x + attn(x))
+            expected = blk.n2(h + blk.mlp(h))
+            assert model.norm_f is None
+        torch.testing.assert_close(blk(x, None, None), expected)
+
+
+def test_vit_placements_compute_their_formula_and_pre_is_timms_block():
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 65, 32)
+    for placement in ("peri", "post"):
+        model = nb.models.create("vit", norm="ln", norm_placement=placement, **VIT)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        blk = model.blocks[0]
+        if placement == "peri":
+            h = x + blk.norm1_out(blk.attn(blk.norm1(x)))
+            expected = h + blk.norm2_out(blk.mlp(blk.norm2(h)))
+            assert nb.norms.is_norm(model.norm)
+        else:
+            h = blk.norm1(x + blk.attn(x))
+            expected = blk.norm2(h + blk.mlp(h))
+            assert not nb.norms.is_norm(model.norm)  # post ends on a norm: no final norm
+        torch.testing.assert_close(blk(x), expected)
+    # the default (pre, no QK norm) is timm's model: same parameter names, same outputs
+    torch.manual_seed(0)
+    ours = nb.models.create("vit", norm="ln", **VIT)
+    timm_model = VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=32, depth=2, num_heads=2,
+                                   mlp_ratio=2.0, class_token=True, global_pool="token",
+                                   norm_layer=nb.norms.resolve("ln", "tokens"))
+    assert list(ours.state_dict()) == list(timm_model.state_dict())
+    timm_model.load_state_dict(ours.state_dict())
+    xi = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours(xi), timm_model(xi), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["transformer_lm", "vit"])
+def test_bad_placement_and_qk_norm_are_config_errors(backbone):
+    kw = LM if backbone == "transformer_lm" else VIT
+    with pytest.raises(nb.ConfigError, match=r"norm_placement='sandwich' is not allowed; valid: pre, post, peri"):
+        nb.models.create(backbone, norm_placement="sandwich", **kw)
+    with pytest.raises(nb.ConfigError, match=r"unknown norm 'layernorm'"):
+        nb.models.create(backbone, qk_norm="layernorm", **kw)
+    with pytest.raises(nb.ConfigError, match=r"norm 'rms' got unknown option\(s\) momentum"):
+        nb.models.create(backbone, qk_norm={"name": "rms", "momentum": 0.1}, **kw)
+
+
+def test_dyt_claim_is_one_config_change(tmp_path, shared_data):
+    """The DyT headline (norm-free Transformers match LN) from the shipped LM and ViT configs: model.norm=dyt
+    (for the ViT also without the config's BN-in-FFN) builds and trains 2 steps with DyT in every norm site."""
+    from normablate.config import load_config
+    from normablate.train import train
+
+    root = Path(__file__).resolve().parents[1]
+    for name, source, extra in (("lm_shakespeare", str(shared_data / "tinyshakespeare" / "input.txt"), []),
+                                ("vit_cifar10", str(shared_data / "cifar10"), ["model.ffn_norm=null"])):
+        over = ["model.norm=dyt", *extra, f"data.source={source}", f"trainer.log_dir={tmp_path}",
+                "trainer.max_steps=2", "trainer.val_every=2", "trainer.val_batches=1", "data.train_limit=256",
+                "data.val_limit=64", "data.val_batch_size=32", "data.batch_size=8", "trainer.progress=false",
+                "trainer.accelerator=cpu"]
+        cfg = load_config(root / "configs" / "runs" / f"{name}.yaml", over)
+        assert cfg.model.norm == "dyt"
+        result = train(cfg)
+        assert result.status == "completed" and result.steps == 2, name
+        assert math.isfinite(result.final["val/loss"])
