@@ -284,7 +284,7 @@ def test_available_lists_required_norms():
 
 
 def test_unknown_norm_lists_valid():
-    with pytest.raises(nb.ConfigError, match=r"unknown norm 'layernorm'.*valid: bn, gn, ln"):
+    with pytest.raises(nb.ConfigError, match=r"unknown norm 'layernorm'.*valid: batch_renorm, bn, dyt, gn, ln"):
         nb.norms.create("layernorm", 4)
     with pytest.raises(nb.ConfigError, match=r"did you mean 'rms'"):
         nb.norms.create("rmss", 4)

@@ -231,7 +231,7 @@ def test_every_shipped_run_config_runs(tmp_path, shared_data):
     (["optim.lr=fast"], r"optim.lr='fast' has the wrong type; expected float"),
     (["optim.lr=-1"], r"optim.lr=-1.0 must be > 0"),
     (["optim.name=adam"], r"optim.name='adam' is not allowed; valid: sgd, adamw \(did you mean 'adamw'\?\)"),
-    (["model.norm=batchnorm"], r"unknown norm 'batchnorm'; valid: bn, gn, ln"),
+    (["model.norm=batchnorm"], r"unknown norm 'batchnorm'; valid: batch_renorm, bn, dyt, gn, ln"),
     (["model.backbone=resnet21"], r"unknown backbone 'resnet21'.*did you mean 'resnet20'"),
     (["model.widht=2"], r"backbone 'resnet20' has no option 'widht'.*did you mean 'width'"),
     (["model.norm={name: ln, momentum: 0.1}"], r"norm 'ln' got unknown option\(s\) momentum"),
