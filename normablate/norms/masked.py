@@ -6,8 +6,19 @@ its gradients and the running stats equal ``nn.BatchNorm1d`` applied to ``x[mask
 zero and receive zero gradient. Eval uses the running statistics (unlike PowerNorm's reference code, whose
 masked BN ignores them). A batch without any real token changes nothing and yields no NaN.
 
-Written by hand because neither PyTorch nor timm has a masked BatchNorm; ``F.batch_norm`` on ``x[mask]`` would
-do it, but boolean indexing syncs with the device and reallocates, so we use masked sums instead.
+Written by hand because neither PyTorch nor timm has a masked BatchNorm. ``F.batch_norm`` on ``x[mask]`` would
+do it, but boolean indexing syncs with the device and gathers and scatters every activation; composing the
+masked statistics from autograd ops costs ~10 passes over the activations in the backward. So the training
+forward is one ``autograd.Function`` (``_MaskedBatchNormFn``) with the textbook BN backward restricted to real
+tokens (Ioffe & Szegedy 2015, Sec. 3), about as many passes over memory as PyTorch's own BN kernel:
+
+    forward   xc = where(mask, x, 0) - mask * mean;  var = sum(xc^2) / n;  y = xc * (w * rstd) + mask * b
+    backward  dy_k = where(mask, dy, 0);  db = sum dy_k;  dw = rstd * sum(dy_k * xc)
+              dx = w * rstd * (dy_k - mask * db / n - xc * rstd^2 * sum(dy_k * xc) / n)
+
+No host synchronisation: the real-token count stays a tensor; "exactly one real token" is checked with
+``torch._assert_async`` and "no real token -> no running-stat update" is a zero interpolation weight. The
+per-channel batch statistics are computed in one method, ``masked_moments``, for a synchronized variant.
 """
 from __future__ import annotations
 
@@ -15,6 +26,68 @@ import torch
 
 from . import register
 from .batch import BatchNorm
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32  # fp16/bf16 -> fp32 stats
+
+
+def masked_moments(x: torch.Tensor, keep: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Centred real tokens and their statistics, without autograd.
+
+    x: (M, C) in the statistics dtype; keep: (M, 1) bool. Returns ``xc`` (M, C) = x - mean at real tokens and
+    exactly 0 at pads (also where a pad holds inf/NaN: ``where``, not a product), ``mean`` and ``var`` (C,) the
+    mean and biased variance over real tokens, ``n`` (0-dim) the number of real tokens. Two passes (mean, then centred squares)
+    so that no ``E[x^2] - E[x]^2`` cancellation enters.
+    """
+    keep_f = keep.to(x.dtype)
+    n = keep_f.sum()
+    denom = n.clamp(min=1)
+    xc = torch.where(keep, x, 0.0)  # (M, C)
+    mean = xc.sum(0).div_(denom)  # (C,)
+    xc.addcmul_(keep_f, mean, value=-1.0)  # pads stay exactly 0
+    var = torch.mul(xc, xc).sum(0).div_(denom)
+    return xc, mean, var, n
+
+
+class _MaskedBatchNormFn(torch.autograd.Function):
+    """Batch-statistics masked BN of (M, C) tokens; returns (y, mean, var, n), only y differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, keep, weight, bias, eps):  # noqa: ANN001
+        acc = _acc_dtype(x)
+        xc, mean, var, n = masked_moments(x.to(acc), keep)
+        rstd = torch.rsqrt(var + eps)  # (C,)
+        scale = rstd if weight is None else rstd * weight.to(acc)
+        y = xc * scale
+        keep_f = keep.to(acc)
+        if bias is not None:
+            y.addcmul_(keep_f, bias.to(acc))  # + b at real tokens; pads stay 0
+        ctx.save_for_backward(xc, keep, keep_f, rstd, scale, n)
+        ctx.has_weight, ctx.has_bias, ctx.x_dtype = weight is not None, bias is not None, x.dtype
+        ctx.mark_non_differentiable(mean, var, n)
+        return y.to(x.dtype), mean, var, n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, *_):  # noqa: ANN001
+        xc, keep, keep_f, rstd, scale, n = ctx.saved_tensors
+        denom = n.clamp(min=1)
+        dyk = torch.where(keep, dy.to(xc.dtype), 0.0)  # (M, C): a pad's gradient never enters the sums
+        sum_dy = dyk.sum(0)  # (C,)
+        sum_dy_xc = torch.mul(dyk, xc).sum(0)  # (C,)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = dyk.mul_(scale)  # reuse the buffer: w * rstd * dy at real tokens, 0 at pads
+            dx.addcmul_(keep_f, scale * sum_dy / denom, value=-1.0)
+            dx.addcmul_(xc, scale * rstd * rstd * sum_dy_xc / denom, value=-1.0)
+            dx = dx.to(ctx.x_dtype)
+        if ctx.has_weight and ctx.needs_input_grad[2]:
+            dw = sum_dy_xc * rstd
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            db = sum_dy
+        return dx, None, dw, db, None
 
 
 @register("masked_bn")
@@ -26,35 +99,43 @@ class MaskedBatchNorm(BatchNorm):
             return super().forward(x)
         if mask.shape != x.shape[:2]:
             raise ValueError(f"masked_bn: mask shape {tuple(mask.shape)} does not match tokens {tuple(x.shape[:2])}")
-        keep = mask.bool().unsqueeze(-1)  # (N, T, 1)
-        # where(), not multiplication: 0 * inf = NaN, so a non-finite value at a pad would leak into the stats.
-        acc = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32  # fp16/bf16 -> fp32 stats
-        xf = torch.where(keep, x.to(acc), 0.0)  # (as PyTorch's BN computes statistics under autocast)
-        n = keep.sum().to(xf.dtype)
-        use_batch_stats = self.training or not self.track_running_stats
-        if use_batch_stats:
-            if self.training and n.item() == 1:
-                raise ValueError(
-                    "masked_bn in training mode needs more than one real token per channel to compute batch "
-                    "statistics; the batch holds exactly one real token."
-                )
-            denom = n.clamp(min=1)
-            mean = xf.sum(dim=(0, 1)) / denom  # (C,)
-            xc = torch.where(keep, xf - mean, 0.0)
-            var = (xc * xc).sum(dim=(0, 1)) / denom  # biased, used to normalize (as PyTorch)
-            if self.training and self.track_running_stats and n.item() > 0:
-                self._update_running(mean.detach(), var.detach(), n.detach())
-        else:
-            mean, var = self.running_mean, self.running_var
-        y = (xf - mean) * torch.rsqrt(var + self.eps)
-        if self.affine:
-            y = y * self.weight + self.bias
-        return torch.where(keep, y, 0.0).to(x.dtype)  # padded positions -> 0
+        shape = x.shape
+        keep = mask.bool().reshape(-1, 1)  # (N*T, 1)
+        x2 = x.reshape(-1, shape[-1])  # (N*T, C)
+        if self.training or not self.track_running_stats:
+            y = self.masked_batch_norm(x2, keep)
+        else:  # running statistics: one affine map per channel, pads -> 0
+            acc = _acc_dtype(x)
+            scale = torch.rsqrt(self.running_var.to(acc) + self.eps)
+            shift = -self.running_mean.to(acc) * scale
+            if self.affine:
+                scale, shift = scale * self.weight, shift * self.weight + self.bias
+            y = torch.where(keep, torch.addcmul(shift, x2.to(acc), scale), 0.0).to(x.dtype)
+        return y.view(shape)
+
+    def masked_batch_norm(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Batch-statistics forward of (M, C) tokens with keep (M, 1); updates the running statistics in
+        training. The one place the statistics are computed, for a synchronized variant to replace."""
+        if self.training:
+            n = keep.sum()
+            torch._assert_async(n != 1, "masked_bn in training mode needs more than one real token per channel "
+                                        "to compute batch statistics; the batch holds exactly one real token.")
+        y, mean, var, n = _MaskedBatchNormFn.apply(x, keep, self.weight, self.bias, self.eps)
+        if self.training and self.track_running_stats:
+            self._update_running(mean, var, n)
+        return y
 
     @torch.no_grad()
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
-        self.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        unbiased = var * n / (n - 1) if n > 1 else var
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        """PyTorch's update with the real tokens' batch, without a host sync: an empty batch (n = 0) gets weight 0
+        (changes nothing, counts no batch)."""
+        seen = (n > 0).to(self.num_batches_tracked.dtype)
+        self.num_batches_tracked.add_(seen)
+        if self.momentum is None:  # cumulative average: weight 1 / batches seen
+            momentum = 1.0 / self.num_batches_tracked.clamp(min=1).to(mean.dtype)
+        else:
+            momentum = torch.full((), self.momentum, dtype=mean.dtype, device=mean.device)
+        momentum = torch.where(n > 0, momentum, 0.0)
+        unbiased = var * torch.where(n > 1, n / (n - 1).clamp(min=1), 1.0)
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum.to(self.running_mean.dtype))
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum.to(self.running_var.dtype))
