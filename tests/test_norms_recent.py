@@ -530,3 +530,18 @@ def test_dyt_claim_is_one_config_change(tmp_path, shared_data):
         result = train(cfg)
         assert result.status == "completed" and result.steps == 2, name
         assert math.isfinite(result.final["val/loss"])
+
+
+@pytest.mark.parametrize("norm,cls", [("dyt", "dyt.DynamicTanh"), ("powernorm", "powernorm.PowerNorm"),
+                                      ("batch_renorm", "renorm.BatchRenorm")])
+def test_new_norms_fill_every_norm_site_of_every_backbone(norm, cls):
+    from test_models import EXPECTED_SITES, TINY
+
+    module, name = cls.split(".")
+    kind = getattr(getattr(nb.norms, module), name)
+    for backbone, kw in TINY.items():
+        model = nb.models.create(backbone, norm=norm, **kw)
+        found = [m for m in model.modules() if nb.norms.is_norm(m)]
+        assert len(found) == EXPECTED_SITES[backbone] and all(type(m) is kind for m in found), backbone
+    # a conv bias is dropped only before batch_renorm (it subtracts the batch mean; PowerNorm and DyT do not)
+    assert (nb.models.create("resnet20", norm=norm).stem.conv.bias is None) == (norm == "batch_renorm")
