@@ -155,7 +155,8 @@ def test_powernorm_approximate_backward_formula():
     """dL/dx = (g - nu z) / psi, nu <- nu + (1 - a_b) mean((g - nu z) z), on a hand-set state."""
     m = nb.norms.create("powernorm", 2, layout="tokens", warmup_iters=0, alpha_bkw=0.8).double()
     with torch.no_grad():
-        m.running_phi.copy_(torch.tensor([4.0, 0.25])), m.running_nu.copy_(torch.tensor([0.3, -0.2], dtype=torch.float64))
+        m.running_phi.copy_(torch.tensor([4.0, 0.25]))
+        m.running_nu.copy_(torch.tensor([0.3, -0.2], dtype=torch.float64))
         m.weight.copy_(torch.tensor([2.0, 0.5]))
     x = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 4, 2, dtype=torch.float64)
