@@ -1,0 +1,6 @@
+"""``python -m normablate`` = the ``normablate`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
