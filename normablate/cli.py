@@ -48,6 +48,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep_and_report(args: argparse.Namespace) -> int:
+    """``normablate sweep``: the sweep, then (unless --no-report or interrupted) its report and headline."""
+    from .sweep.cli import finish, run_command
+
+    code, res = run_command(args)
+    if res is None:
+        return code
+    if args.report and res.counts.done and code != 130:
+        from .report import first_line, write_report
+
+        out = write_report(res.study_name, storage=res.storage)
+        print(f"report: {out / 'summary.md'}  (tables: summary.csv, plots: *.png in {out})")
+        print(f"headline: {first_line(out / 'summary.md')}")
+    finish(res)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normablate", description="Ablate normalization layers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,11 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     from .report import add_report_arguments, cmd_report
-    from .sweep import add_sweep_arguments, cmd_sweep
+    from .sweep.cli import add_sweep_arguments
 
     p = sub.add_parser("sweep", help="run an ablation sweep (an Optuna study) from a sweep spec")
     add_sweep_arguments(p)
-    p.set_defaults(func=cmd_sweep)
+    p.set_defaults(func=cmd_sweep_and_report)
     p = sub.add_parser("report", help="tables and plots of a finished or running study")
     add_report_arguments(p)
     p.set_defaults(func=cmd_report)

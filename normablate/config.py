@@ -363,6 +363,15 @@ def validate(cfg: RunConfig) -> None:
            f"run={cfg.run!r} must be a plain folder name")
 
 
+def validated(cfg: RunConfig) -> RunConfig:
+    """A checked copy of a RunConfig (what ``train`` does with a config object: no dict round trip)."""
+    if not isinstance(cfg, RunConfig):
+        raise ConfigError(f"a run config must be a RunConfig or a mapping, got {type(cfg).__name__}")
+    cfg = copy.deepcopy(cfg)
+    validate(cfg)
+    return cfg
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():

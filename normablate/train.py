@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from . import __version__, models
 from .callbacks import RunInterrupted, RunMonitor, StopRequest
-from .config import RunConfig, from_dict, to_dict, to_yaml
+from .config import RunConfig, from_dict, to_dict, to_yaml, validated
 from .errors import ConfigError
 from .probes.callback import summarize as summarize_probes
 from .result import RunResult
@@ -152,7 +152,8 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
     from .data import build_datamodule
     from .tasks import ClassificationTask, LanguageModelTask
 
-    cfg = from_dict(cfg if isinstance(cfg, dict) else to_dict(cfg))  # (re)validate before building anything
+    # a mapping is validated into a RunConfig; a RunConfig travels as is (a copy, re-checked: no dict round trip)
+    cfg = from_dict(cfg) if isinstance(cfg, dict) else validated(cfg)
     _quiet_lightning()
     if cfg.run is None:
         cfg.run = default_run_name(cfg)

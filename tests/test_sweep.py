@@ -196,10 +196,10 @@ def test_reaper_ignores_clock_skew_of_live_workers(tmp_path, monkeypatch):
     Once its heartbeat value stops changing for `grace` seconds of *our* clock, it is."""
     import types
 
-    from normablate.sweep import runner
+    from normablate.sweep import reaper
 
     clock = [1_000_000.0]
-    monkeypatch.setattr(runner, "time", types.SimpleNamespace(**{**vars(time), "time": lambda: clock[0]}))
+    monkeypatch.setattr(reaper, "time", types.SimpleNamespace(**{**vars(time), "time": lambda: clock[0]}))
     spec = load_spec(make_spec(tmp_path, grid={"model.norm": ["bn"], "optim.lr": [0.1]}))
     sw = Sweep(spec, verbose=False)
     sw.setup()

@@ -1,7 +1,11 @@
-"""Turn a sweep's study into an answer: ``summary.md``, ``summary.csv``, ``trials.csv`` and PNG plots.
+"""Turn a sweep's study into an answer: ``summary.md`` (headline first), ``summary.csv``, ``trials.csv``, figures.
 
     from normablate.report import write_report
     out = write_report("quick")            # -> lightning_logs/quick/report/
+
+The study kind (``normablate.studies``) writes its own section, tables and figures; this module adds what every
+study has (the headline, the loss curves, the per-configuration table) and, for studies whose runs probed, the
+landscape and ICS views (``probes.py``).
 """
 from __future__ import annotations
 
@@ -9,17 +13,30 @@ import argparse
 import datetime as dt
 from pathlib import Path
 
-from . import plots, tables
-from .data import StudyData, col, load
+from ..analysis.data import StudyData
+from .data import load
 
-__all__ = ["StudyData", "add_report_arguments", "cmd_report", "load", "write_report"]
+__all__ = ["StudyData", "add_report_arguments", "cmd_report", "headline", "load", "write_report"]
+
+
+def headline(data: StudyData, summ=None) -> str:
+    """The study's main effect in one sentence, with its 95% CI (or 'no clear difference')."""
+    from ..analysis import tables
+
+    if summ is None:
+        summ = tables.summary(data)
+    comp = data.spec.study.comparison(data, summ)
+    return tables.headline(comp.values, comp.direction, comp.what)
 
 
 def write_report(study_name: str, storage: str | None = None, out_dir: str | Path | None = None) -> Path:
     """Write the report of ``study_name`` (storage default: ``sqlite:///lightning_logs/optuna.db``) into
     ``out_dir`` (default ``<log_dir>/<study>/report``). Returns the folder."""
+    from ..analysis import plots, tables
+    from . import probes
+
     data = load(study_name, storage)
-    spec = data.spec
+    spec, kind = data.spec, data.spec.study
     out = Path(out_dir) if out_dir is not None else Path(spec.log_dir) / study_name / "report"
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
@@ -28,75 +45,39 @@ def write_report(study_name: str, storage: str | None = None, out_dir: str | Pat
     summ = tables.summary(data)
     summ.to_csv(out / "summary.csv", index=False)
     data.trials.to_csv(out / "trials.csv", index=False)
-    figures: list[tuple[str, Path | None]] = [("Training loss", plots.loss_curves(data, out))]
-    section = ""
-    kind = spec.kind
-    metric_c = col(spec.metric, spec.metric_at)
-    mlabel = plots.metric_label(spec.metric, spec.metric_at)
-    if kind == "lr_sensitivity":
-        lr = tables.lr_sensitivity(data)
-        if len(lr):
-            lr.drop(columns=["_per_lr"]).to_csv(out / "lr_sensitivity.csv", index=False)
-        tol = spec.options["tolerance"]
-        tol_s = f"{tol:g} x |best|" if spec.options.get("tolerance_relative") else f"{tol:g}"
-        key = [c for c in lr.columns if c in data.group_cols] if len(lr) else []
-        head = lr[key + ["best_lr", "best_mean", "best_ci95", "usable_lr_min", "usable_lr_max", "width_decades",
-                         "diverged_lrs"]] if len(lr) else lr
-        cells = lr[key + [c for c in lr.columns if c.startswith("lr=")]] if len(lr) else lr
-        section = (f"## LR sensitivity ({spec.metric_at} {spec.metric}, tolerance {tol_s})\n\n"
-                   + tables.markdown_table(head)
-                   + "\nRead the width together with best_mean: a norm that barely trains at any LR (e.g. stays at "
-                     "chance) has every LR within tolerance of its best, so a wide range there means insensitive "
-                     "because nothing works, not robust.\n"
-                   + f"\n### {spec.metric_at} {spec.metric} at each LR "
-                   "(mean ± 95% CI; [k/n diverged])\n\n" + tables.markdown_table(cells))
-        figures.append(("LR sensitivity", plots.lr_curves(data, lr, out)))
-    elif kind == "batch_size":
-        bs = tables.batch_size(data)
-        if len(bs):
-            bs.to_csv(out / "batch_size.csv", index=False)
-        section = (f"## Batch size ({spec.metric_at} {spec.metric}; LR rule {spec.options['lr_scaling']}, base batch "
-                   f"{spec.options['base_batch_size']}, budget {spec.options['budget']})\n\n"
-                   + tables.markdown_table(bs))
-        figures.append(("Batch size", plots.batch_curves(data, out)))
-    elif kind == "convergence":
-        cv = tables.convergence(data, summ)
-        t = spec.options["target"]
-        section = (f"## Convergence (target {t['metric']} {'>=' if t['metric'].endswith('acc') else '<='} "
-                   f"{t['value']:g})\n\n" + tables.markdown_table(cv))
-        figures.append(("Steps and time to target", plots.bars(
-            data, summ, out, [("steps_to_target", "steps to target (optimizer steps)"),
-                              ("time_to_target", "time to target (seconds)"),
-                              ("train_loss_auc", "train-loss AUC (mean loss over steps, nats)")],
-            "steps_to_target.png", "convergence speed")))
-    elif kind == "search":
-        sb = tables.search_best(data)
-        if len(sb):
-            sb.to_csv(out / "search_best.csv", index=False)
-        section = f"## Best hyperparameters per group ({spec.metric_at} {spec.metric}, {spec.direction})\n\n" \
-            + tables.markdown_table(sb)
-        figures.append(("Search progress", plots.search_history(data, out)))
-    if kind in ("grid", "convergence"):
-        figures.append((f"{spec.metric} per configuration", plots.bars(
-            data, summ, out, [(metric_c, mlabel)], "metric_bars.png", f"{spec.metric_at} {spec.metric}")))
+    section = kind.section(data, summ, out)
+    for name, table in section.tables.items():
+        table.to_csv(out / name, index=False)
+    probe = probes.section(data, out)
+    figures = [("Training loss", plots.loss_curves(data, out, per_sample=kind.per_sample_curves)),
+               *section.figures, *probe.figures]
 
     n_seeds = summ["n"].max() if len(summ) else 0
+    line = headline(data, summ)
     lines = [
         f"# Report: {study_name}",
         "",
-        f"- kind: **{kind}**; metric: {spec.metric_at} {spec.metric} ({spec.direction})"
+        f"**Headline:** {line}",
+        "",
+        f"- kind: **{spec.kind}**; metric: {spec.metric_at} {spec.metric} ({spec.direction})"
         + (f" — {spec.description}" if spec.description else ""),
         f"- trials counted: {len(data.trials)} of {data.total}; up to {n_seeds} seed(s) per configuration",
         f"- storage: `{data.storage}`; runs (TensorBoard): `{Path(spec.log_dir) / study_name}/`",
         f"- written {dt.datetime.now().isoformat(timespec='seconds')}",
     ]
     lines += [f"- note: {n}" for n in data.notes]
-    lines += ["", "<details><summary>How the numbers are defined</summary>", "", tables.DEFINITIONS, "",
-              "</details>", ""]
-    if section:
-        lines += [section, ""]
+    definitions = [tables.DEFINITIONS, kind.definition] + ([probes.DEFINITION] if probe.markdown else [])
+    lines += ["", "<details><summary>How the numbers are defined</summary>", "", "\n".join(d for d in definitions if d),
+              "", "</details>", ""]
+    if section.markdown:
+        lines += [section.markdown, ""]
+    if probe.markdown:
+        lines += [probe.markdown, ""]
+    comp_all = tables.config_values(data, data.metric_col)
     lines += ["## Every configuration (mean ± 95% CI over seeds; all columns in summary.csv)", "",
-              tables.markdown_table(tables.compact_summary(data, summ)), ""]
+              tables.markdown_table(tables.compact_summary(data, summ, kind.summary_extra)),
+              tables.conclusion(comp_all, spec.direction, f"{spec.metric_at} {spec.metric}") if len(summ) else "",
+              ""]
     lines += ["## Figures", ""]
     for title, path in figures:
         if path is not None:
@@ -115,5 +96,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = write_report(args.study, storage=args.storage, out_dir=args.out)
     print(f"report: {out / 'summary.md'}  (tables: summary.csv, trials.csv; plots: "
           f"{', '.join(sorted(p.name for p in out.glob('*.png'))) or 'none'})")
+    print(f"headline: {first_line(out / 'summary.md')}")
     return 0
 
+
+def first_line(summary_md: Path) -> str:
+    """The headline sentence of a written summary.md."""
+    for line in summary_md.read_text().splitlines():
+        if line.startswith("**Headline:** "):
+            return line[len("**Headline:** "):]
+    return "?"

@@ -1,59 +1,26 @@
-"""Read a sweep's trials back from the storage into one table: one row per counted trial.
+"""Read a sweep's trials back from the storage into a ``StudyData`` (one row per counted trial).
 
 Counted: for grid kinds, one trial per grid point, the first COMPLETE one by trial number (else the first PRUNED);
 any further COMPLETE trial of the same point (only possible after concurrent re-queues by several machines) is
-ignored and reported in ``notes``. For ``search``, every COMPLETE or PRUNED trial of every group study.
-FAIL trials (crashed runs, workers that died and were retried) are never counted.
+ignored and reported in ``notes``. For grouped kinds (``search``), every COMPLETE or PRUNED trial of every group
+study. FAIL trials (crashed runs, workers that died and were retried) are never counted.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from .. import studies
+from ..analysis.data import MEASURES, StudyData, col
 from ..errors import ConfigError
-from ..sweep.runner import ATTR
+from ..sweep.queue import ATTR
 from ..sweep.spec import SweepSpec, norm_label, value_label
 from ..sweep.storage import normalize_url, open_storage, retry
 
 SCALAR = (int, float, str, bool)
-
-
-@dataclass
-class StudyData:
-    name: str
-    storage: str
-    spec: SweepSpec
-    trials: pd.DataFrame  # one row per counted trial (see the module doc)
-    total: int  # trials the sweep is meant to have
-    notes: list[str] = field(default_factory=list)
-    histories: dict[int, dict] = field(default_factory=dict)  # row index -> {"train/loss": [[step, v], ...], ...}
-
-    @property
-    def axis_names(self) -> list[str]:
-        return [a.name for a in self.spec.axes]
-
-    @property
-    def group_cols(self) -> list[str]:
-        """Columns that define a configuration: all axes but the seed, ``norm`` first (``search``: the group)."""
-        if self.spec.kind == "search":
-            return ["group"]  # each group is its own search
-        return ["norm"] + [a for a in self.axis_names if a not in ("norm", "seed")]
-
-
-def metric_columns(df: pd.DataFrame) -> list[str]:
-    """Numeric per-trial measurements (everything the summary averages)."""
-    lead = [c for c in df.columns if c.startswith("final_")] + [c for c in df.columns if c.startswith("best_")]
-    rest = ["steps_to_target", "time_to_target", "train_loss_auc", "steps", "wall_time", "throughput"]
-    return lead + [c for c in rest if c in df.columns]
-
-
-def col(metric_key: str, at: str = "final") -> str:
-    """Column name of a metric: ``col("val/acc") == "final_val_acc"``."""
-    return f"{at}_" + metric_key.replace("/", "_")
 
 
 def load(study_name: str, storage: str | None = None) -> StudyData:
@@ -69,10 +36,11 @@ def load(study_name: str, storage: str | None = None) -> StudyData:
     if meta is None:
         raise ConfigError(f"study {study_name!r} in {url} was not made by `normablate sweep` (no spec attribute)")
     spec = SweepSpec.from_json(meta["spec"])
+    kind = spec.study
     notes: list[str] = []
     rows: list[dict[str, Any]] = []
     histories: dict[int, dict] = {}
-    if spec.kind == "search":
+    if kind.grouped:
         sources = [(retry(lambda n=n: optuna.load_study(study_name=n, storage=st)), n) for n in meta["groups"]]
     else:
         sources = [(main, study_name)]
@@ -80,7 +48,7 @@ def load(study_name: str, storage: str | None = None) -> StudyData:
     for study, sname in sources:
         trials = retry(lambda s=study: s.get_trials(deepcopy=False))
         counted: list[optuna.trial.FrozenTrial] = []
-        if spec.kind == "search":
+        if kind.grouped:
             counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         else:
             by_point: dict[int, list] = {}
@@ -99,7 +67,7 @@ def load(study_name: str, storage: str | None = None) -> StudyData:
             notes.append(f"{sname}: {failed} failed trial(s) not counted (crashed runs or dead workers, retried "
                          f"where possible)")
         for t in counted:
-            row = _row(t, spec, points, sname)
+            row = _row(t, spec, points, sname, kind.grouped)
             histories[len(rows)] = t.user_attrs.get("history") or {}
             rows.append(row)
     df = pd.DataFrame(rows)
@@ -110,10 +78,11 @@ def load(study_name: str, storage: str | None = None) -> StudyData:
         df = df.iloc[order].reset_index(drop=True)
     if len(df) < spec.total:
         notes.append(f"{len(df)} of {spec.total} trials finished; the tables cover those")
-    return StudyData(study_name, url, spec, df, spec.total, notes, histories)
+    return StudyData(study_name, url, spec, df, spec.total, notes, histories,
+                     group_cols=kind.group_cols([a.name for a in spec.axes]), line_key=kind.line_key)
 
 
-def _row(t: optuna.trial.FrozenTrial, spec: SweepSpec, points, sname: str) -> dict[str, Any]:
+def _row(t: optuna.trial.FrozenTrial, spec: SweepSpec, points, sname: str, grouped: bool) -> dict[str, Any]:
     ua = t.user_attrs
     cfg = ua.get("config") or {}
     row: dict[str, Any] = {"trial": t.number, "point": ua.get("point"), "study": sname, "state": t.state.name.lower(),
@@ -122,7 +91,10 @@ def _row(t: optuna.trial.FrozenTrial, spec: SweepSpec, points, sname: str) -> di
     point = points[int(ua["point"])] if "point" in ua and int(ua["point"]) < len(points) else None
     row["norm"] = norm_label((cfg.get("model") or {}).get("norm", "?"))
     row["task"] = cfg.get("task")
-    if spec.kind == "search":
+    row["source"] = (cfg.get("data") or {}).get("source")
+    row["num_classes"] = (cfg.get("model") or {}).get("num_classes")
+    row["probe_cfg"] = cfg.get("probes") if (cfg.get("probes") or {}).get("enabled") else None
+    if grouped:
         row["group"] = ua.get("group", sname.split("/", 1)[-1])
     for a in spec.axes:
         v = point.values[a.key] if point is not None else None
@@ -137,8 +109,10 @@ def _row(t: optuna.trial.FrozenTrial, spec: SweepSpec, points, sname: str) -> di
     for at in ("final", "best"):
         for k, v in (ua.get(at) or {}).items():
             row[col(k, at)] = v
-    for k in ("steps_to_target", "time_to_target", "train_loss_auc", "steps", "wall_time", "throughput",
-              "diverged_step"):
+    for k in (*MEASURES, "diverged_step"):
         row[k] = ua.get(k)
     row["run_dir"] = ua.get("run_dir")
     return row
+
+
+__all__ = ["StudyData", "col", "load", "studies"]

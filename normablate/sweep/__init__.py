@@ -4,11 +4,12 @@
     res = run_sweep("configs/sweeps/quick.yaml", workers=2)   # SweepResult
     res.study()                                               # the optuna.Study
 
-See ``spec.py`` for the spec format and ``runner.py`` for how workers share a study.
+``spec.py``: the spec format; ``runner.py``: how workers share a study (and the modules it composes); study
+kinds are plug-ins in ``normablate.studies``.
 """
 from .cli import add_sweep_arguments, cmd_sweep
 from .runner import Counts, Sweep, SweepResult, run_sweep
 from .spec import KINDS, SweepSpec, load_spec
 
-__all__ = ["KINDS", "Counts", "Sweep", "SweepResult", "SweepSpec", "add_sweep_arguments", "cmd_sweep", "load_spec",
+__all__ = ["KINDS", "Counts", "Sweep", "SweepResult", "add_sweep_arguments", "cmd_sweep", "load_spec",
            "run_sweep"]

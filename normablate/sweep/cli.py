@@ -1,8 +1,11 @@
-"""``normablate sweep``: the argparse part (the CLI module wires it in as a subcommand)."""
+"""``normablate sweep``: the argparse part and the sweep itself. The top-level CLI (``normablate.cli``) wires it in
+as a subcommand and chains the report after it (sweep -> report); this module never imports ``report``."""
 from __future__ import annotations
 
 import argparse
 import sys
+
+from .runner import SweepResult
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +24,8 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true", help="validate the spec and every trial config, then exit")
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> tuple[int, SweepResult | None]:
+    """Run (or ``--check``) the sweep; returns (exit code, result or None when nothing ran)."""
     from .runner import run_sweep
     from .spec import load_spec
 
@@ -29,17 +33,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.check:
         n = spec.validate_all()
         print(f"sweep {spec.study_name!r} ({spec.kind}): {spec.total} trials; {n} run configs valid")
-        return 0
+        return 0, None
     res = run_sweep(spec, storage=args.storage, workers=args.workers)
     if res.exit_code == 130:
         print("interrupted: run the same command again to continue (finished trials are kept)")
-        return 130
-    if args.report and res.counts.done:
-        from ..report import write_report
+    return res.exit_code, res
 
-        out = write_report(res.study_name, storage=res.storage)
-        print(f"report: {out / 'summary.md'}  (tables: summary.csv, plots: *.png in {out})")
-    if not res.complete:
+
+def finish(res: SweepResult) -> None:
+    """What to say after the report (or instead of it): trials left to run."""
+    if not res.complete and res.exit_code != 130:
         print(f"{res.counts.total - res.counts.done} trial(s) not done; run the same command again to retry them",
               file=sys.stderr)
-    return res.exit_code
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """The sweep alone (no report): for callers that chain their own report."""
+    code, res = run_command(args)
+    if res is not None:
+        finish(res)
+    return code

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from ..config import RunConfig, from_dict, to_dict
+from ..config import RunConfig, from_dict, to_dict, validated
 from ..errors import ConfigError
 from ..result import RunResult
 
@@ -51,7 +51,7 @@ def curves(cfg: RunConfig) -> dict:
 
 
 def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = False) -> RunResult:
-    cfg = from_dict(cfg if isinstance(cfg, dict) else to_dict(cfg))
+    cfg = from_dict(cfg) if isinstance(cfg, dict) else validated(cfg)
     run = cfg.run or f"dryrun-s{cfg.seed}"
     run_dir = Path(cfg.trainer.log_dir) / cfg.experiment / run
     ckpt, result_file = run_dir / "last.ckpt", run_dir / "result.json"

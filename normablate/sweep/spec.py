@@ -28,22 +28,17 @@ from typing import Any
 
 import yaml
 
-from ..config import RunConfig, from_dict, load_yaml, parse_overrides, set_dotted, to_dict
+from .. import studies
+from ..config import RunConfig, from_dict, load_yaml, parse_overrides, set_dotted
 from ..errors import ConfigError, closest
+from ..studies.base import SpecContext, StudyKind, decode, encode  # noqa: F401  (decode: re-exported)
+from ..studies.search import make_sampler  # noqa: F401  (re-exported)
 
-KINDS = ("lr_sensitivity", "batch_size", "convergence", "search", "grid")
+KINDS = tuple(studies.available())  # the built-in study kinds (more can be registered: normablate.studies)
 
 COMMON_KEYS = ("kind", "base", "study_name", "metric", "direction", "metric_at", "overrides", "grid",
                "pruner", "log_dir", "storage", "trainer_fn", "heartbeat", "description")
-KIND_KEYS = {
-    "lr_sensitivity": ("tolerance", "tolerance_relative"),
-    "batch_size": ("lr_scaling", "base_batch_size", "budget"),
-    "convergence": ("target",),
-    "search": ("search_space", "n_trials", "sampler"),
-    "grid": (),
-}
 PRUNERS = ("none", "median", "percentile", "hyperband", "successive_halving")
-SAMPLERS = ("tpe", "random")
 DEFAULT_TRAINER = "normablate.train:train"
 DRYRUN_TRAINER = "normablate.sweep.dryrun:train"
 
@@ -67,19 +62,6 @@ def value_label(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(value_label(x) for x in v) + "]"
     return str(v)
-
-
-def encode(v: Any) -> Any:
-    """An axis value as an Optuna categorical choice (None/bool/int/float/str); mappings and lists as JSON."""
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    return "json:" + json.dumps(v, sort_keys=True)
-
-
-def decode(v: Any) -> Any:
-    if isinstance(v, str) and v.startswith("json:"):
-        return json.loads(v[5:])
-    return v
 
 
 def norm_label(norm: Any) -> str:
@@ -139,9 +121,14 @@ class SweepSpec:
     trainer_fn: str = DEFAULT_TRAINER
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     heartbeat: dict[str, float] = field(default_factory=lambda: {"interval": 10, "grace": 120, "max_retry": 3})
-    options: dict[str, Any] = field(default_factory=dict)  # kind-specific keys
+    options: dict[str, Any] = field(default_factory=dict)  # the kind's own keys, as its check() normalized them
     description: str = ""
     source: str | None = None  # the YAML file it came from
+
+    @property
+    def study(self) -> StudyKind:
+        """The study kind (a ``normablate.studies`` plug-in) that owns ``options``."""
+        return studies.get(self.kind)
 
     # ------------------------------------------------------------------ grid
     def points(self) -> list[Point]:
@@ -151,14 +138,14 @@ class SweepSpec:
                 for i, combo in enumerate(combos)]
 
     @property
-    def n_trials(self) -> int:
-        return int(self.options.get("n_trials", 0))
+    def trials_per_point(self) -> int:
+        """1, or for a grouped kind (search) the trials each group's study runs."""
+        return self.study.trials_per_point(self.options)
 
     @property
     def total(self) -> int:
         """Trials the sweep runs in all."""
-        n = len(self.points())
-        return n * self.n_trials if self.kind == "search" else n
+        return len(self.points()) * self.trials_per_point
 
     def group_study_name(self, point: Point) -> str:
         """``search``: each group (grid point, e.g. each norm) is its own Optuna study with its own sampler."""
@@ -168,7 +155,7 @@ class SweepSpec:
     def trial_dict(self, point: Point, params: dict[str, Any] | None = None, run: str | None = None,
                    runtime: dict[str, Any] | None = None) -> dict[str, Any]:
         """The raw run config of one trial: base + sweep defaults + overrides + grid point + search params,
-        then the kind's rule (batch_size: LR scaling and budget; convergence: the target)."""
+        then the study kind's rule (``StudyKind.shape``: e.g. batch_size's LR scaling and budget)."""
         d = copy.deepcopy(self.base)
         trainer = d.setdefault("trainer", {})
         trainer.setdefault("progress", False)  # one line per trial instead of bars from every worker
@@ -185,49 +172,23 @@ class SweepSpec:
         d["experiment"] = self.study_name
         if run is not None:
             d["run"] = run
-        if self.kind == "batch_size":
-            self._apply_batch_rule(d)
-        if self.kind == "convergence":
-            d["trainer"]["target_metric"] = self.options["target"]["metric"]
-            d["trainer"]["target_value"] = float(self.options["target"]["value"])
+        self.study.shape(d, self.options)
         return d
 
-    def _apply_batch_rule(self, d: dict[str, Any]) -> None:
-        base_bs = int(self.options["base_batch_size"])
-        bs = int(_value(d, "data.batch_size"))
-        ratio = bs / base_bs
-        rule = self.options["lr_scaling"]
-        lr = float(_value(d, "optim.lr"))
-        scale = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
-        set_dotted(d, "optim.lr", lr * scale)
-        budget = self.options["budget"]
-        if "samples" in budget:
-            steps = max(1, math.ceil(int(budget["samples"]) / bs))
-            # validate and warm up after the same number of samples at every batch size
-            for key in ("trainer.val_every", "optim.warmup_steps"):  # config defaults included
-                v = int(_value(d, key))
-                if v:
-                    set_dotted(d, key, max(1, round(v * base_bs / bs)))
-        else:
-            steps = int(budget["steps"])
-        set_dotted(d, "trainer.max_steps", steps)
+    def trial_config(self, point: Point, params: dict[str, Any] | None = None, run: str | None = None,
+                     runtime: dict[str, Any] | None = None) -> RunConfig:
+        """The validated run config of one trial: built once, then handed as this object to the trainer."""
+        return from_dict(self.trial_dict(point, params, run, runtime))
 
-    def search_params_for_validation(self) -> list[dict[str, Any]]:
-        """Corners of the search space (all lows, all highs, each categorical choice) to validate up front."""
-        space = self.options.get("search_space") or {}
-        lows = {k: (s["choices"][0] if "choices" in s else s["low"]) for k, s in space.items()}
-        highs = {k: (s["choices"][-1] if "choices" in s else s["high"]) for k, s in space.items()}
-        out = [lows, highs]
-        for k, s in space.items():
-            for c in s.get("choices", []):
-                out.append({**lows, k: c})
-        return out
+    def search_params_for_validation(self) -> list[dict[str, Any] | None]:
+        """Parameter sets to validate each grid point with (search: the corners of the search space)."""
+        return self.study.validation_params(self.options)
 
     def validate_all(self) -> int:
         """Build and validate the run config of every grid point (and search-space corner). Returns the count."""
         n = 0
         for point in self.points():
-            for params in (self.search_params_for_validation() if self.kind == "search" else [None]):
+            for params in self.search_params_for_validation():
                 try:
                     from_dict(self.trial_dict(point, params, run="validate"))
                 except ConfigError as e:
@@ -259,12 +220,6 @@ class SweepSpec:
 
 
 # ---------------------------------------------------------------------- loading and checking
-def _value(d: dict, key: str) -> Any:
-    """``key`` from the trial dict, else the run config's default for it."""
-    v = _get_dotted(d, key)
-    return _get_dotted(to_dict(RunConfig()), key) if v is None else v
-
-
 def _get_dotted(d: dict, key: str) -> Any:
     cur: Any = d
     for p in key.split("."):
@@ -331,16 +286,18 @@ def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | dict[str
     where = f"sweep spec {str(source)!r}" if source else "sweep spec"
 
     kind = raw.get("kind")
-    if kind not in KINDS:
-        hint = closest(str(kind), KINDS)
-        raise ConfigError(f"{where}: kind={kind!r} is not a study kind; valid: {', '.join(KINDS)}"
-                          + (f" (did you mean {hint!r}?)" if hint else ""))
-    valid = list(COMMON_KEYS) + list(KIND_KEYS[kind])
+    if not isinstance(kind, str):
+        raise ConfigError(f"{where}: kind={kind!r} is not a study kind; valid: {', '.join(studies.available())}")
+    try:
+        study = studies.get(kind)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    valid = list(COMMON_KEYS) + list(study.keys)
     for key in raw:
         if key not in valid:
-            other = [k for k, keys in KIND_KEYS.items() if key in keys]
+            other = studies.owner_of(key)
             if other:
-                raise ConfigError(f"{where}: key {key!r} belongs to kind {other[0]!r}, not {kind!r}")
+                raise ConfigError(f"{where}: key {key!r} belongs to kind {other!r}, not {kind!r}")
             raise _unknown_key(key, valid, where)
 
     # base run config
@@ -417,7 +374,7 @@ def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | dict[str
         raise ConfigError(f"{where}: heartbeat.grace ({heartbeat['grace']}) must exceed heartbeat.interval "
                           f"({heartbeat['interval']})")
 
-    options = _check_kind_options(kind, raw, axes, base, ov, where, task)
+    options = study.check(raw, SpecContext(where, task, [a.key for a in axes], base, ov))
     spec_obj = SweepSpec(kind=kind, study_name=str(name), base=base, overrides=ov, axes=axes, metric=metric,
                          direction=direction, metric_at=metric_at, log_dir=log_dir, storage=raw.get("storage"),
                          trainer_fn=trainer_fn, pruner=pruner, heartbeat=heartbeat, options=options,
@@ -464,119 +421,6 @@ def make_pruner(p: dict[str, Any], max_steps: int):
     if name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(**kw)
     raise ConfigError(f"unknown pruner {name!r}")
-
-
-def make_sampler(s: dict[str, Any]):
-    import optuna
-
-    kw = {k: v for k, v in s.items() if k != "name"}
-    if s["name"] == "tpe":
-        return optuna.samplers.TPESampler(**kw)
-    return optuna.samplers.RandomSampler(**kw)
-
-
-def _check_kind_options(kind: str, raw: dict, axes: list[Axis], base: dict, ov: dict, where: str,
-                        task: str) -> dict[str, Any]:
-    keys = {a.key for a in axes}
-    opts: dict[str, Any] = {}
-    if kind == "lr_sensitivity":
-        if "optim.lr" not in keys:
-            raise ConfigError(f"{where}: kind lr_sensitivity needs a grid axis 'optim.lr' "
-                              f"(e.g. optim.lr: {{logspace: [0.001, 1.0, 7]}})")
-        tol = raw.get("tolerance", 0.05 if task == "classification" else 0.1)
-        if not isinstance(tol, (int, float)) or tol < 0:
-            raise ConfigError(f"{where}: tolerance={tol!r} must be a number >= 0")
-        rel = raw.get("tolerance_relative", False)
-        if not isinstance(rel, bool):
-            raise ConfigError(f"{where}: tolerance_relative must be true or false")
-        opts.update(tolerance=float(tol), tolerance_relative=rel)
-    elif kind == "batch_size":
-        if "data.batch_size" not in keys:
-            raise ConfigError(f"{where}: kind batch_size needs a grid axis 'data.batch_size'")
-        rule = raw.get("lr_scaling", "none")
-        if rule not in ("none", "linear", "sqrt"):
-            hint = closest(str(rule), ["none", "linear", "sqrt"])
-            raise ConfigError(f"{where}: lr_scaling={rule!r}; valid: none, linear, sqrt"
-                              + (f" (did you mean {hint!r}?)" if hint else ""))
-        base_bs = raw.get("base_batch_size", ov.get("data.batch_size", base.get("data", {}).get("batch_size", 128)))
-        if not isinstance(base_bs, int) or base_bs < 1:
-            raise ConfigError(f"{where}: base_batch_size={base_bs!r} must be an integer >= 1")
-        budget = raw.get("budget")
-        if budget is None:
-            steps = ov.get("trainer.max_steps", base.get("trainer", {}).get("max_steps", 500))
-            budget = {"samples": int(steps) * base_bs}
-        if not (isinstance(budget, dict) and len(budget) == 1 and next(iter(budget)) in ("samples", "steps")
-                and isinstance(next(iter(budget.values())), int) and next(iter(budget.values())) >= 1):
-            raise ConfigError(f"{where}: budget must be {{samples: N}} or {{steps: N}} with N >= 1, got {budget!r}")
-        opts.update(lr_scaling=rule, base_batch_size=base_bs, budget=dict(budget))
-    elif kind == "convergence":
-        target = raw.get("target")
-        metrics = ("val/acc", "val/loss") if task == "classification" else ("val/ppl", "val/loss")
-        if not isinstance(target, dict) or set(target) != {"metric", "value"}:
-            raise ConfigError(f"{where}: kind convergence needs target: {{metric: {metrics[0]}, value: ...}}")
-        if target["metric"] not in metrics:
-            raise ConfigError(f"{where}: target.metric={target['metric']!r}; valid: {', '.join(metrics)}")
-        if not isinstance(target["value"], (int, float)):
-            raise ConfigError(f"{where}: target.value={target['value']!r} must be a number")
-        opts.update(target={"metric": target["metric"], "value": float(target["value"])})
-    elif kind == "search":
-        space = raw.get("search_space")
-        if not isinstance(space, dict) or not space:
-            raise ConfigError(f"{where}: kind search needs search_space: {{optim.lr: {{low: 1.0e-3, high: 1.0, "
-                              f"log: true}}, ...}}")
-        clean = {}
-        for key, s in space.items():
-            if key in keys:
-                raise ConfigError(f"{where}: {key!r} is both a grid axis and in search_space")
-            clean[key] = _check_dist(key, s, where)
-        n = raw.get("n_trials")
-        if not isinstance(n, int) or n < 1:
-            raise ConfigError(f"{where}: kind search needs n_trials (trials per group, >= 1), got {n!r}")
-        sampler = raw.get("sampler") or {"name": "tpe"}
-        if isinstance(sampler, str):
-            sampler = {"name": sampler}
-        if not isinstance(sampler, dict) or sampler.get("name") not in SAMPLERS:
-            raise ConfigError(f"{where}: sampler {sampler!r} is not known; valid: {', '.join(SAMPLERS)}")
-        sampler = dict(sampler)
-        sampler.setdefault("seed", 0)
-        if sampler["name"] == "tpe":
-            sampler.setdefault("constant_liar", True)  # parallel workers do not all try the same point
-        try:
-            make_sampler(sampler)
-        except TypeError as e:
-            raise ConfigError(f"{where}: sampler {sampler}: {e}") from None
-        opts.update(search_space=clean, n_trials=n, sampler=sampler)
-    return opts
-
-
-def _check_dist(key: str, s: Any, where: str) -> dict[str, Any]:
-    if not isinstance(s, dict):
-        raise ConfigError(f"{where}: search_space.{key} must be a mapping ({{low, high, log}} or {{choices}})")
-    if "choices" in s:
-        if set(s) != {"choices"} or not isinstance(s["choices"], list) or not s["choices"]:
-            raise ConfigError(f"{where}: search_space.{key}: a categorical takes only a non-empty 'choices' list")
-        return {"choices": list(s["choices"])}
-    allowed = {"low", "high", "log", "type", "step"}
-    for k in s:
-        if k not in allowed:
-            raise _unknown_key(k, sorted(allowed | {"choices"}), f"{where} search_space.{key}")
-    if "low" not in s or "high" not in s:
-        raise ConfigError(f"{where}: search_space.{key} needs low and high")
-    typ = s.get("type", "int" if isinstance(s["low"], int) and isinstance(s["high"], int) and not s.get("log")
-                else "float")
-    if typ not in ("float", "int"):
-        raise ConfigError(f"{where}: search_space.{key}.type={typ!r}; valid: float, int")
-    try:
-        low, high = (float(s["low"]), float(s["high"])) if typ == "float" else (int(s["low"]), int(s["high"]))
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: search_space.{key}: low/high must be numbers") from None
-    if not low < high or (s.get("log") and low <= 0):
-        raise ConfigError(f"{where}: search_space.{key}: need low < high" + (" and low > 0 (log)" if s.get("log")
-                                                                               else ""))
-    out = {"type": typ, "low": low, "high": high, "log": bool(s.get("log", False))}
-    if s.get("step") is not None:
-        out["step"] = s["step"]
-    return out
 
 
 def spec_yaml(spec: SweepSpec) -> str:

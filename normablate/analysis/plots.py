@@ -1,0 +1,285 @@
+"""Figure helpers (matplotlib, Agg backend) shared by every study kind and the report.
+
+Conventions: a line is the mean over seeds and the shaded band around it spans the seeds (min to max), so
+one look shows both the effect and the seed-to-seed spread; y ranges follow the bulk of the data (robust to
+a diverging run, which is marked with an x where it stops); a dotted grey line marks chance (uniform
+prediction) where the metric has one; error bars are 95% CIs over seeds, never cut silently: where one
+leaves the axis (e.g. an accuracy CI beyond [0, 1]) a small triangle marks the cut.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .data import StudyData, mask_for  # noqa: E402
+
+METRIC_LABELS = {
+    "val/acc": "validation accuracy (fraction correct)",
+    "val/loss": "validation loss (cross-entropy, nats)",
+    "val/ppl": "validation perplexity (exp of nats/token)",
+}
+DPI = 150
+plt.rcParams.update({"font.size": 10, "axes.titlesize": 10.5, "axes.spines.top": False,
+                     "axes.spines.right": False, "legend.frameon": False})
+
+
+def metric_label(m: str, at: str = "final") -> str:
+    return f"{'final' if at == 'final' else 'best'} {METRIC_LABELS.get(m, m)}"
+
+
+def colors(names: list[str]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10")
+    return {n: cmap(i % 10) for i, n in enumerate(names)}
+
+
+def fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ chance levels
+KNOWN_CLASSES = {"synthetic": 10, "cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
+
+
+def chance(data: StudyData, metric: str) -> float | None:
+    """The metric's value for a uniform prediction (10 classes: accuracy 0.1, loss ln 10; byte LM: ln 256),
+    from the trials' configs; None when the class count is unknown."""
+    df = data.trials
+    if not len(df) or "task" not in df:
+        return None
+    if (df["task"] == "lm").all():
+        return {"val/loss": math.log(256), "train/loss": math.log(256), "val/ppl": 256.0}.get(metric)
+    classes = set()
+    for src, n in zip(df["source"] if "source" in df else [None] * len(df),
+                      df["num_classes"] if "num_classes" in df else [None] * len(df)):
+        if n is None or (isinstance(n, float) and math.isnan(n)):
+            n = KNOWN_CLASSES.get(Path(str(src).rstrip("/")).name.lower())
+        classes.add(n)
+    if len(classes) != 1 or None in classes:
+        return None
+    k = classes.pop()
+    return {"val/acc": 1.0 / k, "val/loss": math.log(k), "train/loss": math.log(k)}.get(metric)
+
+
+def chance_line(ax, value: float | None, label: str = "chance (uniform prediction)") -> None:
+    if value is not None and math.isfinite(value):
+        ax.axhline(value, color="0.45", ls=":", lw=1.2, label=label, zorder=0)
+
+
+# ------------------------------------------------------------------------------------------ curves
+def seed_band(curves: list[list[list]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, min, max) over runs at each step any run has; runs that stopped early drop out."""
+    by_step: dict[int, list[float]] = {}
+    for c in curves:
+        for s, v in c:
+            if v is not None and math.isfinite(v):
+                by_step.setdefault(int(s), []).append(float(v))
+    steps = np.array(sorted(by_step))
+    vals = [by_step[s] for s in steps]
+    return (steps, np.array([np.mean(v) for v in vals]), np.array([np.min(v) for v in vals]),
+            np.array([np.max(v) for v in vals]))
+
+
+def robust_range(values: list[np.ndarray], lo_q: float = 1.0, hi_q: float = 99.0, pad: float = 0.06,
+                 floor: float | None = None) -> tuple[float, float] | None:
+    """A y range covering the bulk of the values (percentiles), padded; None when there is nothing finite."""
+    xs = np.concatenate([v[np.isfinite(v)] for v in values if len(v)]) if values else np.array([])
+    if not len(xs):
+        return None
+    lo, hi = np.percentile(xs, lo_q), np.percentile(xs, hi_q)
+    span = (hi - lo) or abs(hi) or 1.0
+    lo, hi = lo - pad * span, hi + pad * span
+    if floor is not None:
+        lo = max(lo, floor)
+    return float(lo), float(hi)
+
+
+def line_with_band(ax, curves, color, label, x_scale: float = 1.0, lw: float = 1.7):
+    steps, mean, lo, hi = seed_band(curves)
+    if not len(steps):
+        return None
+    x = steps * x_scale
+    ax.plot(x, mean, color=color, label=label, lw=lw)
+    if len(curves) > 1:
+        ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
+    return x, mean, lo, hi
+
+
+def panels_of(data: StudyData, exclude: tuple[str, ...]) -> tuple[list[str], list[tuple]]:
+    cols = [c for c in data.group_cols if c not in exclude]
+    df = data.trials
+    keys = list(dict.fromkeys(tuple(r[c] for c in cols) for _, r in df.iterrows())) if cols else [()]
+    return cols, keys
+
+
+def grid(n: int, w: float = 4.3, h: float = 3.3, max_cols: int = 4):
+    ncols = min(max_cols, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols + 1.6, h * nrows + 0.9), squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return fig, axes
+
+
+def shared_legend(fig, axes, title: str, extra: list[tuple] = ()) -> None:
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    for h, lab in extra:
+        handles.append(h)
+        labels.append(lab)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), title=title)
+
+
+def loss_curves(data: StudyData, out: Path, per_sample: bool = False) -> Path | None:
+    """Training loss vs step per ``data.line_key`` (mean over seeds, band = seed range), one panel per value of
+    the other configuration columns; robust y range; chance line; x where diverged runs stop."""
+    df = data.trials
+    if not len(df) or not data.histories:
+        return None
+    line_key = data.line_key
+    panel_cols, panels = panels_of(data, (line_key,))
+    names = list(dict.fromkeys(df[line_key]))
+    cmap = colors(names)
+    fig, axes = grid(len(panels))
+    ch = chance(data, "train/loss")
+    bulk: list[np.ndarray] = []
+    ends = []
+    drew = False
+    for ax, panel in zip(axes.flat, panels):
+        m = mask_for(df, panel_cols, panel)
+        for name in names:
+            rows = df.index[m & (df[line_key] == name).to_numpy()]
+            curves = data.curves(rows, "train/loss")
+            if not curves:
+                continue
+            scale = float(df.loc[rows[0], "batch_size_used"]) if per_sample and "batch_size_used" in df else 1.0
+            res = line_with_band(ax, curves, cmap[name], name, scale)
+            if res is None:
+                continue
+            drew = True
+            x, mean, lo, hi = res
+            if df.loc[rows, "diverged"].astype(bool).any():
+                ends.append((ax, x[-1], mean[-1], cmap[name]))
+            else:
+                bulk += [mean[len(mean) // 20:], lo[len(lo) // 20:], hi[len(hi) // 20:]]
+        chance_line(ax, ch)
+        ax.set_title(", ".join(f"{c}={fmt(v)}" for c, v in zip(panel_cols, panel)) or "all runs")
+        ax.set_xlabel("training samples seen" if per_sample else "optimizer step")
+        ax.grid(alpha=0.3)
+    if not drew:
+        plt.close(fig)
+        return None
+    rng = robust_range(bulk + ([np.array([ch])] if ch else []), floor=0.0)
+    for ax in list(axes.flat)[:len(panels)]:
+        if rng:
+            ax.set_ylim(*rng)
+    for ax, x, v, c in ends:  # a diverged run: x at its last point, held inside the axis
+        top = ax.get_ylim()[1]
+        ax.plot(x, min(v, top) if math.isfinite(v) else top, "x", color=c, ms=9, mew=2.5, clip_on=False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("training loss (nats)")
+    extra = [(plt.Line2D([], [], color="gray", marker="x", ls="", ms=8, mew=2), "run(s) diverged")] if ends else []
+    shared_legend(fig, axes, line_key, extra)
+    seeds = int(df.groupby(data.group_cols, dropna=False).size().max())
+    fig.suptitle(f"{data.name}: training loss per {line_key} (line: mean over {seeds} seed(s); band: seed range)"
+                 + ("; y range: 1st–99th percentile" if rng else ""))
+    fig.tight_layout()
+    return save(fig, out / "loss_curves.png")
+
+
+# ------------------------------------------------------------------------------------------ error bars
+def errorbars(ax, x, means, cis, color, label=None, bounds: tuple[float, float] | None = None,
+              positive: bool = False, **kw):
+    """Means with 95% CI error bars. ``positive``: the quantity cannot be negative (times, steps), so the lower
+    end is displayed clipped at 0 (the tables keep the symmetric t interval). ``bounds``: the axis range; a bar
+    end beyond it is drawn to the edge and marked with a triangle. Returns whether any end was cut."""
+    means, cis = np.asarray(means, float), np.nan_to_num(np.asarray(cis, float))
+    lower = np.minimum(cis, means) if positive else cis
+    ax.errorbar(x, means, yerr=[lower, cis], color=color, label=label, capsize=3, **kw)
+    cut = False
+    if bounds is not None:
+        lo, hi = bounds
+        for xi, m, c in zip(x, means, cis):
+            if m + c > hi:
+                ax.plot(xi, hi, "^", color=color, ms=5, clip_on=False)
+                cut = True
+            if m - c < lo and not positive:
+                ax.plot(xi, lo, "v", color=color, ms=5, clip_on=False)
+                cut = True
+    return cut
+
+
+def bounds_for(metric: str, lo: float, hi: float) -> tuple[float, float]:
+    """y range from the data (means and CIs), kept inside the metric's natural range (accuracy in [0, 1])."""
+    pad = 0.06 * (hi - lo or 1.0)
+    lo, hi = lo - pad, hi + pad
+    if metric.endswith("acc"):
+        lo, hi = max(lo, 0.0), min(hi, 1.0)
+    return (max(lo, 0.0) if metric.endswith(("loss", "ppl")) else lo), hi
+
+
+def dodge(i: int, n: int, log: bool = True) -> float:
+    """Multiplicative x offset for line i of n, so error bars at the same x do not hide each other."""
+    return 10 ** (0.015 * (i - (n - 1) / 2)) if log else 1.0
+
+
+POSITIVE = ("steps_to_target", "time_to_target", "wall_time", "throughput", "train_loss_auc")
+
+
+def bars(data: StudyData, summ, out: Path, what: list[tuple[str, str]], name: str, title: str) -> Path | None:
+    """Bar chart(s) of summary columns with 95% CI error bars, one bar per configuration, labels that do not
+    overlap (horizontal bars when the labels are long). Positive quantities: error bars clipped at 0."""
+    if summ is None or not len(summ):
+        return None
+    what = [(c, lab) for c, lab in what if f"{c}_mean" in summ]
+    if not what:
+        return None
+    labels = [" ".join(fmt(r[c]) for c in data.group_cols) for _, r in summ.iterrows()]
+    first = data.group_cols[0]
+    cmap = colors(list(dict.fromkeys(summ[first])))
+    n = len(labels)
+    fig, axes = plt.subplots(1, len(what), figsize=(4.6 * len(what) + 1.0, 0.42 * n + 1.6), squeeze=False)
+    y = np.arange(n)[::-1]  # first configuration on top
+    for k, (ax, (c, lab)) in enumerate(zip(axes[0], what)):
+        means = summ[f"{c}_mean"].astype(float).to_numpy()
+        cis = np.nan_to_num(summ[f"{c}_ci95"].astype(float).to_numpy())
+        positive = c in POSITIVE
+        lower = np.minimum(cis, np.nan_to_num(means)) if positive else cis
+        ax.barh(y, np.nan_to_num(means), xerr=[lower, cis], capsize=3, height=0.65,
+                color=[cmap[v] for v in summ[first]], edgecolor="black", lw=0.5, error_kw={"lw": 1.1})
+        right = np.nanmax(np.where(np.isfinite(means), means + cis, 0)) if n else 1.0
+        for i, (_, r) in enumerate(summ.iterrows()):
+            if c in ("steps_to_target", "time_to_target"):
+                note = f"{int(r.get('n_reached', 0) or 0)}/{int(r['n'])} reached"
+            else:
+                note = f"n={int(r['n']) - int(r['n_diverged']) - int(r.get('n_pruned', 0) or 0)}"
+            end = (means[i] if math.isfinite(means[i]) else 0) + cis[i]
+            ax.annotate(note if math.isfinite(means[i]) else "none reached" if "target" in c else "no value",
+                        (max(end, 0), y[i]), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8,
+                        color="black" if math.isfinite(means[i]) else "red")
+        ax.set_yticks(y)
+        ax.set_yticklabels(labels if k == 0 else [""] * n)
+        ax.set_xlabel(lab + (" (error bar: 95% CI, shown ≥ 0)" if positive else " (error bar: 95% CI)"))
+        ax.set_xlim(left=min(0.0, float(np.nanmin(np.where(np.isfinite(means), means - lower, 0)))),
+                    right=right * 1.25 if right > 0 else 1.0)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0][0].set_ylabel(" / ".join(data.group_cols))
+    fig.suptitle(f"{data.name}: {title} (mean ± 95% CI over seeds)")
+    fig.tight_layout()
+    return save(fig, out / name)

@@ -1,0 +1,178 @@
+"""The report's landscape and ICS views (Santurkar et al. 2018, Figs. 4 and 5) for studies whose runs probed.
+
+Per norm over training steps, one row of panels per value of the other configuration columns (e.g. per LR):
+loss variation (the band between the lowest and highest loss along the gradient over the step-size grid,
+averaged over seeds), gradient predictiveness and effective beta-smoothness (line: mean over seeds; band: seed
+range, log scale), and ICS per layer (l2 distance and cosine of G and G', mean over seeds, band: seed range).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..analysis.data import StudyData, mask_for
+from ..studies.base import Section
+
+DEFINITION = """\
+* Probes (runs with ``probes.enabled``; every ``probes.every`` steps, on the training batch, training unchanged):
+  *loss variation* = the range of L(x - eta g) over the step-size grid (multiples of the current LR);
+  *gradient predictiveness* = max over the grid of ||grad L(x) - grad L(x - eta g)||; *effective
+  beta-smoothness* = max over the grid of that change divided by ||eta g||; *ICS* of a layer = ||G - G'|| and
+  cos(G, G'), G its gradient, G' its gradient after every earlier layer took the optimizer's actual update
+  (Santurkar et al. 2018, Def. 2.1). Lower variation, predictiveness change and beta mean a smoother landscape.
+  Table values are each run's mean over its probed steps, then mean ± 95% CI over seeds."""
+
+MEASURES = [("probe/loss_range", "loss variation (range over step sizes, nats)", "minimize"),
+            ("probe/grad_pred", "gradient predictiveness: max ||∇L(x) − ∇L(x − ηg)||", "minimize"),
+            ("probe/beta", "effective β-smoothness: max ||Δ∇L|| / ||ηg||", "minimize")]
+
+
+def _run_mean(hist: dict, key: str) -> float:
+    vals = [v for _, v in hist.get(key, []) if v is not None and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def layers_of(data: StudyData) -> list[str]:
+    return [k[len("probe/ics_l2/"):] for k in data.history_keys("probe/ics_l2/")]
+
+
+def section(data: StudyData, out: Path) -> Section:
+    if not data.history_keys("probe/"):
+        return Section()
+    import pandas as pd
+
+    from ..analysis.tables import conclusion, markdown_table
+    from ..analysis.stats import fmt_ci, mean_ci
+
+    df = data.trials
+    layers = layers_of(data)
+    per_run = pd.DataFrame({"row": range(len(df))})
+    for key, _, _ in MEASURES:
+        per_run[key] = [_run_mean(data.histories.get(i, {}), key) for i in range(len(df))]
+    per_run["ics_l2"] = [np.nanmean([_run_mean(data.histories.get(i, {}), f"probe/ics_l2/{n}") for n in layers])
+                         if layers else math.nan for i in range(len(df))]
+    per_run["ics_cos"] = [np.nanmean([_run_mean(data.histories.get(i, {}), f"probe/ics_cos/{n}") for n in layers])
+                          if layers else math.nan for i in range(len(df))]
+    ok = (~df["diverged"].astype(bool)) & (df["state"] == "complete")
+    rows, beta_values = [], {}
+    cols = data.group_cols
+    for key, sub in df.groupby(cols, sort=False, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        idx = [i for i in sub.index if ok.iloc[i]]
+        row = dict(zip(cols, key))
+        row["n"] = len(idx)
+        for c, name in (("probe/loss_range", "loss variation"), ("probe/grad_pred", "grad. predictiveness"),
+                        ("probe/beta", "β-smoothness"), ("ics_l2", "ICS l2 (layer mean)"),
+                        ("ics_cos", "ICS cos (layer mean)")):
+            row[name] = fmt_ci(*mean_ci(per_run.loc[idx, c].tolist())[:2])
+        beta_values[" ".join(str(k) for k in key)] = per_run.loc[idx, "probe/beta"].tolist()
+        rows.append(row)
+    md = ("## Loss landscape and internal covariate shift (probes)\n\n" + markdown_table(pd.DataFrame(rows)) + "\n"
+          + conclusion(beta_values, "minimize", "effective β-smoothness (smoother)") + "\n")
+    figures = [("Loss landscape along the gradient", landscape_figure(data, out))]
+    if layers:
+        figures.append(("Internal covariate shift per layer", ics_figure(data, out, layers)))
+    return Section(md, figures)
+
+
+def _panels(data: StudyData):
+    from ..analysis.plots import panels_of
+
+    return panels_of(data, (data.line_key,))
+
+
+def landscape_figure(data: StudyData, out: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    from ..analysis import plots as P
+
+    df = data.trials
+    panel_cols, panels = _panels(data)
+    names = list(dict.fromkeys(df[data.line_key]))
+    cmap = P.colors(names)
+    fig, axes = plt.subplots(len(panels), 3, figsize=(13.5, 3.3 * len(panels) + 0.8), squeeze=False)
+    for r, panel in enumerate(panels):
+        m = mask_for(df, panel_cols, panel)
+        for name in names:
+            rows = [i for i in df.index[m & (df[data.line_key] == name).to_numpy()]]
+            lo_s, lo, _, _ = P.seed_band(data.curves(rows, "probe/loss_min"))
+            hi_s, hi, _, _ = P.seed_band(data.curves(rows, "probe/loss_max"))
+            if len(lo_s) and len(hi_s) == len(lo_s):
+                ax = axes[r][0]
+                ax.fill_between(lo_s, lo, hi, color=cmap[name], alpha=0.35, lw=0, label=name)
+                ax.plot(lo_s, lo, color=cmap[name], lw=0.8)
+                ax.plot(hi_s, hi, color=cmap[name], lw=0.8)
+            for c, (key, _, _) in enumerate(MEASURES[1:], start=1):
+                P.line_with_band(axes[r][c], data.curves(rows, key), cmap[name], name)
+        where = ", ".join(f"{c}={P.fmt(v)}" for c, v in zip(panel_cols, panel))
+        titles = ["loss variation along −∇L", "gradient predictiveness", "effective β-smoothness"]
+        ylabels = ["training loss L(x − ηg) (nats)", "max ||∇L(x) − ∇L(x − ηg)|| (log)", "max ||Δ∇L|| / ||ηg|| (log)"]
+        for c in range(3):
+            ax = axes[r][c]
+            ax.set_title(titles[c] + (f" ({where})" if where else ""))
+            ax.set_ylabel(ylabels[c])
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+            if c and ax.has_data():
+                ax.set_yscale("log")
+        lim = P.robust_range([np.concatenate([ln.get_ydata() for ln in axes[r][0].get_lines()])]
+                             if axes[r][0].get_lines() else [], floor=0.0)
+        if lim:
+            axes[r][0].set_ylim(*lim)
+    P.shared_legend(fig, axes, data.line_key)
+    fig.suptitle(f"{data.name}: loss landscape along the gradient (step sizes "
+                 f"{_grid_text(data)}; lines/bands: mean over seeds, band = seed range; left band = min–max over "
+                 f"step sizes)", fontsize=10)
+    fig.tight_layout()
+    return P.save(fig, out / "probe_landscape.png")
+
+
+def _grid_text(data: StudyData) -> str:
+    """The step-size grid the runs used (from the first trial's config)."""
+    cfg = next((c for c in data.trials.get("probe_cfg", []) if c), None) or {}
+    sizes = cfg.get("step_sizes") or [0.5, 1, 2, 4]
+    return ", ".join(f"{s:g}" for s in sizes) + (" × LR" if cfg.get("relative_to_lr", True) else "")
+
+
+def ics_figure(data: StudyData, out: Path, layers: list[str], max_layers: int = 6) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    from ..analysis import plots as P
+
+    if len(layers) > max_layers:  # evenly spaced, first and last included
+        pick = sorted({round(i * (len(layers) - 1) / (max_layers - 1)) for i in range(max_layers)})
+        shown = [layers[i] for i in pick]
+    else:
+        shown = layers
+    df = data.trials
+    panel_cols, panels = _panels(data)
+    names = list(dict.fromkeys(df[data.line_key]))
+    cmap = P.colors(names)
+    nrow = 2 * len(panels)
+    fig, axes = plt.subplots(nrow, len(shown), figsize=(3.1 * len(shown) + 1.4, 2.6 * nrow + 0.9), squeeze=False,
+                             sharex=True)
+    for p, panel in enumerate(panels):
+        m = mask_for(df, panel_cols, panel)
+        where = ", ".join(f"{c}={P.fmt(v)}" for c, v in zip(panel_cols, panel))
+        for j, layer in enumerate(shown):
+            for name in names:
+                rows = [i for i in df.index[m & (df[data.line_key] == name).to_numpy()]]
+                P.line_with_band(axes[2 * p][j], data.curves(rows, f"probe/ics_l2/{layer}"), cmap[name], name)
+                P.line_with_band(axes[2 * p + 1][j], data.curves(rows, f"probe/ics_cos/{layer}"), cmap[name], name)
+            axes[2 * p][j].set_title(f"{layer}" + (f"\n{where}" if where else ""), fontsize=9)
+            axes[2 * p + 1][j].set_ylim(-1.05, 1.05)
+            axes[2 * p + 1][j].axhline(1.0, color="0.6", lw=0.8, ls=":")
+            for ax in (axes[2 * p][j], axes[2 * p + 1][j]):
+                ax.grid(alpha=0.3)
+        axes[2 * p][0].set_ylabel("ICS: ||G − G′||₂")
+        axes[2 * p + 1][0].set_ylabel("cos(G, G′)")
+    for ax in axes[-1]:
+        ax.set_xlabel("optimizer step")
+    P.shared_legend(fig, axes, data.line_key)
+    note = f" (layers {', '.join(shown)} of {len(layers)})" if len(shown) < len(layers) else ""
+    fig.suptitle(f"{data.name}: internal covariate shift per layer (Santurkar et al. Def. 2.1){note}; "
+                 f"line: mean over seeds, band: seed range; cos = 1: no shift", fontsize=10)
+    fig.tight_layout()
+    return P.save(fig, out / "probe_ics.png")

@@ -1,0 +1,252 @@
+"""The work queue: a sweep's Optuna studies, their WAITING trials, claiming one, and counting progress.
+
+* Grid kinds: one study. When it is created, every grid point is enqueued as a WAITING trial whose fixed params
+  are the point's axis values.
+* Grouped kinds (``search``): the main study holds the spec only; each group (grid point, e.g. each norm) is
+  its own study ``<study>/<group>`` with the kind's sampler, and ``trials_per_point`` WAITING trials are
+  enqueued in each; the sampler draws a trial's hyperparameters when a worker picks it up.
+
+Why a queue rather than ``study.optimize`` with ``GridSampler``: Optuna's GridSampler picks a random unvisited
+point per trial; two workers can pick the same point, and once every point has *started* an idle worker re-runs
+a point that is still running elsewhere. Popping a WAITING trial is atomic in every storage (a row lock in an
+RDB, log order in a journal), so each point is claimed by exactly one worker.
+
+The study user attribute ``normablate`` holds ``{"spec", "fingerprint", "total", "kind", "groups"}`` (the report
+reads it); ``normablate_ready`` is set once every trial is enqueued.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from ..errors import ConfigError
+from .liveness import HOST
+from .spec import Point, make_pruner
+from .storage import retry
+
+ATTR = "normablate"  # study user attr: {"spec", "fingerprint", "total", "groups", "kind"}
+READY = "normablate_ready"
+
+
+@dataclass
+class Slot:
+    """A claimed trial with what it evaluates."""
+
+    study: optuna.Study
+    trial: optuna.Trial
+    point: Point
+    group: str | None = None
+
+
+@dataclass
+class Counts:
+    total: int
+    done: int = 0  # slots with a COMPLETE or PRUNED trial
+    running: int = 0
+    waiting: int = 0
+    failed: int = 0  # slots with only FAIL trials (re-run the command to retry them)
+    diverged: int = 0
+    pruned: int = 0
+    duplicates: int = 0  # extra COMPLETE trials of an already finished grid point (reports use the first)
+
+    def line(self) -> str:
+        extra = [f"{self.diverged} diverged"] + ([f"{self.pruned} pruned"] if self.pruned else []) \
+            + ([f"{self.failed} failed"] if self.failed else []) + [f"{self.running} running"]
+        return f"{self.done}/{self.total} trials done ({', '.join(extra)})"
+
+
+class QueueMixin:
+    """Set-up, enqueueing, counting and claiming (part of ``runner.Sweep``)."""
+
+    def _group_names(self) -> list[str]:
+        return [self.spec.group_study_name(p) for p in self.points] if self.kind.grouped else []
+
+    def _load(self, name: str, point: Point | None) -> optuna.Study:
+        sampler = self.kind.sampler(self.spec.options)
+        max_steps = self.spec.trial_config(point or self.points[0], self._params_lows(), run="x").trainer.max_steps
+        pruner = make_pruner(self.spec.pruner, max_steps)
+        return retry(lambda: optuna.load_study(study_name=name, storage=self.storage, sampler=sampler, pruner=pruner))
+
+    def _params_lows(self) -> dict[str, Any] | None:
+        return self.spec.search_params_for_validation()[0]
+
+    def setup(self, create: bool = True) -> None:
+        """Create the study (and enqueue every trial) or load it and check it is the same sweep."""
+        spec = self.spec
+        meta = {"spec": spec.to_json(), "fingerprint": spec.fingerprint(), "total": spec.total, "kind": spec.kind,
+                "groups": self._group_names()}
+        created = False
+        if create and not self._exists():
+            run_root = Path(spec.log_dir) / spec.study_name
+            if run_root.exists() and any(p.is_dir() and p.name != "report" for p in run_root.iterdir()):
+                raise ConfigError(f"{str(run_root)!r} already holds runs of an earlier sweep named "
+                                  f"{spec.study_name!r} (its study is not in {self.url}); delete that folder or "
+                                  f"choose another --study-name")
+            try:
+                main = retry(lambda: optuna.create_study(study_name=spec.study_name, storage=self.storage,
+                                                         direction=spec.direction, load_if_exists=False))
+                created = True
+            except optuna.exceptions.DuplicatedStudyError:
+                pass
+        if created:
+            main.set_user_attr(ATTR, meta)
+            self.log(f"new study in {self.url}: {spec.kind}, {spec.total} trials")
+            for name in meta["groups"]:
+                retry(lambda n=name: optuna.create_study(study_name=n, storage=self.storage, direction=spec.direction,
+                                                         load_if_exists=True))
+        else:
+            main = self._wait_ready_or_load(meta)
+        groups = meta["groups"]
+        if self.kind.grouped:
+            self.studies = [(self._load(n, p), p) for n, p in zip(groups, self.points)]
+        else:
+            self.studies = [(self._load(spec.study_name, None), None)]
+        if created:
+            self._enqueue_missing(first=True)
+            main.set_user_attr(READY, True)
+        elif create:
+            self._enqueue_missing(first=False)
+        self.done_at_start = self.counts().done
+
+    def _exists(self) -> bool:
+        try:
+            retry(lambda: self.storage.get_study_id_from_name(self.spec.study_name))
+        except KeyError:
+            return False
+        return True
+
+    def _wait_ready_or_load(self, meta: dict[str, Any], timeout: float = 120.0) -> optuna.Study:
+        spec = self.spec
+        try:
+            main = retry(lambda: optuna.load_study(study_name=spec.study_name, storage=self.storage))
+        except KeyError:
+            raise ConfigError(f"no study {spec.study_name!r} in {self.url}") from None
+        deadline = time.time() + 10  # its creator writes the spec right after creating it
+        while ATTR not in main.user_attrs and time.time() < deadline:
+            time.sleep(0.5)
+            main = retry(lambda: optuna.load_study(study_name=spec.study_name, storage=self.storage))
+        old = main.user_attrs.get(ATTR)
+        if old is None:
+            raise ConfigError(f"study {spec.study_name!r} in {self.url} was not made by `normablate sweep` (no spec "
+                              f"attribute); choose another --study-name, or delete it: optuna delete-study "
+                              f"--study-name {spec.study_name} --storage {self.url}")
+        deadline = time.time() + timeout
+        if old["fingerprint"] != meta["fingerprint"]:
+            diff = _spec_diff(old["spec"], meta["spec"])
+            raise ConfigError(f"study {spec.study_name!r} in {self.url} was started from a different sweep spec "
+                              f"(differs in: {', '.join(diff) or '?'}); re-run with the original spec, or pass "
+                              f"--study-name NEW to start a new study")
+        while not main.user_attrs.get(READY) and time.time() < deadline:  # its creator is still enqueueing
+            time.sleep(0.5)
+            main = retry(lambda: optuna.load_study(study_name=spec.study_name, storage=self.storage))
+        return main
+
+    def _enqueue_missing(self, first: bool) -> None:
+        """Enqueue a WAITING trial for every point (search: every budget unit) that has no trial waiting, running
+        or finished. At creation that is all of them; on a re-run, the ones whose trials failed."""
+        n_new = 0
+        for study, group in self.studies:
+            trials = retry(lambda s=study: s.get_trials(deepcopy=False))
+            live = [t for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE,
+                                                      TrialState.PRUNED)]
+            new = []
+            if self.kind.grouped:
+                missing = max(0, self.spec.trials_per_point - len(live))
+                for _ in range(missing):
+                    new.append(optuna.trial.create_trial(
+                        state=TrialState.WAITING, system_attrs={"fixed_params": {}},
+                        user_attrs={"point": group.index, "group": group.label(self.spec.axes),
+                                    "axes": group.labels(self.spec.axes)}))
+            else:
+                have = {t.user_attrs.get("point") for t in live}
+                for p in self.points:
+                    if p.index in have:
+                        continue
+                    fixed = {a.key: a.choices[a.values.index(p.values[a.key])] for a in self.spec.axes}
+                    new.append(optuna.trial.create_trial(
+                        state=TrialState.WAITING, system_attrs={"fixed_params": fixed},
+                        user_attrs={"point": p.index, "axes": p.labels(self.spec.axes)}))
+            if new:
+                retry(lambda s=study, n=new: s.add_trials(n))
+                n_new += len(new)
+        if n_new and not first:
+            self.log(f"re-queued {n_new} trial(s) that had failed or were never queued")
+
+    # ------------------------------------------------------------------ state
+    def counts(self) -> Counts:
+        c = Counts(total=self.spec.total)
+        for study, _ in self.studies:
+            trials = retry(lambda s=study: s.get_trials(deepcopy=False))
+            c.running += sum(t.state == TrialState.RUNNING for t in trials)
+            c.waiting += sum(t.state == TrialState.WAITING for t in trials)
+            if self.kind.grouped:
+                fin = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+                c.done += min(len(fin), self.spec.trials_per_point)
+                c.diverged += sum(bool(t.user_attrs.get("diverged")) for t in fin)
+                c.pruned += sum(t.state == TrialState.PRUNED for t in fin)
+                c.failed += max(0, self.spec.trials_per_point - len(fin) - sum(
+                    t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials))
+                continue
+            by_point: dict[int, list] = {}
+            for t in trials:
+                by_point.setdefault(t.user_attrs.get("point"), []).append(t)
+            for p in self.points:
+                ts = by_point.get(p.index, [])
+                fin = sorted((t for t in ts if t.state in (TrialState.COMPLETE, TrialState.PRUNED)),
+                             key=lambda t: t.number)
+                if fin:
+                    c.done += 1
+                    c.duplicates += len(fin) - 1
+                    c.diverged += bool(fin[0].user_attrs.get("diverged"))
+                    c.pruned += fin[0].state == TrialState.PRUNED
+                elif not any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in ts):
+                    c.failed += 1
+        return c
+
+    def claim(self) -> Slot | None:
+        n = len(self.studies)
+        for k in range(n):
+            study, group = self.studies[(self._rr + k) % n]
+            waiting = retry(lambda s=study: s.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+            for t in sorted(waiting, key=lambda t: t.number):
+                try:
+                    if not retry(lambda tid=t._trial_id: self.storage.set_trial_state_values(tid, TrialState.RUNNING)):
+                        continue
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue
+                self.my_trials.add(t._trial_id)
+                self._rr = (self._rr + k + 1) % n
+                worker = {"host": HOST, "pid": os.getpid(), "hostname": socket.gethostname()}
+                retry(lambda tid=t._trial_id: self.storage.set_trial_system_attr(tid, "nb:worker", worker))
+                trial = retry(lambda tid=t._trial_id: optuna.Trial(study, tid))
+                point = group if group is not None else self.points[int(t.user_attrs["point"])]
+                return Slot(study, trial, point, group.label(self.spec.axes) if group is not None else None)
+        return None
+
+    def _is_duplicate(self, slot: Slot) -> int | None:
+        """A grid point finished by another trial (possible only after concurrent re-queues): its number."""
+        if self.kind.grouped:
+            return None
+        for t in slot.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+            if t.user_attrs.get("point") == slot.point.index:
+                return t.number
+        return None
+
+
+def _spec_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _spec_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+

@@ -1,0 +1,109 @@
+"""Process supervision: worker processes on this machine, signals, and dying with the parent.
+
+``run_workers`` starts N spawned processes on the shared storage and waits for them; SIGINT/SIGTERM between
+runs make every worker stop claiming and exit once its current trial is recorded (a run in progress handles the
+signal itself: it checkpoints, stops, and its trial is re-queued); a second Ctrl-C aborts at once. On Linux a
+worker gets SIGTERM when its parent dies, so ``kill -9`` of the sweep command does not leave workers behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+
+from typing import TYPE_CHECKING
+
+import optuna
+
+if TYPE_CHECKING:
+    from .runner import Sweep
+    from .spec import SweepSpec
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the parent dies (so `kill -9` of the sweep command does not leave workers)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM between runs: claim nothing new and exit once the current trial is recorded (a run in progress
+    handles the signal itself: it checkpoints, stops, and its trial is re-queued). A second Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum, frame) -> None:  # noqa: ARG002
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+STOP = _StopFlag()
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, STOP) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def worker_main(spec: "SweepSpec", url: str, runtime: dict, name: str, t0: float, done_at_start: int,
+                 parent: int) -> None:
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        sys.exit(1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from .runner import Sweep
+
+    with stop_on_signals():
+        sweep = Sweep(spec, url, runtime=runtime, worker=name)
+        sweep.setup(create=False)
+        sweep.t0, sweep.done_at_start = t0, done_at_start
+        code = sweep.work()
+    sys.exit(code)
+
+
+def run_workers(spec: "SweepSpec", sweep: "Sweep", runtime: dict, workers: int) -> int:
+    """Start ``workers`` processes on the shared storage and wait for them. A SIGTERM to this process is passed on
+    (Ctrl-C in a terminal reaches them directly); each stops after recording its current trial."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker_main, name=f"w{i}",
+                         args=(spec, sweep.url, runtime, f"w{i}", sweep.t0, sweep.done_at_start, os.getpid()))
+             for i in range(workers)]
+    for p in procs:
+        p.start()
+    forwarded = False
+    try:
+        while any(p.is_alive() for p in procs):
+            if STOP.signum == signal.SIGTERM and not forwarded:
+                for p in procs:
+                    if p.is_alive() and p.pid:
+                        os.kill(p.pid, signal.SIGTERM)
+                forwarded = True
+            for p in procs:
+                p.join(timeout=0.5)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop them now (their trials are re-queued when found dead)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=60)
+        return 130
+    codes = [p.exitcode for p in procs]
+    if STOP.signum is not None or any(c in (130, -signal.SIGTERM, -signal.SIGINT) for c in codes):
+        return 130
+    return 0 if all(c == 0 for c in codes) else 1

@@ -1,0 +1,197 @@
+"""Trial execution: run one claimed trial (``train(cfg)`` via the spec's ``trainer_fn``) and record it.
+
+Every trial stores in its user attributes (names the report reads; keep them stable, existing studies depend on
+them): ``run``, ``run_dir``, ``config``, ``params``, ``resumed``, ``status``, ``diverged``, ``diverged_step``,
+``steps``, ``final``, ``best``, ``steps_to_target``, ``time_to_target``, ``train_loss_auc``, ``wall_time``,
+``throughput``, ``history`` (compact curves, probe series included) and, for runs that probed, ``probes``
+(each probe series' mean over the run). A crashed run stores ``error`` and ``traceback``.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from ..config import to_dict
+from ..errors import ConfigError
+from ..result import RunResult
+from .liveness import Heartbeat
+from .queue import Slot
+from .storage import retry
+
+HISTORY_POINTS = 256  # curves kept per metric in the trial record (downsampled by averaging)
+
+
+def load_trainer(path: str) -> Callable[..., RunResult]:
+    mod, _, attr = path.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"trainer_fn {path!r} cannot be imported: {e}") from None
+
+
+def compact_history(history: dict[str, list], max_steps: int, points: int = HISTORY_POINTS) -> dict[str, list]:
+    """Curves for plots, at most ``points`` per metric: steps are binned by ``ceil(max_steps / points)`` (the same
+    bins for every run of a config) and each bin keeps its last step and the mean of its finite values."""
+    width = max(1, math.ceil(max_steps / points))
+    out: dict[str, list] = {}
+    for name, pts in history.items():
+        if len(pts) <= points:
+            out[name] = [[int(s), float(v) if math.isfinite(float(v)) else None] for s, v in pts]
+            continue
+        bins: dict[int, list] = {}
+        for s, v in pts:
+            bins.setdefault((int(s) - 1) // width, []).append((int(s), float(v)))
+        rows = []
+        for _, items in sorted(bins.items()):
+            finite = [v for _, v in items if math.isfinite(v)]
+            rows.append([items[-1][0], sum(finite) / len(finite) if finite else None])
+        out[name] = rows
+    return out
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+class TrialMixin:
+    """Suggesting, running and recording a trial (part of ``runner.Sweep``)."""
+
+    def _suggest(self, slot: Slot) -> dict[str, Any]:
+        trial = slot.trial
+        if not self.kind.grouped:
+            for a in self.spec.axes:  # fixed params: records them (readable) in the trial
+                trial.suggest_categorical(a.key, a.choices)
+            return {}
+        return self.kind.suggest(trial, self.spec.options)
+
+    def run_slot(self, slot: Slot, trainer_fn: Callable[..., RunResult]) -> str:
+        """Run one claimed trial and tell the storage. Returns a one-line summary."""
+        trial, spec = slot.trial, self.spec
+        dup = self._is_duplicate(slot)
+        if dup is not None:
+            trial.set_user_attr("skipped", f"duplicate of trial {dup}")
+            retry(lambda: slot.study.tell(trial, state=TrialState.FAIL))
+            return f"trial {trial.number} skipped (point already done by trial {dup})"
+        params = self._suggest(slot)
+        frozen = self.storage.get_trial(trial._trial_id)
+        run = frozen.system_attrs.get("nb:run")
+        is_retry = run is not None
+        if run is None:
+            slug = slot.point.slug(spec.axes)
+            run = f"{slug}-t{trial.number:03d}" if self.kind.grouped else f"t{trial.number:04d}-{slug}"
+        cfg = spec.trial_config(slot.point, params, run=run, runtime=self.runtime)  # travels as this object
+        run_dir = Path(cfg.trainer.log_dir) / cfg.experiment / run
+        for k, v in {"run": run, "run_dir": str(run_dir), "config": to_dict(cfg), "params": params}.items():
+            trial.set_user_attr(k, v)
+        resume = is_retry and ((run_dir / "last.ckpt").exists() or (run_dir / "result.json").exists())
+        trial.set_user_attr("resumed", resume)
+        label = slot.point.label(spec.axes) + (" " + " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float)
+                                                              else f"{k.split('.')[-1]}={v}"
+                                                              for k, v in params.items()) if params else "")
+        self.log(f"trial {trial.number} started: {label}" + (" (resuming)" if resume else ""))
+        pruning = None
+        if spec.pruner.get("name", "none") != "none":
+            from .pruning import OptunaPruning  # imports Lightning
+
+            pruning = OptunaPruning(trial, spec.metric)
+        t_start = time.time()
+        with Heartbeat(self.storage, trial._trial_id, float(spec.heartbeat["interval"])):
+            try:
+                result = trainer_fn(cfg, callbacks=[pruning] if pruning else None, resume=resume)
+            except optuna.TrialPruned as e:
+                self._record_pruned(trial, pruning, cfg, run_dir, time.time() - t_start)
+                self._tell(slot, state=TrialState.PRUNED)
+                return f"trial {trial.number} {label}: {e}"
+            except (KeyboardInterrupt, SystemExit) as e:  # e.g. Lightning's SIGTERMException (a SystemExit)
+                self._interrupt(slot, f"interrupted ({type(e).__name__}); re-queued")
+                raise
+            except Exception as e:  # noqa: BLE001  a crashed run is recorded, and the sweep goes on
+                trial.set_user_attr("error", "".join(traceback.format_exception_only(type(e), e)).strip()[-2000:])
+                trial.set_user_attr("traceback", traceback.format_exc()[-8000:])
+                self._tell(slot, state=TrialState.FAIL)
+                print(traceback.format_exc(), file=sys.stderr, flush=True)
+                return f"trial {trial.number} {label}: FAILED ({type(e).__name__}: {e})"
+            if result.status == "interrupted":
+                self._interrupt(slot, "run interrupted by a signal (checkpoint saved)")
+                self.interrupted = True
+                return f"trial {trial.number} {label}: interrupted; re-run the command to continue it"
+            try:
+                value = self._record(trial, result)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                value = None
+            if value is not None:
+                self._tell(slot, value=value)
+            else:
+                self.my_trials.discard(trial._trial_id)
+                self.log(f"trial {trial.number} was failed by another worker meanwhile; its retry counts instead")
+        m = result.final.get(spec.metric)
+        what = (f"diverged at step {result.diverged_step}" if result.diverged
+                else f"{spec.metric} {m:.4g}" if m is not None else result.status)
+        return f"last: #{trial.number} {label} -> {what} ({result.wall_time:.1f}s)"
+
+    def _tell(self, slot: Slot, value: float | None = None, state: TrialState | None = None) -> None:
+        try:
+            retry(lambda: slot.study.tell(slot.trial, value, state=state))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.log(f"trial {slot.trial.number} was failed by another worker (no heartbeat seen); its retry "
+                     f"counts, this result is dropped")
+        finally:
+            self.my_trials.discard(slot.trial._trial_id)
+
+    def _interrupt(self, slot: Slot, reason: str) -> None:
+        try:
+            slot.trial.set_user_attr("error", reason)
+            self._tell(slot, state=TrialState.FAIL)
+            self._requeue(slot.study, self.storage.get_trial(slot.trial._trial_id), reason)
+        except Exception:  # noqa: BLE001  best effort while shutting down; the reaper covers the rest
+            pass
+
+    def objective_value(self, result: RunResult) -> float:
+        worst = -math.inf if self.spec.direction == "maximize" else math.inf
+        if result.diverged:
+            return worst
+        src = result.final if self.spec.metric_at == "final" else result.best
+        v = _finite(src.get(self.spec.metric))
+        return worst if v is None else v
+
+    def _record(self, trial: optuna.Trial, r: RunResult) -> float:
+        """Store the run's record in the trial's user attributes (JSON only) and return the objective value."""
+        max_steps = int((r.config.get("trainer") or {}).get("max_steps") or max(r.steps, 1))
+        attrs = {
+            "status": r.status, "diverged": r.diverged, "diverged_step": r.diverged_step, "steps": r.steps,
+            "final": {k: _finite(v) for k, v in r.final.items()},
+            "best": {k: _finite(v) for k, v in r.best.items()},
+            "steps_to_target": r.steps_to_target, "time_to_target": _finite(r.time_to_target),
+            "train_loss_auc": _finite(r.train_loss_auc), "wall_time": _finite(r.wall_time),
+            "throughput": _finite(r.throughput), "run_dir": r.run_dir,
+            "history": compact_history(r.history, max_steps),
+        }
+        if r.config:
+            attrs["config"] = r.config
+        probes = getattr(r, "probes", None)  # (a RunResult from an older trainer_fn has none)
+        if probes:
+            attrs["probes"] = {k: _finite(v) for k, v in probes.items()}
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        return self.objective_value(r)
+
+    def _record_pruned(self, trial: optuna.Trial, pruning, cfg, run_dir: Path, wall: float) -> None:
+        attrs = {"status": "pruned", "diverged": False, "steps": pruning.pruned_step, "wall_time": wall,
+                 "run_dir": str(run_dir), "history": compact_history(pruning.history, cfg.trainer.max_steps)}
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+
+    # ------------------------------------------------------------------ the loop
