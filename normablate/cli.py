@@ -1,14 +1,21 @@
-"""Command line: thin. Parse, validate, call ``train`` / ``sweep`` / ``report``."""
+"""Command line: thin. Parse, validate, call ``train`` / ``sweep`` / ``report`` / ``bench``.
+
+Start-up: nothing heavy (torch, timm, Lightning, Optuna, pandas, matplotlib) is imported before the command
+needs it, so ``--help`` and ``--version`` answer at once; the sweep/report parsers (which import their
+packages) are built only when that command is given.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import models, norms
+from . import __version__
 from .errors import NormablateError
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from . import models, norms
+
     print("norms:")
     for name in norms.available():
         print(f"  {name:<12} options: {', '.join(norms.options(name)) or '-'}")
@@ -65,8 +72,16 @@ def cmd_sweep_and_report(args: argparse.Namespace) -> int:
     return code
 
 
-def build_parser() -> argparse.ArgumentParser:
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import cmd_bench as run
+
+    return run(args)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; ``command`` (the subcommand about to run) decides which heavy subparsers are built."""
     parser = argparse.ArgumentParser(prog="normablate", description="Ablate normalization layers.")
+    parser.add_argument("--version", action="version", version=f"normablate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="list registered norms and backbones with their options")
     p.set_defaults(func=cmd_list)
@@ -78,20 +93,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run from its last.ckpt")
     p.set_defaults(func=cmd_train)
 
-    from .report import add_report_arguments, cmd_report
-    from .sweep.cli import add_sweep_arguments
+    p = sub.add_parser("bench", help="benchmark norms, framework overhead, inference and start-up (docs/)")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (about a minute)")
+    p.add_argument("--out", default="docs", help="folder for benchmarks.md and benchmarks.csv (default: docs)")
+    p.add_argument("--compile", action="store_true", help="also time every norm under torch.compile (slow)")
+    p.add_argument("--only", nargs="+", metavar="SECTION",
+                   choices=("norms", "allocator", "inference", "framework", "startup"),
+                   help="run only these sections: norms allocator inference framework startup")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("sweep", help="run an ablation sweep (an Optuna study) from a sweep spec")
-    add_sweep_arguments(p)
-    p.set_defaults(func=cmd_sweep_and_report)
+    if command == "sweep":
+        from .sweep.cli import add_sweep_arguments
+
+        add_sweep_arguments(p)
+        p.set_defaults(func=cmd_sweep_and_report)
     p = sub.add_parser("report", help="tables and plots of a finished or running study")
-    add_report_arguments(p)
-    p.set_defaults(func=cmd_report)
+    if command == "report":
+        from .report import add_report_arguments, cmd_report
+
+        add_report_arguments(p)
+        p.set_defaults(func=cmd_report)
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first argument that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    from .alloc import configure
+
+    configure()  # glibc malloc thresholds: no page faults for every large tensor (alloc.py)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     try:
         return args.func(args)
