@@ -306,11 +306,17 @@ def validate(cfg: RunConfig) -> None:
                f"model.vocab_size={opts.get('vocab_size')} must be >= 256 (byte-level tokens)")
     try:  # build once on the meta device (no memory, no init cost): bad option values fail here, not mid-run
         with torch.device("meta"):
-            models.create(m.backbone, norm=m.norm, **opts)
+            net = models.create(m.backbone, norm=m.norm, **opts)
     except ConfigError:
         raise
     except (ValueError, TypeError, AssertionError) as e:
         raise ConfigError(f"model {m.backbone!r} cannot be built with norm={m.norm!r} and options {opts}: {e}") from e
+    if cfg.probes.enabled and cfg.probes.layers:  # ICS layers must be weight layers of this model
+        from .probes.ics import weight_layers
+
+        known = [n for n, _ in weight_layers(net)]
+        bad = [n for n in cfg.probes.layers if n not in known]
+        _check(not bad, f"probes.layers: {bad} are not weight layers of {m.backbone!r}; valid: {', '.join(known)}")
     want_task = "lm" if m.backbone == "transformer_lm" else "classification"
     if cfg.task is None:
         cfg.task = want_task

@@ -143,7 +143,10 @@ def test_probe_config_errors(tmp_path):
         load_config(None, ["probes.step_sizes=[]"])
     with pytest.raises(ConfigError, match="did you mean probes.every"):
         load_config(None, ["probes.evry=3"])
-    cfg = load_config(None, [*TINY, "probes.enabled=true", "probes.layers=[nope]"])
+    with pytest.raises(ConfigError, match="probes.layers: \\['nope'\\] are not weight layers of 'vgg11'"):
+        load_config(None, [*TINY, "probes.enabled=true", "probes.layers=[nope]"])  # before anything is built
+    cfg = load_config(None, [*TINY, "probes.enabled=true"])
+    cfg.probes.layers = ["nope"]
     from normablate.models import create
 
     with pytest.raises(ConfigError, match="nope.*valid: features.0.conv"):

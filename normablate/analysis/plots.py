@@ -43,6 +43,14 @@ def fmt(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def suptitle(fig, text: str, fontsize: float = 10.5) -> None:
+    """A figure title wrapped to the figure's width (a long title must not widen the saved image)."""
+    import textwrap
+
+    width = max(40, int(fig.get_figwidth() * 72 / (0.55 * fontsize)))
+    fig.suptitle(textwrap.fill(text, width), fontsize=fontsize)
+
+
 def save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
@@ -197,8 +205,8 @@ def loss_curves(data: StudyData, out: Path, per_sample: bool = False) -> Path | 
     extra = [(plt.Line2D([], [], color="gray", marker="x", ls="", ms=8, mew=2), "run(s) diverged")] if ends else []
     shared_legend(fig, axes, line_key, extra)
     seeds = int(df.groupby(data.group_cols, dropna=False).size().max())
-    fig.suptitle(f"{data.name}: training loss per {line_key} (line: mean over {seeds} seed(s); band: seed range)"
-                 + ("; y range: 1st–99th percentile" if rng else ""))
+    suptitle(fig, f"{data.name}: training loss per {line_key} (line: mean over {seeds} seed(s); band: seed range)"
+             + ("; y range: 1st–99th percentile" if rng else ""))
     fig.tight_layout()
     return save(fig, out / "loss_curves.png")
 
@@ -280,6 +288,6 @@ def bars(data: StudyData, summ, out: Path, what: list[tuple[str, str]], name: st
                     right=right * 1.25 if right > 0 else 1.0)
         ax.grid(alpha=0.3, axis="x")
     axes[0][0].set_ylabel(" / ".join(data.group_cols))
-    fig.suptitle(f"{data.name}: {title} (mean ± 95% CI over seeds)")
+    suptitle(fig, f"{data.name}: {title} (mean ± 95% CI over seeds)")
     fig.tight_layout()
     return save(fig, out / name)

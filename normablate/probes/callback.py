@@ -24,17 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .ics import ics
+from .ics import ics, weight_layers
 from .landscape import _set, landscape, loss_and_grad
-
-WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)
-
-
-def weight_layers(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(module name, weight) of every Conv/Linear/Embedding with a trainable weight, in registration order."""
-    return [(name, m.weight) for name, m in model.named_modules()
-            if isinstance(m, WEIGHT_LAYERS) and isinstance(m.weight, nn.Parameter) and m.weight.requires_grad]
-
 
 def _rng_state(device: torch.device) -> tuple:
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None

@@ -25,8 +25,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from .landscape import LossFn, _set
+
+WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)
+
+
+def weight_layers(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(module name, weight) of every Conv/Linear/Embedding with a trainable weight, in registration order."""
+    return [(name, m.weight) for name, m in model.named_modules()
+            if isinstance(m, WEIGHT_LAYERS) and isinstance(m.weight, nn.Parameter) and m.weight.requires_grad]
 
 
 def ics(loss_fn: LossFn, params: Sequence[torch.Tensor], layers: Sequence[int], before: Sequence[torch.Tensor],

@@ -56,8 +56,10 @@ def section(data: StudyData, out: Path) -> Section:
     per_run["ics_cos"] = [np.nanmean([_run_mean(data.histories.get(i, {}), f"probe/ics_cos/{n}") for n in layers])
                           if layers else math.nan for i in range(len(df))]
     ok = (~df["diverged"].astype(bool)) & (df["state"] == "complete")
-    rows, beta_values = [], {}
+    rows = []
     cols = data.group_cols
+    panel_cols = [c for c in cols if c != data.line_key]
+    beta: dict[tuple, dict[str, list]] = {}  # per panel (e.g. per LR): line (norm) -> runs' mean beta
     for key, sub in df.groupby(cols, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         idx = [i for i in sub.index if ok.iloc[i]]
@@ -67,10 +69,18 @@ def section(data: StudyData, out: Path) -> Section:
                         ("probe/beta", "β-smoothness"), ("ics_l2", "ICS l2 (layer mean)"),
                         ("ics_cos", "ICS cos (layer mean)")):
             row[name] = fmt_ci(*mean_ci(per_run.loc[idx, c].tolist())[:2])
-        beta_values[" ".join(str(k) for k in key)] = per_run.loc[idx, "probe/beta"].tolist()
+        panel = tuple(row[c] for c in panel_cols)
+        beta.setdefault(panel, {})[str(row[data.line_key])] = per_run.loc[idx, "probe/beta"].tolist()
         rows.append(row)
+    lines = []
+    for panel, values in beta.items():
+        where = ", ".join(f"{c}={v}" for c, v in zip(panel_cols, panel))
+        text = conclusion(values, "minimize", "effective β-smoothness")
+        lines.append(text.replace("**Conclusion:**", f"**Conclusion ({where}):**" if where else "**Conclusion:**"))
     md = ("## Loss landscape and internal covariate shift (probes)\n\n" + markdown_table(pd.DataFrame(rows)) + "\n"
-          + conclusion(beta_values, "minimize", "effective β-smoothness (smoother)") + "\n")
+          + "\n\n".join(lines) + "\n\nLower loss variation, gradient change and β mean a smoother landscape, but "
+          "read them with the loss: a network that does not train (e.g. a deep plain net stuck at chance, with "
+          "vanishing gradients) is flat too. ICS l2 scales with the gradient's size; the cosine does not.\n")
     figures = [("Loss landscape along the gradient", landscape_figure(data, out))]
     if layers:
         figures.append(("Internal covariate shift per layer", ics_figure(data, out, layers)))
@@ -122,9 +132,9 @@ def landscape_figure(data: StudyData, out: Path) -> Path | None:
         if lim:
             axes[r][0].set_ylim(*lim)
     P.shared_legend(fig, axes, data.line_key)
-    fig.suptitle(f"{data.name}: loss landscape along the gradient (step sizes "
-                 f"{_grid_text(data)}; lines/bands: mean over seeds, band = seed range; left band = min–max over "
-                 f"step sizes)", fontsize=10)
+    P.suptitle(fig, f"{data.name}: loss landscape along the gradient (step sizes {_grid_text(data)}; "
+                    f"lines: mean over seeds, band: seed range; left: band between the lowest and highest loss over "
+                    f"the step sizes, mean over seeds)", fontsize=10)
     fig.tight_layout()
     return P.save(fig, out / "probe_landscape.png")
 
@@ -141,11 +151,15 @@ def ics_figure(data: StudyData, out: Path, layers: list[str], max_layers: int = 
 
     from ..analysis import plots as P
 
-    if len(layers) > max_layers:  # evenly spaced, first and last included
-        pick = sorted({round(i * (len(layers) - 1) / (max_layers - 1)) for i in range(max_layers)})
-        shown = [layers[i] for i in pick]
+    # a layer with no earlier layers (the first) has ICS 0 and cosine 1 by definition: not drawn, said in the title
+    trivial = [n for n in layers if all(v == 0.0 for c in data.curves(range(len(data.trials)), f"probe/ics_l2/{n}")
+                                        for _, v in c)]
+    rest = [n for n in layers if n not in trivial] or layers
+    if len(rest) > max_layers:  # evenly spaced, first and last included
+        pick = sorted({round(i * (len(rest) - 1) / (max_layers - 1)) for i in range(max_layers)})
+        shown = [rest[i] for i in pick]
     else:
-        shown = layers
+        shown = rest
     df = data.trials
     panel_cols, panels = _panels(data)
     names = list(dict.fromkeys(df[data.line_key]))
@@ -162,8 +176,11 @@ def ics_figure(data: StudyData, out: Path, layers: list[str], max_layers: int = 
                 P.line_with_band(axes[2 * p][j], data.curves(rows, f"probe/ics_l2/{layer}"), cmap[name], name)
                 P.line_with_band(axes[2 * p + 1][j], data.curves(rows, f"probe/ics_cos/{layer}"), cmap[name], name)
             axes[2 * p][j].set_title(f"{layer}" + (f"\n{where}" if where else ""), fontsize=9)
-            axes[2 * p + 1][j].set_ylim(-1.05, 1.05)
-            axes[2 * p + 1][j].axhline(1.0, color="0.6", lw=0.8, ls=":")
+            cos_ax = axes[2 * p + 1][j]
+            lows = [float(np.nanmin(ln.get_ydata())) for ln in cos_ax.get_lines()] + \
+                [float(np.nanmin(c.get_paths()[0].vertices[:, 1])) for c in cos_ax.collections if c.get_paths()]
+            cos_ax.set_ylim(max(-1.05, min(lows + [0.9]) - 0.05), 1.02)
+            cos_ax.axhline(1.0, color="0.6", lw=0.8, ls=":")
             for ax in (axes[2 * p][j], axes[2 * p + 1][j]):
                 ax.grid(alpha=0.3)
         axes[2 * p][0].set_ylabel("ICS: ||G − G′||₂")
@@ -171,8 +188,10 @@ def ics_figure(data: StudyData, out: Path, layers: list[str], max_layers: int = 
     for ax in axes[-1]:
         ax.set_xlabel("optimizer step")
     P.shared_legend(fig, axes, data.line_key)
-    note = f" (layers {', '.join(shown)} of {len(layers)})" if len(shown) < len(layers) else ""
-    fig.suptitle(f"{data.name}: internal covariate shift per layer (Santurkar et al. Def. 2.1){note}; "
-                 f"line: mean over seeds, band: seed range; cos = 1: no shift", fontsize=10)
+    note = f" (layers {', '.join(shown)} of {len(layers)} probed)" if len(shown) < len(layers) else ""
+    if trivial:
+        note += f"; {', '.join(trivial)}: no earlier layer, ICS 0 by definition (not drawn)"
+    P.suptitle(fig, f"{data.name}: internal covariate shift per layer (Santurkar et al. Def. 2.1){note}; "
+                    f"line: mean over seeds, band: seed range; cos = 1: no shift", fontsize=10)
     fig.tight_layout()
     return P.save(fig, out / "probe_ics.png")

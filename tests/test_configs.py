@@ -1,0 +1,25 @@
+"""Every shipped sweep and study spec passes ``normablate sweep --check`` (each trial config validated)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from normablate.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = sorted([*(ROOT / "configs" / "sweeps").glob("*.yaml"), *(ROOT / "configs" / "studies").rglob("*.yaml")])
+
+
+def test_the_readme_main_job_is_shipped():
+    assert ROOT / "configs" / "sweeps" / "quick.yaml" in SPECS
+    readme = (ROOT / "README.md").read_text()
+    assert "normablate sweep --config configs/sweeps/quick.yaml --workers 2" in readme
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[str(p.relative_to(ROOT / "configs")) for p in SPECS])
+def test_shipped_spec_passes_check(path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # specs name data relative to the repository root, as the README runs them
+    assert main(["sweep", "--config", str(path), "--check"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert " run configs valid" in out and "trials;" in out
