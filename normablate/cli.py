@@ -7,6 +7,7 @@ packages) are built only when that command is given.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -82,6 +83,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser; ``command`` (the subcommand about to run) decides which heavy subparsers are built."""
     parser = argparse.ArgumentParser(prog="normablate", description="Ablate normalization layers.")
     parser.add_argument("--version", action="version", version=f"normablate {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an unexpected error (also: NORMABLATE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="list registered norms and backbones with their options")
     p.set_defaults(func=cmd_list)
@@ -129,11 +132,27 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("NORMABLATE_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except NormablateError as e:
+    except NormablateError as e:  # bad input, refused before anything ran, or a file we cannot use
+        if debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file or folder the user controls (permissions, disk full, missing path)
+        if debug:
+            raise
+        where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{':' + where if where else ''}; check that the path exists and is "
+              f"writable (NORMABLATE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug of ours or a library's: one line, and how to see the traceback
+        if debug:
+            raise
+        print(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with "
+              f"--debug or NORMABLATE_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -249,6 +250,8 @@ def _build_section(cls: type, values: dict, prefix: str) -> Any:
                               + (f" (did you mean {hint!r}?)" if hint else ""))
         if not ok:
             raise ConfigError(f"config key {prefix}{key}={value!r} has the wrong type; expected {_describe(hints[key])}")
+        if isinstance(coerced, float) and not math.isfinite(coerced):
+            raise ConfigError(f"config key {prefix}{key}={value!r} must be a finite number")
         kwargs[key] = coerced
     return cls(**kwargs)
 
@@ -258,6 +261,7 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
     if not isinstance(d, dict):
         raise ConfigError(f"a run config must be a mapping, got {type(d).__name__}")
     d = copy.deepcopy(d)
+    _check_finite(d, "")
     top_fields = [f.name for f in dataclasses.fields(RunConfig)]
     for key in d:
         if key not in top_fields:
@@ -279,6 +283,24 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
     cfg = dataclasses.replace(top, **sections)
     validate(cfg)
     return cfg
+
+
+def _check_finite(value: Any, key: str) -> None:
+    """No NaN or infinity anywhere in a config (model and norm options included): a non-finite number is always a
+    typo or an overflow, and it trains to NaN instead of failing."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key {key}={value!r} must be a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
+
+
+# Lightning's precision strings (lightning.fabric.connector._PRECISION_INPUT_STR, and its short aliases)
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64",
+              "transformer-engine", "transformer-engine-float16")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -353,6 +375,12 @@ def validate(cfg: RunConfig) -> None:
     _check(t.precise_bn >= 0, f"trainer.precise_bn={t.precise_bn} must be >= 0 (0: off)")
     _check(t.accelerator in ("cpu", "gpu", "cuda", "mps", "auto"),
            f"trainer.accelerator={t.accelerator!r} is not allowed; valid: cpu, gpu, cuda, mps, auto")
+    _check(str(t.precision) in PRECISIONS,
+           f"trainer.precision={t.precision!r} is not allowed; valid (Lightning): {', '.join(PRECISIONS[:6])}"
+           + (f" (did you mean {closest(str(t.precision), PRECISIONS)!r}?)" if closest(str(t.precision), PRECISIONS)
+              else ""))
+    _check(not (t.accelerator == "cpu" and str(t.precision) in ("16-mixed", "16")),
+           f"trainer.precision={t.precision!r} needs a GPU; on trainer.accelerator='cpu' use bf16-mixed or 32-true")
     metrics = ("val/acc", "val/loss") if cfg.task == "classification" else ("val/ppl", "val/loss")
     _check((t.target_metric is None) == (t.target_value is None),
            "trainer.target_metric and trainer.target_value must be given together")
@@ -369,6 +397,20 @@ def validate(cfg: RunConfig) -> None:
            f"run={cfg.run!r} must be a plain folder name")
 
 
+def check_hardware(cfg: RunConfig) -> None:
+    """What the config asks of this machine (a GPU, enough of them). Called by ``train`` before any data is read or
+    model built; not part of ``validate``, so a GPU sweep can be ``--check``ed on a machine without one."""
+    t = cfg.trainer
+    if t.accelerator in ("gpu", "cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        _check(n > 0, f"trainer.accelerator={t.accelerator!r} but this machine has no usable CUDA GPU "
+                      f"(torch.cuda.is_available() is False); use trainer.accelerator=cpu or auto")
+        _check(t.devices <= n, f"trainer.devices={t.devices} but this machine has {n} CUDA GPU(s)")
+    if t.accelerator == "mps":
+        _check(torch.backends.mps.is_available(),
+               "trainer.accelerator='mps' but MPS is not available here; use trainer.accelerator=cpu or auto")
+
+
 def validated(cfg: RunConfig) -> RunConfig:
     """A checked copy of a RunConfig (what ``train`` does with a config object: no dict round trip)."""
     if not isinstance(cfg, RunConfig):
@@ -379,11 +421,24 @@ def validated(cfg: RunConfig) -> RunConfig:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``. A syntax error names the file and line; an empty file is refused (it would
+    silently train the built-in defaults: omit ``--config`` for that)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
-    with open(p) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(p) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {where}: YAML syntax error: {problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {e}") from None
+    if data is None:
+        raise ConfigError(f"config file {str(p)!r} is empty; give at least one key (e.g. model.backbone), or omit "
+                          f"--config to train the built-in defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
     return data

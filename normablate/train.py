@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from . import __version__, models
 from .callbacks import RunInterrupted, RunMonitor, StopRequest
-from .config import RunConfig, from_dict, to_dict, to_yaml, validated
+from .config import RunConfig, check_hardware, from_dict, to_dict, to_yaml, validated
 from .errors import ConfigError
 from .probes.callback import summarize as summarize_probes
 from .result import RunResult
@@ -147,6 +147,18 @@ def build_model(cfg: RunConfig, datamodule) -> torch.nn.Module:
     return models.create(cfg.model.backbone, norm=cfg.model.norm, **options)
 
 
+def _make_trainer(**kwargs) -> L.Trainer:
+    """``L.Trainer(**kwargs)``; Lightning's refusal of a setting (precision, accelerator, devices, strategy on this
+    machine) becomes a ConfigError naming the trainer keys, before any training step."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return L.Trainer(**kwargs)
+    except (MisconfigurationException, ValueError, RuntimeError) as e:
+        keys = ", ".join(f"trainer.{k}={kwargs[k]!r}" for k in ("accelerator", "devices", "strategy", "precision"))
+        raise ConfigError(f"Lightning refuses the trainer settings ({keys}): {str(e).splitlines()[0]}") from e
+
+
 def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = False) -> RunResult:
     """Run one training run to completion (or divergence, or interruption) and return its record."""
     from .data import build_datamodule
@@ -154,6 +166,7 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
 
     # a mapping is validated into a RunConfig; a RunConfig travels as is (a copy, re-checked: no dict round trip)
     cfg = from_dict(cfg) if isinstance(cfg, dict) else validated(cfg)
+    check_hardware(cfg)  # a GPU asked for and absent: refused before any data is read
     _quiet_lightning()
     if cfg.run is None:
         cfg.run = default_run_name(cfg)
@@ -207,7 +220,7 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
         cbs = [monitor, *([probe] if probe else []), *(callbacks or [])]
         if t.progress:
             cbs.append(StepProgressBar(t.max_steps))
-        trainer = L.Trainer(
+        trainer = _make_trainer(
             max_steps=t.max_steps, val_check_interval=t.val_every, check_val_every_n_epoch=None,
             limit_val_batches=t.val_batches if t.val_batches is not None else 1.0, num_sanity_val_steps=0,
             logger=logger, callbacks=cbs, enable_checkpointing=False, enable_progress_bar=t.progress,

@@ -116,7 +116,19 @@ class StepDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self._ready:  # idempotent: train() calls it before the Trainer does
             self._load()
+            self._check_batch_size()
             self._ready = True
+
+    def _check_batch_size(self) -> None:
+        """A batch drawn without replacement (``EpochSampler``) larger than the training set would repeat examples
+        within one batch: refuse it before training, naming the sizes."""
+        n = getattr(self, "num_train", None)
+        if getattr(self, "sampler", None) is not None and n is not None and self.cfg.batch_size > n:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"data.batch_size={self.cfg.batch_size} is larger than the {n} training examples of "
+                              f"data.source={self.cfg.source!r} (data.train_limit={self.cfg.train_limit}); each batch "
+                              f"would repeat examples: lower data.batch_size or use more data")
 
     def _start(self) -> int:
         trainer = self.trainer

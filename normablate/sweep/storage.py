@@ -39,6 +39,38 @@ def normalize_url(url: str | None, log_dir: str | Path = "lightning_logs") -> st
     return url
 
 
+def check_url(url: str) -> None:
+    """Refuse a storage string that cannot work, before anything is opened: a journal with no path, something that
+    is neither a journal nor a URL, an unknown database scheme, a database driver that is not installed."""
+    from ..errors import ConfigError
+
+    forms = "sqlite:///PATH.db, PATH.db, journal:PATH, PATH.log, postgresql://user@host/db"
+    if url.startswith("journal:"):
+        if not url[len("journal:"):].strip():
+            raise ConfigError(f"--storage {url!r}: a journal storage needs a file path, e.g. journal:lightning_logs/"
+                              f"optuna.log")
+        return
+    if "://" not in url:
+        raise ConfigError(f"--storage {url!r} is neither a database URL nor a storage file; valid forms: {forms}")
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        u = make_url(url)
+        dialect = u.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as e:
+        scheme = url.split("://", 1)[0]
+        raise ConfigError(f"--storage {url!r}: unknown database scheme {scheme!r} ({type(e).__name__}); valid forms: "
+                          f"{forms}") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as e:
+        raise ConfigError(f"--storage {url!r}: the database driver is not installed ({e}); for PostgreSQL: "
+                          f"pip install 'normablate[postgres]'") from None
+    if u.get_backend_name() == "sqlite" and u.database in (None, ""):
+        raise ConfigError(f"--storage {url!r}: an SQLite URL needs a file, e.g. sqlite:///lightning_logs/optuna.db")
+
+
 def _sqlite_immediate(engine) -> None:
     from sqlalchemy import event
 
@@ -58,6 +90,7 @@ def open_storage(url: str | None, log_dir: str | Path = "lightning_logs"):
     import optuna
 
     url = normalize_url(url, log_dir)
+    check_url(url)
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 

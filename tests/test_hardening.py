@@ -1,0 +1,139 @@
+"""Hardening (issue 7): every bad input is refused before any compute (exit 2, one line naming the key and what is
+allowed, no traceback); names that become paths stay inside the log folder; corrupt or unwritable files end in
+one clear line; plug-ins load from the CLI; TensorBoard shows what was swept."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from normablate.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "model.backbone=resnet20", "model.width=4", "data.source=synthetic", "data.batch_size=32",
+    "data.train_limit=256", "data.val_limit=64", "data.val_batch_size=64", "data.augment=false",
+    "trainer.max_steps=4", "trainer.val_every=2", "trainer.progress=false", "experiment=h",
+]
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str]:
+    """``normablate argv`` in this process: (exit code, stderr). A traceback would fail the test (no catch-all)."""
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ 1. bad input
+@pytest.mark.parametrize("text,message", [
+    ("model:\n  norm: [bn\noptim: {lr: 0.1}\n", r"cfg\.yaml:\d+:\d+: YAML syntax error"),
+    ("", r"cfg\.yaml' is empty; give at least one key"),
+    ("# only a comment\n", r"is empty"),
+    ("- a\n- b\n", r"must hold a mapping"),
+])
+def test_bad_config_files_are_refused(tmp_path, capsys, text, message):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(text)
+    code, err = run_main(capsys, "train", "--config", str(cfg), f"trainer.log_dir={tmp_path / 'logs'}")
+    assert code == 2 and re.search(message, err), err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.norm={name: bn, momentum: 2}"], r"norm 'bn' option momentum=2 is out of range; allowed: \[0, 1\]"),
+    (["model.norm={name: noisy_bn, eps: -1}"], r"option eps=-1 is out of range"),
+    (["model.norm={name: gn, num_groups: -2}"], r"num_groups=-2 must be >= 1"),
+    (["model.norm={name: bn, affine: maybe}"], r"affine='maybe' must be true or false"),
+    (["model.norm={name: bn, eps: .inf}"], r"must be a finite number"),
+    (["optim.lr=inf"], r"optim.lr='inf' must be a finite number"),
+    (["optim.lr=.nan"], r"optim.lr=nan must be a finite number"),
+    (["model.width=.inf"], r"model.width=inf must be a finite number"),
+    (["trainer.precision=half16"], r"trainer.precision='half16' is not allowed; valid \(Lightning\): 32-true, 16-mixed"),
+    (["trainer.precision=16-mixed"], r"needs a GPU"),
+])
+def test_bad_values_are_refused_before_anything_is_built(tmp_path, capsys, overrides, message):
+    code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", *overrides)
+    assert code == 2 and re.search(message, err), err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_norm_option_ranges_are_checked_for_every_registered_norm():
+    """The range table is generic: any norm taking ``momentum``/``eps`` is checked, plug-ins add their own ranges."""
+    from torch import nn
+
+    import normablate as nb
+    from normablate.errors import ConfigError
+    from normablate.norms import Range
+
+    for name in nb.norms.available():
+        opts = nb.norms.options(name)
+        for key, bad in (("momentum", 1.5), ("eps", -1), ("momentum", float("nan"))):
+            if key in opts:  # the norm's own message, or the shared range table's
+                with pytest.raises(ConfigError, match=rf"{key}"):
+                    nb.norms.resolve({"name": name, key: bad}, "image")(8)
+
+    class Scaled(nn.Module):
+        option_ranges = {"scale": Range(0, 10, why="a gain")}
+
+        def __init__(self, num_features, layout="image", scale=1.0):
+            super().__init__()
+
+    nb.norms.register("scaled_for_test", Scaled)
+    try:
+        with pytest.raises(ConfigError, match=r"scale=11 is out of range; allowed: \[0, 10\] \(a gain\)"):
+            nb.norms.resolve({"name": "scaled_for_test", "scale": 11}, "image")(4)
+        assert nb.norms.resolve({"name": "scaled_for_test", "scale": "1e-3"}, "image")(4) is not None  # YAML 1.1
+    finally:
+        nb.norms.REGISTRY.unregister("scaled_for_test")
+
+
+def test_batch_larger_than_the_dataset_is_refused(tmp_path, capsys):
+    code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", "data.train_limit=20")
+    assert code == 2 and "data.batch_size=32 is larger than the 20 training examples" in err, err
+    assert not list(tmp_path.rglob("last.ckpt"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_without_a_gpu_is_refused_before_data(tmp_path, capsys, monkeypatch):
+    import normablate.data as data
+
+    monkeypatch.setattr(data, "build_datamodule", lambda *a, **k: pytest.fail("data was loaded"))
+    code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", "trainer.accelerator=gpu")
+    assert code == 2 and "trainer.accelerator='gpu' but this machine has no usable CUDA GPU" in err, err
+
+
+@pytest.mark.parametrize("storage,message", [
+    ("notascheme://x", r"unknown database scheme 'notascheme'"),
+    ("journal:", r"a journal storage needs a file path"),
+    ("justaname", r"neither a database URL nor a storage file"),
+])
+def test_malformed_storage_is_refused(tmp_path, capsys, storage, message):
+    code, err = run_main(capsys, "sweep", "--config", str(ROOT / "configs/sweeps/quick.yaml"), "--storage", storage,
+                         f"trainer.log_dir={tmp_path}")
+    assert code == 2 and re.search(message, err), err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_unexpected_errors_are_one_line_unless_debugging(tmp_path, capsys, monkeypatch):
+    import normablate.cli as cli
+
+    def boom(args):
+        raise RuntimeError("something inside broke")
+
+    monkeypatch.setattr(cli, "cmd_list", boom)
+    monkeypatch.delenv("NORMABLATE_DEBUG", raising=False)
+    code, err = run_main(capsys, "list")
+    assert code == 1 and "unexpected RuntimeError: something inside broke" in err and "NORMABLATE_DEBUG=1" in err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(RuntimeError, match="inside broke"):
+        main(["--debug", "list"])
+    monkeypatch.setenv("NORMABLATE_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="inside broke"):
+        main(["list"])
