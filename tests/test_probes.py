@@ -151,3 +151,26 @@ def test_probe_config_errors(tmp_path):
 
     with pytest.raises(ConfigError, match="nope.*valid: features.0.conv"):
         ProbeCallback(create("vgg11", norm="bn", width=0.125), cfg.probes)
+
+
+@pytest.mark.slow
+def test_landscape_quick_spec_end_to_end(tmp_path):
+    """The shipped CI study (embedded data), shortened: probes reach the trial records and the report's views."""
+    from pathlib import Path
+
+    from normablate.report import write_report
+    from normablate.sweep import run_sweep
+
+    spec = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "landscape_quick.yaml"
+    res = run_sweep(spec, overrides=[f"trainer.log_dir={tmp_path}", "trainer.max_steps=4", "trainer.val_every=4",
+                                     "probes.every=2", "data.train_limit=512", "data.val_limit=100",
+                                     "data.val_batch_size=100", "trainer.threads=1"], verbose=False)
+    assert res.complete and res.counts.total == 12
+    for t in res.study().get_trials():
+        ua = t.user_attrs
+        assert [s for s, _ in ua["history"]["probe/beta"]] == [1, 3]
+        assert set(ua["probes"]) >= {"probe/loss_range", "probe/grad_pred", "probe/beta", "probe/ics_cos/head"}
+    out = write_report(res.study_name, storage=res.storage)
+    md = (out / "summary.md").read_text()
+    assert "## Loss landscape and internal covariate shift (probes)" in md and "**Conclusion (lr=0.02):**" in md
+    assert (out / "probe_landscape.png").stat().st_size > 0 and (out / "probe_ics.png").stat().st_size > 0
