@@ -281,9 +281,14 @@ def bars(data: StudyData, summ, out: Path, what: list[tuple[str, str]], name: st
             ax.annotate(note if math.isfinite(means[i]) else "none reached" if "target" in c else "no value",
                         (max(end, 0), y[i]), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8,
                         color="black" if math.isfinite(means[i]) else "red")
+        metric = c.split("_", 1)[1].replace("_", "/", 1) if c.startswith(("final_", "best_")) else None
+        ch = chance(data, metric) if metric else None
+        if ch is not None:
+            ax.axvline(ch, color="0.45", ls=":", lw=1.2, zorder=0)
         ax.set_yticks(y)
         ax.set_yticklabels(labels if k == 0 else [""] * n)
-        ax.set_xlabel(lab + (" (error bar: 95% CI, shown ≥ 0)" if positive else " (error bar: 95% CI)"))
+        ax.set_xlabel(lab + (" (error bar: 95% CI, shown ≥ 0)" if positive else " (error bar: 95% CI)")
+                      + ("\ndotted line: chance (uniform prediction)" if ch is not None else ""))
         ax.set_xlim(left=min(0.0, float(np.nanmin(np.where(np.isfinite(means), means - lower, 0)))),
                     right=right * 1.25 if right > 0 else 1.0)
         ax.grid(alpha=0.3, axis="x")

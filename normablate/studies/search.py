@@ -192,7 +192,10 @@ class Search(StudyKind):
                 best.append(sign * run if math.isfinite(run) else math.nan)
             ax.plot(sub["trial"], vals, "o", color=cmap[g], alpha=0.4, ms=4)
             ax.step(sub["trial"], best, where="post", color=cmap[g], lw=1.8, label=f"{g} (best so far)")
-        P.chance_line(ax, P.chance(data, spec.metric))
+        ch = P.chance(data, spec.metric)
+        ys = [v for v in df["value"] if v is not None and math.isfinite(v)]
+        if ch is not None and ys and min(ys) - (max(ys) - min(ys)) <= ch <= max(ys):  # near the data: worth a line
+            P.chance_line(ax, ch)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("trial number (within the group's study)")
         ax.set_ylabel(P.metric_label(spec.metric, spec.metric_at))
