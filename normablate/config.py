@@ -90,6 +90,9 @@ class TrainerConfig:
     sync_batchnorm: bool = False  # synchronize every BN-family norm's batch statistics across ranks (norms/sync.py)
     precise_bn: int = 0  # > 0: before each validation, also evaluate with running stats recomputed as the exact
     #                      population statistics of this many training batches (PreciseBN; val/*_precise)
+    # Speed options; none changes a norm's math (tests compare each with the default within float tolerance).
+    channels_last: bool = False  # CNNs: NHWC memory, faster convs and per-pixel LN/RMS without a copy on CPU
+    compile: bool = False  # torch.compile the model (first steps pay the compile; needs a C++ compiler on CPU)
 
 
 @dataclass

@@ -147,6 +147,21 @@ def build_model(cfg: RunConfig, datamodule) -> torch.nn.Module:
     return models.create(cfg.model.backbone, norm=cfg.model.norm, **options)
 
 
+def _channels_last_inputs(module: torch.nn.Module, args: tuple) -> tuple:  # noqa: ARG001
+    return tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4
+                 else a for a in args)
+
+
+def speed_options(model: torch.nn.Module, t) -> torch.nn.Module:
+    """``trainer.channels_last`` and ``trainer.compile`` applied to a built model; neither changes its math."""
+    if t.channels_last:  # NHWC weights and inputs (a pre-hook converts 4-D inputs, e.g. image batches)
+        model = model.to(memory_format=torch.channels_last)
+        model.register_forward_pre_hook(_channels_last_inputs)
+    if t.compile:
+        model.compile()  # in place (nn.Module.compile): state_dict keys and checkpoints stay as without it
+    return model
+
+
 def _make_trainer(**kwargs) -> L.Trainer:
     """``L.Trainer(**kwargs)``; Lightning's refusal of a setting (precision, accelerator, devices, strategy on this
     machine) becomes a ConfigError naming the trainer keys, before any training step."""
@@ -161,9 +176,11 @@ def _make_trainer(**kwargs) -> L.Trainer:
 
 def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = False) -> RunResult:
     """Run one training run to completion (or divergence, or interruption) and return its record."""
+    from .alloc import configure as configure_malloc
     from .data import build_datamodule
     from .tasks import ClassificationTask, LanguageModelTask
 
+    configure_malloc()  # glibc thresholds: large tensors are reused, not faulted in again every step (alloc.py)
     # a mapping is validated into a RunConfig; a RunConfig travels as is (a copy, re-checked: no dict round trip)
     cfg = from_dict(cfg) if isinstance(cfg, dict) else validated(cfg)
     check_hardware(cfg)  # a GPU asked for and absent: refused before any data is read
@@ -191,7 +208,7 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
     datamodule = build_datamodule(cfg.data, cfg.task, cfg.seed)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = build_model(cfg, datamodule)
+    model = speed_options(build_model(cfg, datamodule), cfg.trainer)
     t = cfg.trainer
     if cfg.task == "classification":
         task = ClassificationTask(model, cfg.optim, t.max_steps, datamodule.num_classes, t.track_batchstat_gap)

@@ -56,13 +56,23 @@ class NormTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
-        self.log("grad_norm", norm, on_step=True, on_epoch=False)
+        # The gradient norm (before clipping) is computed only when it is logged (every trainer.log_every steps)
+        # or needed for clipping, and stays a tensor: no pass over the gradients and no host sync otherwise.
+        self._grad_norm = None
+        logging_now = self.trainer is not None and self.trainer._logger_connector.should_update_logs
+        if logging_now or self.optim_cfg.grad_clip is not None:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            if logging_now:
+                self.log("grad_norm", self._grad_norm, on_step=True, on_epoch=False)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        if self.optim_cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
+        if self.optim_cfg.grad_clip is not None:  # Lightning calls this right after on_before_optimizer_step
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            norm = getattr(self, "_grad_norm", None)
+            if norm is None:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+            torch.nn.utils.clip_grads_with_norm_(params, self.optim_cfg.grad_clip, norm)  # = clip_grad_norm_
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx):
