@@ -40,6 +40,23 @@ class StopRequest:
 
 
 def save_checkpoint_atomic(trainer: L.Trainer, path: Path) -> None:
+    """Write ``path`` through a temporary file and a rename: a reader sees the previous checkpoint or the new one. A
+    folder that became unwritable (or vanished) mid-run ends the run with one clear line; the old file is kept."""
+    try:
+        _save_checkpoint_atomic(trainer, path)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not isinstance(e.__cause__ or e.__context__, OSError) \
+                and "cannot be opened" not in str(e) and "Parent directory" not in str(e):
+            raise
+        from .errors import RunFileError
+
+        kept = f"the last good checkpoint {str(path)!r} is kept" if path.exists() else "no earlier checkpoint exists"
+        raise RunFileError(f"cannot write checkpoint {str(path)!r} at step {trainer.global_step}: "
+                           f"{getattr(e, 'strerror', None) or e}; {kept}. Make {str(path.parent)!r} writable (and "
+                           f"check free disk space), then continue with --resume") from e
+
+
+def _save_checkpoint_atomic(trainer: L.Trainer, path: Path) -> None:
     tmp = path.with_suffix(".ckpt.tmp")
     trainer.save_checkpoint(tmp)
     os.replace(tmp, path)

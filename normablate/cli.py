@@ -46,8 +46,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from .train import train
+    from .train import run_dir_of, train
 
+    run_dir = run_dir_of(cfg)
+    if args.resume and not (run_dir / "last.ckpt").exists() and not (run_dir / "result.json").exists():
+        print(f"--resume: no checkpoint in {run_dir}; starting this run from scratch", file=sys.stderr)
     result = train(cfg, resume=args.resume)
     print(format_summary(result))
     if result.status == "interrupted":

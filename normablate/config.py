@@ -396,8 +396,22 @@ def validate(cfg: RunConfig) -> None:
            f"probes.step_sizes={pr.step_sizes!r} must be a non-empty list of numbers > 0")
     _check(pr.layers is None or (bool(pr.layers) and all(isinstance(n, str) for n in pr.layers)),
            f"probes.layers={pr.layers!r} must be null or a non-empty list of module names")
-    _check(cfg.run is None or ("/" not in cfg.run and cfg.run not in ("", ".", "..")),
-           f"run={cfg.run!r} must be a plain folder name")
+    check_path_name("experiment", cfg.experiment, nested=True)
+    if cfg.run is not None:
+        check_path_name("run", cfg.run)
+
+
+def check_path_name(key: str, value: str, nested: bool = False) -> None:
+    """A name that becomes a folder under the log folder (experiment, run, study name) must stay inside it: relative,
+    no ``..`` or ``.`` component, no backslash, drive or NUL; ``nested`` allows ``a/b`` sub-folders."""
+    parts = value.split("/") if nested else [value]
+    bad = (not value or value.startswith(("/", "~")) or "\\" in value or "\0" in value or ":" in value[:2]
+           or any(p in ("", ".", "..") or (not nested and "/" in p) for p in parts))
+    if bad:
+        what = "a relative folder name (letters, digits, -_.=, and / between parts)" if nested else \
+            "a plain folder name (no /)"
+        raise ConfigError(f"{key}={value!r} must be {what} that stays inside the log folder; no '..', '.', absolute "
+                          f"paths or empty parts")
 
 
 def check_hardware(cfg: RunConfig) -> None:

@@ -13,6 +13,11 @@ class ConfigError(NormablateError):
     """A config key, type or value is not allowed. Raised before anything is built."""
 
 
+class RunFileError(NormablateError):
+    """A file or folder of a run cannot be read or written (corrupt checkpoint, read-only or vanished folder). The
+    message names the file and what to do; the last good checkpoint is left in place."""
+
+
 def closest(name: str, choices: Iterable[str]) -> str | None:
     """The closest valid spelling of ``name`` among ``choices`` (for 'did you mean' hints)."""
     matches = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)

@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from . import __version__, models
 from .callbacks import RunInterrupted, RunMonitor, StopRequest
 from .config import RunConfig, check_hardware, from_dict, to_dict, to_yaml, validated
-from .errors import ConfigError
+from .errors import ConfigError, RunFileError
 from .probes.callback import summarize as summarize_probes
 from .result import RunResult
 
@@ -162,6 +162,36 @@ def speed_options(model: torch.nn.Module, t) -> torch.nn.Module:
     return model
 
 
+def check_checkpoint(path: Path) -> None:
+    """Refuse a checkpoint that cannot be read (truncated copy, disk error): every member's CRC is checked (a torch
+    checkpoint is a zip archive). The file is left as it is."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+            problem = f"member {bad!r} fails its CRC check" if bad else None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        problem = str(e) or type(e).__name__
+    if problem:
+        raise RunFileError(f"checkpoint {str(path)!r} is unreadable ({problem}: truncated or corrupt); it is left as "
+                           f"is. Move it away to start this run over from step 0 (or restore a good copy), then run "
+                           f"the command again")
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create the run folder and prove it writable before any compute; otherwise one line naming it."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        where = e.filename or run_dir
+        raise RunFileError(f"cannot write the run folder {str(run_dir)!r} ({e.strerror or e}: {str(where)!r}); make "
+                           f"it writable or set trainer.log_dir to a writable folder") from None
+
+
 def _make_trainer(**kwargs) -> L.Trainer:
     """``L.Trainer(**kwargs)``; Lightning's refusal of a setting (precision, accelerator, devices, strategy on this
     machine) becomes a ConfigError naming the trainer keys, before any training step."""
@@ -198,6 +228,10 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
     if not resume and (ckpt.exists() or result_file.exists()):
         raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue it "
                           f"or choose another run name (run=...)")
+    if resume and ckpt.exists():
+        check_checkpoint(ckpt)  # a damaged file: one clear line now, not a traceback from deep inside Lightning
+    if rank_zero_only.rank == 0:
+        check_writable(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     (run_dir / "versions.json").write_text(json.dumps(versions(), indent=1))

@@ -137,3 +137,120 @@ def test_unexpected_errors_are_one_line_unless_debugging(tmp_path, capsys, monke
     monkeypatch.setenv("NORMABLATE_DEBUG", "1")
     with pytest.raises(RuntimeError, match="inside broke"):
         main(["list"])
+
+
+# ------------------------------------------------------------------------------------------ 2. paths
+@pytest.mark.parametrize("override", ["experiment=../../x", "experiment=/tmp/abs_experiment", "experiment=a/../../x",
+                                      "experiment=~/x", "experiment=''", "run=../x", "run=a/b", "run=..",
+                                      "experiment=a\\b"])
+def test_run_names_stay_inside_the_log_folder(tmp_path, capsys, override):
+    logs = tmp_path / "a" / "logs"
+    logs.parent.mkdir()
+    code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={logs}", override)
+    assert code == 2 and "stays inside the log folder" in err, err
+    assert not logs.exists() and sorted(p.name for p in tmp_path.rglob("*")) == ["a"]
+    assert not Path("/tmp/abs_experiment").exists()
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/abs_study", "a/./b", ".."])
+def test_study_names_stay_inside_the_log_folder(tmp_path, capsys, name):
+    logs = tmp_path / "logs"
+    code, err = run_main(capsys, "sweep", "--config", str(ROOT / "configs/sweeps/quick.yaml"), "--study-name", name,
+                         f"trainer.log_dir={logs}", "--check")
+    assert code == 2 and "study name" in err and "stays inside the log folder" in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_nested_experiment_names_are_allowed(tmp_path):
+    from normablate.config import load_config
+
+    assert load_config(None, ["experiment=claims/bn_vs_ln", "run=r1"]).experiment == "claims/bn_vs_ln"
+
+
+# ------------------------------------------------------------------------------------------ 3. files
+def test_truncated_checkpoint_with_resume_is_one_clear_line(tmp_path, capsys):
+    assert main(["train", *TINY, f"trainer.log_dir={tmp_path}", "run=r"]) == 0
+    run = tmp_path / "h" / "r"
+    (run / "result.json").unlink()  # as if interrupted after its last checkpoint
+    ckpt = run / "last.ckpt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", "run=r", "--resume")
+    assert code == 2 and f"checkpoint '{ckpt}' is unreadable" in err and "Move it away" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert ckpt.stat().st_size == len(data) // 2  # left as it was
+
+
+def test_unwritable_log_folder_is_one_clear_line(tmp_path, capsys):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={blocker / 'logs'}")
+    assert code == 2 and "cannot write the run folder" in err and "trainer.log_dir" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    if os.geteuid() != 0:  # permission bits do not stop root
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={ro}")
+        assert code == 2 and "cannot write the run folder" in err and "Permission denied" in err, err
+
+
+def test_run_folder_unwritable_mid_run_keeps_the_last_good_checkpoint(tmp_path):
+    """At step 3 the run folder becomes unwritable (chmod where that binds; as root, where it does not, the
+    checkpoint writer raises the PermissionError a read-only folder gives): the run stops with one RunFileError
+    naming the file, and step 2's checkpoint is intact."""
+    import lightning as L
+
+    from normablate.config import load_config
+    from normablate.errors import RunFileError
+    from normablate.train import train
+
+    class Lock(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step != 3:
+                return
+            run = tmp_path / "h" / "r"
+            if os.geteuid() != 0:
+                run.chmod(0o500)
+            else:
+                def refuse(checkpoint, path, storage_options=None):
+                    raise PermissionError(13, "Permission denied", str(path))
+
+                trainer.strategy.checkpoint_io.save_checkpoint = refuse
+
+    cfg = load_config(None, [*TINY, f"trainer.log_dir={tmp_path}", "run=r"])
+    with pytest.raises(RunFileError, match=r"cannot write checkpoint '.*last.ckpt' at step 4: Permission denied; the "
+                                           r"last good checkpoint .* is kept.*--resume"):
+        train(cfg, callbacks=[Lock()])
+    run = tmp_path / "h" / "r"
+    run.chmod(0o755)
+    assert torch.load(run / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
+def test_data_cache_byte_flip_is_detected_and_rebuilt(tmp_path):
+    from normablate.data import cache
+
+    built = []
+
+    def build():
+        built.append(1)
+        return {"x": torch.arange(4096, dtype=torch.int64)}
+
+    first = cache.cached("t", {"k": 1}, build, str(tmp_path))
+    again = cache.cached("t", {"k": 1}, build, str(tmp_path))
+    assert (first["_cache_hit"], again["_cache_hit"], len(built)) == (False, True, 1)
+    path = Path(again["_cache_file"])
+    data = bytearray(path.read_bytes())
+    pos = bytes(data).index((1000).to_bytes(8, "little"))  # element 1000 of the tensor's storage
+    data[pos] ^= 0x01
+    path.write_bytes(bytes(data))  # same size, one bit different
+    assert torch.load(path, weights_only=True)["x"][1000] == 1001  # unchecked, it would load as garbage
+    rebuilt = cache.cached("t", {"k": 1}, build, str(tmp_path))
+    assert (rebuilt["_cache_hit"], len(built)) == (False, 2)
+    assert torch.equal(rebuilt["x"], torch.arange(4096))
+    assert cache.cached("t", {"k": 1}, build, str(tmp_path))["_cache_hit"]  # the rebuilt file verifies
+
+
+def test_resume_without_a_checkpoint_says_it_starts_from_scratch(tmp_path, capsys):
+    code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", "run=r", "--resume")
+    assert code == 0 and "--resume: no checkpoint in" in err and "starting this run from scratch" in err, err

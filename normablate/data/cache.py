@@ -6,6 +6,10 @@ otherwise. ``key`` is a JSON-able dict naming everything the content depends on:
 (resolved path + file sizes/mtimes, or the hub name), the split, the column names and the limit. A cache file
 that cannot be read is rebuilt, never trusted.
 
+Integrity: beside each ``X.pt`` lies ``X.pt.sha256``, the SHA-256 of the file's bytes, written before the data file
+is renamed into place. ``load`` hashes the file (about 1 s per GB) and rebuilds it when the hash is missing or
+differs: a byte flipped on disk, without any change of size, would otherwise train silently on garbage.
+
 Cache directory: ``cfg.cache_dir``, else ``$NORMABLATE_CACHE``, else ``~/.cache/normablate``.
 """
 from __future__ import annotations
@@ -48,9 +52,30 @@ def key_file(kind: str, key: dict[str, Any], cache_dir: str | None = None) -> Pa
     return cache_root(cache_dir) / f"{kind}-{hashlib.sha1(blob.encode()).hexdigest()[:20]}.pt"
 
 
+def hash_file(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
 def load(path: Path) -> dict[str, Any] | None:
-    """The cached payload at ``path``, or None when absent or unreadable."""
+    """The cached payload at ``path``, or None when absent, unreadable or not matching its stored hash."""
     if not path.is_file():
+        return None
+    try:
+        expected = hash_path(path).read_text().strip()
+    except OSError:
+        log.warning("ignoring data cache file %s: no integrity hash beside it (rebuilding)", path)
+        return None
+    if hash_file(path) != expected:
+        log.warning("ignoring data cache file %s: its content does not match its SHA-256 (corrupt; rebuilding)", path)
         return None
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -66,6 +91,11 @@ def save(path: Path, payload: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
+        digest = hash_file(Path(tmp))
+        hfd, htmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".sha.tmp")
+        with os.fdopen(hfd, "w") as f:
+            f.write(digest + "\n")
+        os.replace(htmp, hash_path(path))  # the hash first: a data file never appears without its hash
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

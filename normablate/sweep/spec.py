@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from .. import studies
-from ..config import RunConfig, from_dict, load_yaml, parse_overrides, set_dotted
+from ..config import RunConfig, check_path_name, from_dict, load_yaml, parse_overrides, set_dotted
 from ..errors import ConfigError, closest
 from ..studies.base import SpecContext, StudyKind, decode, encode  # noqa: F401  (decode: re-exported)
 from ..studies.search import make_sampler  # noqa: F401  (re-exported)
@@ -351,6 +351,7 @@ def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | dict[str
     name = study_name or raw.get("study_name") or (source.stem if source else None)
     if not name:
         raise ConfigError(f"{where}: no study name; give study_name in the spec or --study-name")
+    check_path_name("study name", str(name), nested=True)  # becomes <log_dir>/<study>/: must stay inside it
     trainer_fn = raw.get("trainer_fn", DEFAULT_TRAINER)
     if dry_run:
         trainer_fn = DRYRUN_TRAINER
