@@ -513,6 +513,7 @@ def test_bad_placement_and_qk_norm_are_config_errors(backbone):
         nb.models.create(backbone, qk_norm={"name": "rms", "momentum": 0.1}, **kw)
 
 
+@pytest.mark.slow
 def test_dyt_claim_is_one_config_change(tmp_path, shared_data):
     """The DyT headline (norm-free Transformers match LN) from the shipped LM and ViT configs: model.norm=dyt
     (for the ViT also without the config's BN-in-FFN) builds and trains 2 steps with DyT in every norm site."""
