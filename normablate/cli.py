@@ -15,7 +15,9 @@ from .errors import NormablateError
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from . import models, norms
+    from . import models, norms, plugins
+
+    plugins.load(args.plugin)
 
     print("norms:")
     for name in norms.available():
@@ -42,7 +44,7 @@ def format_summary(result) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config, to_yaml
 
-    cfg = load_config(args.config, args.overrides)  # validates; nothing built yet
+    cfg = load_config(args.config, args.overrides, plugins=args.plugin)  # validates; nothing built yet
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -82,6 +84,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def add_plugin_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                   help="import this .py file or module first (it registers norms/backbones); repeatable; "
+                        "recorded in the config's plugins list (runs its code: trust it)")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser; ``command`` (the subcommand about to run) decides which heavy subparsers are built."""
     parser = argparse.ArgumentParser(prog="normablate", description="Ablate normalization layers.")
@@ -90,6 +98,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         help="show the full traceback of an unexpected error (also: NORMABLATE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="list registered norms and backbones with their options")
+    add_plugin_argument(p)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("train", help="one training run from a YAML config plus key=value overrides")
@@ -97,6 +106,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.norm=ln optim.lr=0.05")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume", action="store_true", help="continue the run from its last.ckpt")
+    add_plugin_argument(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="benchmark norms, framework overhead, inference and start-up (docs/)")
@@ -113,6 +123,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from .sweep.cli import add_sweep_arguments
 
         add_sweep_arguments(p)
+        add_plugin_argument(p)
         p.set_defaults(func=cmd_sweep_and_report)
     p = sub.add_parser("report", help="tables and plots of a finished or running study")
     if command == "report":

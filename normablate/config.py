@@ -119,6 +119,9 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     probes: ProbeConfig = field(default_factory=ProbeConfig)
+    # plug-in files (.py, relative to the working directory) or module names imported before validation, so the
+    # norms/backbones they register can be named; sweep trials inherit them. Code: trust the config (README).
+    plugins: list = field(default_factory=list)
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig,
@@ -265,6 +268,9 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"a run config must be a mapping, got {type(d).__name__}")
     d = copy.deepcopy(d)
     _check_finite(d, "")
+    from . import plugins
+
+    plugins.load(d.get("plugins"))  # before any name is looked up: they register norms, backbones, ...
     top_fields = [f.name for f in dataclasses.fields(RunConfig)]
     for key in d:
         if key not in top_fields:
@@ -461,13 +467,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
-    """YAML file (optional) + overrides (``["optim.lr=0.05", ...]`` or ``{"optim.lr": 0.05}``) -> RunConfig."""
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
+                plugins: list[str] | None = None) -> RunConfig:
+    """YAML file (optional) + overrides (``["optim.lr=0.05", ...]`` or ``{"optim.lr": 0.05}``) -> RunConfig.
+    ``plugins`` (``--plugin``) are appended to the config's ``plugins`` list."""
     d = load_yaml(path) if path is not None else {}
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     for key, value in (overrides or {}).items():
         set_dotted(d, key, value)
+    if plugins:
+        have = d.get("plugins") or []
+        if not isinstance(have, list):
+            raise ConfigError(f"plugins={have!r} must be a list of file paths or module names")
+        d["plugins"] = have + [p for p in plugins if p not in have]
     return from_dict(d)
 
 

@@ -43,8 +43,10 @@ class Registry:
 
     def _import(self, path: str) -> Any:
         module_name, _, attr = path.partition(":")
+        from .plugins import import_module
+
         try:
-            module = importlib.import_module(module_name)
+            module = import_module(module_name)  # the working directory counts, as with `python -m`
         except ImportError as e:
             raise ConfigError(f"{self.kind} {path!r}: cannot import module {module_name!r} ({e})") from e
         try:

@@ -254,3 +254,73 @@ def test_data_cache_byte_flip_is_detected_and_rebuilt(tmp_path):
 def test_resume_without_a_checkpoint_says_it_starts_from_scratch(tmp_path, capsys):
     code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", "run=r", "--resume")
     assert code == 0 and "--resume: no checkpoint in" in err and "starting this run from scratch" in err, err
+
+
+# ------------------------------------------------------------------------------------------ 5. plug-ins
+PLUGIN = '''
+import torch
+from torch import nn
+
+import normablate as nb
+
+
+@nb.norms.register("scale_only")
+class ScaleOnly(nn.Module):
+    def __init__(self, num_features, layout="image", init=1.0):
+        super().__init__()
+        self.layout = layout
+        self.g = nn.Parameter(torch.full((num_features,), init))
+
+    def forward(self, x, mask=None):
+        return x * (self.g.view(1, -1, 1, 1) if self.layout == "image" else self.g)
+'''
+
+
+def cli(cwd: Path, *argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The installed ``normablate`` script (not ``python -m``, which would put the working directory on sys.path),
+    with no PYTHONPATH."""
+    exe = Path(sys.executable).parent / "normablate"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NORMABLATE_DEBUG")}
+    return subprocess.run([str(exe), *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    """A user's working directory outside the package, holding the README's plug-in as my_norms.py."""
+    (tmp_path / "my_norms.py").write_text(PLUGIN)
+    return tmp_path
+
+
+def test_plugin_norm_by_name_and_by_import_path_from_the_cli(workdir):
+    r = cli(workdir, "train", "--plugin", "my_norms.py", *TINY, "trainer.log_dir=logs", "run=byname",
+            "model.norm={name: scale_only, init: 0.5}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "plugins:\n- my_norms.py" in (workdir / "logs/h/byname/config.yaml").read_text()
+    r = cli(workdir, "train", *TINY, "trainer.log_dir=logs", "run=bypath", "model.norm=my_norms:ScaleOnly")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (workdir / "cfg.yaml").write_text("plugins: [my_norms]\nmodel: {norm: scale_only}\n")
+    r = cli(workdir, "train", "--config", "cfg.yaml", *TINY, "trainer.log_dir=logs", "run=bykey")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli(workdir, "list", "--plugin", "my_norms.py")
+    assert r.returncode == 0 and "scale_only" in r.stdout and "init" in r.stdout, r.stderr
+    r = cli(workdir, "train", "--plugin", "nope.py", *TINY, "trainer.log_dir=logs")
+    assert r.returncode == 2 and "plugin file 'nope.py' does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_sweep_workers_load_the_plugins(workdir):
+    spec = workdir / "sweep.yaml"
+    spec.write_text(
+        "kind: grid\nstudy_name: plug\nbase:\n  experiment: plug\n"
+        "overrides: {" + ", ".join(f"{k}: {v}" for k, v in (o.split("=", 1) for o in TINY if o.split("=")[0] not in
+                                                            ("experiment",))) + "}\n"
+        "grid:\n  model.norm: [scale_only, bn]\n  seed: [0]\n")
+    r = cli(workdir, "sweep", "--config", "sweep.yaml", "--plugin", "my_norms.py", "--workers", "2", "--no-report",
+            f"--storage=sqlite:///{workdir / 'o.db'}", "trainer.log_dir=logs")
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    import optuna
+
+    study = optuna.load_study(study_name="plug", storage=f"sqlite:///{workdir / 'o.db'}")
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert sorted(t.user_attrs["config"]["model"]["norm"] for t in done) == ["bn", "scale_only"]
+    assert all(t.user_attrs["config"]["plugins"] == ["my_norms.py"] for t in done)

@@ -29,7 +29,14 @@ def run_command(args: argparse.Namespace) -> tuple[int, SweepResult | None]:
     from .runner import run_sweep
     from .spec import load_spec
 
+    from .. import plugins
+
+    extra = list(getattr(args, "plugin", None) or [])
+    plugins.load(extra)  # before the spec's norm names are checked
     spec = load_spec(args.config, overrides=args.overrides, study_name=args.study_name, dry_run=args.dry_run)
+    if extra:  # every trial (workers, other machines) loads them too: they travel in the trial configs
+        have = [*(spec.base.get("plugins") or []), *(spec.overrides.get("plugins") or [])]
+        spec.overrides["plugins"] = have + [p for p in extra if p not in have]
     if args.check:
         n = spec.validate_all()
         print(f"sweep {spec.study_name!r} ({spec.kind}): {spec.total} trials; {n} run configs valid")
