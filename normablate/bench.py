@@ -79,22 +79,23 @@ class Settings:
     tokens: tuple[int, int, int] = (32, 256, 384)  # (N, T, C)
     pad_fraction: float = 0.2  # masked norms: share of padded tokens
     repeats: int = 15
-    steps: int = 30  # framework: training steps per run (first 5 are warm-up)
+    steps: int = 20  # framework: training steps per run (the first few are warm-up)
     runs: int = 2  # framework: interleaved runs per side
     infer_batch: int = 256
     startup_runs: int = 5
     backbones: tuple[str, ...] = ("resnet20", "vit", "transformer_lm")
     sections: tuple[str, ...] = ("norms", "allocator", "inference", "framework", "startup")
     compile: bool = False
+    tiny_models: bool = False  # framework: tiny backbones (quick and test runs)
 
     @classmethod
     def make(cls, quick: bool = False, tiny: bool = False, compile: bool = False) -> Settings:
         if tiny:
             return cls(image=(4, 8, 4, 4), tokens=(2, 8, 16), repeats=2, steps=3, runs=1, infer_batch=4,
-                       startup_runs=1, backbones=("resnet20", "transformer_lm"), compile=compile)
+                       startup_runs=1, backbones=("resnet20", "transformer_lm"), compile=compile, tiny_models=True)
         if quick:
             return cls(image=(32, 32, 16, 16), tokens=(16, 128, 192), repeats=7, steps=12, runs=1,
-                       infer_batch=64, startup_runs=2, compile=compile)
+                       infer_batch=64, startup_runs=2, compile=compile, tiny_models=True)
         return cls(compile=compile)
 
 
@@ -391,6 +392,8 @@ def run_hand_loop(cfg: dict) -> tuple[list[float], list[float]]:
     opt = build_optimizer(c.optim, model)
     sched = build_scheduler(c.optim, opt, c.trainer.max_steps)
     times, losses = [], []
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(c.trainer.deterministic)  # as the Trainer sets it (trainer.deterministic)
     for step in range(c.trainer.max_steps):
         batch = dm.train_batch(step)
         t0 = time.perf_counter()
@@ -409,6 +412,7 @@ def run_hand_loop(cfg: dict) -> tuple[list[float], list[float]]:
         sched.step()
         losses.append(loss.item())
         times.append(time.perf_counter() - t0)
+    torch.use_deterministic_algorithms(previous)
     return times, losses
 
 
@@ -419,7 +423,7 @@ def bench_framework(s: Settings, tiny: bool = False) -> list[Row]:
         for backbone in s.backbones:
             fw_t, hand_t, fw_loss, hand_loss = [], [], [], []
             for r in range(s.runs):  # interleaved: framework, hand, framework, hand
-                cfg = framework_config(backbone, s, tmp, tiny)
+                cfg = framework_config(backbone, s, tmp, s.tiny_models)
                 cfg["run"] = f"{backbone}-{r}"
                 t, fw_loss = run_framework(cfg)
                 fw_t += t[warm:]
@@ -577,9 +581,12 @@ def write(report: Report, out: Path, load_before: str) -> tuple[Path, Path]:
 
 
 def run_bench(out: Path | str = "docs", quick: bool = False, tiny: bool = False, compile: bool = False,
-              sections: list[str] | None = None, command: str | None = None) -> tuple[Path, Path]:
+              sections: list[str] | None = None, command: str | None = None,
+              threads: int | None = None) -> tuple[Path, Path]:
     """Run the benchmark (``sections``: a subset of ``SECTIONS``) and write ``benchmarks.md`` / ``benchmarks.csv`` under ``out``; returns their paths."""
     s = Settings.make(quick=quick, tiny=tiny, compile=compile)
+    if threads:
+        torch.set_num_threads(threads)
     if sections:
         s.sections = tuple(x for x in s.sections if x in sections)
     report = Report(s, command or "normablate bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
@@ -600,7 +607,8 @@ SECTIONS = ("norms", "allocator", "inference", "framework", "startup")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    md, csv_path = run_bench(args.out, quick=args.quick, compile=args.compile, sections=args.only)
+    md, csv_path = run_bench(args.out, quick=args.quick, compile=args.compile, sections=args.only,
+                             threads=args.threads)
     print(f"wrote {md} and {csv_path}")
     return 0
 

@@ -113,6 +113,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (about a minute)")
     p.add_argument("--out", default="docs", help="folder for benchmarks.md and benchmarks.csv (default: docs)")
     p.add_argument("--compile", action="store_true", help="also time every norm under torch.compile (slow)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--only", nargs="+", metavar="SECTION",
                    choices=("norms", "allocator", "inference", "framework", "startup"),
                    help="run only these sections: norms allocator inference framework startup")
