@@ -127,6 +127,12 @@ def test_probes_leave_training_untouched(tmp_path, norm):
         assert len(on.history[k]) == 3 and all(math.isfinite(v) for _, v in on.history[k]), k
     assert all(v == 0.0 for _, v in on.history["probe/ics_l2/features.0.conv"])  # no earlier layer
     assert on.probes["probe/beta"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(on.run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("probe/beta")] == [1, 4, 7]
+    assert "probe/ics_cos/features.4.conv" in events.Tags()["scalars"]
     # the model's final state is the same too (parameters, running statistics, num_batches_tracked)
     a = torch.load(f"{off.run_dir}/last.ckpt", weights_only=False)
     b = torch.load(f"{on.run_dir}/last.ckpt", weights_only=False)

@@ -11,7 +11,6 @@ sweep spec does not import pandas or matplotlib.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,12 +114,6 @@ class StudyKind:
 
         spec = data.spec
         return Comparison(f"{spec.metric_at} {spec.metric}", config_values(data, data.metric_col), spec.direction)
-
-
-def number(where: str, key: str, value: Any, low: float = -math.inf) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= low:
-        raise ConfigError(f"{where}: {key}={value!r} must be a number" + (f" >= {low:g}" if low > -math.inf else ""))
-    return float(value)
 
 
 def encode(v: Any) -> Any:
