@@ -13,6 +13,7 @@ import argparse
 import datetime as dt
 from pathlib import Path
 
+from .. import studies
 from ..analysis.data import StudyData
 from .data import load
 
@@ -25,7 +26,7 @@ def headline(data: StudyData, summ=None) -> str:
 
     if summ is None:
         summ = tables.summary(data)
-    comp = data.spec.study.comparison(data, summ)
+    comp = studies.get(data.spec.kind).comparison(data, summ)
     return tables.headline(comp.values, comp.direction, comp.what)
 
 
@@ -36,7 +37,8 @@ def write_report(study_name: str, storage: str | None = None, out_dir: str | Pat
     from . import probes
 
     data = load(study_name, storage)
-    spec, kind = data.spec, data.spec.study
+    spec = data.spec
+    kind = studies.get(spec.kind)  # (by name: a sweep process started with older code holds an older SweepSpec)
     out = Path(out_dir) if out_dir is not None else Path(spec.log_dir) / study_name / "report"
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):

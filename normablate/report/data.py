@@ -36,7 +36,7 @@ def load(study_name: str, storage: str | None = None) -> StudyData:
     if meta is None:
         raise ConfigError(f"study {study_name!r} in {url} was not made by `normablate sweep` (no spec attribute)")
     spec = SweepSpec.from_json(meta["spec"])
-    kind = spec.study
+    kind = studies.get(spec.kind)
     notes: list[str] = []
     rows: list[dict[str, Any]] = []
     histories: dict[int, dict] = {}
@@ -115,4 +115,4 @@ def _row(t: optuna.trial.FrozenTrial, spec: SweepSpec, points, sname: str, group
     return row
 
 
-__all__ = ["StudyData", "col", "load", "studies"]
+__all__ = ["StudyData", "col", "load"]
