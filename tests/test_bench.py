@@ -82,7 +82,7 @@ def test_allocator_thresholds_stop_page_faults_of_large_tensors():
     finally:
         alloc.set_thresholds(alloc.MMAP_THRESHOLD, alloc.TRIM_THRESHOLD)
     assert default > 5 * 1000  # ~2000 4-KiB pages per 8 MB mapping, faulted in again each time
-    assert tuned < default / 10
+    assert tuned < default / 2  # typically 0; one re-fault of a block when other tests fragmented the heap
 
 
 def test_cli_help_and_version_import_no_heavy_library():
