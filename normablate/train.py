@@ -30,6 +30,7 @@ from .config import RunConfig, check_hardware, from_dict, to_dict, to_yaml, vali
 from .errors import ConfigError, RunFileError
 from .probes.callback import summarize as summarize_probes
 from .result import RunResult
+from .tblog import RunLogger, log_session
 
 log = logging.getLogger(__name__)
 
@@ -250,14 +251,14 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
         task = LanguageModelTask(model, cfg.optim, t.max_steps, t.track_batchstat_gap)
     task.run_label = cfg.run
 
-    logger = TensorBoardLogger(save_dir=t.log_dir, name=cfg.experiment, version=cfg.run, default_hp_metric=False)
+    logger = RunLogger(save_dir=t.log_dir, name=cfg.experiment, version=cfg.run, default_hp_metric=False)
     metric = "val/acc" if cfg.task == "classification" else "val/ppl"
     hp_metric = "hp/val_" + metric.split("/")[1]
     hp_metrics = ["hp/val_loss", hp_metric, "hp/diverged", "hp/train_eval_gap",
                   "hp/steps", "hp/throughput"]
     resuming = resume and ckpt.exists()
     if not resuming:
-        logger.log_hyperparams(_flat(to_dict(cfg)), metrics={k: float("nan") for k in hp_metrics})
+        log_session(logger, _flat(to_dict(cfg)))  # HPARAMS: values only; TensorBoard marks what differs (tblog.py)
 
     with stop_on_signals() as stop:
         monitor = RunMonitor(run_dir, t.max_steps, t.val_every, float(datamodule.samples_per_step),
@@ -312,7 +313,7 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
             "hp/diverged": float(status == "diverged"),
             "hp/train_eval_gap": final.get("val/train_eval_gap", float("nan")),
             "hp/steps": float(result.steps), "hp/throughput": result.throughput,
-        }, step=result.steps)
+        }, step=logger.hp_step(result.steps))  # the step of the last val/* (tblog.py)
         result.save(result_file)
     logger.finalize("success" if status != "interrupted" else "interrupted")
     return result

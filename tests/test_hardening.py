@@ -324,3 +324,63 @@ def test_sweep_workers_load_the_plugins(workdir):
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert sorted(t.user_attrs["config"]["model"]["norm"] for t in done) == ["bn", "scale_only"]
     assert all(t.user_attrs["config"]["plugins"] == ["my_norms.py"] for t in done)
+
+
+# ------------------------------------------------------------------------------------------ 6. TensorBoard
+def _post(port: int, route: str, body: dict) -> dict:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/data/plugin/hparams/{route}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.slow
+def test_tensorboard_hparams_show_what_was_swept(tmp_path):
+    """Two runs differing in norm and LR, read back through the real TensorBoard server's hparams API."""
+    import socket
+    import time
+    import urllib.error
+
+    for norm, lr in (("bn", "0.01"), ("ln", "0.05")):
+        assert main(["train", *TINY, f"trainer.log_dir={tmp_path}", f"model.norm={norm}", f"optim.lr={lr}"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "tensorboard"
+    proc = subprocess.Popen([str(exe), "--logdir", str(tmp_path), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, exp = time.monotonic() + 120, {}
+        while time.monotonic() < deadline:  # poll until the server is up and has read both runs
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            try:
+                exp = _post(port, "experiment", {"experimentName": ""})
+                if len(_post(port, "session_groups", {"experimentName": "", "startIndex": 0, "sliceSize": 10,
+                                                      "allowedStatuses": ["STATUS_SUCCESS", "STATUS_UNKNOWN"],
+                                                      "colParams": []}).get("sessionGroups", [])) == 2:
+                    break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(0.5)
+        infos = {h["name"]: h for h in exp["hparamInfos"]}
+        assert infos["model.norm"]["differs"] and infos["optim.lr"]["differs"]
+        assert not infos["data.batch_size"]["differs"] and not infos["data.source"]["differs"]
+        names = [h["name"] for h in exp["hparamInfos"]]  # what differs is listed first
+        assert set(names[:3]) == {"model.norm", "optim.lr", "run"}, names[:5]
+        metrics = {m["name"]["tag"] for m in exp["metricInfos"]}
+        assert {"val/acc", "val/loss", "hp/val_acc", "hp/diverged"} <= metrics and "epoch" not in metrics
+        groups = _post(port, "session_groups", {"experimentName": "", "startIndex": 0, "sliceSize": 10,
+                                                "allowedStatuses": ["STATUS_SUCCESS", "STATUS_UNKNOWN"],
+                                                "colParams": []})["sessionGroups"]
+        assert sorted(g["hparams"]["model.norm"] for g in groups) == ["bn", "ln"]
+        for g in groups:
+            steps = {m["name"]["tag"]: m["trainingStep"] for m in g["metricValues"]}
+            values = {m["name"]["tag"]: m["value"] for m in g["metricValues"]}
+            assert steps["hp/val_acc"] == steps["val/acc"] == steps["hp/val_loss"] == steps["val/loss"], steps
+            assert values["hp/val_acc"] == values["val/acc"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -60,11 +60,12 @@ def test_image_run_learns_and_logs(tmp_path):
     versions = json.loads((run_dir / "versions.json").read_text())
     assert {"torch", "lightning", "timm", "git_commit"} <= set(versions)
     assert RunResult.load(run_dir / "result.json").final == result.final
-    # the HPARAMS plugin entry is written, with the config keys and the final-metric tags
+    # the HPARAMS session is written with the config keys (the final-metric tags are scalars; the experiment is
+    # built by TensorBoard from all runs: tests/test_hardening.py reads it through TensorBoard's own API)
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     content = b"".join(acc.PluginTagToContent("hparams").values())
-    assert b"optim.lr" in content and b"model.norm" in content and b"hp/val_acc" in content
+    assert b"optim.lr" in content and b"model.norm" in content and "epoch" not in tags
 
 
 def test_lm_run_learns(tmp_path):
