@@ -552,6 +552,37 @@ SECTION_TEXT = {
 }
 
 
+# (section, name, layout, reference label or "" for any, limit on the ratio, goal) - issue 11's goals
+GOALS = [
+    ("norms", "bn", "tokens", "", 1.05, "bn tokens at BatchNorm1d-on-(N*T, C) speed"),
+    ("norms", "masked_bn", "tokens", "", 1.5, "masked_bn <= 1.5x BatchNorm1d on all tokens"),
+    ("norms", "noisy_bn", "image", "", 1.2, "noisy_bn <= 1.2x BN"),
+    ("norms", "noisy_bn", "tokens", "", 1.2, "noisy_bn <= 1.2x BN"),
+    ("norms", "rms", "tokens", "ln (ours)", 1.0, "rms <= ln (tokens)"),
+    ("norms", "rms", "image", "ln (ours)", 1.0, "rms <= ln (image)"),
+    ("norms", "ln", "image", "", 1.05, "ln image within 1.05x of nn.LayerNorm on channels-last x"),
+    ("framework", "resnet20", "", "", 1.03, "train() <= 1.03x a hand loop (ResNet-20)"),
+    ("framework", "vit", "", "", 1.03, "train() <= 1.03x a hand loop (ViT)"),
+    ("framework", "transformer_lm", "", "", 1.03, "train() <= 1.03x a hand loop (LM)"),
+]
+
+
+def summary(rows: list[Row]) -> list[str]:
+    """One line per goal found among ``rows``: the measured ratio and whether it is met."""
+    lines = []
+    for section, name, layout, ref, limit, goal in GOALS:
+        hit = [r for r in rows if r.section == section and r.name == name and r.layout == layout
+               and r.variant == "eager" and r.ratio is not None and (not ref or r.reference == ref)
+               and (ref or r.reference != "ln (ours)")]
+        if hit:
+            ratio = hit[0].ratio
+            lines.append(f"- {goal}: **{ratio:.2f}×** — {'met' if ratio <= limit else 'NOT met'}")
+    for r in rows:
+        if r.section == "startup" and r.name in ("normablate --help", "normablate --version") and r.ours_value:
+            lines.append(f"- `{r.name}` under 1.5 s: {r.ours_value:.2f} s — {'met' if r.ours_value < 1.5 else 'NOT met'}")
+    return lines
+
+
 def write(report: Report, out: Path, load_before: str) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "benchmarks.csv", out / "benchmarks.md"
@@ -570,7 +601,10 @@ def write(report: Report, out: Path, load_before: str) -> tuple[Path, Path]:
              f"Sizes: image x {s.image}, tokens x {s.tokens} ({s.pad_fraction:.0%} padding on average for masked "
              f"norms), {s.repeats} interleaved repeats; framework {s.steps} steps x {s.runs} run(s) per side. "
              "Absolute times on a shared, loaded machine are noisy; read the ratios.", ""]
-    lines += [f"- {n}" for n in report.notes]
+    goals = summary(report.rows)
+    if goals:
+        lines += ["## Goals (issue 11), from the rows below", "", *goals, ""]
+    lines += ["Section run times: " + ", ".join(report.notes)]
     for section in s.sections:
         rows = [r for r in report.rows if r.section == section]
         if not rows:

@@ -123,3 +123,18 @@ def test_noisy_bn_per_channel_noise_is_shared_by_the_batch():
     scale, shift = fit.solution.flatten().tolist()
     assert 1.0 <= scale <= 2.0 + 1e-5 and abs(shift) <= 0.5 + 1e-5
     torch.testing.assert_close(y[..., 0], z[..., 0] * scale + shift, atol=1e-5, rtol=1e-5)  # one draw for all
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_zero_pads_equals_where_bit_for_bit(dtype):
+    from normablate.norms.masked import zero_pads
+
+    x = torch.randn(6, 5).to(dtype)
+    x[1, 2], x[3, 0], x[4, 4] = float("nan"), float("inf"), -float("inf")
+    keep = torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool)[:, None]
+    ours, ref = zero_pads(x, keep), torch.where(keep, x, torch.zeros((), dtype=dtype))
+    assert ours.dtype == dtype and torch.equal(ours.isnan(), ref.isnan())
+    assert torch.equal(ours.nan_to_num(), ref.nan_to_num())
+    assert not torch.signbit(ours[~keep.squeeze(1)]).any()  # +0.0 at pads
+    expanded = torch.ones(6, 1, dtype=dtype).expand(6, 5)  # stride-0 gradients, as from .sum().backward()
+    assert torch.equal(zero_pads(expanded, keep), torch.where(keep, expanded, torch.zeros((), dtype=dtype)))

@@ -12,7 +12,8 @@ masked statistics from autograd ops costs ~10 passes over the activations in the
 forward is one ``autograd.Function`` (``_MaskedBatchNormFn``) with the textbook BN backward restricted to real
 tokens (Ioffe & Szegedy 2015, Sec. 3), about as many passes over memory as PyTorch's own BN kernel:
 
-    forward   xc = where(mask, x, 0) - mask * mean;  var = sum(xc^2) / n;  y = xc * (w * rstd) + mask * b
+    forward   xc = where(mask, x, 0) - mask * mean;   (where() done as a bitwise AND: ``zero_pads``)
+              var = sum(xc^2) / n;  y = xc * (w * rstd) + mask * b
     backward  dy_k = where(mask, dy, 0);  db = sum dy_k;  dw = rstd * sum(dy_k * xc)
               dx = w * rstd * (dy_k - mask * db / n - xc * rstd^2 * sum(dy_k * xc) / n)
 
@@ -32,19 +33,33 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32  # fp16/bf16 -> fp32 stats
 
 
+_SAME_SIZE_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+                  torch.bfloat16: torch.int16}
+
+
+def zero_pads(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``x`` (M, C) with the rows where ``keep`` (M, 1) is False set to +0.0 exactly, real rows bit-identical
+    (NaN and inf included): a bitwise AND with an all-ones/all-zeros row mask. Same result as
+    ``torch.where(keep, x, 0)``, which PyTorch's CPU kernel runs 5-20x slower than a multiplication; a
+    multiplication by the mask would turn an inf or NaN at a pad into NaN (0 * inf)."""
+    int_type = _SAME_SIZE_INT[x.dtype]
+    bits = keep.to(int_type).neg_()  # (M, 1): -1 (all bits set) at real tokens, 0 at pads
+    return torch.bitwise_and(x.view(int_type), bits).view(x.dtype)
+
+
 def masked_moments(x: torch.Tensor, keep: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Centred real tokens and their statistics, without autograd.
 
     x: (M, C) in the statistics dtype; keep: (M, 1) bool. Returns ``xc`` (M, C) = x - mean at real tokens and
-    exactly 0 at pads (also where a pad holds inf/NaN: ``where``, not a product), ``mean`` and ``var`` (C,) the
+    exactly 0 at pads (also where a pad holds inf/NaN: ``zero_pads``, not a product), ``mean`` and ``var`` (C,) the
     mean and biased variance over real tokens, ``n`` (0-dim) the number of real tokens. Two passes (mean, then centred squares)
     so that no ``E[x^2] - E[x]^2`` cancellation enters.
     """
     keep_f = keep.to(x.dtype)
     n = keep_f.sum()
     denom = n.clamp(min=1)
-    xc = torch.where(keep, x, x.new_zeros(()))  # (M, C); a 0-dim tensor, not 0.0: ~1.4x faster on CPU
+    xc = zero_pads(x, keep)  # (M, C)
     mean = xc.sum(0).div_(denom)  # (C,)
     xc.addcmul_(keep_f, mean, value=-1.0)  # pads stay exactly 0
     var = torch.mul(xc, xc).sum(0).div_(denom)
@@ -74,7 +89,7 @@ class _MaskedBatchNormFn(torch.autograd.Function):
     def backward(ctx, dy, *_):  # noqa: ANN001
         xc, keep, keep_f, rstd, scale, n = ctx.saved_tensors
         denom = n.clamp(min=1)
-        dyk = torch.where(keep, dy.to(xc.dtype), xc.new_zeros(()))  # (M, C): a pad's gradient never enters the sums
+        dyk = zero_pads(dy.to(xc.dtype), keep)  # (M, C): a pad's gradient never enters the sums
         sum_dy = dyk.sum(0)  # (C,)
         sum_dy_xc = torch.mul(dyk, xc).sum(0)  # (C,)
         dx = dw = db = None
