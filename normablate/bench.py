@@ -86,6 +86,7 @@ class Settings:
     backbones: tuple[str, ...] = ("resnet20", "vit", "transformer_lm")
     sections: tuple[str, ...] = ("norms", "allocator", "inference", "framework", "startup")
     compile: bool = False
+    norms: tuple[str, ...] | None = None  # norm rows for these names only (None: every registered norm)
     tiny_models: bool = False  # framework: tiny backbones (quick and test runs)
 
     @classmethod
@@ -206,7 +207,7 @@ def _compiled(fn: Callable) -> Callable:
 
 def bench_norms(s: Settings) -> list[Row]:
     rows = []
-    for name in norms.available():
+    for name in s.norms or norms.available():
         for layout in norms.LAYOUTS:
             try:
                 c = s.image[1] if layout == "image" else s.tokens[2]
@@ -616,11 +617,13 @@ def write(report: Report, out: Path, load_before: str) -> tuple[Path, Path]:
 
 def run_bench(out: Path | str = "docs", quick: bool = False, tiny: bool = False, compile: bool = False,
               sections: list[str] | None = None, command: str | None = None,
-              threads: int | None = None) -> tuple[Path, Path]:
+              threads: int | None = None, norm_names: list[str] | None = None) -> tuple[Path, Path]:
     """Run the benchmark (``sections``: a subset of ``SECTIONS``) and write ``benchmarks.md`` / ``benchmarks.csv`` under ``out``; returns their paths."""
     s = Settings.make(quick=quick, tiny=tiny, compile=compile)
     if threads:
         torch.set_num_threads(threads)
+    if norm_names:
+        s.norms = tuple(norm_names)
     if sections:
         s.sections = tuple(x for x in s.sections if x in sections)
     report = Report(s, command or "normablate bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
@@ -642,7 +645,7 @@ SECTIONS = ("norms", "allocator", "inference", "framework", "startup")
 
 def cmd_bench(args: argparse.Namespace) -> int:
     md, csv_path = run_bench(args.out, quick=args.quick, compile=args.compile, sections=args.only,
-                             threads=args.threads)
+                             threads=args.threads, norm_names=getattr(args, "norms", None))
     print(f"wrote {md} and {csv_path}")
     return 0
 

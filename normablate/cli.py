@@ -114,6 +114,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs", help="folder for benchmarks.md and benchmarks.csv (default: docs)")
     p.add_argument("--compile", action="store_true", help="also time every norm under torch.compile (slow)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--norms", nargs="+", metavar="NAME", help="norm rows for these norms only (default: all)")
     p.add_argument("--only", nargs="+", metavar="SECTION",
                    choices=("norms", "allocator", "inference", "framework", "startup"),
                    help="run only these sections: norms allocator inference framework startup")
