@@ -26,7 +26,15 @@ def headline(data: StudyData, summ=None) -> str:
 
     if summ is None:
         summ = tables.summary(data)
-    comp = studies.get(data.spec.kind).comparison(data, summ)
+    kind = studies.get(data.spec.kind)
+    comp = kind.comparison(data, summ)
+    if not kind.seeds_are_replicates:  # e.g. search: one best trial per group, no spread to test against
+        best, diffs = tables.compare_to_best(comp.values, comp.direction)
+        if best is None:
+            return f"No finished trials yet, so nothing can be said about the {comp.what}."
+        others = ", ".join(f"{k} {comp.values[k][0]:.4g}" for k in diffs)
+        return (f"{best} has the best {comp.what} ({comp.values[best][0]:.4g}" + (f"; {others}" if others
+                else "") + "): single runs, no CI; re-run the best settings over seeds to test the difference.")
     return tables.headline(comp.values, comp.direction, comp.what)
 
 
@@ -63,7 +71,8 @@ def write_report(study_name: str, storage: str | None = None, out_dir: str | Pat
         "",
         f"- kind: **{spec.kind}**; metric: {spec.metric_at} {spec.metric} ({spec.direction})"
         + (f" — {spec.description}" if spec.description else ""),
-        f"- trials counted: {len(data.trials)} of {data.total}; up to {n_seeds} seed(s) per configuration",
+        f"- trials counted: {len(data.trials)} of {data.total}; up to {n_seeds} "
+        + ("seed(s) per configuration" if kind.seeds_are_replicates else "trials per group"),
         f"- storage: `{data.storage}`; runs (TensorBoard): `{Path(spec.log_dir) / study_name}/`",
         f"- written {dt.datetime.now().isoformat(timespec='seconds')}",
     ]
@@ -78,7 +87,8 @@ def write_report(study_name: str, storage: str | None = None, out_dir: str | Pat
     comp_all = tables.config_values(data, data.metric_col)
     lines += ["## Every configuration (mean ± 95% CI over seeds; all columns in summary.csv)", "",
               tables.markdown_table(tables.compact_summary(data, summ, kind.summary_extra)),
-              tables.conclusion(comp_all, spec.direction, f"{spec.metric_at} {spec.metric}") if len(summ) else "",
+              tables.conclusion(comp_all, spec.direction, f"{spec.metric_at} {spec.metric}")
+              if len(summ) and kind.seeds_are_replicates else "",
               ""]
     lines += ["## Figures", ""]
     for title, path in figures:

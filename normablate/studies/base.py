@@ -77,6 +77,7 @@ class StudyKind:
     line_key = "norm"  # what a line of the loss-curve plot is
     per_sample_curves = False  # loss curves over samples seen rather than steps
     summary_extra: tuple[str, ...] = ()  # measurement columns added to the summary table in summary.md
+    seeds_are_replicates = True  # a configuration's trials differ only by seed (False for search: Welch is moot)
 
     # ------------------------------------------------------------------ spec and trial configs
     def check(self, raw: dict[str, Any], ctx: SpecContext) -> dict[str, Any]:

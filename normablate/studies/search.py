@@ -63,6 +63,7 @@ class Search(StudyKind):
     keys = ("search_space", "n_trials", "sampler")
     grouped = True
     line_key = "group"
+    seeds_are_replicates = False  # a group's trials are different hyperparameters, not repeats
     definition = "* ``search``: per group (e.g. per norm), the trial with the best objective and its hyperparameters."
 
     def check(self, raw: dict[str, Any], ctx: SpecContext) -> dict[str, Any]:
@@ -156,7 +157,7 @@ class Search(StudyKind):
         so there is no CI of the best; the headline says so)."""
         sb = self.table(data)
         values = {r["group"]: ([r["best_value"]] if r["best_value"] is not None else []) for _, r in sb.iterrows()}
-        return Comparison(f"best {data.spec.metric_at} {data.spec.metric} found", values, data.spec.direction)
+        return Comparison(f"{data.spec.metric_at} {data.spec.metric} of its best trial", values, data.spec.direction)
 
     def section(self, data, summ, out: Path) -> Section:
         from ..analysis.tables import markdown_table
