@@ -58,8 +58,9 @@ def save_checkpoint_atomic(trainer: L.Trainer, path: Path) -> None:
 
 def _save_checkpoint_atomic(trainer: L.Trainer, path: Path) -> None:
     tmp = path.with_suffix(".ckpt.tmp")
-    trainer.save_checkpoint(tmp)
-    os.replace(tmp, path)
+    trainer.save_checkpoint(tmp)  # every rank calls it (a barrier); only global rank 0 writes
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
 
 
 class RunMonitor(L.Callback):
@@ -130,7 +131,17 @@ class RunMonitor(L.Callback):
         self.train_time += time.perf_counter() - self._t_step
         self.samples += self.samples_per_step
         step = trainer.global_step  # steps completed
-        loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        stop = self.stop_request is not None and self.stop_request.signum is not None
+        if trainer.world_size > 1:
+            # Every rank decides on the same numbers: the mean loss over ranks (divergence, record) and whether
+            # any rank got a signal (all stop at this step boundary together).
+            both = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(stop), device=loss.device)])
+            both = trainer.strategy.reduce(both, reduce_op="sum")
+            loss, stop = both[0] / trainer.world_size, bool(both[1] > 0)
+            if stop and self.stop_request is not None and self.stop_request.signum is None:
+                self.stop_request.signum = signal.SIGTERM  # another rank was signalled
+        loss = float(loss)
         self._record("train/loss", step, loss)
         if math.isfinite(loss):
             self.loss_sum += loss
@@ -140,7 +151,7 @@ class RunMonitor(L.Callback):
         self._check_divergence(trainer, step, loss)
         if step >= self.max_steps:
             trainer.should_stop = True  # triggers a final validation at the last step (a stop request waits)
-        elif self.stop_request is not None and self.stop_request.signum is not None and step % self.val_every:
+        elif stop and step % self.val_every:
             # Between validations: checkpoint now. On a validation step, Lightning would skip the due
             # validation on resume, so we stop in on_validation_end instead, after its checkpoint.
             save_checkpoint_atomic(trainer, self.run_dir / "last.ckpt")
@@ -177,7 +188,13 @@ class RunMonitor(L.Callback):
                 self.steps_to_target, self.time_to_target = step, self.now_elapsed()
         if self.diverged_step is None:
             save_checkpoint_atomic(trainer, self.run_dir / "last.ckpt")
-            if self.stop_request is not None and self.stop_request.signum is not None and step < self.max_steps:
+            stop = self.stop_request is not None and self.stop_request.signum is not None
+            if trainer.world_size > 1:  # a signal that reached one rank during validation stops them all
+                stop = bool(trainer.strategy.reduce(torch.tensor(float(stop), device=pl_module.device),
+                                                    reduce_op="sum") > 0)
+                if stop and self.stop_request.signum is None:
+                    self.stop_request.signum = signal.SIGTERM
+            if stop and step < self.max_steps:
                 raise RunInterrupted(self.stop_request.signum, step)
 
     def on_fit_end(self, trainer, pl_module) -> None:

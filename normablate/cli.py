@@ -54,6 +54,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and not (run_dir / "last.ckpt").exists() and not (run_dir / "result.json").exists():
         print(f"--resume: no checkpoint in {run_dir}; starting this run from scratch", file=sys.stderr)
     result = train(cfg, resume=args.resume)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # DDP: the other ranks ran the same run; rank 0 reports it
+        return 130 if result.status == "interrupted" else 0
     print(format_summary(result))
     if result.status == "interrupted":
         print("interrupted: a checkpoint was saved; continue with the same command plus --resume")

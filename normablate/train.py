@@ -23,11 +23,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from . import __version__, models
 from .callbacks import RunInterrupted, RunMonitor, StopRequest
 from .config import RunConfig, check_hardware, from_dict, to_dict, to_yaml, validated
 from .errors import ConfigError, RunFileError
+from .norms import sync
+from .precise_bn import PreciseBN
 from .probes.callback import summarize as summarize_probes
 from .result import RunResult
 from .tblog import RunLogger, log_session
@@ -129,6 +132,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__`.*")
     warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    # DDP: validation metrics are torchmetrics objects, already reduced over ranks when computed
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
 def build_model(cfg: RunConfig, datamodule) -> torch.nn.Module:
@@ -233,9 +238,16 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
         check_checkpoint(ckpt)  # a damaged file: one clear line now, not a traceback from deep inside Lightning
     if rank_zero_only.rank == 0:
         check_writable(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    (run_dir / "versions.json").write_text(json.dumps(versions(), indent=1))
+    t = cfg.trainer
+    world = t.devices * t.num_nodes  # ranks; data.batch_size is the global batch, each rank gets 1/world of it
+    is_zero = rank_zero_only.rank == 0  # set by Lightning from the launcher's environment (RANK, LOCAL_RANK, ...)
+    if is_zero:  # only global rank 0 writes files
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        (run_dir / "versions.json").write_text(json.dumps(versions(), indent=1))
+    if world > 1:
+        log.info("data parallel: %d ranks x %d samples = global batch %d per step (data.batch_size is global)",
+                 world, cfg.data.batch_size // world, cfg.data.batch_size)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.threads:
@@ -244,7 +256,13 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = speed_options(build_model(cfg, datamodule), cfg.trainer)
-    t = cfg.trainer
+    if t.sync_batchnorm:
+        try:
+            sync.enable(model)
+        except ValueError as e:
+            raise ConfigError(f"trainer.sync_batchnorm: {e}") from e
+    if t.precise_bn:
+        callbacks = [*(callbacks or []), PreciseBN(t.precise_bn)]
     if cfg.task == "classification":
         task = ClassificationTask(model, cfg.optim, t.max_steps, datamodule.num_classes, t.track_batchstat_gap)
     else:
@@ -258,7 +276,8 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
                   "hp/steps", "hp/throughput"]
     resuming = resume and ckpt.exists()
     if not resuming:
-        log_session(logger, _flat(to_dict(cfg)))  # HPARAMS: values only; TensorBoard marks what differs (tblog.py)
+        hparams = {**_flat(to_dict(cfg)), "world_size": world, "batch_size_per_device": cfg.data.batch_size // world}
+        log_session(logger, hparams)  # HPARAMS: values only; TensorBoard marks what differs across runs (tblog.py)
 
     with stop_on_signals() as stop:
         monitor = RunMonitor(run_dir, t.max_steps, t.val_every, float(datamodule.samples_per_step),
@@ -276,7 +295,9 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
             max_steps=t.max_steps, val_check_interval=t.val_every, check_val_every_n_epoch=None,
             limit_val_batches=t.val_batches if t.val_batches is not None else 1.0, num_sanity_val_steps=0,
             logger=logger, callbacks=cbs, enable_checkpointing=False, enable_progress_bar=t.progress,
-            enable_model_summary=False, deterministic=t.deterministic, accelerator=t.accelerator, devices=1,
+            enable_model_summary=False, deterministic=t.deterministic, accelerator=t.accelerator,
+            devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+            use_distributed_sampler=False,  # the data module gives each rank its slice (data/common.py)
             precision=t.precision, log_every_n_steps=t.log_every, gradient_clip_val=cfg.optim.grad_clip,
         )
         status = "completed"
@@ -295,7 +316,7 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
     best = {}  # best over validations: max accuracy, min loss / perplexity
     for k, v in hist.items():
         vals = [x[1] for x in v if math.isfinite(x[1])]
-        if k.startswith("val/") and vals and not k.endswith("gap"):
+        if k.startswith("val/") and vals and "gap" not in k:
             best[k] = max(vals) if "acc" in k else min(vals)
     result = RunResult(
         run_dir=str(run_dir), status=status, steps=int(trainer.global_step), final=final, best=best,
@@ -314,6 +335,7 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
             "hp/train_eval_gap": final.get("val/train_eval_gap", float("nan")),
             "hp/steps": float(result.steps), "hp/throughput": result.throughput,
         }, step=logger.hp_step(result.steps))  # the step of the last val/* (tblog.py)
-        result.save(result_file)
+        if is_zero:
+            result.save(result_file)
     logger.finalize("success" if status != "interrupted" else "interrupted")
     return result

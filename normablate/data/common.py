@@ -12,6 +12,11 @@ Contract of a ``StepDataModule``:
 - Validation batches are a fixed, ordered list of specs ``{"kind": "val", "index": ...}``.
 - Without a trainer (tests, probes) ``train_batch(step, device)`` / ``val_batches(device)`` run the same path;
   ``start_step`` sets where a fresh train iterator begins.
+- Data parallel: ``cfg.batch_size`` is the global batch of a step. Under a trainer with ``world_size`` W > 1,
+  rank r receives rows ``[r*B/W, (r+1)*B/W)`` of every training batch spec (``shard``), so the ranks' slices,
+  concatenated in rank order, are exactly the one-process batch of that step. Validation batches are split the
+  same way (``tensor_split``: sizes differ by at most one), every rank sees every validation batch, and metrics
+  are reduced across ranks. A text batch keeps its global padding width.
 """
 from __future__ import annotations
 
@@ -86,6 +91,16 @@ class StepStream(IterableDataset):
         return steps()
 
 
+def shard(spec: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    """Rank ``rank``'s contiguous slice of a batch spec: every tensor whose first dim is the batch is split."""
+    if world == 1:
+        return spec
+    rows = spec["index"] if "index" in spec else spec["offset"]
+    b = len(rows)
+    return {k: v.tensor_split(world)[rank] if isinstance(v, torch.Tensor) and v.dim() and len(v) == b else v
+            for k, v in spec.items()}
+
+
 class StepDataModule(L.LightningDataModule):
     """Base of the vision and text modules (see the module docstring for the contract)."""
 
@@ -134,16 +149,27 @@ class StepDataModule(L.LightningDataModule):
         trainer = self.trainer
         return trainer.global_step if trainer is not None else self.start_step
 
+    def ranks(self) -> tuple[int, int]:
+        """(this rank, number of ranks) of the attached trainer; (0, 1) without one."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def rank_train_spec(self, step: int) -> dict[str, Any]:
+        """This rank's slice of the training batch spec of ``step``."""
+        return shard(self.train_spec(step), *self.ranks())
+
     def train_dataloader(self) -> DataLoader:
         self.setup()
         # A private generator: a DataLoader iterator otherwise draws its base seed from the global RNG, so
         # creating one on resume (or at each validation) would shift dropout/noise draws -> inexact resume.
-        return DataLoader(StepStream(self._start, self.train_spec), batch_size=None, num_workers=0,
+        return DataLoader(StepStream(self._start, self.rank_train_spec), batch_size=None, num_workers=0,
                           generator=torch.Generator())
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self.val_specs(), batch_size=None, shuffle=False, num_workers=0)
+        rank, world = self.ranks()
+        return DataLoader([shard(s, rank, world) for s in self.val_specs()], batch_size=None, shuffle=False,
+                          num_workers=0)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> Any:
         if isinstance(batch, dict) and batch.get("kind") in ("train", "val"):
@@ -155,6 +181,11 @@ class StepDataModule(L.LightningDataModule):
         """The training batch of global step ``step`` on ``device`` (what ``training_step`` receives)."""
         self.setup()
         return self._build(_to(self.train_spec(step), device))
+
+    def rank_train_batch(self, step: int, device: str | torch.device = "cpu") -> Any:
+        """This rank's slice of the training batch of ``step`` (what ``training_step`` receives under DDP)."""
+        self.setup()
+        return self._build(_to(self.rank_train_spec(step), device))
 
     def val_batches(self, device: str | torch.device = "cpu") -> Iterator[Any]:
         """The validation batches, in order, on ``device``."""

@@ -48,6 +48,7 @@ class NormTask(L.LightningModule):
         self.optim_cfg = optim
         self.max_steps = max_steps
         self.has_batch_stats = track_batchstat_gap and bool(batch_stat_norms(model))
+        self.precise_stats = None  # set by the PreciseBN callback for one validation (normablate.precise_bn)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -77,7 +78,8 @@ class NormTask(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True,
+                 sync_dist=self.trainer.world_size > 1)  # DDP: the mean over ranks (= the global batch's loss)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
@@ -86,6 +88,11 @@ class NormTask(L.LightningModule):
         if self.has_batch_stats:
             with using_batch_statistics(self.model):
                 self.update_val_metrics(batch, prefix="val_batchstats")
+        if self.precise_stats:
+            from ..precise_bn import swapped
+
+            with swapped(self.precise_stats):
+                self.update_val_metrics(batch, prefix="val_precise")
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.compute_val_metrics()
@@ -94,6 +101,11 @@ class NormTask(L.LightningModule):
             metrics["val/train_eval_gap"] = metrics["val/loss"] - metrics["val/loss_batchstats"]
             for k in [k for k in metrics if k.startswith("val_batchstats/")]:
                 metrics[k.replace("val_batchstats/", "val/") + "_batchstats"] = metrics.pop(k)
+        if "val_precise/loss" in metrics:  # PreciseBN: the gap left once running stats are recalibrated
+            for k in [k for k in metrics if k.startswith("val_precise/")]:
+                metrics[k.replace("val_precise/", "val/") + "_precise"] = metrics.pop(k)
+            if "val/loss_batchstats" in metrics:
+                metrics["val/train_eval_gap_precise"] = metrics["val/loss_precise"] - metrics["val/loss_batchstats"]
         self.log_dict(metrics, prog_bar=False)
 
     # ------------------------------------------------------------------ RNG state for exact resume

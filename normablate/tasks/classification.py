@@ -17,7 +17,7 @@ class ClassificationTask(NormTask):
         super().__init__(model, optim, max_steps, track_batchstat_gap)
         self.val_metrics = nn.ModuleDict({
             p: nn.ModuleDict({"loss": MeanMetric(), "acc": MulticlassAccuracy(num_classes, average="micro")})
-            for p in ("val", "val_batchstats")
+            for p in ("val", "val_batchstats", "val_precise")
         })
 
     def loss(self, batch) -> torch.Tensor:

@@ -14,7 +14,7 @@ class LanguageModelTask(NormTask):
     def __init__(self, model: nn.Module, optim: OptimConfig, max_steps: int, track_batchstat_gap: bool = True):
         super().__init__(model, optim, max_steps, track_batchstat_gap)
         # token-weighted mean NLL; perplexity = exp(mean NLL) over all real target tokens of the split
-        self.val_nll = nn.ModuleDict({p: MeanMetric() for p in ("val", "val_batchstats")})
+        self.val_nll = nn.ModuleDict({p: MeanMetric() for p in ("val", "val_batchstats", "val_precise")})
 
     def _nll(self, batch) -> tuple[torch.Tensor, int]:
         idx, targets, mask = batch  # (B, T), (B, T) with -100 where no real next token, (B, T) bool or None
@@ -23,7 +23,14 @@ class LanguageModelTask(NormTask):
         return loss, int((targets != -100).sum())
 
     def loss(self, batch) -> torch.Tensor:
-        return self._nll(batch)[0]
+        loss, n = self._nll(batch)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            # DDP averages the ranks' gradients; weight each rank's token mean by its share of the step's real
+            # tokens, so the step optimizes the token mean over the global batch (as one process would).
+            total = self.trainer.strategy.reduce(torch.tensor(float(n), device=loss.device), reduce_op="sum")
+            loss = loss * (n * world / total.clamp(min=1))
+        return loss
 
     def update_val_metrics(self, batch, prefix: str) -> None:
         loss, n = self._nll(batch)
