@@ -84,13 +84,23 @@ class PostgresServer:
             r = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-o", opts, "-w", "-t", "60",
                           "start", check=False)
             if r.returncode == 0:
+                self.opts = opts
                 break
             last = r.stderr + (self.root / "log").read_text() if (self.root / "log").exists() else r.stderr
         else:
             raise RuntimeError(f"PostgreSQL did not start: {last}")
         self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", self.dbname)
-        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{self.dbname}"
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/{self.dbname}"  # the README's form (psycopg 3)
         return self.url
+
+    def pause(self) -> None:
+        """Stop the server (an outage: clients lose their connections), keeping its data and port."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start it again on the same port after ``pause``."""
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-o", self.opts, "-w", "-t", "60",
+                  "start")
 
     def stop(self) -> None:
         if self.data.exists():

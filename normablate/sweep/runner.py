@@ -161,8 +161,8 @@ def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, s
         else:
             code = run_workers(spec, sweep, runtime, workers)
     counts = sweep.counts()
-    if code == 0 and counts.failed:
-        code = 1
+    if code == 0 and (counts.failed or counts.done < counts.total):
+        code = 1  # the exit status is the study's: 0 only when every point is done
     names = [s.study_name for s, _ in sweep.studies]
     res = SweepResult(spec.study_name, sweep.url, spec.kind, counts, names, time.time() - sweep.t0, code)
     sweep.log(f"{'stopped' if code == 130 else 'finished'}: {counts.line()} in {fmt_time(res.elapsed)}"

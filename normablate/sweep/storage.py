@@ -10,9 +10,18 @@ write lock. With pysqlite's default deferred transactions, a read that turns int
 "database is locked" when another process writes at the same moment (the busy timeout does not apply to that
 lock upgrade); taking the write lock up front makes concurrent workers queue instead of fail. Trials last
 seconds to hours while a storage call lasts milliseconds, so the serialisation costs nothing measurable.
+
+Outages: every call a worker makes to a database storage goes through ``RetryingStorage``, which retries a
+connection-level failure (server down or restarting, dropped connection, locked SQLite) with exponential backoff
+(0.5 s, x1.5, at most 10 s apart) for up to ``$NORMABLATE_STORAGE_PATIENCE`` seconds (default 600), then gives up
+with the original error. ``pool_pre_ping`` replaces the dead pooled connections once the server is back. A write
+whose reply was lost may be applied twice; the sweep's duplicate handling (one COMPLETE trial per grid point)
+counts such a point once.
 """
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +29,12 @@ from typing import Any, TypeVar
 
 DEFAULT_DB = "optuna.db"
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def patience() -> float:
+    """Seconds a storage call keeps retrying through an outage (``$NORMABLATE_STORAGE_PATIENCE``, default 600)."""
+    return float(os.environ.get("NORMABLATE_STORAGE_PATIENCE", "600"))
 
 
 def default_url(log_dir: str | Path) -> str:
@@ -108,19 +123,76 @@ def open_storage(url: str | None, log_dir: str | Path = "lightning_logs"):
     storage = retry(lambda: optuna.storages.RDBStorage(url, engine_kwargs=kwargs))
     if url.startswith("sqlite"):
         _sqlite_immediate(storage.engine)
-    return storage
+    return retrying(storage)
 
 
-def retry(fn: Callable[[], T], tries: int = 8, delay: float = 0.5) -> T:
-    """Call ``fn``, retrying transient storage errors (locked SQLite, a dropped database connection)."""
+def transient(e: BaseException) -> bool:
+    """A connection-level storage failure (worth retrying), not a logical error (a duplicate, a finished trial)."""
     import optuna
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
-    for i in range(tries):
+    conn = (OperationalError, InterfaceError, DisconnectionError, ConnectionError)
+    if isinstance(e, conn):
+        return True
+    if isinstance(e, optuna.exceptions.StorageInternalError):
+        cause = e.__cause__ or e.__context__
+        return cause is None or isinstance(cause, conn) or "connection" in str(cause).lower()
+    return False
+
+
+def retry(fn: Callable[[], T], tries: int | None = None, delay: float = 0.5, max_delay: float = 10.0) -> T:
+    """Call ``fn``, retrying transient storage errors (see ``transient``) with backoff for up to ``patience()``
+    seconds (or ``tries`` attempts)."""
+    deadline = time.monotonic() + patience()
+    i = 0
+    while True:
         try:
             return fn()
-        except (optuna.exceptions.StorageInternalError, OperationalError):
-            if i == tries - 1:
+        except Exception as e:
+            if not transient(e) or time.monotonic() >= deadline or (tries is not None and i >= tries - 1):
                 raise
-            time.sleep(delay * (1.5 ** i))
-    raise AssertionError("unreachable")
+            if i == 2:
+                log.warning("storage unavailable (%s); retrying for up to %.0f s", str(e).splitlines()[0][:200],
+                            deadline - time.monotonic())
+            time.sleep(min(max_delay, delay * 1.5 ** i))
+            i += 1
+
+
+def retrying(storage):
+    """``storage`` with every public call retried through outages (``retry``); other attributes pass through."""
+    cls = _retrying_class()
+    if isinstance(storage, cls):
+        return storage
+    obj = cls.__new__(cls)
+    obj._inner = storage
+    return obj
+
+
+_RETRYING: type | None = None
+
+
+def _retrying_class() -> type:
+    global _RETRYING
+    if _RETRYING is None:
+        import optuna
+
+        base = optuna.storages.BaseStorage
+
+        def wrap(name: str):
+            def method(self, *args, **kwargs):
+                return retry(lambda: getattr(self._inner, name)(*args, **kwargs))
+
+            method.__name__ = name
+            return method
+
+        ns = {n: wrap(n) for n in dir(base) if not n.startswith("_") and callable(getattr(base, n))}
+        def passthrough(self, name: str):
+            inner = self.__dict__.get("_inner")
+            if inner is None:
+                raise AttributeError(name)
+            return getattr(inner, name)
+
+        ns["__getattr__"] = passthrough
+        ns["__doc__"] = "An Optuna storage whose calls survive transient outages (storage.retry)."
+        _RETRYING = type("RetryingStorage", (base,), ns)
+    return _RETRYING

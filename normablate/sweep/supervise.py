@@ -77,33 +77,56 @@ def worker_main(spec: "SweepSpec", url: str, runtime: dict, name: str, t0: float
     sys.exit(code)
 
 
-def run_workers(spec: "SweepSpec", sweep: "Sweep", runtime: dict, workers: int) -> int:
+def run_workers(spec: "SweepSpec", sweep: "Sweep", runtime: dict, workers: int,
+                max_restarts: int | None = None) -> int:
     """Start ``workers`` processes on the shared storage and wait for them. A SIGTERM to this process is passed on
-    (Ctrl-C in a terminal reaches them directly); each stops after recording its current trial."""
+    (Ctrl-C in a terminal reaches them directly); each stops after recording its current trial.
+
+    A worker that dies (killed, out of memory, a crash) while the sweep is not being stopped is replaced by a new
+    one under the same name (its trial is failed and re-queued by the reaper, then resumed from ``last.ckpt``), at
+    most ``max_restarts`` times in all (default 2 per worker). Returns 130 when stopped by a signal, 1 when workers
+    kept dying beyond that budget, else 0: whether every point is done is the study's to say (``run_sweep``)."""
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=worker_main, name=f"w{i}",
-                         args=(spec, sweep.url, runtime, f"w{i}", sweep.t0, sweep.done_at_start, os.getpid()))
-             for i in range(workers)]
-    for p in procs:
+    budget = 2 * workers if max_restarts is None else max_restarts
+
+    def start(name: str):
+        p = ctx.Process(target=worker_main, name=name,
+                        args=(spec, sweep.url, runtime, name, sweep.t0, sweep.done_at_start, os.getpid()))
         p.start()
+        return p
+
+    procs = {f"w{i}": start(f"w{i}") for i in range(workers)}
     forwarded = False
+    gave_up = False
     try:
-        while any(p.is_alive() for p in procs):
+        while any(p.is_alive() for p in procs.values()):
             if STOP.signum == signal.SIGTERM and not forwarded:
-                for p in procs:
+                for p in procs.values():
                     if p.is_alive() and p.pid:
                         os.kill(p.pid, signal.SIGTERM)
                 forwarded = True
-            for p in procs:
+            for name, p in list(procs.items()):
                 p.join(timeout=0.5)
+                code = p.exitcode
+                if code is None or code in (0, 130, -signal.SIGTERM, -signal.SIGINT) or STOP.signum is not None:
+                    continue
+                if budget <= 0:
+                    if not gave_up:
+                        sweep.log(f"worker {name} died (exit {code}); no restarts left, going on with the others")
+                        gave_up = True
+                    continue
+                budget -= 1
+                sweep.log(f"worker {name} died (exit {code}); starting a new one (its trial is re-queued and "
+                          f"resumes from its checkpoint)")
+                procs[name] = start(name)
     except KeyboardInterrupt:  # a second Ctrl-C: stop them now (their trials are re-queued when found dead)
-        for p in procs:
+        for p in procs.values():
             if p.is_alive():
                 p.terminate()
-        for p in procs:
+        for p in procs.values():
             p.join(timeout=60)
         return 130
-    codes = [p.exitcode for p in procs]
+    codes = [p.exitcode for p in procs.values()]
     if STOP.signum is not None or any(c in (130, -signal.SIGTERM, -signal.SIGINT) for c in codes):
         return 130
-    return 0 if all(c == 0 for c in codes) else 1
+    return 1 if gave_up else 0
