@@ -80,10 +80,35 @@ class StepProgressBar(TQDMProgressBar):
     def total_train_batches(self):
         return self._max_steps
 
+    def init_train_tqdm(self):
+        """The one bar of the run, created with its final description, total and start (a resumed run starts at its
+        step), so no 'Training 0/?' or 'Epoch 0' bar is printed first."""
+        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+        trainer = self.trainer
+        step = trainer.global_step
+        if step > 0:
+            print(f"resuming from step {step} of {self._max_steps}", file=sys.stderr, flush=True)
+        return Tqdm(desc=f"train {trainer.lightning_module.run_label}", total=self._max_steps, initial=step,
+                    position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
+                    file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
+
     def init_validation_tqdm(self):
-        bar = super().init_validation_tqdm()
-        bar.disable = True  # one bar for the run; validation results go to the summary and TensorBoard
-        return bar
+        """Disabled from the start (one bar per run; a disabled-after-creation bar still prints its first line).
+        While it runs, the training bar says so."""
+        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+        return Tqdm(disable=True)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        super().on_validation_start(trainer, pl_module)
+        if self._train_progress_bar is not None:
+            self.train_progress_bar.set_description(f"validate {pl_module.run_label}")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._train_progress_bar is not None:
+            self.train_progress_bar.set_description(f"train {pl_module.run_label}")
 
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)
@@ -91,11 +116,7 @@ class StepProgressBar(TQDMProgressBar):
         return metrics
 
     def on_train_epoch_start(self, trainer, *args) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        self.train_progress_bar.reset(total=self._max_steps)
-        self.train_progress_bar.initial = trainer.global_step
-        self.train_progress_bar.n = trainer.global_step
-        self.train_progress_bar.set_description(f"train {trainer.lightning_module.run_label}")
+        pass  # Lightning's resets the bar to "Epoch 0", 0/?: ours is one endless epoch, set up in init_train_tqdm
 
 
 @contextlib.contextmanager
@@ -252,6 +273,8 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
+    if t.progress and rank_zero_only.rank == 0:  # decoding a dataset the first time takes a while: say so
+        print(f"loading data: {cfg.data.source} (decoded once, then cached)", file=sys.stderr, flush=True)
     datamodule = build_datamodule(cfg.data, cfg.task, cfg.seed)
     datamodule.prepare_data()
     datamodule.setup("fit")

@@ -384,3 +384,51 @@ def test_tensorboard_hparams_show_what_was_swept(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------------------------ 7. CLI polish
+def test_offline_hub_source_fails_at_once_with_a_hint(tmp_path, capsys, monkeypatch):
+    """No network to the hub (an endpoint on a closed loopback port): one line with the way out, and the hub
+    loader (which would retry for half a minute) is never called."""
+    import socket
+
+    import datasets
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: connections are refused
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the hub loader was called"))
+    code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", "data.source=some_user/some_set",
+                         f"data.cache_dir={tmp_path / 'cache'}")
+    assert code == 2 and "cannot be reached" in err and "point data.source at the local copy" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_resumed_run_says_where_it_resumes(tmp_path):
+    """A resumed run prints 'resuming from step N' and its bar starts at N of max_steps; no Lightning 'Epoch 0' or
+    'Validation' bar is printed."""
+    args = [*TINY, f"trainer.log_dir={tmp_path}", "run=r", "trainer.progress=true"]
+    first = cli(tmp_path, "train", *args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (tmp_path / "h/r/result.json").unlink()
+    again = cli(tmp_path, "train", *args, "trainer.max_steps=6", "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from step 4 of 6" in again.stderr and "loading data: synthetic" in again.stderr
+    both = first.stdout + first.stderr + again.stdout + again.stderr
+    assert "train r:  67%" in both.replace("\r", "\n") and "Epoch 0" not in both and "Validation" not in both
+
+
+def test_plain_run_named_like_a_sweep_does_not_block_the_sweep(tmp_path, capsys):
+    """`train --config configs/runs/quick_synthetic.yaml` and then the quick sweep: shipped names do not collide, and
+    a plain run in a study's folder is not taken for an earlier sweep."""
+    import yaml as _yaml
+
+    assert _yaml.safe_load((ROOT / "configs/runs/quick_synthetic.yaml").read_text())["experiment"] != \
+        _yaml.safe_load((ROOT / "configs/sweeps/quick.yaml").read_text()).get("study_name", "quick")
+    assert main(["train", *TINY, f"trainer.log_dir={tmp_path}", "experiment=quick", "run=plain"]) == 0
+    code = main(["sweep", "--config", str(ROOT / "configs/sweeps/quick.yaml"), "--dry-run", "--study-name", "quick",
+                 "--no-report", f"--storage=sqlite:///{tmp_path / 'o.db'}", f"trainer.log_dir={tmp_path}"])
+    assert code == 0, capsys.readouterr().err

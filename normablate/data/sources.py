@@ -167,6 +167,8 @@ class Source:
             raise TypeError("text files are read by text.py, not as tables")
         import datasets
 
+        if self.kind == "hub":
+            check_hub_reachable(self.name)  # offline: one line in seconds, not half a minute of retries
         try:
             if self.kind == "disk":
                 ds = datasets.load_from_disk(str(self.path))
@@ -186,6 +188,27 @@ class Source:
         if isinstance(ds, datasets.Dataset):
             ds = datasets.DatasetDict({"train": ds})
         return {str(s): _dataset_split(str(s), d) for s, d in ds.items()}
+
+
+def check_hub_reachable(name: str, timeout: float = 5.0) -> None:
+    """Refuse a hub source at once when the hub cannot be reached (no network, a firewall), with the way out. Skipped
+    in Hugging Face offline mode (``HF_HUB_OFFLINE=1`` / ``HF_DATASETS_OFFLINE=1``: the local HF cache serves)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"data.source {name!r} is a Hugging Face hub name, but the hub ({endpoint}) cannot be reached "
+                          f"({e.strerror or e}); download the data where there is network and point data.source at "
+                          f"the local copy (a parquet folder, an image folder or a save_to_disk directory), or set "
+                          f"HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache") from None
 
 
 def locate(source: str, task: str, cache_dir: str | None = None, hub_config: str | None = None) -> Source:

@@ -17,6 +17,7 @@ reads it); ``normablate_ready`` is set once every trial is enqueued.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -62,6 +63,11 @@ class Counts:
         return f"{self.done}/{self.total} trials done ({', '.join(extra)})"
 
 
+def _is_sweep_run(name: str) -> bool:
+    """Whether a run folder name is one a sweep trial gets (``t0007-bn-lr0.1-s0``, grouped kinds ``bn-t007``)."""
+    return re.match(r"^t\d{4,}-", name) is not None or re.search(r"-t\d{3,}$", name) is not None
+
+
 class QueueMixin:
     """Set-up, enqueueing, counting and claiming (part of ``runner.Sweep``)."""
 
@@ -85,7 +91,8 @@ class QueueMixin:
         created = False
         if create and not self._exists():
             run_root = Path(spec.log_dir) / spec.study_name
-            if run_root.exists() and any(p.is_dir() and p.name != "report" for p in run_root.iterdir()):
+            if run_root.exists() and any(p.is_dir() and _is_sweep_run(p.name) for p in run_root.iterdir()):
+                # trial runs of a sweep whose study is gone (plain `normablate train` runs there are no obstacle)
                 raise ConfigError(f"{str(run_root)!r} already holds runs of an earlier sweep named "
                                   f"{spec.study_name!r} (its study is not in {self.url}); delete that folder or "
                                   f"choose another --study-name")
