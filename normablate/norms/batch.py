@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from . import register
+from .sync import active as sync_active
+from .sync import batch_norm as sync_batch_norm
 
 
 def check_batch_size(x: torch.Tensor, channel_dim: int, training: bool) -> None:
@@ -29,10 +31,12 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
     is_normalization = True
 
     def __init__(self, num_features: int, layout: str = "image", eps: float = 1e-5,
-                 momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True) -> None:
+                 momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 sync: bool = False) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats)
         self.layout = layout
+        self.sync = bool(sync)  # pool batch statistics over data-parallel ranks in training (norms/sync.py)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -50,6 +54,8 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         """BatchNorm of channel-second ``x`` ((N, C) or (N, C, ...)): batch statistics and running-stat update in
         training, running statistics in eval (PyTorch's ``F.batch_norm``). The one place the statistics are
         computed, for a synchronized variant to replace."""
+        if self.sync and self.training and sync_active():
+            return sync_batch_norm(self, x, 1)  # statistics over every rank's batch (exact, differentiable)
         check_batch_size(x, 1, self.training or not self.track_running_stats)
         return super().forward(x)
 
@@ -72,8 +78,8 @@ class NoisyBatchNorm(BatchNorm):
 
     def __init__(self, num_features: int, layout: str = "image", eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True, noise_mean: float = 0.5,
-                 noise_scale: float = 1.5, per_sample: bool = True) -> None:
-        super().__init__(num_features, layout=layout, eps=eps, momentum=momentum, affine=affine)
+                 noise_scale: float = 1.5, per_sample: bool = True, sync: bool = False) -> None:
+        super().__init__(num_features, layout=layout, eps=eps, momentum=momentum, affine=affine, sync=sync)
         if noise_scale < 1.0 or noise_mean < 0.0:
             raise ValueError(f"noisy_bn needs noise_scale >= 1 and noise_mean >= 0, got {noise_scale}, {noise_mean}")
         self.noise_mean, self.noise_scale, self.per_sample = noise_mean, noise_scale, per_sample

@@ -27,6 +27,8 @@ import torch
 
 from . import register
 from .batch import BatchNorm
+from .sync import active as sync_active
+from .sync import batch_norm as sync_batch_norm
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -131,6 +133,8 @@ class MaskedBatchNorm(BatchNorm):
     def masked_batch_norm(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Batch-statistics forward of (M, C) tokens with keep (M, 1); updates the running statistics in
         training. The one place the statistics are computed, for a synchronized variant to replace."""
+        if self.sync and self.training and sync_active():
+            return sync_batch_norm(self, x, 1, keep)  # real tokens of every rank (exact, differentiable)
         if self.training:
             n = keep.sum()
             torch._assert_async(n != 1, "masked_bn in training mode needs more than one real token per channel "

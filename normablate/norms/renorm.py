@@ -37,13 +37,16 @@ import torch
 
 from . import register
 from .batch import BatchNorm, check_batch_size
+from .sync import active as sync_active
+from .sync import moments as sync_moments
 
 
 @register("batch_renorm")
 class BatchRenorm(BatchNorm):
     def __init__(self, num_features: int, layout: str = "image", eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True, r_max: float = 3.0, d_max: float = 5.0,
-                 warmup_steps: int = 5000, r_max_steps: int = 40000, d_max_steps: int = 25000) -> None:
+                 warmup_steps: int = 5000, r_max_steps: int = 40000, d_max_steps: int = 25000,
+                 sync: bool = False) -> None:
         if not r_max >= 1.0:
             raise ValueError(f"batch_renorm: r_max must be >= 1 (r is clipped to [1/r_max, r_max]), got {r_max}")
         if not d_max >= 0.0:
@@ -55,7 +58,7 @@ class BatchRenorm(BatchNorm):
                 raise ValueError(f"batch_renorm: {key}={end} must be >= warmup_steps={warmup_steps} "
                                  f"(the step at which the limit is fully relaxed)")
         super().__init__(num_features, layout=layout, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=True)
+                         track_running_stats=True, sync=sync)
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.warmup_steps, self.r_max_steps, self.d_max_steps = int(warmup_steps), int(r_max_steps), int(d_max_steps)
         self.register_buffer("renorm_step", torch.zeros((), dtype=torch.long))  # training forwards so far
@@ -73,7 +76,10 @@ class BatchRenorm(BatchNorm):
 
     def batch_stats(self, x: torch.Tensor, c_dim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Per-channel batch mean and biased variance over every dim but ``c_dim`` (with gradient), and the
-        number of values per channel."""
+        number of values per channel (with ``sync`` under DDP: pooled over every rank, norms/sync.py)."""
+        if self.sync and sync_active():
+            mean, var, n = sync_moments(x, c_dim)
+            return mean, var, float(n)
         var, mean = torch.var_mean(x, dim=tuple(d for d in range(x.dim()) if d != c_dim), unbiased=False)
         return mean, var, x.numel() // x.shape[c_dim]
 
