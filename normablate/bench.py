@@ -78,7 +78,7 @@ class Settings:
     image: tuple[int, int, int, int] = (64, 64, 32, 32)  # (N, C, H, W)
     tokens: tuple[int, int, int] = (32, 256, 384)  # (N, T, C)
     pad_fraction: float = 0.2  # masked norms: share of padded tokens
-    repeats: int = 15
+    repeats: int = 25
     steps: int = 20  # framework: training steps per run (the first few are warm-up)
     runs: int = 2  # framework: interleaved runs per side
     infer_batch: int = 256
