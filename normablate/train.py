@@ -298,7 +298,7 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
     hp_metrics = ["hp/val_loss", hp_metric, "hp/diverged", "hp/train_eval_gap",
                   "hp/steps", "hp/throughput"]
     resuming = resume and ckpt.exists()
-    if not resuming:
+    if not resuming and is_zero:  # rank 0 alone writes TensorBoard files
         hparams = {**_flat(to_dict(cfg)), "world_size": world, "batch_size_per_device": cfg.data.batch_size // world}
         log_session(logger, hparams)  # HPARAMS: values only; TensorBoard marks what differs across runs (tblog.py)
 
