@@ -206,6 +206,9 @@ def test_save_to_disk_single_parquet_and_hub(tmp_path, cache_dir, monkeypatch):
     # a hub name goes to datasets.load_dataset(name)
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda name, *a, **k: calls.append(name) or dd)
+    from normablate.data import sources
+
+    monkeypatch.setattr(sources, "check_hub_reachable", lambda name: None)  # the simulated hub is always reachable
     dm = dm_for(replace(cfg, source="someone/tiny-images"))
     assert calls == ["someone/tiny-images"] and dm.num_val == 3
 
