@@ -1,7 +1,9 @@
 """Optuna pruning for Lightning runs: report the validation metric at each validation, stop hopeless trials.
 
 About twenty lines, so no dependency on ``optuna-integration`` (whose ``PyTorchLightningPruningCallback`` also
-pins Lightning versions and checks for distributed set-ups we do not use).
+pins Lightning versions and is known to break under DDP). Rank-aware: under DDP only global rank 0 reports to
+Optuna and asks the pruner; its decision is broadcast, so every rank stops at the same validation together
+(the metric itself is already reduced over ranks). Other ranks may pass ``trial=None``.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ class OptunaPruning(L.Callback):
     trial's record still has them.
     """
 
-    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+    def __init__(self, trial: optuna.Trial | None, metric: str) -> None:
         self.trial, self.metric = trial, metric
         self.pruned_step: int | None = None
         self.history: dict = {}
@@ -29,8 +31,13 @@ class OptunaPruning(L.Callback):
         value, step = float(trainer.callback_metrics[self.metric]), int(trainer.global_step)
         if not math.isfinite(value):
             return  # a diverging run is stopped (and recorded) by the run itself
-        self.trial.report(value, step)
-        if self.trial.should_prune():
+        prune = False
+        if getattr(trainer, "is_global_zero", True) and self.trial is not None:  # (the dry-run trainer: one rank)
+            self.trial.report(value, step)
+            prune = self.trial.should_prune()
+        if getattr(trainer, "world_size", 1) > 1:
+            prune = bool(trainer.strategy.broadcast(prune, src=0))
+        if prune:
             self.pruned_step = step
             for cb in trainer.callbacks:
                 if isinstance(getattr(cb, "history", None), dict) and cb is not self:

@@ -120,10 +120,26 @@ def open_storage(url: str | None, log_dir: str | Path = "lightning_logs"):
         kwargs = {"connect_args": {"timeout": 60}}
     else:
         kwargs = {"pool_pre_ping": True}
-    storage = retry(lambda: optuna.storages.RDBStorage(url, engine_kwargs=kwargs))
+    storage = retry(lambda: _rdb_storage(url, kwargs))
     if url.startswith("sqlite"):
         _sqlite_immediate(storage.engine)
     return retrying(storage)
+
+
+def _rdb_storage(url: str, kwargs: dict[str, Any]):
+    """``RDBStorage(url)``; workers starting together on a fresh database (a Slurm array) race to create Optuna's
+    tables, and the losers get a duplicate-type/table error: the schema then exists, so trying again succeeds."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except (IntegrityError, ProgrammingError):
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def transient(e: BaseException) -> bool:
