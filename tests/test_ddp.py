@@ -84,3 +84,37 @@ def test_sync_batchnorm_refuses_a_layer_that_cannot_sync(tmp_path):
     with pytest.raises(ConfigError, match="trainer.sync_batchnorm: layer .* cannot be synchronized"):
         train(load_config(None, [*IMAGE, "model.norm=torch.nn:BatchNorm2d", "trainer.sync_batchnorm=true",
                                  "trainer.max_steps=1", f"trainer.log_dir={tmp_path}"]))
+
+
+@pytest.mark.slow
+def test_sigterm_to_rank0_stops_both_ranks_and_resume_finishes(tmp_path):
+    """SIGTERM reaching rank 0 only: the flag is reduced over ranks, both stop at the same step boundary after a
+    checkpoint (exit 130), and --resume (DDP again) completes the run with every validation recorded once."""
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "normablate.cli", "train", *IMAGE, "trainer.max_steps=60", "trainer.val_every=5",
+            "trainer.progress=false", "trainer.sync_batchnorm=true", "trainer.devices=2", "experiment=t", "run=sig",
+            f"trainer.log_dir={tmp_path}"]
+    log = open(tmp_path / "out.log", "w")  # a file, not a pipe: a full pipe would block the ranks
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    ckpt = tmp_path / "t" / "sig" / "last.ckpt"
+    try:
+        deadline = time.monotonic() + 600
+        while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ckpt.exists(), (tmp_path / "out.log").read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = (tmp_path / "out.log").read_text()
+    assert proc.returncode == 130, out[-3000:]
+    assert not (tmp_path / "t" / "sig" / "result.json").exists()
+    done = subprocess.run([*args, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    result = RunResult.load(tmp_path / "t" / "sig" / "result.json")
+    assert result.status == "completed" and result.steps == 60
+    assert [s for s, _ in result.history["val/acc"]] == list(range(5, 61, 5))
