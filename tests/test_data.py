@@ -335,6 +335,6 @@ def test_bad_inputs(tmp_path, cache_dir):
     with pytest.raises(ConfigError, match=r"no text column.*columns: content; set data.text_key"):
         dm_for(DataConfig(source=str(tmp_path / "rows.parquet"), cache_dir=cache_dir), "lm")
     dm = dm_for(DataConfig(source=str(tmp_path / "rows.parquet"), text_key="content", mode="samples",
-                           cache_dir=cache_dir, val_fraction=0.1), "lm")
+                           cache_dir=cache_dir, val_fraction=0.1, batch_size=8), "lm")  # a batch fits in 18 rows
     assert (dm.num_train, dm.num_val) == (18, 2)
     assert isinstance(build_datamodule(DataConfig(), "classification", 0), VisionDataModule)
