@@ -1,6 +1,6 @@
 """A throwaway PostgreSQL 15 server on loopback, for the sweep tests (two workers sharing one study).
 
-    with PostgresServer() as url:     # postgresql+psycopg2://postgres@127.0.0.1:PORT/optuna
+    with PostgresServer() as url:     # postgresql://postgres@127.0.0.1:PORT/optuna (psycopg 3)
         ...
 
 Runs ``initdb`` / ``pg_ctl`` from ``$NORMABLATE_PG_BIN`` or ``/usr/lib/postgresql/15/bin`` (or ``pg_ctl`` on
@@ -43,9 +43,9 @@ def unavailable_reason() -> str | None:
         if shutil.which("runuser") is None:
             return "running as root and 'runuser' is missing"
     try:
-        import psycopg2  # noqa: F401
+        import psycopg  # noqa: F401  (SQLAlchemy 2 maps postgresql:// to psycopg 3)
     except ImportError:
-        return "psycopg2 is not installed (pip install psycopg2-binary)"
+        return "psycopg (3) is not installed (pip install -e '.[test]')"
     return None
 
 
