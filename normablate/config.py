@@ -90,14 +90,6 @@ class TrainerConfig:
     sync_batchnorm: bool = False  # synchronize every BN-family norm's batch statistics across ranks (norms/sync.py)
     precise_bn: int = 0  # > 0: before each validation, also evaluate with running stats recomputed as the exact
     #                      population statistics of this many training batches (PreciseBN; val/*_precise)
-    # Data parallel (Lightning's names). data.batch_size is the GLOBAL batch of one optimizer step: each of the
-    # devices * num_nodes ranks gets its own contiguous slice, so a run means the same at any scale.
-    devices: int = 1  # processes per machine (CPU: gloo) or GPUs per machine (NCCL); > 1 runs DDP
-    num_nodes: int = 1  # machines; each runs `devices` ranks (launch with srun/torchrun, as Lightning expects)
-    strategy: str = "auto"  # "auto" (DDP when more than one rank), "ddp", "ddp_find_unused_parameters_true"
-    sync_batchnorm: bool = False  # synchronize every BN-family norm's batch statistics across ranks (norms/sync.py)
-    precise_bn: int = 0  # > 0: before each validation, also evaluate with running stats recomputed as the exact
-    #                      population statistics of this many training batches (PreciseBN; val/*_precise)
     # Speed options; none changes a norm's math (tests compare each with the default within float tolerance).
     channels_last: bool = False  # CNNs: NHWC memory, faster convs and per-pixel LN/RMS without a copy on CPU
     compile: bool = False  # torch.compile the model (first steps pay the compile; needs a C++ compiler on CPU)
@@ -379,17 +371,6 @@ def validate(cfg: RunConfig) -> None:
     _check(t.log_every >= 1, f"trainer.log_every={t.log_every} must be >= 1")
     _check(t.val_batches is None or t.val_batches >= 1, f"trainer.val_batches={t.val_batches} must be >= 1 or null")
     _check(t.divergence_factor > 1, f"trainer.divergence_factor={t.divergence_factor} must be > 1")
-    _check(t.devices >= 1, f"trainer.devices={t.devices} must be >= 1")
-    _check(t.num_nodes >= 1, f"trainer.num_nodes={t.num_nodes} must be >= 1")
-    strategies = ("auto", "ddp", "ddp_find_unused_parameters_true")
-    _check(t.strategy in strategies, f"trainer.strategy={t.strategy!r} is not allowed; valid: {', '.join(strategies)} "
-                                     f"(spawn-based and sharded strategies would lose the run record)")
-    world = t.devices * t.num_nodes
-    _check(dc.batch_size % world == 0,
-           f"data.batch_size={dc.batch_size} (the global batch) must be divisible by trainer.devices x "
-           f"trainer.num_nodes = {world}, so every rank gets an equal slice")
-    _check(dc.val_batch_size >= world, f"data.val_batch_size={dc.val_batch_size} must be >= the {world} ranks")
-    _check(t.precise_bn >= 0, f"trainer.precise_bn={t.precise_bn} must be >= 0 (0: off)")
     _check(t.devices >= 1, f"trainer.devices={t.devices} must be >= 1")
     _check(t.num_nodes >= 1, f"trainer.num_nodes={t.num_nodes} must be >= 1")
     strategies = ("auto", "ddp", "ddp_find_unused_parameters_true")
