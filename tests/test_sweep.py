@@ -144,6 +144,25 @@ def test_rerun_continues_and_refuses_a_changed_spec(tmp_path):
         run_sweep(changed)
 
 
+def test_more_seeds_extend_a_finished_study_without_repeating_it(tmp_path):
+    grid = {"seed": [0, 1], "model.norm": ["bn", "none"], "optim.lr": [0.03, 0.1]}
+    assert run_sweep(make_spec(tmp_path, grid=grid)).counts.total == 8
+    url = sqlite_url(tmp_path)
+    first = {t.number: (t.datetime_start, t.user_attrs["point"]) for t in trials_of(url)}
+    more = run_sweep(make_spec(tmp_path, grid={**grid, "seed": [0, 1, 2]}, description="now 3 seeds"))
+    assert more.complete and more.counts.total == 12 and more.counts.done == 12
+    trials = trials_of(url)
+    assert {t.number: (t.datetime_start, t.user_attrs["point"]) for t in trials if t.number in first} == first
+    new = [t for t in trials if t.number not in first]
+    assert sorted(t.user_attrs["point"] for t in new) == [8, 9, 10, 11]
+    assert {t.user_attrs["config"]["seed"] for t in new} == {2}
+    # only seeds may grow, only at the end of the outermost axis
+    for changed in ({**grid, "seed": [1, 2, 3]}, {**grid, "optim.lr": [0.03, 0.1, 0.3]},
+                    {"model.norm": ["bn", "none"], "seed": [0, 1, 2, 3], "optim.lr": [0.03, 0.1]}):
+        with pytest.raises(ConfigError, match="different sweep spec"):
+            run_sweep(make_spec(tmp_path, grid=changed))
+
+
 def test_trial_records_and_run_dirs(tmp_path):
     run_sweep(make_spec(tmp_path))
     trials = trials_of(sqlite_url(tmp_path))

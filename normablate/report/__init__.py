@@ -59,6 +59,8 @@ def write_report(study_name: str, storage: str | None = None, out_dir: str | Pat
     for name, table in section.tables.items():
         table.to_csv(out / name, index=False)
     probe = probes.section(data, out)
+    for name, table in probe.tables.items():
+        table.to_csv(out / name, index=False)
     figures = [("Training loss", plots.loss_curves(data, out, per_sample=kind.per_sample_curves)),
                *section.figures, *probe.figures]
 

@@ -29,6 +29,12 @@ MEASURES = [("probe/loss_range", "loss variation (range over step sizes, nats)",
             ("probe/beta", "effective β-smoothness: max ||Δ∇L|| / ||ηg||", "minimize")]
 
 
+COLUMNS = [("probe/loss_range", "loss variation"), ("probe/grad_pred", "grad. predictiveness"),
+           ("probe/beta", "β-smoothness"), ("ics_l2", "ICS l2 (layer mean)"), ("ics_cos", "ICS cos (layer mean)")]
+CONCLUDE = [("probe/loss_range", "loss variation", "minimize"), ("probe/grad_pred", "gradient predictiveness", "minimize"),
+            ("probe/beta", "effective β-smoothness", "minimize"), ("ics_cos", "ICS cosine (1 = no shift)", "maximize")]
+
+
 def _run_mean(hist: dict, key: str) -> float:
     vals = [v for _, v in hist.get(key, []) if v is not None and math.isfinite(v)]
     return sum(vals) / len(vals) if vals else math.nan
@@ -56,35 +62,43 @@ def section(data: StudyData, out: Path) -> Section:
     per_run["ics_cos"] = [np.nanmean([_run_mean(data.histories.get(i, {}), f"probe/ics_cos/{n}") for n in layers])
                           if layers else math.nan for i in range(len(df))]
     ok = (~df["diverged"].astype(bool)) & (df["state"] == "complete")
-    rows = []
+    rows, numeric = [], []
     cols = data.group_cols
     panel_cols = [c for c in cols if c != data.line_key]
-    beta: dict[tuple, dict[str, list]] = {}  # per panel (e.g. per LR): line (norm) -> runs' mean beta
+    # per panel (e.g. per LR) and measure: line (norm) -> each run's mean of that measure
+    per_panel: dict[tuple, dict[str, dict[str, list]]] = {}
     for key, sub in df.groupby(cols, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         idx = [i for i in sub.index if ok.iloc[i]]
         row = dict(zip(cols, key))
         row["n"] = len(idx)
-        for c, name in (("probe/loss_range", "loss variation"), ("probe/grad_pred", "grad. predictiveness"),
-                        ("probe/beta", "β-smoothness"), ("ics_l2", "ICS l2 (layer mean)"),
-                        ("ics_cos", "ICS cos (layer mean)")):
-            row[name] = fmt_ci(*mean_ci(per_run.loc[idx, c].tolist())[:2])
+        num = dict(row)
         panel = tuple(row[c] for c in panel_cols)
-        beta.setdefault(panel, {})[str(row[data.line_key])] = per_run.loc[idx, "probe/beta"].tolist()
+        for c, name in COLUMNS:
+            m, ci, _ = mean_ci(per_run.loc[idx, c].tolist())
+            row[name] = fmt_ci(m, ci)
+            num[f"{c}_mean"], num[f"{c}_ci95"] = m, ci
+            per_panel.setdefault(panel, {}).setdefault(c, {})[str(row[data.line_key])] = per_run.loc[idx, c].tolist()
         rows.append(row)
+        numeric.append(num)
     lines = []
-    for panel, values in beta.items():
+    for panel, measures in per_panel.items():
         where = ", ".join(f"{c}={v}" for c, v in zip(panel_cols, panel))
-        text = conclusion(values, "minimize", "effective β-smoothness")
-        lines.append(text.replace("**Conclusion:**", f"**Conclusion ({where}):**" if where else "**Conclusion:**"))
+        for c, what, direction in CONCLUDE:
+            text = conclusion(measures[c], direction, what)
+            lines.append(text.replace("**Conclusion:**", f"**Conclusion ({where}):**" if where else "**Conclusion:**"))
     md = ("## Loss landscape and internal covariate shift (probes)\n\n" + markdown_table(pd.DataFrame(rows)) + "\n"
           + "\n\n".join(lines) + "\n\nLower loss variation, gradient change and β mean a smoother landscape, but "
           "read them with the loss: a network that does not train (e.g. a deep plain net stuck at chance, with "
-          "vanishing gradients) is flat too. ICS l2 scales with the gradient's size; the cosine does not.\n")
+          "vanishing gradients) is flat too. ICS l2 scales with the gradient's size; the cosine does not. "
+          "Numbers: `probes.csv` (this table), `probes_per_run.csv` (each run's means).\n")
+    runs = pd.concat([df[["trial", *cols, "seed"] if "seed" not in cols and "seed" in df else ["trial", *cols]]
+                      .reset_index(drop=True), per_run.drop(columns=["row"])], axis=1)[ok.to_numpy()]
+    tables = {"probes.csv": pd.DataFrame(numeric), "probes_per_run.csv": runs}
     figures = [("Loss landscape along the gradient", landscape_figure(data, out))]
     if layers:
         figures.append(("Internal covariate shift per layer", ics_figure(data, out, layers)))
-    return Section(md, figures)
+    return Section(md, figures, tables)
 
 
 def _panels(data: StudyData):

@@ -145,6 +145,14 @@ class QueueMixin:
                               f"attribute); choose another --study-name, or delete it: optuna delete-study "
                               f"--study-name {spec.study_name} --storage {self.url}")
         deadline = time.time() + timeout
+        if old["fingerprint"] != meta["fingerprint"] and not self.kind.grouped \
+                and adds_seeds(old["spec"], meta["spec"]):
+            # more seeds for the same experiment: the new points come after the old ones (seed is the outermost
+            # axis), so finished trials keep their point index and only the new seeds are enqueued
+            retry(lambda: main.set_user_attr(ATTR, meta))
+            self.log(f"seeds {old['spec']['grid']['seed']} -> {meta['spec']['grid']['seed']}: "
+                     f"{meta['total'] - old['total']} more trials")
+            old = meta
         if old["fingerprint"] != meta["fingerprint"]:
             diff = _spec_diff(old["spec"], meta["spec"])
             raise ConfigError(f"study {spec.study_name!r} in {self.url} was started from a different sweep spec "
@@ -245,6 +253,18 @@ class QueueMixin:
             if t.user_attrs.get("point") == slot.point.index:
                 return t.number
         return None
+
+
+def adds_seeds(old: dict, new: dict) -> bool:
+    """Whether spec ``new`` is spec ``old`` with more seeds: the first grid axis is ``seed``, its old values are the
+    start of the new ones, and nothing else differs (but the description)."""
+    og, ng = list(old["grid"].items()), list(new["grid"].items())
+    if not og or og[0][0] != "seed" or [k for k, _ in og] != [k for k, _ in ng] or og[1:] != ng[1:]:
+        return False
+    (_, o_seeds), (_, n_seeds) = og[0], ng[0]
+    if len(n_seeds) <= len(o_seeds) or n_seeds[:len(o_seeds)] != o_seeds:
+        return False
+    return not [d for d in _spec_diff(old, new) if not d.startswith("grid.") and d != "description"]
 
 
 def _spec_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

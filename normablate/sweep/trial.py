@@ -73,7 +73,8 @@ class TrialMixin:
         trial = slot.trial
         if not self.kind.grouped:
             for a in self.spec.axes:  # fixed params: records them (readable) in the trial
-                trial.suggest_categorical(a.key, a.choices)
+                if a.key != "seed":  # (not the seed: its choices may grow, see queue.adds_seeds; it is in "axes")
+                    trial.suggest_categorical(a.key, a.choices)
             return {}
         return self.kind.suggest(trial, self.spec.options)
 
