@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -94,5 +93,7 @@ def resnet56(norm_layer, num_classes: int = 10, width: int = 16, in_chans: int =
 @register("resnet18", layout="image")
 def resnet18(norm_layer, num_classes: int = 10, in_chans: int = 3) -> nn.Module:
     """timm's ResNet-18 (ImageNet stem: 7x7/2 conv + max-pool), our norm in every site via ``norm_layer``."""
+    import timm  # lazy: timm imports torchvision, seconds of start-up for every other command
+
     return timm.create_model("resnet18", pretrained=False, num_classes=num_classes, in_chans=in_chans,
                              norm_layer=norm_layer)

@@ -14,14 +14,12 @@ from functools import partial
 from typing import Any
 
 import torch
-from timm.models.vision_transformer import Block as TimmBlock
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .. import norms
 from . import register
 from ._common import check_choice
-from ._transformer import PLACEMENTS, HeadNorm
+from ._transformer import PLACEMENTS
 
 FFN_NORM_POSITIONS = ("before_act", "after_act")
 
@@ -50,31 +48,6 @@ class FFN(nn.Module):
         return self.drop(self.fc2(self.drop(x)))
 
 
-class Block(TimmBlock):
-    """timm's pre-norm block, plus post (``norm1(x + attn(x))``) and peri (``x + norm1_out(attn(norm1(x)))``)
-    placements and an optional QK norm (our norm, wrapped per head, in place of timm's q_norm/k_norm)."""
-
-    def __init__(self, *, placement: str = "pre", qk_norm_layer=None, **timm_kwargs: Any) -> None:
-        super().__init__(**timm_kwargs)
-        self.placement = placement
-        if placement == "peri":
-            dim, norm_layer = timm_kwargs["dim"], timm_kwargs["norm_layer"]
-            self.norm1_out, self.norm2_out = norm_layer(dim), norm_layer(dim)
-        if qk_norm_layer is not None:
-            self.attn.q_norm = HeadNorm(qk_norm_layer(self.attn.head_dim))  # q, k: (B, h, N, head_dim)
-            self.attn.k_norm = HeadNorm(qk_norm_layer(self.attn.head_dim))
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if self.placement == "pre":
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if self.placement == "peri":
-            a = self.norm1_out(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
-            x = x + self.drop_path1(self.ls1(a))
-            return x + self.drop_path2(self.ls2(self.norm2_out(self.mlp(self.norm2(x)))))
-        x = self.norm1(x + self.drop_path1(self.ls1(self.attn(x, attn_mask=attn_mask, is_causal=is_causal))))
-        return self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
-
-
 @register("vit", layout="tokens")
 def vit(norm_layer, num_classes: int = 10, img_size: int = 32, patch_size: int = 4, in_chans: int = 3,
         embed_dim: int = 192, depth: int = 6, num_heads: int = 3, mlp_ratio: float = 2.0,
@@ -97,6 +70,10 @@ def vit(norm_layer, num_classes: int = 10, img_size: int = 32, patch_size: int =
         ffn_norm_layer = None
     else:
         ffn_norm_layer = norms.resolve(ffn_norm, "tokens")
+    from timm.models.vision_transformer import VisionTransformer  # lazy: timm imports torchvision (start-up)
+
+    from ._vit_block import Block
+
     model = VisionTransformer(
         img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
         embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
@@ -106,3 +83,10 @@ def vit(norm_layer, num_classes: int = 10, img_size: int = 32, patch_size: int =
         final_norm=norm_placement != "post",
     )
     return model
+
+
+def __getattr__(name: str) -> Any:  # ``Block`` lives in _vit_block.py, imported on first use (timm is slow)
+    if name == "Block":
+        from ._vit_block import Block
+        return Block
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
