@@ -557,8 +557,8 @@ SECTION_TEXT = {
 GOALS = [
     ("norms", "bn", "tokens", "", 1.05, "bn tokens at BatchNorm1d-on-(N*T, C) speed"),
     ("norms", "masked_bn", "tokens", "", 1.5, "masked_bn <= 1.5x BatchNorm1d on all tokens"),
-    ("norms", "noisy_bn", "image", "", 1.2, "noisy_bn <= 1.2x BN"),
-    ("norms", "noisy_bn", "tokens", "", 1.2, "noisy_bn <= 1.2x BN"),
+    ("norms", "noisy_bn", "image", "", 1.2, "noisy_bn <= 1.2x BN (image)"),
+    ("norms", "noisy_bn", "tokens", "", 1.2, "noisy_bn <= 1.2x BN (tokens)"),
     ("norms", "rms", "tokens", "ln (ours)", 1.0, "rms <= ln (tokens)"),
     ("norms", "rms", "image", "ln (ours)", 1.0, "rms <= ln (image)"),
     ("norms", "ln", "image", "", 1.05, "ln image within 1.05x of nn.LayerNorm on channels-last x"),
@@ -577,11 +577,34 @@ def summary(rows: list[Row]) -> list[str]:
                and (ref or r.reference != "ln (ours)")]
         if hit:
             ratio = hit[0].ratio
-            lines.append(f"- {goal}: **{ratio:.2f}×** — {'met' if ratio <= limit else 'NOT met'}")
+            met = ratio <= limit
+            why = "" if met else WHY_NOT.get((name, layout), "")
+            lines.append(f"- {goal}: **{ratio:.2f}×** — {'met' if met else 'NOT met'}" + (f" ({why})" if why else ""))
     for r in rows:
-        if r.section == "startup" and r.name in ("normablate --help", "normablate --version") and r.ours_value:
+        if r.section == "startup" and r.name in ("normablate --help", "normablate --version", "normablate list") \
+                and r.ours_value:
             lines.append(f"- `{r.name}` under 1.5 s: {r.ours_value:.2f} s — {'met' if r.ours_value < 1.5 else 'NOT met'}")
+        if r.section == "startup" and r.name == "process start -> first training step" and r.ours_value:
+            met = r.ours_value < 2.0
+            lines.append(f"- process start -> first training step under 2 s: {r.ours_value:.2f} s — "
+                         f"{'met' if met else 'NOT met (' + WHY_NOT[('startup', '')] + ')'}")
     return lines
+
+
+# Why a goal is not met, where the reason is known (measured with the profiler and -X importtime on this CPU).
+WHY_NOT = {
+    ("masked_bn", "tokens"): "eager CPU ops: masking, centring and the two masked correction terms cost ~4 more "
+                             "passes over the activations than PyTorch's fused BN kernel; under torch.compile it "
+                             "measured ~1.5x",
+    ("noisy_bn", "image"): "the per-sample noise is one extra pass forward and one backward over the activations; "
+                           "no fused PyTorch kernel takes a per-(sample, channel) affine",
+    ("noisy_bn", "tokens"): "as for images: one extra pass each way for the per-sample noise",
+    ("rms", "tokens"): "a finding, not a bug we could fix: PyTorch has no fused CPU RMSNorm kernel; the fastest exact "
+                       "formulation found (one vector_norm + two elementwise passes forward, LayerNorm's fused "
+                       "backward with mean 0 + one correction) is still slower than the fused LayerNorm kernel",
+    ("startup", ""): "floor: import torch ~1.5 s + Lightning ~2.4 s (torchmetrics imports torchvision and dynamo); "
+                     "a sweep worker pays it once, later trials start in the time of the 'second run' row",
+}
 
 
 def write(report: Report, out: Path, load_before: str) -> tuple[Path, Path]:
