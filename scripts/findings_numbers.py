@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from normablate.analysis.stats import fmt_ci, mean_ci, welch
+from normablate.analysis.stats import fmt_ci, mean_ci, t_quantile, t_sf2, welch
 
 FINDINGS = Path(__file__).resolve().parents[1] / "docs" / "findings"
 
@@ -180,9 +180,117 @@ def claim11() -> None:
     print()
 
 
+def variant_best(df: pd.DataFrame, keys: list[str], metric: str, maximize: bool) -> dict[tuple, pd.DataFrame]:
+    """For each variant (a value of every key column), its runs at its own best LR (mean over seeds; diverged
+    runs are not in df, so an LR where some seeds diverged is judged on the rest and its count shows in n)."""
+    out = {}
+    for variant, g in df.groupby(keys, dropna=False, sort=False):
+        means = g.groupby("lr")[metric].mean()
+        lr = means.idxmax() if maximize else means.idxmin()
+        out[variant if isinstance(variant, tuple) else (variant,)] = g[g["lr"] == lr]
+    return out
+
+
+def label(variant: tuple) -> str:
+    return " + ".join(str(v) for v in variant if str(v) not in ("nan", "None", ""))
+
+
+def compare_variants(df: pd.DataFrame, keys: list[str], metric: str, maximize: bool, baseline: tuple,
+                     extra: tuple[str, ...] = ("train_loss_auc", "throughput")) -> None:
+    """Each variant at its best LR against ``baseline`` at its best LR (Welch), plus the speed ratio."""
+    best = variant_best(df, keys, metric, maximize)
+    base = best.get(baseline)
+    if base is None:
+        print(f"_(baseline {baseline} not in the runs)_\n")
+        return
+    for variant, runs in best.items():
+        line = f"- {label(variant)} (best lr {runs['lr'].iloc[0]:g}): {metric} {stat(runs[metric])}"
+        if variant != baseline:
+            line += f"; - {label(baseline)} {diff(runs[metric], base[metric])}"
+        for col in extra:
+            if col in runs and runs[col].notna().any():
+                line += f"; {col} {stat(runs[col])}"
+        if "throughput" in runs and variant != baseline:
+            line += f"; throughput ratio vs {label(baseline)} {runs['throughput'].mean() / base['throughput'].mean():.3f}"
+        print(line)
+    print()
+
+
+def claims_6_8_12() -> None:
+    print("## Claims 6, 8 (quality), 12: language modelling on padded samples (lm_norms)\n")
+    df = load("lm_norms")
+    if df is None:
+        return
+    print("Each norm at its best LR (lowest mean final validation perplexity), against LN:\n")
+    compare_variants(df, ["norm"], "final_val_ppl", maximize=False, baseline=("ln",))
+    best = variant_best(df, ["norm"], "final_val_ppl", maximize=False)
+    if ("bn",) in best and ("masked_bn",) in best:
+        print(f"- masked_bn - bn: {diff(best[('masked_bn',)]['final_val_ppl'], best[('bn',)]['final_val_ppl'])}")
+        gap = best[("bn",)]["final_val_ppl"].mean() - best[("ln",)]["final_val_ppl"].mean()
+        rec = best[("bn",)]["final_val_ppl"].mean() - best[("masked_bn",)]["final_val_ppl"].mean()
+        print(f"- share of BN's perplexity gap to LN that masked BN recovers: {rec / gap:.2f} (gap {gap:.3g})\n"
+              if gap > 0 else f"- BN is not behind LN (ppl difference {gap:+.3g})\n")
+
+
+def claims_7_12() -> None:
+    print("## Claims 7, 12 on a ViT: block norm x BN in the FFN (vit_norms)\n")
+    df = load("vit_norms")
+    if df is None:
+        return
+    df = df.assign(ffn_norm=df["ffn_norm"].fillna("none") if "ffn_norm" in df else "none")
+    print("Each variant (block norm, FFN norm) at its best LR, against LN without an FFN norm:\n")
+    compare_variants(df, ["norm", "ffn_norm"], "final_val_acc", maximize=True, baseline=("ln", "none"),
+                     extra=("train_loss_auc", "throughput", "steps_to_target"))
+
+
+def drop_ci(hi: pd.Series, lo: pd.Series, hi2: pd.Series, lo2: pd.Series) -> str:
+    """(hi - lo) - (hi2 - lo2) of four independent groups of runs, with a Welch-Satterthwaite 95% CI."""
+    groups = [list(g.dropna()) for g in (hi, lo, hi2, lo2)]
+    if min(len(g) for g in groups) < 2:
+        return "(too few runs for a CI)"
+    means = [sum(g) / len(g) for g in groups]
+    v = [sum((x - m) ** 2 for x in g) / (len(g) - 1) / len(g) for g, m in zip(groups, means)]
+    d = (means[0] - means[1]) - (means[2] - means[3])
+    se = math.sqrt(sum(v))
+    dof = sum(v) ** 2 / sum(vi ** 2 / (len(g) - 1) for vi, g in zip(v, groups))
+    h = t_quantile(0.975, dof) * se
+    p = t_sf2(abs(d) / se, dof) if se > 0 else 0.0
+    verdict = "clear" if (d - h > 0 or d + h < 0) else "CI covers 0"
+    return f"{d:+.3g} [95% CI {d - h:+.3g}, {d + h:+.3g}], p={p:.2g} ({verdict})"
+
+
+def claim5() -> None:
+    print("## Claim 5: the batch size, BN vs GN / LN / RMS (batch_size_norms)\n")
+    df = load("batch_size_norms")
+    if df is None:
+        return
+    bcol = "batch_size"
+    sizes = sorted(df[bcol].unique())
+    small, large = sizes[0], sizes[-1]
+    for norm in df["norm"].unique():
+        g = pick(df, norm=norm)
+        cells = ", ".join(f"batch {b}: {stat(g[g[bcol] == b]['final_val_acc'])}" for b in sizes)
+        print(f"- {norm}: final val acc {cells}; batch {large} - batch {small} "
+              f"{diff(g[g[bcol] == large]['final_val_acc'], g[g[bcol] == small]['final_val_acc'])}")
+    print()
+    bn = pick(df, norm="bn")
+    for norm in df["norm"].unique():
+        if norm == "bn":
+            continue
+        g = pick(df, norm=norm)
+        print(f"- BN's loss from batch {large} to {small} minus {norm}'s: "
+              + drop_ci(bn[bn[bcol] == large]["final_val_acc"], bn[bn[bcol] == small]["final_val_acc"],
+                        g[g[bcol] == large]["final_val_acc"], g[g[bcol] == small]["final_val_acc"]))
+    for b in sizes:
+        g = df[df[bcol] == b]
+        print(f"- batch {b}: " + "; ".join(f"{n} - bn {diff(pick(g, norm=n)['final_val_acc'], pick(g, norm='bn')['final_val_acc'])}"
+                                           for n in df["norm"].unique() if n != "bn"))
+    print()
+
+
 def main() -> None:
     print("# Cross-study numbers (generated by `python scripts/findings_numbers.py`; do not edit)\n")
-    for claim in (claim3, claim4, claim10, claim11):
+    for claim in (claim3, claim4, claim10, claim11, claim5, claims_6_8_12, claims_7_12):
         claim()
         sys.stdout.flush()
 
