@@ -76,9 +76,12 @@ class QueueMixin:
 
     def _load(self, name: str, point: Point | None) -> optuna.Study:
         sampler = self.kind.sampler(self.spec.options)
-        max_steps = self.spec.trial_config(point or self.points[0], self._params_lows(), run="x").trainer.max_steps
-        pruner = make_pruner(self.spec.pruner, max_steps)
+        pruner = make_pruner(self.spec.pruner, self._pruner_max_steps(point))
         return retry(lambda: optuna.load_study(study_name=name, storage=self.storage, sampler=sampler, pruner=pruner))
+
+    def _pruner_max_steps(self, point: Point | None) -> int:
+        """The ``max_steps`` a study's pruner is built with (hyperband's resource): its group's, or the first point's."""
+        return self.spec.trial_config(point or self.points[0], self._params_lows(), run="x").trainer.max_steps
 
     def _params_lows(self) -> dict[str, Any] | None:
         return self.spec.search_params_for_validation()[0]

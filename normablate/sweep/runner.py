@@ -28,6 +28,7 @@ import optuna
 
 from ..errors import ConfigError
 from ..studies import StudyKind
+from .ddp_trial import check_resources
 from .liveness import HOST, Heartbeat, host_id, pid_alive
 from .queue import ATTR, READY, Counts, QueueMixin, Slot
 from .reaper import ReaperMixin
@@ -141,9 +142,10 @@ def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, s
         spec = load_spec(spec, overrides=overrides, study_name=study_name, dry_run=dry_run)
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
+    check_resources(spec, workers)  # DDP trials: devices x workers fit this machine (before any trial runs)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     runtime: dict[str, Any] = {}
-    if workers > 1:  # share the cores instead of oversubscribing them
+    if workers > 1:  # share the cores instead of oversubscribing them (a DDP trial splits them over its ranks)
         runtime["trainer.threads"] = max(1, (os.cpu_count() or 1) // workers)
     sweep = Sweep(spec, storage, verbose=verbose, runtime=runtime, worker="" if workers == 1 else "main")
     sweep.setup(create=True)

@@ -38,7 +38,7 @@ KINDS = tuple(studies.available())  # the built-in study kinds (more can be regi
 
 COMMON_KEYS = ("kind", "base", "study_name", "metric", "direction", "metric_at", "overrides", "grid",
                "pruner", "log_dir", "storage", "trainer_fn", "heartbeat", "description")
-PRUNERS = ("none", "median", "percentile", "hyperband", "successive_halving")
+PRUNERS = ("none", "median", "percentile", "hyperband", "successive_halving", "threshold")
 DEFAULT_TRAINER = "normablate.train:train"
 DRYRUN_TRAINER = "normablate.sweep.dryrun:train"
 
@@ -421,6 +421,8 @@ def make_pruner(p: dict[str, Any], max_steps: int):
         return optuna.pruners.HyperbandPruner(**kw)
     if name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(**kw)
+    if name == "threshold":  # stop a trial whose metric leaves [lower, upper] (e.g. loss above a bound at a step)
+        return optuna.pruners.ThresholdPruner(**kw)
     raise ConfigError(f"unknown pruner {name!r}")
 
 

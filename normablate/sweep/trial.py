@@ -1,5 +1,8 @@
 """Trial execution: run one claimed trial (``train(cfg)`` via the spec's ``trainer_fn``) and record it.
 
+A trial with more than one rank (``trainer.devices > 1``) runs in a child process group (``ddp_trial.py``) and is
+recorded exactly like a one-process trial.
+
 Every trial stores in its user attributes (names the report reads; keep them stable, existing studies depend on
 them): ``run``, ``run_dir``, ``config``, ``params``, ``resumed``, ``status``, ``diverged``, ``diverged_step``,
 ``steps``, ``final``, ``best``, ``steps_to_target``, ``time_to_target``, ``train_loss_auc``, ``wall_time``,
@@ -23,6 +26,7 @@ from optuna.trial import TrialState
 from ..config import to_dict
 from ..errors import ConfigError
 from ..result import RunResult
+from .ddp_trial import TrialProcess, needs_process, threads_per_rank, world_of
 from .liveness import Heartbeat
 from .queue import Slot
 from .storage import retry
@@ -94,6 +98,10 @@ class TrialMixin:
             slug = slot.point.slug(spec.axes)
             run = f"{slug}-t{trial.number:03d}" if self.kind.grouped else f"t{trial.number:04d}-{slug}"
         cfg = spec.trial_config(slot.point, params, run=run, runtime=self.runtime)  # travels as this object
+        ddp = needs_process(cfg, spec.trainer_fn)  # DDP: the trial runs in a child process group (ddp_trial.py)
+        if ddp:  # the worker's threads are split over the trial's ranks
+            own = spec.trial_dict(slot.point, params, run=run)["trainer"].get("threads")
+            cfg.trainer.threads = threads_per_rank(cfg, own, self.runtime.get("trainer.threads"))
         run_dir = Path(cfg.trainer.log_dir) / cfg.experiment / run
         for k, v in {"run": run, "run_dir": str(run_dir), "config": to_dict(cfg), "params": params}.items():
             trial.set_user_attr(k, v)
@@ -102,16 +110,25 @@ class TrialMixin:
         label = slot.point.label(spec.axes) + (" " + " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float)
                                                               else f"{k.split('.')[-1]}={v}"
                                                               for k, v in params.items()) if params else "")
-        self.log(f"trial {trial.number} started: {label}" + (" (resuming)" if resume else ""))
-        pruning = None
-        if spec.pruner.get("name", "none") != "none":
+        self.log(f"trial {trial.number} started: {label}" + (" (resuming)" if resume else "")
+                 + (f" (DDP: {world_of(cfg)} processes x {cfg.trainer.threads} threads)" if ddp else ""))
+        pruning, callbacks, run_fn = None, None, trainer_fn
+        prune = spec.pruner.get("name", "none") != "none"
+        if ddp:  # rank 0 of the child reports to this trial in the storage
+            job = {"storage": self.url, "log_dir": spec.log_dir, "study": slot.study.study_name,
+                   "trial_id": trial._trial_id, "metric": spec.metric, "pruner": spec.pruner,
+                   "max_steps": self._pruner_max_steps(slot.point if self.kind.grouped else None)} if prune else None
+            run_fn = TrialProcess(spec.trainer_fn, job)
+            pruning = run_fn.pruning
+        elif prune:
             from .pruning import OptunaPruning  # imports Lightning
 
             pruning = OptunaPruning(trial, spec.metric)
+            callbacks = [pruning]
         t_start = time.time()
         with Heartbeat(self.storage, trial._trial_id, float(spec.heartbeat["interval"])):
             try:
-                result = trainer_fn(cfg, callbacks=[pruning] if pruning else None, resume=resume)
+                result = run_fn(cfg, callbacks=callbacks, resume=resume)
             except optuna.TrialPruned as e:
                 self._record_pruned(trial, pruning, cfg, run_dir, time.time() - t_start)
                 self._tell(slot, state=TrialState.PRUNED)
@@ -121,9 +138,10 @@ class TrialMixin:
                 raise
             except Exception as e:  # noqa: BLE001  a crashed run is recorded, and the sweep goes on
                 trial.set_user_attr("error", "".join(traceback.format_exception_only(type(e), e)).strip()[-2000:])
-                trial.set_user_attr("traceback", traceback.format_exc()[-8000:])
+                tb = getattr(e, "child_traceback", None) or traceback.format_exc()  # a DDP trial's: the child's
+                trial.set_user_attr("traceback", tb[-8000:])
                 self._tell(slot, state=TrialState.FAIL)
-                print(traceback.format_exc(), file=sys.stderr, flush=True)
+                print(tb, file=sys.stderr, flush=True)
                 return f"trial {trial.number} {label}: FAILED ({type(e).__name__}: {e})"
             if result.status == "interrupted":
                 self._interrupt(slot, "run interrupted by a signal (checkpoint saved)")
