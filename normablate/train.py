@@ -6,6 +6,7 @@ The run directory ``<log_dir>/<experiment>/<run>/`` holds the TensorBoard events
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -48,12 +49,11 @@ def run_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.trainer.log_dir) / cfg.experiment / (cfg.run or default_run_name(cfg))
 
 
-def versions() -> dict[str, str]:
-    import datasets
-    import optuna
-    import timm
-    import torchmetrics
-
+@functools.cache
+def git_state() -> tuple[str, bool | None]:
+    """(commit, dirty) of the checkout this process imported normablate from, asked of git once per process: the
+    code a process runs is the code it imported, so a sweep worker records the same state for every trial and
+    pays the two git calls once, not per trial."""
     commit, dirty = "unknown", None
     repo = Path(__file__).resolve().parents[1]
     with contextlib.suppress(Exception):
@@ -61,6 +61,16 @@ def versions() -> dict[str, str]:
                                 timeout=10, check=True).stdout.strip()
         dirty = bool(subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
                                     capture_output=True, text=True, timeout=10).stdout.strip())
+    return commit, dirty
+
+
+def versions() -> dict[str, str]:
+    import datasets
+    import optuna
+    import timm
+    import torchmetrics
+
+    commit, dirty = git_state()
     return {
         "normablate": __version__, "git_commit": commit, "git_dirty": str(dirty), "python": sys.version.split()[0],
         "platform": platform.platform(), "torch": torch.__version__, "lightning": L.__version__,
