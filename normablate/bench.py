@@ -15,6 +15,11 @@ command and the load average, and these sections:
   (``alloc.py``), toggled in one process.
 - **start-up**: ``normablate --help`` / ``--version`` / ``list`` (repeated runs), process start to the first
   training step, and the cost of a second run in the same process (what a sweep worker pays per trial).
+- **data**: on real CIFAR-10 (``--cifar10 PATH``), the share of step time spent producing batches for the
+  shipped VGG-11 and ResNet-20 configs, in a hand loop and inside ``train()``.
+- **sweep** (``--sweep`` or ``--only sweep``; minutes): trials per hour of the README's quick sweep with
+  ``--workers 1`` vs ``2`` (the real command, fresh temporary storage and log folder), and each trial's time
+  beyond its training steps (set-up, validation, between steps), first trial of a worker vs later ones.
 
 Timing: every comparison is interleaved (A, B, A, B, ...) and reported as medians and as the median of the
 per-repeat ratios, so a loaded machine slows both sides alike; absolute times on a shared machine are noisy,
@@ -84,7 +89,12 @@ class Settings:
     infer_batch: int = 256
     startup_runs: int = 5
     backbones: tuple[str, ...] = ("resnet20", "vit", "transformer_lm")
-    sections: tuple[str, ...] = ("norms", "allocator", "inference", "framework", "startup")
+    sections: tuple[str, ...] = ("norms", "allocator", "inference", "framework", "startup", "data")
+    data_steps: int = 20  # data: training steps per config (the first few are warm-up)
+    cifar10: str = field(default_factory=lambda: os.environ.get("NORMABLATE_BENCH_CIFAR10", "cifar10"))
+    sweep_seeds: tuple[int, ...] = (0,)  # sweep: the quick sweep's grid on these seeds (9 trials per seed)
+    sweep_rounds: int = 2  # sweep: runs per side, interleaved A B B A
+    sweep_overrides: tuple[str, ...] = ()  # sweep: key=value for every trial (tiny: fewer steps)
     compile: bool = False
     norms: tuple[str, ...] | None = None  # norm rows for these names only (None: every registered norm)
     tiny_models: bool = False  # framework: tiny backbones (quick and test runs)
@@ -93,10 +103,13 @@ class Settings:
     def make(cls, quick: bool = False, tiny: bool = False, compile: bool = False) -> Settings:
         if tiny:
             return cls(image=(4, 8, 4, 4), tokens=(2, 8, 16), repeats=2, steps=3, runs=1, infer_batch=4,
-                       startup_runs=1, backbones=("resnet20", "transformer_lm"), compile=compile, tiny_models=True)
+                       startup_runs=1, backbones=("resnet20", "transformer_lm"), compile=compile, tiny_models=True,
+                       data_steps=4, cifar10="synthetic", sweep_rounds=1,
+                       sweep_overrides=("trainer.max_steps=4", "trainer.val_every=2"))
         if quick:
             return cls(image=(32, 32, 16, 16), tokens=(16, 128, 192), repeats=7, steps=12, runs=1,
-                       infer_batch=64, startup_runs=2, compile=compile, tiny_models=True)
+                       infer_batch=64, startup_runs=2, compile=compile, tiny_models=True, data_steps=8,
+                       sweep_rounds=1)
         return cls(compile=compile)
 
 
@@ -105,7 +118,6 @@ class Report:
     settings: Settings
     command: str
     rows: list[Row] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -205,6 +217,43 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
+def _compiled_rows(name: str, layout: str, label: str, ours: Callable, ref: Callable, x: torch.Tensor,
+                   mask: torch.Tensor | None, s: Settings) -> list[Row]:
+    """Under ``torch.compile`` (forward and backward, static shapes): ours vs the reference both compiled, ours
+    compiled vs ours eager (what compiling buys), and for RMSNorm the claim against LN, compiled and eager."""
+    rows = []
+    t0 = time.perf_counter()
+    try:
+        ours_c = _compiled(ours)
+        ref_c = _compiled(ref)
+        rows.append(_compare("norms", name, layout, f"{name} compiled", f"{label} compiled",
+                             _fwd_bwd(ours_c, x, mask), _fwd_bwd(ref_c, x, mask), s.repeats, variant="compiled"))
+        rows.append(_compare("norms", name, layout, f"{name} compiled", f"{name} eager", _fwd_bwd(ours_c, x, mask),
+                             _fwd_bwd(ours, x, mask), s.repeats, variant="compiled",
+                             note="what torch.compile buys this norm"))
+        if name == "rms":
+            c = x.shape[1] if layout == "image" else x.shape[-1]
+            ln = norms.create("ln", c, layout=layout)
+
+            def ln_fn(xx, m, ln=ln):
+                return ln(xx)
+
+            ln_c = _compiled(ln_fn)
+            rows.append(_compare("norms", name, layout, "rms compiled", "ln (ours) compiled",
+                                 _fwd_bwd(ours_c, x, mask), _fwd_bwd(ln_c, x, mask), s.repeats, variant="compiled",
+                                 note="claim: RMSNorm faster than LN, both compiled"))
+            rows.append(_compare("norms", name, layout, "rms compiled", "ln (ours) eager", _fwd_bwd(ours_c, x, mask),
+                                 _fwd_bwd(ln_fn, x, mask), s.repeats, variant="compiled",
+                                 note="claim: compiled RMSNorm vs the fused eager LayerNorm kernel"))
+    except Exception as e:  # noqa: BLE001 - a norm torch.compile cannot handle is reported, not fatal
+        rows.append(Row("norms", name, layout, "compiled", note=f"torch.compile failed: {type(e).__name__}: "
+                                                                  f"{str(e).splitlines()[0][:150] if str(e) else ''}"))
+    if rows:
+        rows[0].note = (rows[0].note + "; " if rows[0].note else "") + \
+            f"compiling and timing this norm's compiled rows took {time.perf_counter() - t0:.0f} s"
+    return rows
+
+
 def bench_norms(s: Settings) -> list[Row]:
     rows = []
     for name in s.norms or norms.available():
@@ -236,11 +285,7 @@ def bench_norms(s: Settings) -> list[Row]:
                                      _fwd_bwd(ours, xcl, None), _fwd_bwd(ref, xcl, None), s.repeats,
                                      variant="channels_last"))
             if s.compile:
-                try:
-                    rows.append(_compare("norms", name, layout, name, label, _fwd_bwd(_compiled(ours), x, mask),
-                                         _fwd_bwd(_compiled(ref), x, mask), s.repeats, variant="compiled"))
-                except Exception as e:  # noqa: BLE001
-                    rows.append(Row("norms", name, layout, "compiled", note=f"torch.compile failed: {type(e).__name__}"))
+                rows += _compiled_rows(name, layout, label, ours, ref, x, mask, s)
     return rows
 
 
@@ -503,6 +548,308 @@ def bench_startup(s: Settings, tiny: bool = False) -> list[Row]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------ data wait
+CIFAR_CONFIGS = ("vgg11_cifar10", "resnet20_cifar10")  # configs/runs/<name>.yaml
+
+
+def _repo_file(*parts: str) -> Path:
+    return Path(__file__).resolve().parents[1].joinpath(*parts)
+
+
+def data_config(name: str, s: Settings, source: str, log_dir: str) -> dict:
+    """The shipped run config ``configs/runs/<name>.yaml`` on ``source``, ``s.data_steps`` steps, no validation."""
+    from .config import load_yaml
+
+    cfg = load_yaml(_repo_file("configs", "runs", f"{name}.yaml"))
+    cfg["data"]["source"] = source
+    cfg["trainer"] = {**cfg.get("trainer", {}), "max_steps": s.data_steps, "val_every": 10 * s.data_steps,
+                      "val_batches": 1, "progress": False, "track_batchstat_gap": False, "log_dir": log_dir,
+                      "accelerator": "cpu", "log_every": 10}
+    cfg["experiment"] = "bench"
+    if s.tiny_models:
+        cfg["data"].update({"batch_size": 8, "train_limit": 64, "val_limit": 16, "val_batch_size": 16})
+        cfg["model"]["width"] = 0.125 if cfg["model"]["backbone"] == "vgg11" else 4
+    return cfg
+
+
+def hand_loop_split(cfg: dict) -> tuple[list[float], list[float]]:
+    """Per step of a hand-written loop on ``cfg``: seconds building the batch (``train_batch``: indices, crop +
+    flip, normalization, as ``train()`` does on the device) and seconds of the model step (forward, backward,
+    optimizer)."""
+    import lightning as L
+
+    from .config import from_dict
+    from .data import build_datamodule
+    from .tasks.optim import build_optimizer
+    from .train import build_model
+
+    c = from_dict(cfg)
+    L.seed_everything(c.seed, workers=True, verbose=False)
+    dm = build_datamodule(c.data, c.task, c.seed)
+    dm.prepare_data()
+    dm.setup("fit")
+    model = build_model(c, dm).train()
+    opt = build_optimizer(c.optim, model)
+    data_t, model_t = [], []
+    for step in range(c.trainer.max_steps):
+        t0 = time.perf_counter()
+        x, y = dm.train_batch(step)
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        t2 = time.perf_counter()
+        data_t.append(t1 - t0)
+        model_t.append(t2 - t1)
+    return data_t, model_t
+
+
+class _GapTimer:
+    """Lightning callback: seconds inside each training step and between steps (the loop fetching and building the
+    next batch: the data wait as ``train()`` sees it, with Lightning's own per-step bookkeeping)."""
+
+    def __init__(self) -> None:
+        import lightning as L
+
+        class CB(L.Callback):
+            def on_train_batch_start(cb, trainer, pl_module, batch, batch_idx):  # noqa: N805
+                now = time.perf_counter()
+                if getattr(cb, "t_end", None) is not None:
+                    self.gaps.append(now - cb.t_end)
+                cb.t0 = now
+
+            def on_train_batch_end(cb, trainer, pl_module, outputs, batch, batch_idx):  # noqa: N805
+                cb.t_end = time.perf_counter()
+                self.steps.append(cb.t_end - cb.t0)
+
+        self.steps: list[float] = []
+        self.gaps: list[float] = []
+        self.callback = CB()
+
+
+def bench_data(s: Settings) -> list[Row]:
+    """Share of step time spent producing batches on real CIFAR-10, for the shipped VGG-11 and ResNet-20 configs:
+    in a hand loop (batch building vs model step, timed in turn every step) and inside ``train()`` (time between
+    steps vs time in steps)."""
+    from .errors import ConfigError
+    from .train import train
+
+    rows = []
+    warm = min(3, s.data_steps // 3)
+    source = s.cifar10
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in CIFAR_CONFIGS:
+            cfg = data_config(name, s, source, tmp)
+            label = f"{name} (batch {cfg['data']['batch_size']})"
+            try:
+                data_t, model_t = hand_loop_split(cfg)
+            except (ConfigError, OSError) as e:
+                rows.append(Row("data", label, note=f"not run: CIFAR-10 source {source!r}: {str(e)[:200]}"))
+                continue
+            d, m = data_t[warm:], model_t[warm:]
+            share = sum(d) / (sum(d) + sum(m))
+            rows.append(Row("data", label, "image", "hand loop", "batch building (crop+flip, normalize)",
+                            "model step (fwd+bwd+optimizer)", statistics.median(d) * 1e3, statistics.median(m) * 1e3,
+                            "ms", paired_ratio(d, m),
+                            note=f"data {share:.1%} of step time; {len(d)} steps; source {source}"))
+            timer = _GapTimer()
+            cfg["run"] = f"{name}-data"
+            train(cfg, callbacks=[timer.callback])
+            g, st = timer.gaps[warm:], timer.steps[warm + 1:]
+            share = sum(g) / (sum(g) + sum(st)) if g else float("nan")
+            rows.append(Row("data", label, "image", "train()", "between steps (fetch + build + loop)",
+                            "inside a step", statistics.median(g) * 1e3 if g else None,
+                            statistics.median(st) * 1e3 if st else None, "ms",
+                            paired_ratio(g, st[: len(g)]) if g else None,
+                            note=f"between steps {share:.1%} of step time; {len(g)} steps"))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ sweep throughput
+QUICK_SWEEP = ("configs", "sweeps", "quick.yaml")
+TRIAL_TIMES_ENV = "NORMABLATE_BENCH_TRIAL_TIMES"
+
+
+def _process_start() -> float | None:
+    """Wall-clock time (epoch seconds) this process started, from /proc (Linux); None elsewhere."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22 of stat: start time in clock ticks after boot
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def timed_train(cfg, callbacks: list | None = None, resume: bool = False):
+    """A sweep ``trainer_fn`` for the bench: ``train()`` plus one JSON line per trial appended to the file named by
+    ``$NORMABLATE_BENCH_TRIAL_TIMES``: process id and start, call and return times, and the seconds spent in
+    training steps, in validation and between steps."""
+    import json
+
+    import lightning as L
+
+    from .train import train
+
+    call = time.time()
+
+    class Timer(L.Callback):
+        def __init__(self) -> None:
+            self.steps = self.val = 0.0
+            self.n = 0
+            self.first = self.last_end = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.t0 = time.perf_counter()
+            if self.first is None:
+                self.first = time.time()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.steps += time.perf_counter() - self.t0
+            self.n += 1
+            self.last_end = time.time()
+
+        def on_validation_start(self, trainer, pl_module):
+            self.v0 = time.perf_counter()
+
+        def on_validation_end(self, trainer, pl_module):
+            self.val += time.perf_counter() - self.v0
+
+    timer = Timer()
+    result = train(cfg, callbacks=[*(callbacks or []), timer], resume=resume)
+    rec = {"pid": os.getpid(), "process_start": _process_start(), "call": call, "end": time.time(),
+           "first_step": timer.first, "last_step_end": timer.last_end, "steps": timer.n,
+           "steps_time": timer.steps, "val_time": timer.val}
+    path = os.environ.get(TRIAL_TIMES_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    return result
+
+
+def sweep_spec(s: Settings, workers: int, rnd: int, tmp: Path) -> Path:
+    """The README's quick sweep (configs/sweeps/quick.yaml) as a spec file under ``tmp``: its own log folder and
+    storage there, the timing ``trainer_fn``, seeds ``s.sweep_seeds`` (tiny: one norm and 2 learning rates)."""
+    import yaml
+
+    from .config import load_yaml
+
+    src = _repo_file(*QUICK_SWEEP)
+    raw = load_yaml(src)
+    raw["base"] = str((src.parent / raw["base"]).resolve())
+    raw["grid"]["seed"] = list(s.sweep_seeds)
+    if s.tiny_models:
+        raw["grid"]["model.norm"] = ["bn"]
+        raw["grid"]["optim.lr"] = raw["grid"]["optim.lr"][:2]
+    raw["trainer_fn"] = "normablate.bench:timed_train"
+    raw["study_name"] = f"bench-w{workers}-r{rnd}"
+    raw["log_dir"] = str(tmp / "logs")
+    path = tmp / f"w{workers}-r{rnd}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _trial_rows(records: list[dict]) -> dict[str, list[float]]:
+    """Per-trial seconds: wall (trainer_fn call to return), steps, overhead (wall - steps) and its parts; and per
+    worker process: start -> first trial (imports, paid once)."""
+    out: dict[str, list[float]] = {k: [] for k in ("wall", "steps", "overhead", "setup", "val", "between", "after",
+                                                   "first_setup", "later_setup", "worker_start")}
+    by_pid: dict[int, list[dict]] = {}
+    for r in records:
+        by_pid.setdefault(r["pid"], []).append(r)
+    for recs in by_pid.values():
+        recs.sort(key=lambda r: r["call"])
+        if recs[0]["process_start"] is not None:
+            out["worker_start"].append(recs[0]["call"] - recs[0]["process_start"])
+        for i, r in enumerate(recs):
+            wall = r["end"] - r["call"]
+            setup = (r["first_step"] or r["end"]) - r["call"]
+            after = r["end"] - (r["last_step_end"] or r["end"])
+            span = (r["last_step_end"] or 0) - (r["first_step"] or 0)
+            out["wall"].append(wall)
+            out["steps"].append(r["steps_time"])
+            out["overhead"].append(wall - r["steps_time"])
+            out["setup"].append(setup)
+            out["val"].append(r["val_time"])
+            out["between"].append(max(0.0, span - r["steps_time"] - r["val_time"]))
+            out["after"].append(after)
+            out["first_setup" if i == 0 else "later_setup"].append(setup)
+    return out
+
+
+def bench_sweep(s: Settings) -> list[Row]:
+    """Trials per hour of the quick sweep with ``--workers 1`` and ``--workers 2`` (the real CLI, in fresh
+    processes, fresh storage and log folder in a temporary directory), interleaved A B B A ..., and where a
+    trial's time goes beyond its training steps."""
+    import json
+
+    src = _repo_file(*QUICK_SWEEP)
+    if not src.is_file():
+        return [Row("sweep", "quick sweep", note=f"not run: {src} not found (a source checkout is needed)")]
+    order = []
+    for r in range(s.sweep_rounds):  # A B B A: a slow drift of the load hits both sides alike
+        order += [(1, r), (2, r)] if r % 2 == 0 else [(2, r), (1, r)]
+    walls: dict[int, list[float]] = {1: [], 2: []}
+    trials: dict[int, list[int]] = {1: [], 2: []}
+    outside: dict[int, list[float]] = {1: [], 2: []}
+    records: dict[int, list[dict]] = {1: [], 2: []}
+    failures = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        for workers, rnd in order:
+            spec = sweep_spec(s, workers, rnd, tmp)
+            times = tmp / f"times-w{workers}-r{rnd}.jsonl"
+            env = {**os.environ, TRIAL_TIMES_ENV: str(times)}
+            argv = [sys.executable, "-m", "normablate", "sweep", "--config", str(spec), "--workers", str(workers),
+                    "--no-report", *s.sweep_overrides]
+            print(f"bench: sweep --workers {workers} (round {rnd + 1}/{s.sweep_rounds}) ...", file=sys.stderr,
+                  flush=True)
+            t0 = time.perf_counter()
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, cwd=tmp)
+            wall = time.perf_counter() - t0
+            recs = [json.loads(line) for line in times.read_text().splitlines()] if times.exists() else []
+            if proc.returncode != 0 or not recs:
+                failures.append(f"--workers {workers}: exit {proc.returncode}: "
+                                + (proc.stderr.strip().splitlines() or ["no output"])[-1][:200])
+                continue
+            walls[workers].append(wall)
+            busy: dict[int, float] = {}
+            for r in recs:
+                busy[r["pid"]] = busy.get(r["pid"], 0.0) + r["end"] - r["call"]
+            outside[workers].append(wall - max(busy.values()))  # start, imports, storage: the busiest worker idle
+            trials[workers].append(len(recs))
+            records[workers] += recs
+    if failures:
+        return [Row("sweep", "quick sweep", note="failed: " + "; ".join(failures))]
+    n = trials[1][0]
+    per_h = {w: [t / x * 3600 for t, x in zip(trials[w], walls[w], strict=True)] for w in (1, 2)}
+    tph1, tph2 = statistics.median(per_h[1]), statistics.median(per_h[2])
+    rows = [Row("sweep", f"quick sweep, seeds {list(s.sweep_seeds)} ({n} trials per run)", "", "trials/hour", "--workers 2", "--workers 1", tph2,
+                tph1, "trials/h", paired_ratio(walls[2], walls[1]),
+                note=f"speed-up {tph2 / tph1:.2f}x; whole command (spawn, imports, storage, trials), no report; "
+                     f"{len(walls[1])} run(s) per side, wall {statistics.median(walls[1]):.0f} s (workers 1) vs "
+                     f"{statistics.median(walls[2]):.0f} s (workers 2), of which outside any trial (start, imports, "
+                     f"storage; busiest worker) {statistics.median(outside[1]):.1f} s vs "
+                     f"{statistics.median(outside[2]):.1f} s")]
+    for w in (1, 2):
+        parts = _trial_rows(records[w])
+        med = {k: statistics.median(v) if v else None for k, v in parts.items()}
+        share = sum(parts["overhead"]) / sum(parts["wall"])
+        rows.append(Row("sweep", f"per-trial overhead, --workers {w}", "", "per trial", "trial wall - steps time",
+                        "trial wall", med["overhead"], med["wall"], "s", None,
+                        note=f"{share:.1%} of trial time; medians: set-up (call -> first step) {med['setup']:.2f} s, "
+                             f"validation {med['val']:.2f} s, between steps {med['between']:.2f} s, after the last "
+                             f"step {med['after']:.2f} s; steps {med['steps']:.2f} s; {len(parts['wall'])} trials"))
+        later = med["later_setup"]
+        rows.append(Row("sweep", f"trial set-up, --workers {w}", "", "per trial", "later trials of a worker",
+                        "first trial of a worker", later, med["first_setup"], "s",
+                        later / med["first_setup"] if later and med["first_setup"] else None,
+                        note=f"worker process start -> first trial (imports, once per worker): "
+                             f"{med['worker_start']:.2f} s" if med["worker_start"] is not None else ""))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ report
 def machine() -> dict[str, str]:
     import lightning
@@ -550,6 +897,15 @@ SECTION_TEXT = {
     "framework": "Training-step time of train() (Lightning, logging, monitors) against a hand-written PyTorch loop "
                  "on the same model, data stream, optimizer, schedule and seed; losses compared step by step.",
     "startup": "Wall time of whole processes (repeated) and of the first training step after process start.",
+    "data": "Real CIFAR-10, the shipped VGG-11 and ResNet-20 configs (configs/runs/*_cifar10.yaml): time producing "
+            "each training batch (indices, crop + flip, normalization: the batch builder train() runs on the "
+            "device) against the model step, timed in turn every step of a hand loop (ratio = data / model step), "
+            "and inside train() the time between steps (fetch, build, Lightning's loop) against the time in steps.",
+    "sweep": "The README's quick sweep (configs/sweeps/quick.yaml, the seeds named in the row) run by the real "
+             "command `normablate sweep --workers N --no-report` in fresh processes with a fresh log folder and "
+             "storage in a temporary directory, --workers 1 and 2 interleaved (A B B A); ratio = wall time of "
+             "workers 2 / workers 1 (< 1 = more trials per hour). Per trial (trainer_fn timed inside the workers): "
+             "overhead = trial wall time (train() call to return) - time in training steps.",
 }
 
 
@@ -607,68 +963,145 @@ WHY_NOT = {
 }
 
 
-def write(report: Report, out: Path, load_before: str) -> tuple[Path, Path]:
+def _sizes(section: str, s: Settings) -> str:
+    """The settings a section's numbers depend on, for its provenance line."""
+    return {
+        "norms": f"image x {s.image}, tokens x {s.tokens} ({s.pad_fraction:.0%} padding on average for masked norms), "
+                 f"{s.repeats} interleaved repeats" + (", norms " + " ".join(s.norms) if s.norms else "")
+                 + ("; eager and torch.compile" if s.compile else ""),
+        "allocator": f"tokens x {s.tokens}, eval batch {s.infer_batch}, {max(3, s.repeats // 2)} repeats per mode",
+        "inference": f"batch {s.infer_batch}, {s.repeats} interleaved repeats",
+        "framework": f"{s.steps} steps x {s.runs} run(s) per side" + (", tiny backbones" if s.tiny_models else ""),
+        "startup": f"{s.startup_runs} runs per command",
+        "data": f"{s.data_steps} steps per config on {s.cifar10}" + (", tiny models" if s.tiny_models else ""),
+        "sweep": f"seeds {list(s.sweep_seeds)} of the grid, {s.sweep_rounds} run(s) per side"
+                 + (", overrides " + " ".join(s.sweep_overrides) if s.sweep_overrides else ""),
+    }.get(section, "")
+
+
+def _row_from_csv(d: dict[str, str]) -> Row:
+    num = {k: (float(d[k]) if d.get(k) else None) for k in ("ours_value", "reference_value", "ratio")}
+    return Row(**{k: d.get(k, "") for k in FIELDS if k not in num}, **num)
+
+
+def previous(out: Path) -> tuple[list[Row], dict[str, str], dict[str, str]]:
+    """What an earlier bench left in ``out``: its rows (CSV), each section's provenance line and run time (md).
+    Files written before sections had their own provenance line give the header's command, date and load."""
+    csv_path, md_path = out / "benchmarks.csv", out / "benchmarks.md"
+    if not csv_path.is_file() or not md_path.is_file():
+        return [], {}, {}
+    try:
+        rows = [_row_from_csv(d) for d in csv.DictReader(csv_path.open())]
+    except (ValueError, TypeError, csv.Error):
+        return [], {}, {}
+    md = md_path.read_text().splitlines()
+    header = {k: line.split(": ", 1)[1].strip() for line in md for k in ("Command", "Date", "Load average", "Sizes")
+              if line.startswith(k) and ": " in line}
+    fallback = ""
+    if "Command" in header:
+        fallback = (f"Run: {header['Command']}; {header.get('Date', '')}; load average (1, 5, 15 min) "
+                    + header.get("Load average", "")
+                    + (f"; {header['Sizes'].split('. Absolute')[0]}" if "Sizes" in header else ""))
+    prov, runtimes, section = {}, {}, None
+    for line in md:
+        if line.startswith("## "):
+            section = line[3:].strip()
+        elif line.startswith("Run: ") and section:
+            prov[section] = line
+        elif line.startswith("Section run times: "):
+            for part in line.split(": ", 1)[1].split(", "):
+                name, _, t = part.partition(": ")
+                runtimes[name] = t
+    for r in rows:
+        prov.setdefault(r.section, fallback)
+    return rows, prov, runtimes
+
+
+def write(report: Report, out: Path, provenance: dict[str, str], runtimes: dict[str, str],
+          keep: bool = True) -> tuple[Path, Path]:
+    """Write ``benchmarks.csv`` and ``benchmarks.md`` under ``out``. With ``keep``, the sections of an earlier
+    bench in ``out`` that this run did not measure are kept (rows, provenance line, run time)."""
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "benchmarks.csv", out / "benchmarks.md"
+    ran = set(report.settings.sections)
+    old_rows, old_prov, old_times = previous(out) if keep else ([], {}, {})
+    kept = [r for r in old_rows if r.section not in ran]
+    prov = {**{k: v for k, v in old_prov.items() if k not in ran}, **provenance}
+    times = {**{k: v for k, v in old_times.items() if k not in ran}, **runtimes}
+    order = {name: i for i, name in enumerate(SECTIONS)}
+    rows = sorted([*kept, *report.rows], key=lambda r: order.get(r.section, len(order)))  # stable within a section
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
     w.writeheader()
-    for r in report.rows:
+    for r in rows:
         w.writerow(r.as_dict())
     csv_path.write_text(buf.getvalue())
-    s = report.settings
     info = machine()
     lines = ["# normablate benchmarks", "",
-             f"Command: `{report.command}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
-             f"Load average (1, 5, 15 min): before {load_before}, after {load_average()}  ",
+             f"Last command: `{report.command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})  ",
              "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), "",
-             f"Sizes: image x {s.image}, tokens x {s.tokens} ({s.pad_fraction:.0%} padding on average for masked "
-             f"norms), {s.repeats} interleaved repeats; framework {s.steps} steps x {s.runs} run(s) per side. "
-             "Absolute times on a shared, loaded machine are noisy; read the ratios.", ""]
-    goals = summary(report.rows)
+             "Each section says the command that measured it, when, the load average before and after, and its "
+             "sizes; a run of some sections (`--only`) keeps the others from the previous file. Absolute times on a "
+             "shared, loaded machine are noisy; read the ratios (every comparison is interleaved).", ""]
+    goals = summary(rows)
     if goals:
         lines += ["## Goals (issue 11), from the rows below", "", *goals, ""]
-    lines += ["Section run times: " + ", ".join(report.notes)]
-    for section in s.sections:
-        rows = [r for r in report.rows if r.section == section]
-        if not rows:
-            continue
-        lines += ["", f"## {section}", "", SECTION_TEXT.get(section, ""), "", _md_table(rows)]
+    lines += ["Section run times: " + ", ".join(f"{k}: {times[k]}" for k in sorted(times, key=lambda k: order.get(k, 99)))]
+    for section in sorted({r.section for r in rows}, key=lambda k: order.get(k, len(order))):
+        srows = [r for r in rows if r.section == section]
+        lines += ["", f"## {section}", ""]
+        if prov.get(section):
+            lines += [prov[section], ""]
+        lines += [SECTION_TEXT.get(section, ""), "", _md_table(srows)]
     md_path.write_text("\n".join(lines) + "\n")
     return md_path, csv_path
 
 
 def run_bench(out: Path | str = "docs", quick: bool = False, tiny: bool = False, compile: bool = False,
               sections: list[str] | None = None, command: str | None = None,
-              threads: int | None = None, norm_names: list[str] | None = None) -> tuple[Path, Path]:
-    """Run the benchmark (``sections``: a subset of ``SECTIONS``) and write ``benchmarks.md`` / ``benchmarks.csv`` under ``out``; returns their paths."""
+              threads: int | None = None, norm_names: list[str] | None = None, sweep: bool = False,
+              cifar10: str | None = None, keep: bool = True) -> tuple[Path, Path]:
+    """Run the benchmark and write ``benchmarks.md`` / ``benchmarks.csv`` under ``out``; returns their paths.
+    ``sections``: a subset of ``SECTIONS`` (default: all but ``sweep``, which takes minutes; ``sweep=True`` adds
+    it). ``cifar10``: the CIFAR-10 source of the data section (a local copy; default ``$NORMABLATE_BENCH_CIFAR10``
+    or the hub name). ``keep``: keep the sections of an earlier bench in ``out`` that this run does not measure."""
     s = Settings.make(quick=quick, tiny=tiny, compile=compile)
     if threads:
         torch.set_num_threads(threads)
     if norm_names:
         s.norms = tuple(norm_names)
+    if cifar10:
+        s.cifar10 = cifar10
+    if sweep:
+        s.sections = (*s.sections, "sweep")
     if sections:
-        s.sections = tuple(x for x in s.sections if x in sections)
+        s.sections = tuple(x for x in SECTIONS if x in sections)
     report = Report(s, command or "normablate bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
-    load_before = load_average()
+    provenance: dict[str, str] = {}
+    runtimes: dict[str, str] = {}
     steps: dict[str, Callable[[], list[Row]]] = {
         "norms": lambda: bench_norms(s), "allocator": lambda: bench_allocator(s),
         "inference": lambda: bench_inference(s), "framework": lambda: bench_framework(s, tiny),
-        "startup": lambda: bench_startup(s, tiny)}
+        "startup": lambda: bench_startup(s, tiny), "data": lambda: bench_data(s), "sweep": lambda: bench_sweep(s)}
     for name in s.sections:
         t0 = time.perf_counter()
+        load_before = load_average()
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         report.rows += steps[name]()
-        report.notes.append(f"{name}: {time.perf_counter() - t0:.0f} s")
-    return write(report, Path(out), load_before)
+        runtimes[name] = f"{time.perf_counter() - t0:.0f} s"
+        provenance[name] = (f"Run: `{report.command}`; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load "
+                            f"average (1, 5, 15 min) before {load_before}, after {load_average()}; torch threads "
+                            f"{torch.get_num_threads()}; {_sizes(name, s)}")
+    return write(report, Path(out), provenance, runtimes, keep=keep)
 
 
-SECTIONS = ("norms", "allocator", "inference", "framework", "startup")
+SECTIONS = ("norms", "allocator", "inference", "framework", "startup", "data", "sweep")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     md, csv_path = run_bench(args.out, quick=args.quick, compile=args.compile, sections=args.only,
-                             threads=args.threads, norm_names=getattr(args, "norms", None))
+                             threads=args.threads, norm_names=getattr(args, "norms", None),
+                             sweep=getattr(args, "sweep", False), cifar10=getattr(args, "cifar10", None))
     print(f"wrote {md} and {csv_path}")
     return 0
 

@@ -119,9 +119,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="also time every norm under torch.compile (slow)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--norms", nargs="+", metavar="NAME", help="norm rows for these norms only (default: all)")
+    p.add_argument("--sweep", action="store_true",
+                   help="add the sweep section: the quick sweep with --workers 1 vs 2 (several minutes)")
+    p.add_argument("--cifar10", metavar="SOURCE", help="CIFAR-10 for the data section: a local copy (default: "
+                                                       "$NORMABLATE_BENCH_CIFAR10, else the hub)")
     p.add_argument("--only", nargs="+", metavar="SECTION",
-                   choices=("norms", "allocator", "inference", "framework", "startup"),
-                   help="run only these sections: norms allocator inference framework startup")
+                   choices=("norms", "allocator", "inference", "framework", "startup", "data", "sweep"),
+                   help="run only these sections: norms allocator inference framework startup data sweep")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("sweep", help="run an ablation sweep (an Optuna study) from a sweep spec")

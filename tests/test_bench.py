@@ -19,7 +19,7 @@ def test_bench_tiny_writes_well_formed_results(tmp_path):
     rows = list(csv.DictReader(csv_path.open()))
     assert rows and set(rows[0]) == set(bench.FIELDS)
     sections = {r["section"] for r in rows}
-    assert sections == set(bench.SECTIONS)
+    assert sections == set(bench.SECTIONS) - {"sweep"}  # the sweep section is opt-in (minutes): its own test
     measured = {(r["name"], r["layout"]) for r in rows if r["section"] == "norms" and r["variant"] == "eager"}
     for name in nb.norms.available():  # every registered norm, both layouts
         for layout in nb.norms.LAYOUTS:
@@ -94,3 +94,75 @@ def test_cli_help_and_version_import_no_heavy_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert f"normablate {nb.__version__}" in out and "usage: normablate" in out
     assert "HEAVY []" in out
+
+
+def test_bench_data_section_splits_step_time(tmp_path):
+    """Data wait: per config, a hand-loop row (batch building vs model step) and a train() row, both positive."""
+    _, csv_path = bench.run_bench(tmp_path, tiny=True, sections=["data"], command="pytest data")
+    rows = [r for r in csv.DictReader(csv_path.open()) if r["section"] == "data"]
+    assert {r["variant"] for r in rows} == {"hand loop", "train()"}
+    assert {r["name"].split(" ")[0] for r in rows} == set(bench.CIFAR_CONFIGS)
+    for r in rows:
+        assert float(r["ours_value"]) > 0 and float(r["reference_value"]) > 0
+        share = float(r["note"].split("% of step time")[0].split()[-1])
+        assert 0 < share < 100
+        assert float(r["ratio"]) > 0
+
+
+def test_bench_keeps_sections_it_did_not_run(tmp_path):
+    """A run of some sections (--only) keeps the others from the previous files: rows, provenance, run time."""
+    old = [bench.Row("norms", "bn", "image", "eager", "bn", "nn.BatchNorm2d", 1.5, 1.25, "ms", 1.2, "n"),
+           bench.Row("startup", "normablate --help", "", "process", "whole process", "", 0.04, None, "s")]
+    report = bench.Report(bench.Settings.make(tiny=True), "first command")
+    report.settings.sections = ("norms", "startup")
+    report.rows = old
+    bench.write(report, tmp_path, {"norms": "Run: `first` norms", "startup": "Run: `first` startup"},
+                {"norms": "3 s", "startup": "4 s"})
+    new = bench.Report(bench.Settings.make(tiny=True), "second command")
+    new.settings.sections = ("startup",)
+    new.rows = [bench.Row("startup", "normablate --help", "", "process", "whole process", "", 0.5, None, "s")]
+    md, csv_path = bench.write(new, tmp_path, {"startup": "Run: `second` startup"}, {"startup": "5 s"})
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [(r["section"], r["ours_value"]) for r in rows] == [("norms", "1.5"), ("startup", "0.5")]
+    assert rows[0]["ratio"] == "1.2" and rows[0]["note"] == "n"
+    text = md.read_text()
+    assert "Run: `first` norms" in text and "Run: `second` startup" in text and "Run: `first` startup" not in text
+    assert "norms: 3 s" in text and "startup: 5 s" in text and "second command" in text
+    assert "bn tokens" not in text and "under 1.5 s: 0.50 s" in text  # goals from all rows, the new ones
+    # the kept section's table is the same text as before
+    assert "| bn | image | eager | bn | nn.BatchNorm2d | 1.5 ms | 1.25 ms | **1.2×** | n |" in text
+    assert bench.write(new, tmp_path, {}, {}, keep=False)[1].read_text().count("\n") == 2  # header + 1 row
+
+
+@pytest.mark.slow
+def test_bench_sweep_section_runs_the_quick_sweep_with_1_and_2_workers(tmp_path):
+    """The quick sweep (tiny: 2 trials of 4 steps) through the real command with --workers 1 and 2: trials per
+    hour for both, per-trial overhead consistent with its parts, every trial timed once."""
+    _, csv_path = bench.run_bench(tmp_path, tiny=True, sections=["sweep"], command="pytest sweep")
+    rows = {r["name"]: r for r in csv.DictReader(csv_path.open()) if r["section"] == "sweep"}
+    head = next(r for name, r in rows.items() if name.startswith("quick sweep"))
+    assert "(2 trials per run)" in head["name"]
+    assert "failed" not in head["note"] and float(head["ours_value"]) > 0 and float(head["reference_value"]) > 0
+    assert float(head["ratio"]) > 0
+    for w in (1, 2):
+        r = rows[f"per-trial overhead, --workers {w}"]
+        overhead, wall = float(r["ours_value"]), float(r["reference_value"])
+        assert 0 < overhead < wall and "2 trials" in r["note"]
+        assert "worker process start -> first trial" in rows[f"trial set-up, --workers {w}"]["note"]
+
+
+def test_trial_times_decomposition():
+    """Per-trial parts from timing records: wall = steps + overhead; first trial of each process vs later ones."""
+    recs = [{"pid": 1, "process_start": 0.0, "call": 10.0, "end": 20.0, "first_step": 12.0, "last_step_end": 19.0,
+             "steps": 5, "steps_time": 5.0, "val_time": 1.0},
+            {"pid": 1, "process_start": 0.0, "call": 20.5, "end": 28.0, "first_step": 21.0, "last_step_end": 27.5,
+             "steps": 5, "steps_time": 5.0, "val_time": 1.0},
+            {"pid": 2, "process_start": 1.0, "call": 9.0, "end": 19.0, "first_step": 11.0, "last_step_end": 18.0,
+             "steps": 5, "steps_time": 5.0, "val_time": 1.0}]
+    parts = bench._trial_rows(recs)
+    assert parts["wall"] == [10.0, 7.5, 10.0] and parts["overhead"] == [5.0, 2.5, 5.0]
+    assert parts["first_setup"] == [2.0, 2.0] and parts["later_setup"] == [0.5]
+    assert parts["worker_start"] == [10.0, 8.0] and parts["between"] == [1.0, 0.5, 1.0]
+    for i in range(3):
+        assert abs(parts["setup"][i] + parts["steps"][i] + parts["val"][i] + parts["between"][i]
+                   + parts["after"][i] - parts["wall"][i]) < 1e-9
