@@ -20,7 +20,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from normablate.config import from_dict, load_config
+from normablate.config import from_dict, load_config, to_dict
 from normablate.errors import ConfigError
 from normablate.result import RunResult
 from normablate.sweep import load_spec, run_sweep
@@ -36,17 +36,8 @@ DDP = {"trainer.devices": 2, "trainer.strategy": "ddp"}
 
 def ddp_spec(tmp_path: Path, grid: dict, **overrides) -> dict:
     """A real-train sweep spec: the tiny ResNet of test_ddp (sync BN, PreciseBN), every trial on 2 CPU ranks."""
-    base = load_config(None, [*IMAGE, *COMMON])
-    base_d = {k: v for k, v in yaml.safe_load(yaml.safe_dump(_plain(base))).items() if k not in ("experiment", "run")}
-    d = make_spec(tmp_path, grid=grid, kind="grid", trainer_fn=TRAIN, base=base_d,
-                  overrides={**DDP, **overrides})
-    return d
-
-
-def _plain(cfg) -> dict:
-    from normablate.config import to_dict
-
-    return to_dict(cfg)
+    base = {k: v for k, v in to_dict(load_config(None, [*IMAGE, *COMMON])).items() if k not in ("experiment", "run")}
+    return make_spec(tmp_path, grid=grid, kind="grid", trainer_fn=TRAIN, base=base, overrides={**DDP, **overrides})
 
 
 def ddp_ranks() -> set[int]:
@@ -89,7 +80,7 @@ def test_ddp_trial_equals_normablate_train_on_two_devices_and_one_process(tmp_pa
     ddp = RunResult.load(tmp_path / "train" / cfg["experiment"] / "train-ddp" / "result.json")
     assert ddp.final == ua["final"]
     assert ddp.best == ua["best"]
-    assert {k: v for k, v in ddp.history.items()} == {k: v for k, v in ua["history"].items()}
+    assert ddp.history == ua["history"]
 
     # and one process on the global batches (synchronized BN): equal to float tolerance (as in test_ddp)
     one = train(from_dict({**cfg, "run": "one", "trainer": {**cfg["trainer"], "devices": 1, "strategy": "auto"}}))
@@ -100,7 +91,7 @@ def test_ddp_trial_equals_normablate_train_on_two_devices_and_one_process(tmp_pa
 
 @pytest.mark.slow
 def test_killed_worker_mid_ddp_trial_leaves_no_rank_and_the_rerun_resumes_it(tmp_path):
-    d = ddp_spec(tmp_path, {"seed": [0, 1]}, **{"trainer.max_steps": 30, "trainer.val_every": 3,
+    d = ddp_spec(tmp_path, {"seed": [0, 1]}, **{"trainer.max_steps": 15, "trainer.val_every": 3,
                                                 "trainer.precise_bn": 0})
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(d))
@@ -137,8 +128,59 @@ def test_killed_worker_mid_ddp_trial_leaves_no_rank_and_the_rerun_resumes_it(tmp
     assert again.user_attrs["run_dir"] == victim.user_attrs["run_dir"]
     for t in counted.values():
         ua = t.user_attrs
-        assert ua["status"] == "completed" and ua["steps"] == 30
-        assert [s for s, _ in ua["history"]["val/acc"]] == list(range(3, 31, 3)), "every validation once"
+        assert ua["status"] == "completed" and ua["steps"] == 15
+        assert [s for s, _ in ua["history"]["val/acc"]] == list(range(3, 16, 3)), "every validation once"
+    assert not ddp_ranks()
+
+
+@pytest.mark.slow
+def test_sigterm_mid_ddp_trial_exits_130_and_the_rerun_continues_it(tmp_path):
+    """SIGTERM to the worker: passed to rank 0, both ranks checkpoint and stop, the sweep exits 130 with the trial
+    re-queued; the re-run resumes it from last.ckpt and records every validation once."""
+    d = ddp_spec(tmp_path, {"seed": [0]}, **{"trainer.max_steps": 60, "trainer.val_every": 3,
+                                              "trainer.precise_bn": 0})
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(d))
+    url = sqlite_url(tmp_path)
+    proc = spawn_sweep(path, delay=0)
+    try:
+        def mid_trial():
+            ts = [t for t in _trials(url) if t.state == TrialState.RUNNING and "run_dir" in t.user_attrs]
+            return ts[0] if ts and (Path(ts[0].user_attrs["run_dir"]) / "last.ckpt").exists() else None
+
+        victim = wait_for(mid_trial, 600, "a DDP trial with a checkpoint", proc)
+        ranks = ddp_ranks()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, out[-3000:]
+    assert not (ranks & ddp_ranks()), "both ranks exited"
+    t, queued = trials_of(url)
+    assert t.state == TrialState.FAIL and "interrupted" in t.user_attrs["error"]
+    assert queued.state == TrialState.WAITING and queued.system_attrs["nb:retry_of"] == [t.number]
+    assert (Path(victim.user_attrs["run_dir"]) / "last.ckpt").exists()
+    assert not (Path(victim.user_attrs["run_dir"]) / "result.json").exists()
+
+    res = run_sweep(str(path))
+    assert res.complete and res.exit_code == 0
+    (done,) = one_complete_per_point(trials_of(url), 1).values()
+    assert done.user_attrs["resumed"] is True and done.user_attrs["steps"] == 60
+    assert [s for s, _ in done.user_attrs["history"]["val/acc"]] == list(range(3, 61, 3)), "every validation once"
+
+
+def test_ddp_trial_error_is_recorded_with_the_trials_traceback(tmp_path):
+    """A DDP trial that fails in its process (here: a BatchNorm that cannot synchronize) is FAILED with the child's
+    error and traceback, like a one-process trial; the sweep exits 1."""
+    d = ddp_spec(tmp_path, {"seed": [0]}, **{"model.norm": "torch.nn:BatchNorm2d", "trainer.sync_batchnorm": True})
+    res = run_sweep(d)
+    assert res.exit_code == 1 and res.counts.failed == 1
+    (t,) = trials_of(sqlite_url(tmp_path))
+    assert t.state == TrialState.FAIL
+    assert t.user_attrs["error"].startswith("normablate.errors.ConfigError: trainer.sync_batchnorm: layer")
+    assert "normablate/sweep/ddp_trial.py" in t.user_attrs["traceback"] and "sync.enable" in t.user_attrs["traceback"]
     assert not ddp_ranks()
 
 

@@ -40,6 +40,13 @@ def run_command(args: argparse.Namespace) -> tuple[int, SweepResult | None]:
     if args.check:
         n = spec.validate_all()
         print(f"sweep {spec.study_name!r} ({spec.kind}): {spec.total} trials; {n} run configs valid")
+        from ..errors import ConfigError
+        from .ddp_trial import check_resources
+
+        try:  # the hardware is the running machine's business: a note here, refused there (before any trial)
+            check_resources(spec, args.workers)
+        except ConfigError as e:
+            print(f"note: this machine could not run it with --workers {args.workers}: {e}")
         return 0, None
     res = run_sweep(spec, storage=args.storage, workers=args.workers)
     if res.exit_code == 130:

@@ -115,9 +115,9 @@ def check_resources(spec: SweepSpec, workers: int, n_cores: int | None = None) -
 class TrialProcessError(RuntimeError):
     """The trial failed in its child process; ``child_traceback`` is the child's own traceback."""
 
-    def __init__(self, message: str, child_traceback: str | None = None) -> None:
+    def __init__(self, message: str, child_traceback: str | None = None, child_error: str | None = None) -> None:
         super().__init__(message)
-        self.child_traceback = child_traceback
+        self.child_traceback, self.child_error = child_traceback, child_error
 
 
 def child_env() -> dict[str, str]:
@@ -178,7 +178,7 @@ class TrialProcess:
             e = d["error"]
             if e["type"] in ("KeyboardInterrupt", "SystemExit"):
                 raise KeyboardInterrupt(e["message"])
-            raise TrialProcessError(f"{e['type']}: {e['message']}", e["traceback"])
+            raise TrialProcessError(f"{e['type']}: {e['message']}", e["traceback"], e["line"])
         return RunResult.from_dict(d["result"])
 
 
@@ -248,10 +248,12 @@ def main(argv: list[str] | None = None) -> int:
                           "history": getattr(cb, "history", {})}})
         return 0
     except BaseException as e:  # noqa: BLE001  reported to the worker, which records the trial as failed
-        write({"error": {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()[-8000:]}})
+        write({"error": {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()[-8000:],
+                         "line": "".join(traceback.format_exception_only(type(e), e)).strip()}})
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             return 130
-        print(traceback.format_exc(), file=sys.stderr, flush=True)
+        if rank_zero_only.rank != 0:  # (rank 0's traceback is printed by the worker)
+            print(traceback.format_exc(), file=sys.stderr, flush=True)
         return 1
     write({"result": result.to_dict()})
     return 130 if result.status == "interrupted" else 0

@@ -137,7 +137,8 @@ class TrialMixin:
                 self._interrupt(slot, f"interrupted ({type(e).__name__}); re-queued")
                 raise
             except Exception as e:  # noqa: BLE001  a crashed run is recorded, and the sweep goes on
-                trial.set_user_attr("error", "".join(traceback.format_exception_only(type(e), e)).strip()[-2000:])
+                line = getattr(e, "child_error", None) or "".join(traceback.format_exception_only(type(e), e))
+                trial.set_user_attr("error", line.strip()[-2000:])
                 tb = getattr(e, "child_traceback", None) or traceback.format_exc()  # a DDP trial's: the child's
                 trial.set_user_attr("traceback", tb[-8000:])
                 self._tell(slot, state=TrialState.FAIL)
