@@ -90,8 +90,23 @@ def test_ddp_trial_equals_normablate_train_on_two_devices_and_one_process(tmp_pa
 
 
 @pytest.mark.slow
+def test_two_workers_each_running_ddp_trials(tmp_path, monkeypatch):
+    """--workers 2 with 2 ranks per trial (allowed on a 4-core machine: pretended here, so 4 processes share 2
+    cores): both spawned workers run their DDP trials, every point is done once, each rank gets cores/(2x2)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)  # (in this process: the check and the workers' thread share)
+    res = run_sweep(ddp_spec(tmp_path, {"seed": [0, 1]}, **{"trainer.precise_bn": 0}), workers=2)
+    assert res.complete and res.exit_code == 0
+    counted = one_complete_per_point(trials_of(sqlite_url(tmp_path)), 2)
+    workers = {t.system_attrs["nb:worker"]["pid"] for t in counted.values()}
+    assert len(workers) == 2, "both workers ran a trial"
+    for t in counted.values():
+        assert t.user_attrs["steps"] == 4 and t.user_attrs["config"]["trainer"]["threads"] == 1
+    assert not ddp_ranks()
+
+
+@pytest.mark.slow
 def test_killed_worker_mid_ddp_trial_leaves_no_rank_and_the_rerun_resumes_it(tmp_path):
-    d = ddp_spec(tmp_path, {"seed": [0, 1]}, **{"trainer.max_steps": 15, "trainer.val_every": 3,
+    d = ddp_spec(tmp_path, {"seed": [0, 1]}, **{"trainer.max_steps": 90, "trainer.val_every": 3,
                                                 "trainer.precise_bn": 0})
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(d))
@@ -128,8 +143,8 @@ def test_killed_worker_mid_ddp_trial_leaves_no_rank_and_the_rerun_resumes_it(tmp
     assert again.user_attrs["run_dir"] == victim.user_attrs["run_dir"]
     for t in counted.values():
         ua = t.user_attrs
-        assert ua["status"] == "completed" and ua["steps"] == 15
-        assert [s for s, _ in ua["history"]["val/acc"]] == list(range(3, 16, 3)), "every validation once"
+        assert ua["status"] == "completed" and ua["steps"] == 90
+        assert [s for s, _ in ua["history"]["val/acc"]] == list(range(3, 91, 3)), "every validation once"
     assert not ddp_ranks()
 
 
@@ -137,7 +152,7 @@ def test_killed_worker_mid_ddp_trial_leaves_no_rank_and_the_rerun_resumes_it(tmp
 def test_sigterm_mid_ddp_trial_exits_130_and_the_rerun_continues_it(tmp_path):
     """SIGTERM to the worker: passed to rank 0, both ranks checkpoint and stop, the sweep exits 130 with the trial
     re-queued; the re-run resumes it from last.ckpt and records every validation once."""
-    d = ddp_spec(tmp_path, {"seed": [0]}, **{"trainer.max_steps": 60, "trainer.val_every": 3,
+    d = ddp_spec(tmp_path, {"seed": [0]}, **{"trainer.max_steps": 90, "trainer.val_every": 3,
                                               "trainer.precise_bn": 0})
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(d))
@@ -167,8 +182,8 @@ def test_sigterm_mid_ddp_trial_exits_130_and_the_rerun_continues_it(tmp_path):
     res = run_sweep(str(path))
     assert res.complete and res.exit_code == 0
     (done,) = one_complete_per_point(trials_of(url), 1).values()
-    assert done.user_attrs["resumed"] is True and done.user_attrs["steps"] == 60
-    assert [s for s, _ in done.user_attrs["history"]["val/acc"]] == list(range(3, 61, 3)), "every validation once"
+    assert done.user_attrs["resumed"] is True and done.user_attrs["steps"] == 90
+    assert [s for s, _ in done.user_attrs["history"]["val/acc"]] == list(range(3, 91, 3)), "every validation once"
 
 
 def test_ddp_trial_error_is_recorded_with_the_trials_traceback(tmp_path):
