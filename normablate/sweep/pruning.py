@@ -3,7 +3,8 @@
 About twenty lines, so no dependency on ``optuna-integration`` (whose ``PyTorchLightningPruningCallback`` also
 pins Lightning versions and is known to break under DDP). Rank-aware: under DDP only global rank 0 reports to
 Optuna and asks the pruner; its decision is broadcast, so every rank stops at the same validation together
-(the metric itself is already reduced over ranks). Other ranks may pass ``trial=None``.
+(the metric itself is already reduced over ranks). Other ranks may pass ``trial=None``. In a sweep's DDP trial
+(``ddp_trial.py``) the ranks run in a child of the worker: there rank 0 opens the worker's trial in the storage.
 """
 from __future__ import annotations
 
