@@ -92,9 +92,14 @@ class Settings:
     sections: tuple[str, ...] = ("norms", "allocator", "inference", "framework", "startup", "data")
     data_steps: int = 20  # data: training steps per config (the first few are warm-up)
     cifar10: str = field(default_factory=lambda: os.environ.get("NORMABLATE_BENCH_CIFAR10", "cifar10"))
-    sweep_seeds: tuple[int, ...] = (0,)  # sweep: the quick sweep's grid on these seeds (9 trials per seed)
-    sweep_rounds: int = 2  # sweep: runs per side, interleaved A B B A
-    sweep_overrides: tuple[str, ...] = ()  # sweep: key=value for every trial (tiny: fewer steps)
+    # sweep: the quick sweep (configs/sweeps/quick.yaml) on part of its grid (None: the spec's own values), so that
+    # both sides run twice in minutes on a loaded 2-core machine; every trial is one of the quick sweep's trials
+    # but for ``sweep_overrides``
+    sweep_seeds: tuple[int, ...] = (0,)
+    sweep_lrs: tuple[float, ...] | None = (0.003, 0.01)
+    sweep_norms: tuple[str, ...] | None = ("bn", "ln")
+    sweep_rounds: int = 2  # runs per side, interleaved A B B A
+    sweep_overrides: tuple[str, ...] = ("trainer.max_steps=50",)  # key=value for every trial (one validation)
     compile: bool = False
     norms: tuple[str, ...] | None = None  # norm rows for these names only (None: every registered norm)
     tiny_models: bool = False  # framework: tiny backbones (quick and test runs)
@@ -104,8 +109,8 @@ class Settings:
         if tiny:
             return cls(image=(4, 8, 4, 4), tokens=(2, 8, 16), repeats=2, steps=3, runs=1, infer_batch=4,
                        startup_runs=1, backbones=("resnet20", "transformer_lm"), compile=compile, tiny_models=True,
-                       data_steps=4, cifar10="synthetic", sweep_rounds=1,
-                       sweep_overrides=("trainer.max_steps=4", "trainer.val_every=2"))
+                       data_steps=4, cifar10="synthetic", sweep_rounds=1, sweep_lrs=(0.001, 0.003),
+                       sweep_norms=("bn",), sweep_overrides=("trainer.max_steps=4", "trainer.val_every=2"))
         if quick:
             return cls(image=(32, 32, 16, 16), tokens=(16, 128, 192), repeats=7, steps=12, runs=1,
                        infer_batch=64, startup_runs=2, compile=compile, tiny_models=True, data_steps=8,
@@ -696,17 +701,23 @@ def timed_train(cfg, callbacks: list | None = None, resume: bool = False):
 
     class Timer(L.Callback):
         def __init__(self) -> None:
-            self.steps = self.val = 0.0
+            self.steps = self.val = self.between = 0.0
             self.n = 0
             self.first = self.last_end = None
+            self.end_perf = None  # perf_counter at the last step's end
+            self.val_since_end = 0.0  # validation time since then
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.t0 = time.perf_counter()
             if self.first is None:
                 self.first = time.time()
+            if self.end_perf is not None:  # fetch + build of this batch and the loop's bookkeeping
+                self.between += self.t0 - self.end_perf - self.val_since_end
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.steps += time.perf_counter() - self.t0
+            self.end_perf = time.perf_counter()
+            self.val_since_end = 0.0
+            self.steps += self.end_perf - self.t0
             self.n += 1
             self.last_end = time.time()
 
@@ -714,13 +725,15 @@ def timed_train(cfg, callbacks: list | None = None, resume: bool = False):
             self.v0 = time.perf_counter()
 
         def on_validation_end(self, trainer, pl_module):
-            self.val += time.perf_counter() - self.v0
+            dt = time.perf_counter() - self.v0
+            self.val += dt
+            self.val_since_end += dt
 
     timer = Timer()
     result = train(cfg, callbacks=[*(callbacks or []), timer], resume=resume)
     rec = {"pid": os.getpid(), "process_start": _process_start(), "call": call, "end": time.time(),
            "first_step": timer.first, "last_step_end": timer.last_end, "steps": timer.n,
-           "steps_time": timer.steps, "val_time": timer.val}
+           "steps_time": timer.steps, "val_time": timer.val, "between_time": timer.between}
     path = os.environ.get(TRIAL_TIMES_ENV)
     if path:
         with open(path, "a") as f:
@@ -739,9 +752,10 @@ def sweep_spec(s: Settings, workers: int, rnd: int, tmp: Path) -> Path:
     raw = load_yaml(src)
     raw["base"] = str((src.parent / raw["base"]).resolve())
     raw["grid"]["seed"] = list(s.sweep_seeds)
-    if s.tiny_models:
-        raw["grid"]["model.norm"] = ["bn"]
-        raw["grid"]["optim.lr"] = raw["grid"]["optim.lr"][:2]
+    if s.sweep_lrs is not None:
+        raw["grid"]["optim.lr"] = list(s.sweep_lrs)
+    if s.sweep_norms is not None:
+        raw["grid"]["model.norm"] = list(s.sweep_norms)
     raw["trainer_fn"] = "normablate.bench:timed_train"
     raw["study_name"] = f"bench-w{workers}-r{rnd}"
     raw["log_dir"] = str(tmp / "logs")
@@ -765,15 +779,14 @@ def _trial_rows(records: list[dict]) -> dict[str, list[float]]:
         for i, r in enumerate(recs):
             wall = r["end"] - r["call"]
             setup = (r["first_step"] or r["end"]) - r["call"]
-            after = r["end"] - (r["last_step_end"] or r["end"])
-            span = (r["last_step_end"] or 0) - (r["first_step"] or 0)
             out["wall"].append(wall)
             out["steps"].append(r["steps_time"])
             out["overhead"].append(wall - r["steps_time"])
             out["setup"].append(setup)
             out["val"].append(r["val_time"])
-            out["between"].append(max(0.0, span - r["steps_time"] - r["val_time"]))
-            out["after"].append(after)
+            out["between"].append(r["between_time"])
+            # the rest: after the last step and its validation (result, TensorBoard, files) and timer slack
+            out["after"].append(wall - setup - r["steps_time"] - r["val_time"] - r["between_time"])
             out["first_setup" if i == 0 else "later_setup"].append(setup)
     return out
 
@@ -825,7 +838,7 @@ def bench_sweep(s: Settings) -> list[Row]:
     n = trials[1][0]
     per_h = {w: [t / x * 3600 for t, x in zip(trials[w], walls[w], strict=True)] for w in (1, 2)}
     tph1, tph2 = statistics.median(per_h[1]), statistics.median(per_h[2])
-    rows = [Row("sweep", f"quick sweep, seeds {list(s.sweep_seeds)} ({n} trials per run)", "", "trials/hour", "--workers 2", "--workers 1", tph2,
+    rows = [Row("sweep", f"quick sweep ({n} trials per run)", "", "trials/hour", "--workers 2", "--workers 1", tph2,
                 tph1, "trials/h", paired_ratio(walls[2], walls[1]),
                 note=f"speed-up {tph2 / tph1:.2f}x; whole command (spawn, imports, storage, trials), no report; "
                      f"{len(walls[1])} run(s) per side, wall {statistics.median(walls[1]):.0f} s (workers 1) vs "
@@ -839,8 +852,9 @@ def bench_sweep(s: Settings) -> list[Row]:
         rows.append(Row("sweep", f"per-trial overhead, --workers {w}", "", "per trial", "trial wall - steps time",
                         "trial wall", med["overhead"], med["wall"], "s", None,
                         note=f"{share:.1%} of trial time; medians: set-up (call -> first step) {med['setup']:.2f} s, "
-                             f"validation {med['val']:.2f} s, between steps {med['between']:.2f} s, after the last "
-                             f"step {med['after']:.2f} s; steps {med['steps']:.2f} s; {len(parts['wall'])} trials"))
+                             f"validation {med['val']:.2f} s, between steps (batches, loop) {med['between']:.2f} s, "
+                             f"the rest (after the last step: result, files) {med['after']:.2f} s; steps "
+                             f"{med['steps']:.2f} s; {len(parts['wall'])} trials"))
         later = med["later_setup"]
         rows.append(Row("sweep", f"trial set-up, --workers {w}", "", "per trial", "later trials of a worker",
                         "first trial of a worker", later, med["first_setup"], "s",
@@ -901,11 +915,13 @@ SECTION_TEXT = {
             "each training batch (indices, crop + flip, normalization: the batch builder train() runs on the "
             "device) against the model step, timed in turn every step of a hand loop (ratio = data / model step), "
             "and inside train() the time between steps (fetch, build, Lightning's loop) against the time in steps.",
-    "sweep": "The README's quick sweep (configs/sweeps/quick.yaml, the seeds named in the row) run by the real "
-             "command `normablate sweep --workers N --no-report` in fresh processes with a fresh log folder and "
-             "storage in a temporary directory, --workers 1 and 2 interleaved (A B B A); ratio = wall time of "
-             "workers 2 / workers 1 (< 1 = more trials per hour). Per trial (trainer_fn timed inside the workers): "
-             "overhead = trial wall time (train() call to return) - time in training steps.",
+    "sweep": "The README's quick sweep (configs/sweeps/quick.yaml; the part of its grid and the overrides named in "
+             "the Run line) run by the real command `normablate sweep --workers N --no-report` in fresh processes "
+             "with a fresh log folder and storage in a temporary directory, --workers 1 and 2 interleaved (A B B A); "
+             "as the command does, --workers 1 trains with torch's default threads (one per core) and --workers 2 "
+             "with one thread per worker. Ratio = wall time of workers 2 / workers 1 (< 1 = more trials per hour). "
+             "Per trial (trainer_fn timed inside the workers): overhead = trial wall time (train() call to return) "
+             "- time in training steps.",
 }
 
 
@@ -974,7 +990,10 @@ def _sizes(section: str, s: Settings) -> str:
         "framework": f"{s.steps} steps x {s.runs} run(s) per side" + (", tiny backbones" if s.tiny_models else ""),
         "startup": f"{s.startup_runs} runs per command",
         "data": f"{s.data_steps} steps per config on {s.cifar10}" + (", tiny models" if s.tiny_models else ""),
-        "sweep": f"seeds {list(s.sweep_seeds)} of the grid, {s.sweep_rounds} run(s) per side"
+        "sweep": f"grid seed {list(s.sweep_seeds)}"
+                 + (f" x optim.lr {list(s.sweep_lrs)}" if s.sweep_lrs is not None else " x the spec's lrs")
+                 + (f" x model.norm {list(s.sweep_norms)}" if s.sweep_norms is not None else " x the spec's norms")
+                 + f", {s.sweep_rounds} run(s) per side"
                  + (", overrides " + " ".join(s.sweep_overrides) if s.sweep_overrides else ""),
     }.get(section, "")
 
@@ -1008,6 +1027,8 @@ def previous(out: Path) -> tuple[list[Row], dict[str, str], dict[str, str]]:
             section = line[3:].strip()
         elif line.startswith("Run: ") and section:
             prov[section] = line
+        elif line.startswith("Other norms' rows: ") and section in prov:
+            prov[section] += "  \n" + line
         elif line.startswith("Section run times: "):
             for part in line.split(": ", 1)[1].split(", "):
                 name, _, t = part.partition(": ")
@@ -1025,8 +1046,19 @@ def write(report: Report, out: Path, provenance: dict[str, str], runtimes: dict[
     csv_path, md_path = out / "benchmarks.csv", out / "benchmarks.md"
     ran = set(report.settings.sections)
     old_rows, old_prov, old_times = previous(out) if keep else ([], {}, {})
-    kept = [r for r in old_rows if r.section not in ran]
-    prov = {**{k: v for k, v in old_prov.items() if k not in ran}, **provenance}
+    some = set(report.settings.norms or ())  # --norms: the other norms' rows of the norms section are kept too
+
+    def measured(r: Row) -> bool:
+        return r.section in ran and not (r.section == "norms" and some and r.name not in some)
+
+    kept = [r for r in old_rows if not measured(r)]
+    prov = {k: v for k, v in old_prov.items() if k not in ran}
+    if some and "norms" in ran and any(r.section == "norms" for r in kept) and old_prov.get("norms"):
+        tag = "Other norms' rows: "
+        earlier = [x.removeprefix(tag) for x in old_prov["norms"].split("  \n")]
+        provenance = {**provenance, "norms": "  \n".join([provenance.get("norms", ""),
+                                                          *dict.fromkeys(tag + x for x in earlier)])}
+    prov.update(provenance)
     times = {**{k: v for k, v in old_times.items() if k not in ran}, **runtimes}
     order = {name: i for i, name in enumerate(SECTIONS)}
     rows = sorted([*kept, *report.rows], key=lambda r: order.get(r.section, len(order)))  # stable within a section

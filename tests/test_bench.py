@@ -154,15 +154,57 @@ def test_bench_sweep_section_runs_the_quick_sweep_with_1_and_2_workers(tmp_path)
 def test_trial_times_decomposition():
     """Per-trial parts from timing records: wall = steps + overhead; first trial of each process vs later ones."""
     recs = [{"pid": 1, "process_start": 0.0, "call": 10.0, "end": 20.0, "first_step": 12.0, "last_step_end": 19.0,
-             "steps": 5, "steps_time": 5.0, "val_time": 1.0},
+             "steps": 5, "steps_time": 5.0, "val_time": 1.0, "between_time": 1.0},
             {"pid": 1, "process_start": 0.0, "call": 20.5, "end": 28.0, "first_step": 21.0, "last_step_end": 27.5,
-             "steps": 5, "steps_time": 5.0, "val_time": 1.0},
+             "steps": 5, "steps_time": 5.0, "val_time": 1.0, "between_time": 0.5},
             {"pid": 2, "process_start": 1.0, "call": 9.0, "end": 19.0, "first_step": 11.0, "last_step_end": 18.0,
-             "steps": 5, "steps_time": 5.0, "val_time": 1.0}]
+             "steps": 5, "steps_time": 5.0, "val_time": 1.0, "between_time": 1.0}]
     parts = bench._trial_rows(recs)
     assert parts["wall"] == [10.0, 7.5, 10.0] and parts["overhead"] == [5.0, 2.5, 5.0]
     assert parts["first_setup"] == [2.0, 2.0] and parts["later_setup"] == [0.5]
-    assert parts["worker_start"] == [10.0, 8.0] and parts["between"] == [1.0, 0.5, 1.0]
+    assert parts["worker_start"] == [10.0, 8.0] and parts["after"] == [1.0, 0.5, 1.0]
     for i in range(3):
         assert abs(parts["setup"][i] + parts["steps"][i] + parts["val"][i] + parts["between"][i]
                    + parts["after"][i] - parts["wall"][i]) < 1e-9
+
+
+def test_bench_norms_subset_keeps_the_other_norms_rows(tmp_path):
+    """--norms NAME...: the norms section keeps the rows of the norms not measured, and says where they came from."""
+    def report(cmd, names, rows):
+        r = bench.Report(bench.Settings.make(tiny=True), cmd)
+        r.settings.sections, r.settings.norms, r.rows = ("norms",), names, rows
+        return r
+
+    def row(name, v):
+        return bench.Row("norms", name, "image", "eager", name, "ref", v, 1.0, "ms", v)
+
+    bench.write(report("all", None, [row("bn", 1.0), row("ln", 2.0), row("rms", 3.0)]), tmp_path,
+                {"norms": "Run: `all`"}, {"norms": "1 s"})
+    bench.write(report("some", ("ln",), [row("ln", 4.0)]), tmp_path, {"norms": "Run: `some`"}, {"norms": "2 s"})
+    md, csv_path = bench.write(report("more", ("rms",), [row("rms", 5.0)]), tmp_path, {"norms": "Run: `more`"},
+                               {"norms": "3 s"})
+    got = {r["name"]: r["ours_value"] for r in csv.DictReader(csv_path.open())}
+    assert got == {"bn": "1", "ln": "4", "rms": "5"}
+    text = md.read_text()
+    assert "Run: `more`" in text and "Other norms' rows: Run: `some`" in text and "Other norms' rows: Run: `all`" in text
+    assert text.count("Run: `all`") == 1
+
+
+def test_timed_train_records_consistent_parts(tmp_path, monkeypatch):
+    """The sweep section's trainer_fn: one record per call; steps, validation (inside and after the steps) and the
+    time between steps are non-negative and fit inside the call's wall time; the run's result is returned."""
+    import json
+
+    times = tmp_path / "t.jsonl"
+    monkeypatch.setenv(bench.TRIAL_TIMES_ENV, str(times))
+    cfg = {"model": {"backbone": "resnet20", "norm": "bn", "width": 4},
+           "data": {"source": "synthetic", "batch_size": 8, "train_limit": 64, "val_limit": 16, "val_batch_size": 16},
+           "trainer": {"max_steps": 4, "val_every": 2, "progress": False, "log_dir": str(tmp_path)},
+           "experiment": "t", "run": "r"}
+    result = bench.timed_train(cfg)
+    assert result.steps == 4
+    (rec,) = [json.loads(line) for line in times.read_text().splitlines()]
+    assert rec["steps"] == 4 and rec["val_time"] > 0 and rec["between_time"] >= 0 and rec["steps_time"] > 0
+    parts = bench._trial_rows([rec])
+    assert parts["setup"][0] > 0 and parts["after"][0] >= -1e-3
+    assert rec["steps_time"] + rec["val_time"] + rec["between_time"] <= rec["end"] - rec["call"]
