@@ -32,7 +32,8 @@ def test_bench_tiny_writes_well_formed_results(tmp_path):
     for r in fw.values():  # the hand loop reproduces the framework's losses
         assert "max |loss diff| 0.00e+00" in r["note"] or float(r["note"].split("diff| ")[1].split()[0]) < 1e-5
     text = md.read_text()
-    assert "pytest tiny bench" in text and "Load average" in text and "## norms" in text and "torch " in text
+    assert "Run: `pytest tiny bench`" in text and "load average (1, 5, 15 min) before" in text
+    assert "## norms" in text and "torch " in text and "## data" in text
 
 
 @pytest.mark.parametrize("backbone,kw", [("resnet20", {}), ("vgg11", {"width": 0.25}),
