@@ -228,6 +228,9 @@ def _compiled_rows(name: str, layout: str, label: str, ours: Callable, ref: Call
     compiled vs ours eager (what compiling buys), and for RMSNorm the claim against LN, compiled and eager."""
     rows = []
     t0 = time.perf_counter()
+    # The closures of every norm share code objects: without a reset, dynamo's recompile limit (8 per code object)
+    # is reached after a few norms and later "compiled" calls silently run eager.
+    torch._dynamo.reset()
     try:
         ours_c = _compiled(ours)
         ref_c = _compiled(ref)
