@@ -209,3 +209,15 @@ def test_timed_train_records_consistent_parts(tmp_path, monkeypatch):
     parts = bench._trial_rows([rec])
     assert parts["setup"][0] > 0 and parts["after"][0] >= -1e-3
     assert rec["steps_time"] + rec["val_time"] + rec["between_time"] <= rec["end"] - rec["call"]
+
+
+def test_channel_stats_exact_from_uint8():
+    """The per-run data set-up's channel statistics (bincount straight on uint8) equal float64 mean/std."""
+    from normablate.data.vision import channel_stats
+
+    x = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
+    x[0, 0] = 255  # the top bin is counted
+    mean, std = channel_stats(x)
+    xf = x.double() / 255
+    torch.testing.assert_close(mean, xf.mean((0, 2, 3)).float())
+    torch.testing.assert_close(std, xf.transpose(0, 1).reshape(3, -1).std(1, unbiased=False).float())
