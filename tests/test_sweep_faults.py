@@ -98,3 +98,32 @@ def test_postgres_outage_of_a_minute_mid_sweep(tmp_path):
         one_complete_per_point(trials_of(url), 6)
     finally:
         server.stop()
+
+
+def test_transient_storage_errors_are_told_from_logical_ones():
+    """A lost connection, however SQLAlchemy/Optuna wrap it (a cause chain, a pending rollback on the same
+    session after the server went away), is retried; a logical error (a duplicate key) is not."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError, PendingRollbackError
+
+    from normablate.sweep.storage import transient
+
+    lost = OperationalError("SELECT 1", {}, ConnectionRefusedError("server closed the connection"))
+    dup = IntegrityError("INSERT", {}, Exception("duplicate key value violates unique constraint"))
+
+    def wrapped(inner: BaseException, outer: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException as e:
+                raise outer from e
+        except BaseException as e:
+            return e
+
+    assert transient(lost)
+    assert transient(PendingRollbackError("Can't reconnect until invalid transaction is rolled back"))
+    assert transient(wrapped(lost, RuntimeError("while claiming a trial")))
+    assert transient(wrapped(lost, optuna.exceptions.StorageInternalError("An exception is raised during the commit")))
+    assert not transient(dup)
+    assert not transient(wrapped(dup, optuna.exceptions.StorageInternalError("An exception is raised")))
+    assert not transient(ValueError("bad value"))

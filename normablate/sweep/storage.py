@@ -143,16 +143,26 @@ def _rdb_storage(url: str, kwargs: dict[str, Any]):
 
 
 def transient(e: BaseException) -> bool:
-    """A connection-level storage failure (worth retrying), not a logical error (a duplicate, a finished trial)."""
-    import optuna
-    from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+    """A connection-level storage failure (worth retrying), not a logical error (a duplicate, a finished trial).
 
-    conn = (OperationalError, InterfaceError, DisconnectionError, ConnectionError)
-    if isinstance(e, conn):
-        return True
-    if isinstance(e, optuna.exceptions.StorageInternalError):
-        cause = e.__cause__ or e.__context__
-        return cause is None or isinstance(cause, conn) or "connection" in str(cause).lower()
+    Looks through the cause chain: while a server is down, SQLAlchemy may report the lost connection as the cause
+    of an Optuna ``StorageInternalError``, or a later call on the same session as ``PendingRollbackError`` (the
+    transaction the lost connection broke was not rolled back yet); both are retried. A logical error that left a
+    pending rollback shows up again as itself on the retry, and is raised then."""
+    import optuna
+    from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, PendingRollbackError
+
+    conn = (OperationalError, InterfaceError, DisconnectionError, ConnectionError, PendingRollbackError)
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, conn):
+            return True
+        if isinstance(e, optuna.exceptions.StorageInternalError):
+            cause = e.__cause__ or e.__context__
+            if cause is None or "connection" in str(cause).lower():
+                return True
+        e = e.__cause__ or e.__context__
     return False
 
 
