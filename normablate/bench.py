@@ -428,13 +428,14 @@ def run_framework(cfg: dict) -> tuple[list[float], list[float]]:
     return timer.times, losses
 
 
-def run_hand_loop(cfg: dict) -> tuple[list[float], list[float]]:
-    """The same run as a plain PyTorch loop: same seed, model, data stream, optimizer, schedule, clipping."""
+def _hand_setup(cfg: dict):
+    """What a hand-written loop needs, built as ``train()`` builds it: the config, seeded data (set up for
+    fitting), the model in training mode and its optimizer."""
     import lightning as L
 
     from .config import from_dict
     from .data import build_datamodule
-    from .tasks.optim import build_optimizer, build_scheduler
+    from .tasks.optim import build_optimizer
     from .train import build_model
 
     c = from_dict(cfg)
@@ -443,7 +444,14 @@ def run_hand_loop(cfg: dict) -> tuple[list[float], list[float]]:
     dm.prepare_data()
     dm.setup("fit")
     model = build_model(c, dm).train()
-    opt = build_optimizer(c.optim, model)
+    return c, dm, model, build_optimizer(c.optim, model)
+
+
+def run_hand_loop(cfg: dict) -> tuple[list[float], list[float]]:
+    """The same run as a plain PyTorch loop: same seed, model, data stream, optimizer, schedule, clipping."""
+    from .tasks.optim import build_scheduler
+
+    c, dm, model, opt = _hand_setup(cfg)
     sched = build_scheduler(c.optim, opt, c.trainer.max_steps)
     times, losses = [], []
     previous = torch.are_deterministic_algorithms_enabled()
@@ -584,20 +592,7 @@ def hand_loop_split(cfg: dict) -> tuple[list[float], list[float]]:
     """Per step of a hand-written loop on ``cfg``: seconds building the batch (``train_batch``: indices, crop +
     flip, normalization, as ``train()`` does on the device) and seconds of the model step (forward, backward,
     optimizer)."""
-    import lightning as L
-
-    from .config import from_dict
-    from .data import build_datamodule
-    from .tasks.optim import build_optimizer
-    from .train import build_model
-
-    c = from_dict(cfg)
-    L.seed_everything(c.seed, workers=True, verbose=False)
-    dm = build_datamodule(c.data, c.task, c.seed)
-    dm.prepare_data()
-    dm.setup("fit")
-    model = build_model(c, dm).train()
-    opt = build_optimizer(c.optim, model)
+    c, dm, model, opt = _hand_setup(cfg)
     data_t, model_t = [], []
     for step in range(c.trainer.max_steps):
         t0 = time.perf_counter()
