@@ -105,85 +105,70 @@ def test_two_workers_each_running_ddp_trials(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_killed_worker_mid_ddp_trial_leaves_no_rank_and_the_rerun_resumes_it(tmp_path):
-    d = ddp_spec(tmp_path, {"seed": [0, 1]}, **{"trainer.max_steps": 90, "trainer.val_every": 3,
+def test_sigterm_then_kill_mid_ddp_trials_lose_nothing(tmp_path):
+    """One sweep, two interruptions, then a clean finish (one test: each DDP trial start costs two processes'
+    imports). 1) SIGTERM to the worker mid trial: passed to rank 0, both ranks checkpoint and stop, the sweep
+    exits 130 with the trial re-queued. 2) The re-run resumes it; ``kill -9`` of the worker mid the next trial:
+    both ranks die with it (no orphan), no result is written. 3) The last re-run resumes that trial from its
+    ``last.ckpt``: every point is done once, with every validation recorded once."""
+    steps, every = 45, 3
+    d = ddp_spec(tmp_path, {"seed": [0, 1]}, **{"trainer.max_steps": steps, "trainer.val_every": every,
                                                 "trainer.precise_bn": 0})
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(d))
     url = sqlite_url(tmp_path)
     assert not ddp_ranks()
-    proc = spawn_sweep(path, delay=0)
-    try:
-        def mid_trial():
-            ts = [t for t in _trials(url) if t.state == TrialState.RUNNING and "run_dir" in t.user_attrs]
-            if ts and (Path(ts[0].user_attrs["run_dir"]) / "last.ckpt").exists():
-                return ts[0]
-            return None
 
-        victim = wait_for(mid_trial, 600, "a DDP trial with a checkpoint", proc)
-        ranks = ddp_ranks()
-        assert len(ranks) == 2, f"expected 2 trial ranks, found {ranks}"
-        os.kill(proc.pid, signal.SIGKILL)  # the worker (workers=1: the sweep process itself)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    wait_for(lambda: not (ranks & ddp_ranks()), 60, "both ranks to die with their worker")
-    assert not (Path(victim.user_attrs["run_dir"]) / "result.json").exists()
+    def mid_trial(point: int):
+        def find():
+            ts = [t for t in _trials(url) if t.state == TrialState.RUNNING and "run_dir" in t.user_attrs
+                  and t.user_attrs.get("point") == point]
+            return ts[0] if ts and (Path(ts[0].user_attrs["run_dir"]) / "last.ckpt").exists() else None
+        return find
 
+    def interrupt(point: int, sig: int):
+        proc = spawn_sweep(path, delay=0)
+        try:
+            victim = wait_for(mid_trial(point), 600, f"point {point}'s DDP trial with a checkpoint", proc)
+            ranks = ddp_ranks()
+            assert len(ranks) == 2, f"expected 2 trial ranks, found {ranks}"
+            os.kill(proc.pid, sig)  # the worker (workers=1: the sweep process itself)
+            out, _ = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        wait_for(lambda: not (ranks & ddp_ranks()), 60, "both ranks to exit with their worker")
+        assert not (Path(victim.user_attrs["run_dir"]) / "result.json").exists()
+        return victim, proc.returncode, out
+
+    # 1) SIGTERM: exit 130, point 0 re-queued with its checkpoint
+    first, rc, out = interrupt(0, signal.SIGTERM)
+    assert rc == 130, out[-3000:]
+    t, queued = [t for t in trials_of(url) if t.user_attrs["point"] == 0]
+    assert t.state == TrialState.FAIL and "interrupted" in t.user_attrs["error"]
+    assert queued.state == TrialState.WAITING and queued.system_attrs["nb:retry_of"] == [t.number]
+    assert (Path(first.user_attrs["run_dir"]) / "last.ckpt").exists()
+
+    # 2) the re-run finishes point 0 (resumed); kill -9 mid point 1
+    second, rc, out = interrupt(1, signal.SIGKILL)
+    assert rc == -signal.SIGKILL, out[-3000:]
+
+    # 3) the last re-run resumes point 1 and completes the sweep
     res = run_sweep(str(path))
     assert res.complete and res.exit_code == 0
     trials = trials_of(url)
     counted = one_complete_per_point(trials, 2)
-    dead = next(t for t in trials if t.number == victim.number)
-    assert dead.state == TrialState.FAIL
-    (again,) = [t for t in trials if victim.number in t.system_attrs.get("nb:retry_of", [])]
-    assert again.state == TrialState.COMPLETE and again.user_attrs["resumed"] is True
-    assert again.user_attrs["run_dir"] == victim.user_attrs["run_dir"]
+    for victim in (first, second):
+        assert next(t for t in trials if t.number == victim.number).state == TrialState.FAIL
+        (again,) = [t for t in trials if victim.number in t.system_attrs.get("nb:retry_of", [])]
+        assert again.state == TrialState.COMPLETE and again.user_attrs["resumed"] is True
+        assert again.user_attrs["run_dir"] == victim.user_attrs["run_dir"]
     for t in counted.values():
         ua = t.user_attrs
-        assert ua["status"] == "completed" and ua["steps"] == 90
-        assert [s for s, _ in ua["history"]["val/acc"]] == list(range(3, 91, 3)), "every validation once"
+        assert ua["status"] == "completed" and ua["steps"] == steps
+        assert [s for s, _ in ua["history"]["val/acc"]] == list(range(every, steps + 1, every)), "every validation once"
     assert not ddp_ranks()
-
-
-@pytest.mark.slow
-def test_sigterm_mid_ddp_trial_exits_130_and_the_rerun_continues_it(tmp_path):
-    """SIGTERM to the worker: passed to rank 0, both ranks checkpoint and stop, the sweep exits 130 with the trial
-    re-queued; the re-run resumes it from last.ckpt and records every validation once."""
-    d = ddp_spec(tmp_path, {"seed": [0]}, **{"trainer.max_steps": 90, "trainer.val_every": 3,
-                                              "trainer.precise_bn": 0})
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(d))
-    url = sqlite_url(tmp_path)
-    proc = spawn_sweep(path, delay=0)
-    try:
-        def mid_trial():
-            ts = [t for t in _trials(url) if t.state == TrialState.RUNNING and "run_dir" in t.user_attrs]
-            return ts[0] if ts and (Path(ts[0].user_attrs["run_dir"]) / "last.ckpt").exists() else None
-
-        victim = wait_for(mid_trial, 600, "a DDP trial with a checkpoint", proc)
-        ranks = ddp_ranks()
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 130, out[-3000:]
-    assert not (ranks & ddp_ranks()), "both ranks exited"
-    t, queued = trials_of(url)
-    assert t.state == TrialState.FAIL and "interrupted" in t.user_attrs["error"]
-    assert queued.state == TrialState.WAITING and queued.system_attrs["nb:retry_of"] == [t.number]
-    assert (Path(victim.user_attrs["run_dir"]) / "last.ckpt").exists()
-    assert not (Path(victim.user_attrs["run_dir"]) / "result.json").exists()
-
-    res = run_sweep(str(path))
-    assert res.complete and res.exit_code == 0
-    (done,) = one_complete_per_point(trials_of(url), 1).values()
-    assert done.user_attrs["resumed"] is True and done.user_attrs["steps"] == 90
-    assert [s for s, _ in done.user_attrs["history"]["val/acc"]] == list(range(3, 91, 3)), "every validation once"
 
 
 def test_ddp_trial_error_is_recorded_with_the_trials_traceback(tmp_path):

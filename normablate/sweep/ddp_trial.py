@@ -4,7 +4,7 @@ Lightning's DDP launcher starts the extra ranks by re-running ``sys.argv``. Insi
 re-run the sweep command, so a worker never calls ``train`` in its own process for such a trial. Instead
 ``TrialProcess`` (a ``trainer_fn`` stand-in) writes the trial's job to a JSON file and starts
 
-    python -m normablate.sweep.ddp_trial JOB.json
+    python -m normablate.sweep.ddp_rank JOB.json   (main() below)
 
 whose argv is self-contained: it is rank 0, and Lightning re-launches that same command for ranks 1..D-1. The
 child runs the spec's ``trainer_fn`` (``normablate.train:train``) on the trial's config; rank 0 writes the
@@ -48,7 +48,7 @@ from ..errors import ConfigError
 from ..result import RunResult
 from .spec import DRYRUN_TRAINER, SweepSpec
 
-ENTRY = "normablate.sweep.ddp_trial"
+ENTRY = "normablate.sweep.ddp_rank"  # runs main() below
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR",
                 "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS")
 
@@ -125,7 +125,7 @@ def child_env() -> dict[str, str]:
 
 
 class TrialProcess:
-    """Runs one trial as ``python -m normablate.sweep.ddp_trial JOB`` (a ``trainer_fn`` with the same contract).
+    """Runs one trial as ``python -m normablate.sweep.ddp_rank JOB`` (a ``trainer_fn`` with the same contract).
 
     ``pruning``: the storage URL, study name, trial id, metric, pruner spec and its ``max_steps``, or None. After
     a pruned run, ``self.pruning`` holds ``pruned_step`` and ``history`` (as ``OptunaPruning`` does)."""
@@ -258,6 +258,3 @@ def main(argv: list[str] | None = None) -> int:
     write({"result": result.to_dict()})
     return 130 if result.status == "interrupted" else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
