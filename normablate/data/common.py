@@ -29,6 +29,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from . import cache
+
 
 def mix(*parts: Any) -> int:
     """A 63-bit seed from ``parts`` (e.g. ``mix(seed, "perm", epoch)``): stable across runs and platforms."""
@@ -130,7 +132,8 @@ class StepDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str | None = None) -> None:
         if not self._ready:  # idempotent: train() calls it before the Trainer does
-            self._load()
+            with cache.data_setup():  # a sweep worker keeps the tensors of its last data set-ups (cache.py)
+                self._load()
             self._check_batch_size()
             self._ready = True
 

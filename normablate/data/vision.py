@@ -115,7 +115,9 @@ def _load_table_split(src, role: str, split: str, start: int, stop: int, cfg) ->
 
 
 def load_splits(cfg) -> dict[str, dict[str, Any]]:
-    """``{"train": payload, "val": payload}`` with payload ``{x, y, label_names, _cache_hit}``, limits applied."""
+    """``{"train": payload, "val": payload}`` with payload ``{x, y, label_names, _cache_hit, _from}``, limits
+    applied; ``_from`` = (cache file, how x and y were taken from it): the key of values derived from them
+    (``cache.derived``)."""
     limits = {"train": cfg.train_limit, "val": cfg.val_limit}
     if cfg.source == "synthetic":
         names = {"train": cfg.train_split, "val": cfg.val_split}
@@ -128,7 +130,8 @@ def load_splits(cfg) -> dict[str, dict[str, Any]]:
             f"{s}_{k}": v for s, (x, y) in synthetic.image_splits().items() for k, v in (("x", x), ("y", y))
         }, cfg.cache_dir)
         return {role: {"x": payload[f"{name}_x"][:limits[role]], "y": payload[f"{name}_y"][:limits[role]],
-                       "label_names": synthetic.CLASS_NAMES, "_cache_hit": payload["_cache_hit"]}
+                       "label_names": synthetic.CLASS_NAMES, "_cache_hit": payload["_cache_hit"],
+                       "_from": (payload["_cache_file"], name, limits[role])}
                 for role, name in names.items()}
     src = locate(cfg.source, "classification", cfg.cache_dir, cfg.hub_config)
     plan = plan_splits(src, split_rows(src), cfg.train_split, cfg.val_split, cfg.val_fraction)
@@ -140,12 +143,20 @@ def load_splits(cfg) -> dict[str, dict[str, Any]]:
                "label_key": cfg.label_key}
         full = cache.cached("images", key, lambda: _load_table_split(src, "train", tr_split, 0, va_stop, cfg),
                             cfg.cache_dir)
-        perm = torch.randperm(va_stop, generator=torch.Generator().manual_seed(0))
         n_val = va_stop - va_start
-        index = {"val": perm[:n_val], "train": perm[n_val:]}
-        return {role: {"x": full["x"][i[:limits[role]]], "y": full["y"][i[:limits[role]]],
-                       "label_names": full["label_names"], "_cache_hit": full["_cache_hit"]}
-                for role, i in index.items()}
+
+        def gather(role: str) -> tuple[torch.Tensor, torch.Tensor]:
+            perm = torch.randperm(va_stop, generator=torch.Generator().manual_seed(0))
+            i = (perm[:n_val] if role == "val" else perm[n_val:])[:limits[role]]
+            return full["x"][i], full["y"][i]
+
+        out = {}
+        for role in ("val", "train"):
+            how = ("holdout", role, n_val, limits[role])  # a sweep worker keeps the gather (cache.derived)
+            x, y = cache.derived(full["_cache_file"], how, lambda role=role: gather(role))
+            out[role] = {"x": x, "y": y, "label_names": full["label_names"], "_cache_hit": full["_cache_hit"],
+                         "_from": (full["_cache_file"], *how)}
+        return out
     out = {}
     for role, (split, start, stop) in plan.items():
         if limits[role] is not None:
@@ -154,6 +165,7 @@ def load_splits(cfg) -> dict[str, dict[str, Any]]:
                "label_key": cfg.label_key}
         out[role] = cache.cached("images", key, lambda: _load_table_split(src, role, split, start, stop, cfg),
                                  cfg.cache_dir)
+        out[role]["_from"] = (out[role]["_cache_file"],)
     return out
 
 
@@ -197,7 +209,10 @@ class VisionDataModule(StepDataModule):
         self.image_size = h if h == w else (h, w)
         self.num_train, self.num_val = len(self.train_y), len(self.val_y)
         self.samples_per_step = float(cfg.batch_size)
-        self.mean, self.std = channel_stats(self.train_x)  # (3,), (3,)
+        # (3,), (3,); a sweep worker computes them once per data config (kept with the payload: cache.derived)
+        mean, std = cache.derived(tr["_from"][0], ("channel_stats", *tr["_from"][1:]),
+                                  lambda: channel_stats(self.train_x))
+        self.mean, self.std = mean.clone(), std.clone()  # (tiny) copies: a kept value is never handed out to write to
         self.sampler = EpochSampler(self.num_train, cfg.batch_size, self.seed)
 
     def train_spec(self, step: int) -> dict[str, Any]:

@@ -39,6 +39,8 @@ from .trial import HISTORY_POINTS, TrialMixin, compact_history, load_trainer
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
+DATA_MEMO = 2  # data set-ups whose decoded tensors a worker keeps in memory for its next trials (0: none)
+
 
 def fmt_time(s: float | None) -> str:
     if s is None or not math.isfinite(s):
@@ -104,7 +106,20 @@ class Sweep(QueueMixin, ReaperMixin, TrialMixin):
                  + (f" | {last}" if last else ""))
 
     def work(self, poll: float | None = None) -> int:
-        """Claim and run trials until none is waiting or running. Returns 0, or 130 if interrupted."""
+        """Claim and run trials until none is waiting or running. Returns 0, or 130 if interrupted.
+
+        Meanwhile this process keeps the decoded data of its last ``DATA_MEMO`` data configs in memory
+        (``normablate.data.cache.keep_in_memory``), so a later trial on the same data does not read the cache file
+        again; dropped when the loop ends."""
+        from ..data import cache as data_cache  # (imports torch: only a process that runs trials gets here)
+
+        previous = data_cache.keep_in_memory(DATA_MEMO)
+        try:
+            return self._work(poll)
+        finally:
+            data_cache.keep_in_memory(previous)
+
+    def _work(self, poll: float | None) -> int:
         trainer_fn = load_trainer(self.spec.trainer_fn)
         poll = poll if poll is not None else min(2.0, float(self.spec.heartbeat["interval"]) / 2)
         waiting_msg = False
