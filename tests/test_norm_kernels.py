@@ -138,3 +138,171 @@ def test_zero_pads_equals_where_bit_for_bit(dtype):
     assert not torch.signbit(ours[~keep.squeeze(1)]).any()  # +0.0 at pads
     expanded = torch.ones(6, 1, dtype=dtype).expand(6, 5)  # stride-0 gradients, as from .sum().backward()
     assert torch.equal(zero_pads(expanded, keep), torch.where(keep, expanded, torch.zeros((), dtype=dtype)))
+
+
+# ---------------------------------------------------------------- noisy_bn: the fused kernel (_NoisyBatchNormFn)
+def _noisy_reference(m, x: torch.Tensor, ref_bn: nn.Module, seed: int) -> torch.Tensor:
+    """noisy_bn's documented training math, composed from PyTorch ops: nn.BatchNorm, then y * s + m with the same
+    draw of U(0, 1) (one (2, *noise_shape) tensor: scale, then shift)."""
+    tokens = m.layout == "tokens"
+    c_dim = x.dim() - 1 if tokens else 1
+    y = ref_bn(x.reshape(-1, x.shape[-1])).view(x.shape) if tokens and x.dim() > 2 else ref_bn(x)
+    shape = [1] * x.dim()
+    shape[c_dim] = x.shape[c_dim]
+    if m.per_sample:
+        shape[0] = x.shape[0]
+    torch.manual_seed(seed)
+    u = torch.rand((2, *shape), dtype=x.dtype)
+    return y * (1.0 + (m.noise_scale - 1.0) * u[0]) + (2.0 * u[1] - 1.0) * m.noise_mean
+
+
+def _count_fused(monkeypatch) -> list[int]:
+    from normablate.norms import batch
+
+    calls = [0]
+    apply = batch._NoisyBatchNormFn.apply
+
+    def counted(*a):
+        calls[0] += 1
+        return apply(*a)
+
+    monkeypatch.setattr(batch._NoisyBatchNormFn, "apply", counted)
+    return calls
+
+
+@pytest.mark.parametrize("layout,shape", [("image", (6, 4, 5, 3)), ("tokens", (5, 7, 4)), ("image", (9, 4)),
+                                          ("tokens", (9, 4))])
+@pytest.mark.parametrize("per_sample", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_noisy_bn_fused_equals_bn_then_noise(monkeypatch, layout, shape, per_sample, affine, dtype, tol, momentum):
+    """Outputs, input/weight/bias gradients and running statistics of the fused training kernel equal nn.BatchNorm
+    followed by the noise affine with the same random draws, over three steps (momentum None: cumulative)."""
+    calls = _count_fused(monkeypatch)
+    m = nb.norms.create("noisy_bn", 4, layout=layout, per_sample=per_sample, affine=affine, momentum=momentum,
+                        noise_mean=0.5, noise_scale=2.0).to(dtype)
+    ref = (nn.BatchNorm2d if layout == "image" and len(shape) == 4 else nn.BatchNorm1d)(
+        4, affine=affine, momentum=momentum).to(dtype)
+    if affine:
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-1.0, 1.0)
+        ref.load_state_dict(m.state_dict())
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        x = (torch.randn(*shape, generator=g) * (1.0 + 0.25 * step) + 0.5).to(dtype)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        torch.manual_seed(10 + step)
+        ya = m(xa)
+        yb = _noisy_reference(m, xb, ref, seed=10 + step)
+        w = torch.randn(ya.shape, generator=g).to(dtype)
+        (ya * w).sum().backward(), (yb * w).sum().backward()
+        torch.testing.assert_close(ya, yb, atol=tol, rtol=tol)
+        torch.testing.assert_close(xa.grad, xb.grad, atol=tol, rtol=tol)
+        if affine:  # sums over every value of a channel: compared relative to their size
+            torch.testing.assert_close(m.weight.grad, ref.weight.grad, atol=tol * 10, rtol=tol * 10)
+            torch.testing.assert_close(m.bias.grad, ref.bias.grad, atol=tol * 10, rtol=tol * 10)
+        torch.testing.assert_close(m.running_mean, ref.running_mean, atol=tol, rtol=tol)
+        torch.testing.assert_close(m.running_var, ref.running_var, atol=tol, rtol=tol)
+        assert int(m.num_batches_tracked) == int(ref.num_batches_tracked) == step + 1
+    assert calls[0] == 3, "the fused kernel must be the path taken here"
+
+
+def test_noisy_bn_fused_function_gradcheck():
+    from normablate.norms.batch import _NoisyBatchNormFn
+
+    g = torch.Generator().manual_seed(2)
+    for tokens, shape, noise in ((False, (3, 2, 4), (3, 2, 1)), (True, (3, 4, 2), (3, 1, 2)),
+                                 (False, (3, 2, 4), (1, 2, 1))):
+        x = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
+        w = (torch.rand(2, dtype=torch.float64, generator=g) + 0.5).requires_grad_(True)
+        b = torch.randn(2, dtype=torch.float64, generator=g, requires_grad=True)
+        s = torch.rand(*noise, dtype=torch.float64, generator=g) + 1.0
+        sh = torch.rand(*noise, dtype=torch.float64, generator=g)
+        assert torch.autograd.gradcheck(
+            lambda a, ww, bb: _NoisyBatchNormFn.apply(a, ww, bb, s, sh, None, None, 0.1, 1e-5, tokens), (x, w, b))
+
+
+def test_noisy_bn_image_statistics_stay_exact_with_a_large_mean():
+    """The image kernel's own two-pass statistics (not PyTorch's) against float64 BN, on fp32 data far from 0."""
+    m = nb.norms.create("noisy_bn", 3, noise_mean=0.0, noise_scale=1.0)  # noise off in distribution: s = 1, m = 0
+    ref = nn.BatchNorm2d(3).double()
+    x = torch.randn(8, 3, 16, 16) * 0.1 + 100.0
+    y = m(x)
+    torch.testing.assert_close(y.double(), ref(x.double()), atol=2e-3, rtol=0)  # fp32 BN itself: same error size
+    torch.testing.assert_close(m.running_var.double(), ref.running_var, atol=0, rtol=1e-5)
+    torch.testing.assert_close(m.running_mean.double(), ref.running_mean, atol=0, rtol=1e-6)
+
+
+def test_noisy_bn_sync_active_takes_the_synchronized_path(monkeypatch):
+    """With sync on under a (faked) process group the statistics must come from sync.batch_norm, not the fused
+    kernel; outside a real group that is the local computation, so both paths give the same numbers."""
+    from normablate.norms import batch
+
+    calls = _count_fused(monkeypatch)
+    fused = nb.norms.create("noisy_bn", 4, layout="tokens", sync=True)
+    synced = copy.deepcopy(fused)
+    x = torch.randn(3, 5, 4) * 2 + 1
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    torch.manual_seed(5)
+    ya = fused(xa)
+    assert calls[0] == 1
+    used = []
+    real_sync = batch.sync_batch_norm
+    monkeypatch.setattr(batch, "sync_active", lambda *a: True)
+    monkeypatch.setattr(batch, "sync_batch_norm", lambda *a, **k: used.append(1) or real_sync(*a, **k))
+    torch.manual_seed(5)
+    yb = synced(xb)
+    assert calls[0] == 1 and used == [1], "sync active: the old composed path through sync.batch_norm"
+    w = torch.randn_like(ya)
+    (ya * w).sum().backward(), (yb * w).sum().backward()
+    torch.testing.assert_close(ya, yb, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused.running_var, synced.running_var, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["eval", "noise_off", "channels_last", "bf16"])
+def test_noisy_bn_paths_without_the_fused_kernel(monkeypatch, case):
+    """Eval, noise switched off, non-contiguous input and low precision keep the composed path (no fused call) and
+    its results: BN times E[s]; plain BN; BN then noise."""
+    calls = _count_fused(monkeypatch)
+    m = nb.norms.create("noisy_bn", 4, noise_mean=0.5, noise_scale=2.0)
+    ref = nn.BatchNorm2d(4)
+    x = torch.randn(6, 4, 3, 3) + 1
+    if case == "eval":
+        m.eval(), ref.eval()
+        torch.testing.assert_close(m(x), ref(x) * 1.5, atol=1e-6, rtol=1e-6)
+    elif case == "noise_off":
+        m.noise_enabled = False
+        torch.testing.assert_close(m(x), ref(x), atol=1e-6, rtol=1e-6)
+    elif case == "channels_last":
+        xc = x.contiguous(memory_format=torch.channels_last)
+        torch.manual_seed(3)
+        y = m(xc)
+        torch.testing.assert_close(y, _noisy_reference(m, x, ref, seed=3), atol=1e-6, rtol=1e-6)
+    else:
+        m.bfloat16()
+        torch.manual_seed(3)
+        y = m(x.bfloat16())
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), _noisy_reference(m, x.bfloat16(), ref.bfloat16(), seed=3).float(),
+                                   atol=0.05, rtol=0.02)  # bf16: the two op orders round differently
+    torch.testing.assert_close(m.running_mean.float(), ref.running_mean.float(), atol=1e-2, rtol=1e-2)
+    assert calls[0] == 0
+
+
+def test_noisy_bn_fused_output_takes_an_inplace_op():
+    """The fused kernel's output is an ordinary tensor: an inplace ReLU after it (as in VGG/ResNet) is allowed and
+    its gradient is that of the composed module."""
+    m = nb.norms.create("noisy_bn", 4)
+    ref = copy.deepcopy(m)
+    ref._fused_ok = lambda x: False
+    x = torch.randn(3, 4, 5, 5)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    torch.manual_seed(0)
+    ya = torch.relu_(m(xa))
+    torch.manual_seed(0)
+    yb = torch.relu_(ref(xb))
+    ya.sum().backward(), yb.sum().backward()
+    torch.testing.assert_close(ya, yb, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-6, rtol=1e-6)
