@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import multiprocessing as mp
 import os
 import signal
@@ -74,7 +75,22 @@ def worker_main(spec: "SweepSpec", url: str, runtime: dict, name: str, t0: float
         sweep.setup(create=False)
         sweep.t0, sweep.done_at_start = t0, done_at_start
         code = sweep.work()
+    _cheap_exit(sweep)
     sys.exit(code)
+
+
+def _cheap_exit(sweep: "Sweep") -> None:
+    """Make the worker's exit cheap (the sweep command waits for its last worker): close the storage's database
+    connections now, then ``gc.freeze()`` so that the interpreter's final garbage collections do not walk the
+    millions of objects torch and Lightning created (1.5-2 s per worker on a loaded 2-core machine, measured: ~0.4 s
+    after). Everything else exit does is unchanged (atexit handlers, flushing stdout/stderr, objects freed by
+    reference counting); only objects in reference cycles are left to the OS, as after ``kill``, which a worker
+    must survive anyway: its trials are all recorded by now."""
+    with contextlib.suppress(Exception):
+        sweep.storage.remove_session()  # (RDB storages; a journal file storage holds no open connection)
+    with contextlib.suppress(Exception):
+        sweep.storage.engine.dispose()
+    gc.freeze()
 
 
 def run_workers(spec: "SweepSpec", sweep: "Sweep", runtime: dict, workers: int,
