@@ -306,3 +306,123 @@ def test_noisy_bn_fused_output_takes_an_inplace_op():
     ya.sum().backward(), yb.sum().backward()
     torch.testing.assert_close(ya, yb, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(xa.grad, xb.grad, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- batch_renorm: the fused kernel (_RenormFn)
+def _count_renorm_fused(monkeypatch) -> list[int]:
+    from normablate.norms import renorm
+
+    calls = [0]
+    apply = renorm._RenormFn.apply
+
+    def counted(*a):
+        calls[0] += 1
+        return apply(*a)
+
+    monkeypatch.setattr(renorm._RenormFn, "apply", counted)
+    return calls
+
+
+def _renorm_definition(m, x: torch.Tensor, c_dim: int) -> torch.Tensor:
+    """Ioffe (2017), composed from PyTorch ops: r and d from the batch and the running statistics, no gradient."""
+    dims = tuple(d for d in range(x.dim()) if d != c_dim)
+    shape = [1] * x.dim()
+    shape[c_dim] = -1
+    var, mean = torch.var_mean(x, dim=dims, unbiased=False)
+    std = torch.sqrt(var + m.eps)
+    r_max, d_max = m.limits()
+    with torch.no_grad():
+        running_std = torch.sqrt(m.running_var + m.eps)
+        r = (std / running_std).clamp(1.0 / r_max.to(x.dtype), r_max.to(x.dtype))
+        d = ((mean - m.running_mean) / running_std).clamp(-d_max.to(x.dtype), d_max.to(x.dtype))
+    y = (x - mean.view(shape)) / std.view(shape) * r.view(shape) + d.view(shape)
+    return y * m.weight.view(shape) + m.bias.view(shape) if m.affine else y
+
+
+@pytest.mark.parametrize("layout,shape", [("image", (6, 4, 5, 3)), ("tokens", (5, 7, 4)), ("image", (9, 4))])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_renorm_fused_equals_its_definition(monkeypatch, layout, shape, affine, dtype, tol, momentum):
+    """With r and d clipped (r_max 1.5, d_max 0.3 from the first step) the fused kernel's outputs, gradients and
+    running statistics equal the paper's formula composed from PyTorch ops, step after step."""
+    calls = _count_renorm_fused(monkeypatch)
+    kw = dict(r_max=1.5, d_max=0.3, warmup_steps=0, r_max_steps=0, d_max_steps=0, momentum=momentum)
+    m = nb.norms.create("batch_renorm", 4, layout=layout, affine=affine, **kw).to(dtype)
+    if affine:
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-1.0, 1.0)
+    ref = copy.deepcopy(m)
+    c_dim = len(shape) - 1 if layout == "tokens" else 1
+    g = torch.Generator().manual_seed(0)
+    clipped = 0
+    for step in range(3):
+        x = (torch.randn(*shape, generator=g) * (1.0 + 0.7 * step) + 0.5 * step).to(dtype)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        yb = _renorm_definition(ref, xb, c_dim)
+        ya = m(xa)
+        with torch.no_grad():  # the reference module's running statistics, updated as BN does (unbiased var)
+            dims = tuple(d for d in range(x.dim()) if d != c_dim)
+            n = x.numel() // x.shape[c_dim]
+            r_raw = ((x.var(dims, unbiased=False) + ref.eps) / (ref.running_var + ref.eps)).sqrt()
+            d_raw = (x.mean(dims) - ref.running_mean) / (ref.running_var + ref.eps).sqrt()
+            clipped += int(((r_raw > 1.5) | (r_raw < 1 / 1.5) | (d_raw.abs() > 0.3)).any())
+            ref.num_batches_tracked.add_(1)
+            mom = 1.0 / float(ref.num_batches_tracked) if momentum is None else momentum
+            ref.running_mean.lerp_(x.mean(dims), mom)
+            ref.running_var.lerp_(x.var(dims, unbiased=False) * (n / (n - 1)), mom)
+        w = torch.randn(ya.shape, generator=g).to(dtype)
+        (ya * w).sum().backward(), (yb * w).sum().backward()
+        torch.testing.assert_close(ya, yb, atol=tol, rtol=tol)
+        torch.testing.assert_close(xa.grad, xb.grad, atol=tol, rtol=tol)
+        if affine:
+            torch.testing.assert_close(m.weight.grad, ref.weight.grad, atol=tol * 10, rtol=tol * 10)
+            torch.testing.assert_close(m.bias.grad, ref.bias.grad, atol=tol * 10, rtol=tol * 10)
+        torch.testing.assert_close(m.running_mean, ref.running_mean, atol=tol, rtol=tol)
+        torch.testing.assert_close(m.running_var, ref.running_var, atol=tol, rtol=tol)
+    assert int(m.renorm_step) == 3 and int(m.num_batches_tracked) == 3
+    assert calls[0] == 3
+    assert clipped, "the data must make r or d clip, or the test does not test the renormalization"
+
+
+def test_batch_renorm_fused_function_gradcheck():
+    from normablate.norms.renorm import _RenormFn
+
+    g = torch.Generator().manual_seed(4)
+    for image, shape in ((True, (3, 2, 4)), (False, (7, 2))):
+        x = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
+        w = (torch.rand(2, dtype=torch.float64, generator=g) + 0.5).requires_grad_(True)
+        b = torch.randn(2, dtype=torch.float64, generator=g, requires_grad=True)
+        # r and d carry no gradient by definition; the numerical Jacobian agrees only where both are clipped
+        # (constant): running var 0.01 -> r = r_max, running mean +-10 -> d = +-d_max
+        rm, rv = torch.tensor([10.0, -10.0], dtype=torch.float64), torch.tensor([0.01, 0.01], dtype=torch.float64)
+        lim = torch.tensor(1.2, dtype=torch.float64), torch.tensor(0.1, dtype=torch.float64)
+        assert torch.autograd.gradcheck(
+            lambda a, ww, bb: _RenormFn.apply(a, ww, bb, rm, rv, *lim, 1e-5, image)[0], (x, w, b))
+
+
+@pytest.mark.parametrize("case", ["sync_active", "channels_last", "bf16"])
+def test_batch_renorm_paths_without_the_fused_kernel(monkeypatch, case):
+    """Synchronized statistics (faked process group: the local computation), non-contiguous input and low
+    precision keep the composed path, with the fused kernel's results."""
+    from normablate.norms import renorm
+
+    calls = _count_renorm_fused(monkeypatch)
+    kw = dict(r_max=1.5, d_max=0.3, warmup_steps=0, r_max_steps=0, d_max_steps=0)
+    fused = nb.norms.create("batch_renorm", 4, sync=True, **kw)
+    other = copy.deepcopy(fused)
+    x = torch.randn(6, 4, 3, 3) * 2 + 1
+    ya = fused(x)
+    assert calls[0] == 1
+    if case == "sync_active":
+        monkeypatch.setattr(renorm, "sync_active", lambda *a: True)
+        yb = other(x)
+    elif case == "channels_last":
+        yb = other(x.contiguous(memory_format=torch.channels_last))
+    else:
+        other.bfloat16()
+        yb = other(x.bfloat16()).float()
+    assert calls[0] == 1, "this case must take the composed path"
+    tol = 0.05 if case == "bf16" else 1e-6
+    torch.testing.assert_close(yb, ya, atol=tol, rtol=tol)
+    torch.testing.assert_close(other.running_var.float(), fused.running_var, atol=tol, rtol=tol)
