@@ -74,8 +74,8 @@ def _sum_of_squares(xc: torch.Tensor) -> torch.Tensor:
     """Column sums of ``xc * xc`` (M, C) -> (C,) in one read of ``xc``, without the (M, C) product: the weight
     gradient of PyTorch's fused BN backward with grad = input = xc, mean 0 and invstd 1 is sum xc * (xc - 0) * 1.
     Measured at (8192, 384), threads 1: 1.6 ms against 2.9 ms for ``(xc * xc).sum(0)``."""
-    if xc.shape[0] == 0:
-        return xc.new_zeros(xc.shape[1])
+    if xc.shape[0] == 0 or torch.compiler.is_compiling():  # compiled: Inductor fuses the product into the sum
+        return torch.mul(xc, xc).sum(0)
     zeros, ones = xc.new_zeros(xc.shape[1]), xc.new_ones(xc.shape[1])
     return torch.ops.aten.native_batch_norm_backward(xc, xc, None, None, None, zeros, ones, True, 0.0,
                                                      [False, True, False])[1]
