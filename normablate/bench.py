@@ -995,8 +995,9 @@ WHY_NOT = {
     ("noisy_bn", "tokens"): "the forward folds the noise into BN's per-channel affine (BN's passes); the backward "
                             "keeps one extra pass, g * s (~2 ms of ~10): BN's backward kernel takes one weight per "
                             "channel, and tokens (N, T, C) have no view whose channels are (sample, channel) pairs "
-                            "(images do: (1, N*C, H*W)); a loop over samples for the reductions measured ~10% faster on "
-                            "the backward alone but costs one call per sample (slow for short sequences): not taken",
+                            "(images do: (1, N*C, H*W)); a loop over samples for the reductions measured ~10% "
+                            "faster on the backward alone but costs one call per sample (slow for short sequences): "
+                            "not taken",
     ("rms", "tokens"): "a finding, not a bug we could fix: PyTorch has no fused CPU RMSNorm kernel; the fastest exact "
                        "formulation found (one vector_norm + two elementwise passes forward, LayerNorm's fused "
                        "backward with mean 0 + one correction) is still slower than the fused LayerNorm kernel, and "
