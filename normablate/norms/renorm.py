@@ -36,8 +36,10 @@ training forward/backward run as one ``autograd.Function`` (``_RenormFn``) on Py
 passes over the activations (the composed ops measured 4x/9x ``nn.BatchNorm``). Synchronized statistics,
 non-contiguous or fp16/bf16 input and torch.compile keep the composed formula below (same numbers, tested).
 Open (measured 2026-11-30, torch 2.14.1, CPU): under torch.compile the composed formula's input and weight
-gradients differ from eager (by ~3e-2 and ~8e-2 on a (4, 3, 5, 5) batch, first step) while the outputs agree;
-not investigated, so the compiled batch_renorm rows of the bench time a kernel whose gradients are suspect.
+gradients differ from eager (by ~3e-2 and ~8e-2 on a (4, 3, 5, 5) batch, first step) while the outputs agree,
+and they agree again with momentum 0: the compiled backward evidently recomputes r and d from the running
+statistics after their in-place update (a standalone function with the same math and no buffer update compiles
+correctly). Not fixed; the compiled batch_renorm rows of the bench time a kernel whose gradients are wrong.
 """
 from __future__ import annotations
 
@@ -124,7 +126,7 @@ class BatchRenorm(BatchNorm):
         if self.running_var.dtype != x.dtype or (self.affine and self.weight.dtype != x.dtype):
             return False
         # not under torch.compile: compiled, this Function's weight gradient differed from eager (by ~0.3 in a
-        # small test, torch 2.14.1 CPU) - but so do the composed formula's gradients (see the module docstring)
+        # small test, torch 2.14.1 CPU), as the composed formula's do (see the module docstring: "Open")
         return not (self.sync and sync_active()) and not torch.compiler.is_compiling()
 
     def _fused_forward(self, x: torch.Tensor, c_dim: int) -> torch.Tensor:
