@@ -426,3 +426,38 @@ def test_batch_renorm_paths_without_the_fused_kernel(monkeypatch, case):
     tol = 0.05 if case == "bf16" else 1e-6
     torch.testing.assert_close(yb, ya, atol=tol, rtol=tol)
     torch.testing.assert_close(other.running_var.float(), fused.running_var, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "composed"])
+def test_batch_renorm_compiled_gradients_equal_eager(monkeypatch, fused):
+    """Under torch.compile the training forward runs eagerly (compiled, AOTAutograd's backward recomputed r and d
+    from the running buffers after their in-place update: wrong input/weight gradients, right outputs). Three
+    steps inside the warm-up (r_max, d_max still relaxing), momentum 0.1: outputs, every gradient and the
+    running statistics equal eager's."""
+    from normablate.norms import renorm
+
+    if not fused:
+        monkeypatch.setattr(renorm.BatchRenorm, "_fused_ok", lambda self, x: False)
+    torch._dynamo.reset()
+    kw = dict(r_max=3.0, d_max=5.0, warmup_steps=1, r_max_steps=6, d_max_steps=6, momentum=0.1)
+    eager = nb.norms.create("batch_renorm", 8, **kw).double()
+    with torch.no_grad():
+        eager.running_mean.normal_()
+        eager.running_var.uniform_(0.5, 2.0)
+        eager.weight.uniform_(0.5, 1.5)
+    comp = copy.deepcopy(eager)
+    compiled = torch.compile(comp, backend="aot_eager")
+    torch.manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(4, 8, 5, 5, dtype=torch.float64) * 2 + 0.5
+        w = torch.randn_like(x)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ya, yb = eager(xa), compiled(xb)
+        (ya * w).sum().backward()
+        (yb * w).sum().backward()
+        torch.testing.assert_close(yb, ya, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(xb.grad, xa.grad, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(comp.weight.grad, eager.weight.grad, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(comp.bias.grad, eager.bias.grad, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(comp.running_var, eager.running_var, atol=1e-12, rtol=1e-12)
+    assert int(comp.renorm_step) == int(eager.renorm_step) == 3

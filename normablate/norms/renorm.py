@@ -33,13 +33,13 @@ the batch statistics are computed in one method, ``batch_stats``, for a synchron
 
 Speed: with r and d constants the training step is BN with the affine (gamma * r, gamma * d + beta), so the
 training forward/backward run as one ``autograd.Function`` (``_RenormFn``) on PyTorch's BN kernels, with BN's
-passes over the activations (the composed ops measured 4x/9x ``nn.BatchNorm``). Synchronized statistics,
-non-contiguous or fp16/bf16 input and torch.compile keep the composed formula below (same numbers, tested).
-Open (measured 2026-11-30, torch 2.14.1, CPU): under torch.compile the composed formula's input and weight
-gradients differ from eager (by ~3e-2 and ~8e-2 on a (4, 3, 5, 5) batch, first step) while the outputs agree,
-and they agree again with momentum 0: the compiled backward evidently recomputes r and d from the running
-statistics after their in-place update (a standalone function with the same math and no buffer update compiles
-correctly). Not fixed; the compiled batch_renorm rows of the bench time a kernel whose gradients are wrong.
+passes over the activations (the composed ops measured 4x/9x ``nn.BatchNorm``). Synchronized statistics and
+non-contiguous or fp16/bf16 input keep the composed formula below (same numbers, tested).
+torch.compile: the training forward runs eagerly (``torch.compiler.disable``; a graph break around each
+batch_renorm layer). Compiled, AOTAutograd's backward recomputes r and d from the graph's inputs, the running
+buffers, after their in-place update in the same step, and the input/weight gradients came out wrong (by ~3e-2
+and ~1e-1 on a (4, 8, 5, 5) batch, torch 2.14.1 CPU; the outputs were right; an out-of-place update fixed it but
+would hand DDP's buffer broadcast stale tensors). Tested: compiled and eager gradients agree.
 """
 from __future__ import annotations
 
@@ -96,6 +96,10 @@ class BatchRenorm(BatchNorm):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training:
             return super().forward(x, mask)  # BN with running statistics
+        return self._train_forward(x)
+
+    @torch.compiler.disable  # eager under torch.compile: see the module docstring (wrong compiled gradients)
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
         # image (N, C, H, W) and pooled (N, C): channel dim 1; tokens (N, T, C): channel last
         c_dim = x.dim() - 1 if self.layout == "tokens" and x.dim() > 2 else 1
         shape = [1] * x.dim()
@@ -120,14 +124,12 @@ class BatchRenorm(BatchNorm):
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
         """Whether the training forward can take ``_RenormFn``: fp32/fp64 contiguous input with parameters and
-        buffers of its dtype, not synchronized over ranks (``batch_stats`` pools them), not under torch.compile."""
+        buffers of its dtype, not synchronized over ranks (``batch_stats`` pools them)."""
         if x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() or x.numel() == 0:
             return False
         if self.running_var.dtype != x.dtype or (self.affine and self.weight.dtype != x.dtype):
             return False
-        # not under torch.compile: compiled, this Function's weight gradient differed from eager (by ~0.3 in a
-        # small test, torch 2.14.1 CPU), as the composed formula's do (see the module docstring: "Open")
-        return not (self.sync and sync_active()) and not torch.compiler.is_compiling()
+        return not (self.sync and sync_active())
 
     def _fused_forward(self, x: torch.Tensor, c_dim: int) -> torch.Tensor:
         c = x.shape[c_dim]
