@@ -26,7 +26,10 @@ def conv_bias(norm_layer: Callable[[int], nn.Module], bias: bool | None, channel
 
 
 def init_cnn(model: nn.Module) -> None:
-    """He init for convs (fan_out, as torchvision), zero linear bias."""
+    """He init for convs (fan_out, as torchvision), zero linear bias. Nothing to do for a model on the meta device
+    (config checks build one; random init there is pure cost: it imported torch._dynamo, ~5 s of a spec check)."""
+    if any(p.is_meta for p in model.parameters()):
+        return
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -100,6 +100,8 @@ class TransformerLM(nn.Module):
         self.norm_f = norm_layer(n_embd) if norm_placement != "post" else None  # post-norm already ends on a norm
         self.head = nn.Linear(n_embd, vocab_size, bias=False)
         self.head.weight = self.tok.weight  # tied embeddings
+        if self.head.weight.is_meta:  # built by a config check: no init (see models/_common.init_cnn)
+            return
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight"):

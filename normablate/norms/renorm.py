@@ -51,6 +51,11 @@ from .sync import active as sync_active
 from .sync import moments as sync_moments
 
 
+# torch.compiler.disable, but importing torch._dynamo on the first call instead of at import (seconds that config
+# checks, `normablate list` and a sweep's supervising process never need); PyTorch's own lazy form where present.
+_eager_under_compile = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+
+
 @register("batch_renorm")
 class BatchRenorm(BatchNorm):
     def __init__(self, num_features: int, layout: str = "image", eps: float = 1e-5,
@@ -98,7 +103,7 @@ class BatchRenorm(BatchNorm):
             return super().forward(x, mask)  # BN with running statistics
         return self._train_forward(x)
 
-    @torch.compiler.disable  # eager under torch.compile: see the module docstring (wrong compiled gradients)
+    @_eager_under_compile  # see the module docstring (wrong compiled gradients)
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
         # image (N, C, H, W) and pooled (N, C): channel dim 1; tokens (N, T, C): channel last
         c_dim = x.dim() - 1 if self.layout == "tokens" and x.dim() > 2 else 1
