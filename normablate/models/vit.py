@@ -81,6 +81,8 @@ def vit(norm_layer, num_classes: int = 10, img_size: int = 32, patch_size: int =
         norm_layer=norm_layer, mlp_layer=partial(FFN, ffn_norm_layer=ffn_norm_layer, position=ffn_norm_position),
         block_fn=partial(Block, placement=norm_placement, qk_norm_layer=qk_norm_layer),
         final_norm=norm_placement != "post",
+        # built on the meta device by a config check: timm's random init is pure cost there (seconds per model)
+        weight_init="skip" if torch.get_default_device().type == "meta" else "",
     )
     return model
 
