@@ -183,7 +183,7 @@ def test_divergence_is_a_result(tmp_path, capsys):
 def test_sigint_checkpoint_then_resume_cli(tmp_path):
     """A real Ctrl-C: the CLI saves a checkpoint, exits 130; --resume finishes the run."""
     args = [sys.executable, "-m", "normablate.cli", "train", *TINY_IMAGE, f"trainer.log_dir={tmp_path}",
-            "experiment=t", "run=sig", "trainer.max_steps=300", "trainer.val_every=10"]
+            "experiment=t", "run=sig", "trainer.max_steps=120", "trainer.val_every=10"]
     log = open(tmp_path / "out.log", "w")  # a file, not a pipe: a full pipe would block the child
     proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
@@ -204,8 +204,8 @@ def test_sigint_checkpoint_then_resume_cli(tmp_path):
     done = subprocess.run([*args, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     result = RunResult.load(tmp_path / "t" / "sig" / "result.json")
-    assert result.status == "completed" and result.steps == 300
-    assert [s for s, _ in result.history["val/acc"]] == list(range(10, 301, 10))
+    assert result.status == "completed" and result.steps == 120
+    assert [s for s, _ in result.history["val/acc"]] == list(range(10, 121, 10))
 
 
 def test_every_shipped_run_config_runs(tmp_path, shared_data):
