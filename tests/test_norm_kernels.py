@@ -156,18 +156,23 @@ def _noisy_reference(m, x: torch.Tensor, ref_bn: nn.Module, seed: int) -> torch.
     return y * (1.0 + (m.noise_scale - 1.0) * u[0]) + (2.0 * u[1] - 1.0) * m.noise_mean
 
 
-def _count_fused(monkeypatch) -> list[int]:
-    from normablate.norms import batch
-
+def _count_apply(monkeypatch, fn: type) -> list[int]:
+    """Counts calls of a fused kernel's ``fn.apply`` (which path a forward took)."""
     calls = [0]
-    apply = batch._NoisyBatchNormFn.apply
+    apply = fn.apply
 
     def counted(*a):
         calls[0] += 1
         return apply(*a)
 
-    monkeypatch.setattr(batch._NoisyBatchNormFn, "apply", counted)
+    monkeypatch.setattr(fn, "apply", counted)
     return calls
+
+
+def _count_fused(monkeypatch) -> list[int]:
+    from normablate.norms import batch
+
+    return _count_apply(monkeypatch, batch._NoisyBatchNormFn)
 
 
 @pytest.mark.parametrize("layout,shape", [("image", (6, 4, 5, 3)), ("tokens", (5, 7, 4)), ("image", (9, 4)),
@@ -312,15 +317,7 @@ def test_noisy_bn_fused_output_takes_an_inplace_op():
 def _count_renorm_fused(monkeypatch) -> list[int]:
     from normablate.norms import renorm
 
-    calls = [0]
-    apply = renorm._RenormFn.apply
-
-    def counted(*a):
-        calls[0] += 1
-        return apply(*a)
-
-    monkeypatch.setattr(renorm._RenormFn, "apply", counted)
-    return calls
+    return _count_apply(monkeypatch, renorm._RenormFn)
 
 
 def _renorm_definition(m, x: torch.Tensor, c_dim: int) -> torch.Tensor:
