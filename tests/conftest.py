@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two test processes share the cores: one thread each (and their
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses), not two each fighting over two cores
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (a stable sort), so that under pytest-xdist the long ones start early and the short ones
+    fill the gaps, instead of one long test running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)

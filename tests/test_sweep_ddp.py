@@ -30,6 +30,9 @@ from normablate.train import train
 from test_ddp import COMMON, IMAGE
 from test_sweep import ROOT, make_spec, one_complete_per_point, spawn_sweep, sqlite_url, trials_of, wait_for
 
+# its tests count the trial ranks on the machine (ddp_ranks): never two of them at once under pytest-xdist
+pytestmark = pytest.mark.xdist_group("sweep_ddp")
+
 TRAIN = "normablate.train:train"
 DDP = {"trainer.devices": 2, "trainer.strategy": "ddp"}
 
