@@ -11,6 +11,11 @@ command and the load average, and these sections:
 - **framework**: training-step time of ``train()`` against a hand-written PyTorch loop on the same model, data,
   optimizer and seed (losses compared), for ResNet-20, the ViT and the LM.
 - **inference**: eval-mode throughput of a ResNet-20 per norm, BN also folded into its convs (``fold.py``).
+- **models**: training-step time (forward, backward, clipping, optimizer step) of every model variant of the
+  findings studies that compare norms in Transformers, at the studies' sizes (``configs/studies/vit_norms.yaml``:
+  block norm x BN in the FFN; ``lm_norms.yaml``: 7 norms on padded samples), all variants interleaved step by
+  step on one fixed batch, against LN: the speed half of claims 7, 8 and 12 (the study runs' own wall times
+  share the machine with other work and are not comparable).
 - **allocator**: minor page faults and time per call with glibc's default malloc thresholds and ours
   (``alloc.py``), toggled in one process.
 - **start-up**: ``normablate --help`` / ``--version`` / ``list`` (repeated runs), process start to the first
@@ -89,7 +94,7 @@ class Settings:
     infer_batch: int = 256
     startup_runs: int = 5
     backbones: tuple[str, ...] = ("resnet20", "vit", "transformer_lm")
-    sections: tuple[str, ...] = ("norms", "allocator", "inference", "framework", "startup", "data")
+    sections: tuple[str, ...] = ("norms", "allocator", "inference", "framework", "models", "startup", "data")
     data_steps: int = 20  # data: training steps per config (the first few are warm-up)
     cifar10: str = field(default_factory=lambda: os.environ.get("NORMABLATE_BENCH_CIFAR10", "cifar10"))
     # sweep: the quick sweep (configs/sweeps/quick.yaml) on part of its grid (None: the spec's own values), so that
@@ -103,6 +108,8 @@ class Settings:
     compile: bool = False
     norms: tuple[str, ...] | None = None  # norm rows for these names only (None: every registered norm)
     tiny_models: bool = False  # framework: tiny backbones (quick and test runs)
+    model_studies: tuple[str, ...] = ("vit_norms", "lm_norms")  # models: configs/studies/<name>.yaml
+    model_repeats: int = 20  # models: interleaved steps per variant (after 2 warm-up steps)
 
     @classmethod
     def make(cls, quick: bool = False, tiny: bool = False, compile: bool = False) -> Settings:
@@ -110,11 +117,12 @@ class Settings:
             return cls(image=(4, 8, 4, 4), tokens=(2, 8, 16), repeats=2, steps=3, runs=1, infer_batch=4,
                        startup_runs=1, backbones=("resnet20", "transformer_lm"), compile=compile, tiny_models=True,
                        data_steps=4, cifar10="synthetic", sweep_rounds=1, sweep_lrs=(0.001, 0.003),
-                       sweep_norms=("bn",), sweep_overrides=("trainer.max_steps=4", "trainer.val_every=2"))
+                       sweep_norms=("bn",), sweep_overrides=("trainer.max_steps=4", "trainer.val_every=2"),
+                       model_repeats=2)
         if quick:
             return cls(image=(32, 32, 16, 16), tokens=(16, 128, 192), repeats=7, steps=12, runs=1,
                        infer_batch=64, startup_runs=2, compile=compile, tiny_models=True, data_steps=8,
-                       sweep_rounds=1)
+                       sweep_rounds=1, model_repeats=3)
         return cls(compile=compile)
 
 
@@ -447,6 +455,23 @@ def _hand_setup(cfg: dict):
     return c, dm, model, build_optimizer(c.optim, model)
 
 
+def _hand_step(c, model: nn.Module, opt: torch.optim.Optimizer, batch) -> torch.Tensor:
+    """One training step as ``train()`` takes it: forward, loss, backward, clipping, optimizer step."""
+    opt.zero_grad(set_to_none=True)
+    if c.task == "classification":
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+    else:
+        idx, targets, mask = batch
+        logits = model(idx, mask=mask)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    loss.backward()
+    if c.optim.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), c.optim.grad_clip)
+    opt.step()
+    return loss
+
+
 def run_hand_loop(cfg: dict) -> tuple[list[float], list[float]]:
     """The same run as a plain PyTorch loop: same seed, model, data stream, optimizer, schedule, clipping."""
     from .tasks.optim import build_scheduler
@@ -459,18 +484,7 @@ def run_hand_loop(cfg: dict) -> tuple[list[float], list[float]]:
     for step in range(c.trainer.max_steps):
         batch = dm.train_batch(step)
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        if c.task == "classification":
-            x, y = batch
-            loss = F.cross_entropy(model(x), y)
-        else:
-            idx, targets, mask = batch
-            logits = model(idx, mask=mask)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-        loss.backward()
-        if c.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), c.optim.grad_clip)
-        opt.step()
+        loss = _hand_step(c, model, opt, batch)
         sched.step()
         losses.append(loss.item())
         times.append(time.perf_counter() - t0)
@@ -498,6 +512,63 @@ def bench_framework(s: Settings, tiny: bool = False) -> list[Row]:
                             fw * 1e3, hd * 1e3, "ms", fw / hd,
                             note=f"{len(fw_t)} steps/side; max |loss diff| {diff:.2e} over {len(fw_loss)} steps"
                                  + ("" if same else " (step counts differ)")))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ models
+def study_variants(study: str, log_dir: str, tiny: bool = False) -> list[tuple[str, dict]]:
+    """The model variants of ``configs/studies/<study>.yaml`` (every grid value but seed and LR; seed 0, the
+    first LR) as run configs on the embedded synthetic data of the same shapes (32x32 images; text samples padded
+    per batch), labelled by what differs: [(label, config dict)]."""
+    from .sweep.spec import load_spec, value_label
+
+    spec = load_spec(_repo_file("configs", "studies", f"{study}.yaml"),
+                     overrides=["data.source=synthetic", "data.val_limit=null"])
+    first = {a.key: a.values[0] for a in spec.axes if a.key in ("seed", "optim.lr")}
+    varying = [a for a in spec.axes if a.key not in first and len(a.values) > 1]
+    out = []
+    for point in spec.points():
+        if any(point.values[k] != v for k, v in first.items()):
+            continue
+        cfg = spec.trial_dict(point, run=f"bench-{len(out)}")
+        cfg["trainer"].update({"log_dir": log_dir, "progress": False})
+        if tiny:
+            model, backbone = cfg["model"], cfg["model"]["backbone"]
+            model.update(TINY_MODEL.get(backbone, {}))
+            if backbone == "vit":
+                model["embed_dim"], model["num_heads"] = 16, 2
+            cfg["data"].update({"batch_size": 4, "train_limit": 64})
+            if backbone == "transformer_lm":
+                cfg["data"]["block_size"] = 32
+        label = ", ".join(f"{a.key.split('.')[-1]}={value_label(point.values[a.key])}" for a in varying)
+        out.append((label, cfg))
+    return out
+
+
+def bench_models(s: Settings) -> list[Row]:
+    """Training-step time of each study variant, all variants interleaved step by step on the same batch, as
+    ratios against the study's LN variant (its first variant: the study's baseline)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for study in s.model_studies:
+            variants = study_variants(study, tmp, s.tiny_models)
+            fns, info = {}, {}
+            for label, cfg in variants:
+                c, dm, model, opt = _hand_setup(cfg)
+                batch = dm.train_batch(0)
+                units = batch[2].sum().item() if c.task == "lm" else len(batch[0])
+                fns[label] = (lambda c=c, m=model, o=opt, b=batch: _hand_step(c, m, o, b))
+                info[label] = (c.model.backbone, units, sum(p.numel() for p in model.parameters()))
+            t = interleaved(fns, s.model_repeats, warmup=2)
+            ref = next(iter(fns))
+            for label, times in t.items():
+                backbone, units, n_params = info[label]
+                unit = "real tokens" if backbone == "transformer_lm" else "images"
+                med = statistics.median(times)
+                rows.append(Row("models", f"{study}: {label}", "tokens", "eager", label, ref, med * 1e3,
+                                statistics.median(t[ref]) * 1e3, "ms", paired_ratio(times, t[ref]),
+                                note=f"{backbone}, {n_params / 1e6:.3f} M params, {units:.0f} {unit}/step, "
+                                     f"{units / med:,.0f} {unit}/s"))
     return rows
 
 
@@ -1016,6 +1087,8 @@ def _sizes(section: str, s: Settings) -> str:
         "allocator": f"tokens x {s.tokens}, eval batch {s.infer_batch}, {max(3, s.repeats // 2)} repeats per mode",
         "inference": f"batch {s.infer_batch}, {s.repeats} interleaved repeats",
         "framework": f"{s.steps} steps x {s.runs} run(s) per side" + (", tiny backbones" if s.tiny_models else ""),
+        "models": f"studies {', '.join(s.model_studies)} at their sizes on synthetic data of the same shapes, "
+                  f"{s.model_repeats} interleaved steps per variant" + (", tiny models" if s.tiny_models else ""),
         "startup": f"{s.startup_runs} runs per command",
         "data": f"{s.data_steps} steps per config on {s.cifar10}" + (", tiny models" if s.tiny_models else ""),
         "sweep": f"grid seed {list(s.sweep_seeds)}"
@@ -1142,6 +1215,7 @@ def run_bench(out: Path | str = "docs", quick: bool = False, tiny: bool = False,
     steps: dict[str, Callable[[], list[Row]]] = {
         "norms": lambda: bench_norms(s), "allocator": lambda: bench_allocator(s),
         "inference": lambda: bench_inference(s), "framework": lambda: bench_framework(s, tiny),
+        "models": lambda: bench_models(s),
         "startup": lambda: bench_startup(s, tiny), "data": lambda: bench_data(s), "sweep": lambda: bench_sweep(s)}
     for name in s.sections:
         t0 = time.perf_counter()
@@ -1155,7 +1229,7 @@ def run_bench(out: Path | str = "docs", quick: bool = False, tiny: bool = False,
     return write(report, Path(out), provenance, runtimes, keep=keep)
 
 
-SECTIONS = ("norms", "allocator", "inference", "framework", "startup", "data", "sweep")
+SECTIONS = ("norms", "allocator", "inference", "framework", "models", "startup", "data", "sweep")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

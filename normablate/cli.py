@@ -124,7 +124,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--cifar10", metavar="SOURCE", help="CIFAR-10 for the data section: a local copy (default: "
                                                        "$NORMABLATE_BENCH_CIFAR10, else the hub)")
     p.add_argument("--only", nargs="+", metavar="SECTION",
-                   choices=("norms", "allocator", "inference", "framework", "startup", "data", "sweep"),
+                   choices=("norms", "allocator", "inference", "framework", "models", "startup", "data", "sweep"),
                    help="run only these sections: norms allocator inference framework startup data sweep")
     p.set_defaults(func=cmd_bench)
 

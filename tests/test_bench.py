@@ -31,6 +31,12 @@ def test_bench_tiny_writes_well_formed_results(tmp_path):
     assert {"resnet20", "transformer_lm"} <= set(fw)
     for r in fw.values():  # the hand loop reproduces the framework's losses
         assert "max |loss diff| 0.00e+00" in r["note"] or float(r["note"].split("diff| ")[1].split()[0]) < 1e-5
+    models = [r for r in rows if r["section"] == "models"]  # every variant of the Transformer norm studies
+    for study, n in (("vit_norms", 6), ("lm_norms", 7)):
+        rs = [r for r in models if r["name"].startswith(study + ": ")]
+        assert len(rs) == n and rs[0]["reference"] == rs[0]["ours"] and float(rs[0]["ratio"]) == 1.0
+        assert all(r["reference"] == rs[0]["ours"] for r in rs)
+    assert {r["ours"] for r in models} >= {"norm=ln, ffn_norm=bn", "norm=dyt, ffn_norm=None", "norm=masked_bn"}
     text = md.read_text()
     assert "Run: `pytest tiny bench`" in text and "load average (1, 5, 15 min) before" in text
     assert "## norms" in text and "torch " in text and "## data" in text
