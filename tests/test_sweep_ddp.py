@@ -9,6 +9,7 @@ resource checks refuse what the machine cannot host before any trial runs.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -29,9 +30,6 @@ from normablate.train import train
 
 from test_ddp import COMMON, IMAGE
 from test_sweep import ROOT, make_spec, one_complete_per_point, spawn_sweep, sqlite_url, trials_of, wait_for
-
-# its tests count the trial ranks on the machine (ddp_ranks): never two of them at once under pytest-xdist
-pytestmark = pytest.mark.xdist_group("sweep_ddp")
 
 TRAIN = "normablate.train:train"
 DDP = {"trainer.devices": 2, "trainer.strategy": "ddp"}
@@ -58,6 +56,33 @@ def ddp_ranks() -> set[int]:
     return pids
 
 
+def describe(pids: set[int], depth: int = 0) -> str:
+    """Who the given processes are (state, parent, command line): the message when a rank outlives its trial."""
+    out = []
+    for pid in sorted(pids):
+        try:
+            status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if ":\t" in line)
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv)
+            ppid = int(status.get("PPid", 0))
+            parent = describe({ppid}, depth + 1) if ppid > 1 and ppid not in pids and depth < 2 else str(ppid)
+            job = next((Path(a) for a in cmd.split() if a.endswith("job.json")), None)
+            if job is not None and job.exists():
+                j = json.loads(job.read_text())
+                cmd += f" [run {j['config'].get('run')}, resume {j['resume']}, trial {(j['pruning'] or {}).get('trial_id')}]"
+            out.append(f"pid {pid} state {status.get('State')} LOCAL_RANK {env.get(b'LOCAL_RANK')} parent ({parent}): "
+                       f"{cmd[:400]}")
+        except OSError:
+            out.append(f"pid {pid} (gone)")
+    return "; ".join(out)
+
+
+def no_ranks_left() -> None:
+    ranks = ddp_ranks()
+    assert not ranks, f"no rank outlives its trial: {describe(ranks)}"
+
+
 @pytest.mark.slow
 def test_ddp_trial_equals_normablate_train_on_two_devices_and_one_process(tmp_path):
     d = ddp_spec(tmp_path, {"seed": [0]})
@@ -71,7 +96,7 @@ def test_ddp_trial_equals_normablate_train_on_two_devices_and_one_process(tmp_pa
     assert ua["config"]["trainer"]["threads"] == max(1, (os.cpu_count() or 1) // 2)  # the worker's cores / 2 ranks
     assert set(t.intermediate_values) == {2, 4}
     assert t.value == ua["final"]["val/acc"]
-    assert not ddp_ranks(), "no rank outlives its trial"
+    no_ranks_left()
 
     # the same trial with `normablate train` on 2 devices: identical numbers
     cfg = dict(ua["config"], run="train-ddp")
@@ -104,7 +129,7 @@ def test_two_workers_each_running_ddp_trials(tmp_path, monkeypatch):
     assert len(workers) == 2, "both workers ran a trial"
     for t in counted.values():
         assert t.user_attrs["steps"] == 4 and t.user_attrs["config"]["trainer"]["threads"] == 1
-    assert not ddp_ranks()
+    no_ranks_left()
 
 
 @pytest.mark.slow
@@ -120,7 +145,7 @@ def test_sigterm_then_kill_mid_ddp_trials_lose_nothing(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(d))
     url = sqlite_url(tmp_path)
-    assert not ddp_ranks()
+    no_ranks_left()
 
     def mid_trial(point: int):
         def find():
@@ -171,7 +196,7 @@ def test_sigterm_then_kill_mid_ddp_trials_lose_nothing(tmp_path):
         ua = t.user_attrs
         assert ua["status"] == "completed" and ua["steps"] == steps
         assert [s for s, _ in ua["history"]["val/acc"]] == list(range(every, steps + 1, every)), "every validation once"
-    assert not ddp_ranks()
+    no_ranks_left()
 
 
 def test_ddp_trial_error_is_recorded_with_the_trials_traceback(tmp_path):
@@ -184,7 +209,7 @@ def test_ddp_trial_error_is_recorded_with_the_trials_traceback(tmp_path):
     assert t.state == TrialState.FAIL
     assert t.user_attrs["error"].startswith("normablate.errors.ConfigError: trainer.sync_batchnorm: layer")
     assert "normablate/sweep/ddp_trial.py" in t.user_attrs["traceback"] and "sync.enable" in t.user_attrs["traceback"]
-    assert not ddp_ranks()
+    no_ranks_left()
 
 
 def _trials(url: str):
@@ -212,7 +237,7 @@ def test_pruned_ddp_trial_stops_both_ranks_and_is_recorded_pruned(tmp_path, capf
     assert [s for s, _ in ua["history"]["val/acc"]] == [2]
     err = capfd.readouterr().err
     assert "rank 0: trial pruned at step 2" in err and "rank 1: trial pruned at step 2" in err, err[-3000:]
-    assert not ddp_ranks()
+    no_ranks_left()
 
 
 def test_resources_refused_before_any_trial(tmp_path):
