@@ -199,3 +199,14 @@ def test_report_cli(tmp_path, capsys):
     assert main(["report", "--study", "r", "--storage", res.storage, "--out", str(tmp_path / "o")]) == 0
     assert "report: " in capsys.readouterr().out and (tmp_path / "o" / "summary.csv").exists()
     assert main(["report", "--study", "zzz", "--storage", res.storage]) == 2
+
+
+def test_configurations_of_two_axes_with_the_same_values_are_named_apart():
+    """A block norm and an FFN norm both 'bn': the report must not call the configuration 'bn bn' (or two different
+    ones 'ln None' and 'bn None' without saying which axis is which)."""
+    from normablate.analysis.tables import config_label
+
+    assert config_label(["bn"], ["norm"]) == "bn"
+    assert config_label(["bn", "bn"], ["norm", "ffn_norm"]) == "norm=bn ffn_norm=bn"
+    assert config_label(("ln", None), ("norm", "ffn_norm")) == "norm=ln ffn_norm=None"
+    assert config_label(["bn", 0.001], ["norm", "lr"]) == "norm=bn lr=0.001"

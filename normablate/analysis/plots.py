@@ -19,6 +19,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .data import StudyData, mask_for  # noqa: E402
+from .tables import config_label  # noqa: E402
 
 METRIC_LABELS = {
     "val/acc": "validation accuracy (fraction correct)",
@@ -258,7 +259,7 @@ def bars(data: StudyData, summ, out: Path, what: list[tuple[str, str]], name: st
     what = [(c, lab) for c, lab in what if f"{c}_mean" in summ]
     if not what:
         return None
-    labels = [" ".join(fmt(r[c]) for c in data.group_cols) for _, r in summ.iterrows()]
+    labels = [config_label([r[c] for c in data.group_cols], data.group_cols) for _, r in summ.iterrows()]
     first = data.group_cols[0]
     cmap = colors(list(dict.fromkeys(summ[first])))
     n = len(labels)

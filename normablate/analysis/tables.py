@@ -56,7 +56,18 @@ def cell(s: pd.DataFrame, metric: str) -> tuple[float, float, int, int, str]:
 
 
 def label_of(row, cols: list[str]) -> str:
-    return " ".join(fmt(row[c]) for c in cols)
+    return config_label([row[c] for c in cols], cols)
+
+
+def config_label(values, cols) -> str:
+    """How a configuration is named in tables, conclusions and legends: its value alone when one column tells the
+    configurations apart (``bn``), else ``key=value`` pairs (``norm=bn ffn_norm=None``), so that two axes with
+    the same values (a block norm and an FFN norm) are never read as one. (Space-separated: conclusions list
+    configurations with commas.)"""
+    values, cols = list(values), list(cols)
+    if len(cols) == 1:
+        return fmt(values[0])
+    return " ".join(f"{c}={fmt(v)}" for c, v in zip(cols, values, strict=True))
 
 
 def fmt(v) -> str:
@@ -68,7 +79,7 @@ def config_values(data: StudyData, column: str) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for key, sub in groups(data.trials, data.group_cols):
         ok = ok_rows(sub)
-        out[" ".join(fmt(k) for k in key)] = ok[column].tolist() if column in ok else []
+        out[config_label(key, data.group_cols)] = ok[column].tolist() if column in ok else []
     return out
 
 

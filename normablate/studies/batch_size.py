@@ -98,6 +98,7 @@ class BatchSize(StudyKind):
     def comparison(self, data, summ) -> Comparison:
         """The claim is about small batches: compare the norms at the smallest batch size."""
         from ..analysis.data import ok_rows
+        from ..analysis.tables import config_label
 
         df, spec = data.trials, data.spec
         if not len(df):
@@ -109,7 +110,7 @@ class BatchSize(StudyKind):
         for key, s in sub.groupby(cols, sort=False, dropna=False):
             key = key if isinstance(key, tuple) else (key,)
             ok = ok_rows(s)
-            values[" ".join(str(k) for k in key)] = ok[data.metric_col].tolist() if data.metric_col in ok else []
+            values[config_label(key, cols)] = ok[data.metric_col].tolist() if data.metric_col in ok else []
         return Comparison(f"{spec.metric_at} {spec.metric} at the smallest batch size ({smallest})", values,
                           spec.direction)
 
@@ -131,6 +132,7 @@ class BatchSize(StudyKind):
         from ..analysis import plots as P
         from ..analysis.data import mask_for, ok_rows
         from ..analysis.stats import mean_ci
+        from ..analysis.tables import config_label
 
         df, spec = data.trials, data.spec
         metric = data.metric_col
@@ -139,10 +141,10 @@ class BatchSize(StudyKind):
         fig, ax = plt.subplots(figsize=(7.2, 4.6))
         cols = [c for c in data.group_cols if c != "batch_size"]
         keys = list(dict.fromkeys(tuple(r[c] for c in cols) for _, r in df.iterrows()))
-        cmap = P.colors([" ".join(map(P.fmt, k)) for k in keys])
+        cmap = P.colors([config_label(k, cols) for k in keys])
         series = []
         for i, k in enumerate(keys):
-            name = " ".join(map(P.fmt, k))
+            name = config_label(k, cols)
             sub = df[mask_for(df, cols, k)]
             xs, ys, es, dx = [], [], [], []
             for b, s in sorted(sub.groupby("batch_size"), key=lambda kv: int(kv[0])):

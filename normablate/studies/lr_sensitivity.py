@@ -90,9 +90,11 @@ class LRSensitivity(StudyKind):
         return pd.DataFrame(out)
 
     def comparison(self, data, summ) -> Comparison:
+        from ..analysis.tables import config_label
+
         lr = self.table(data)
         cols = [c for c in data.group_cols if c != "lr"]
-        values = {" ".join(str(r[c]) for c in cols): list(r["_best_values"]) for _, r in lr.iterrows()}
+        values = {config_label([r[c] for c in cols], cols): list(r["_best_values"]) for _, r in lr.iterrows()}
         spec = data.spec
         return Comparison(f"{spec.metric_at} {spec.metric} at its best LR", values, spec.direction)
 
@@ -120,7 +122,7 @@ class LRSensitivity(StudyKind):
 
     def _per_lr_conclusion(self, lr, data) -> str:
         """At each LR, are the norms distinguishable? (Welch, best norm at that LR vs each other.)"""
-        from ..analysis.tables import compare_to_best
+        from ..analysis.tables import compare_to_best, config_label
 
         spec = data.spec
         cols = [c for c in data.group_cols if c != "lr"]
@@ -131,7 +133,7 @@ class LRSensitivity(StudyKind):
             for _, r in lr.iterrows():
                 for p in r["_per_lr"]:
                     if p["lr"] == x:
-                        values[" ".join(str(r[c]) for c in cols)] = p["values"]
+                        values[config_label([r[c] for c in cols], cols)] = p["values"]
             best, diffs = compare_to_best(values, spec.direction)
             if best is None:
                 parts.append(f"lr {x:g}: no finished runs")
@@ -148,13 +150,14 @@ class LRSensitivity(StudyKind):
         import matplotlib.ticker
 
         from ..analysis import plots as P
+        from ..analysis.tables import config_label
 
         if lr_table is None or not len(lr_table):
             return None
         spec = data.spec
         fig, ax = plt.subplots(figsize=(7.2, 4.6))
-        names = [" ".join(P.fmt(r[c]) for c in lr_table.columns if c in data.group_cols and c != "lr")
-                 for _, r in lr_table.iterrows()]
+        cols = [c for c in lr_table.columns if c in data.group_cols and c != "lr"]
+        names = [config_label([r[c] for c in cols], cols) for _, r in lr_table.iterrows()]
         cmap = P.colors(names)
         pts = [p for per in lr_table["_per_lr"] for p in per if math.isfinite(p["mean"])]
         cis = [p["ci95"] if math.isfinite(p["ci95"]) else 0.0 for p in pts]
