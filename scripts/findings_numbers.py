@@ -196,8 +196,10 @@ def label(variant: tuple) -> str:
 
 
 def compare_variants(df: pd.DataFrame, keys: list[str], metric: str, maximize: bool, baseline: tuple,
-                     extra: tuple[str, ...] = ("train_loss_auc", "throughput")) -> None:
-    """Each variant at its best LR against ``baseline`` at its best LR (Welch), plus the speed ratio."""
+                     extra: tuple[str, ...] = ("train_loss_auc",)) -> None:
+    """Each variant at its best LR against ``baseline`` at its best LR (Welch). Speed is not taken from the study
+    runs (they shared the machine with other work: their wall times and throughputs are not comparable); it is
+    the ``models`` section of ``normablate bench`` (docs/benchmarks.md), variants interleaved step by step."""
     best = variant_best(df, keys, metric, maximize)
     base = best.get(baseline)
     if base is None:
@@ -210,8 +212,8 @@ def compare_variants(df: pd.DataFrame, keys: list[str], metric: str, maximize: b
         for col in extra:
             if col in runs and runs[col].notna().any():
                 line += f"; {col} {stat(runs[col])}"
-        if "throughput" in runs and variant != baseline:
-            line += f"; throughput ratio vs {label(baseline)} {runs['throughput'].mean() / base['throughput'].mean():.3f}"
+                if variant != baseline and col in base and base[col].notna().any():
+                    line += f" ({diff(runs[col].dropna(), base[col].dropna())})"
         print(line)
     print()
 
@@ -240,7 +242,23 @@ def claims_7_12() -> None:
     df = df.assign(ffn_norm=df["ffn_norm"].fillna("none") if "ffn_norm" in df else "none")
     print("Each variant (block norm, FFN norm) at its best LR, against LN without an FFN norm:\n")
     compare_variants(df, ["norm", "ffn_norm"], "final_val_acc", maximize=True, baseline=("ln", "none"),
-                     extra=("train_loss_auc", "throughput", "steps_to_target"))
+                     extra=("train_loss_auc",))
+    print("Speed: docs/benchmarks.md, section models (training-step time per variant vs LN, interleaved).\n")
+    lr_check = load("vit_lr_check")
+    if lr_check is not None:
+        print("LR 0.01 (vit_lr_check: the same runs above vit_norms' grid top), against each norm's vit_norms best:\n")
+        best = variant_best(df, ["norm", "ffn_norm"], "final_val_acc", maximize=True)
+        raw = pd.read_csv(FINDINGS / "vit_lr_check" / "trials.csv")
+        for norm, runs in lr_check.groupby("norm", sort=False):
+            ref = best.get((norm, "none"))
+            n_div = int(raw.loc[raw["norm"] == norm, "diverged"].astype(bool).sum())
+            line = f"- {norm} at 0.01: final_val_acc {stat(runs['final_val_acc'])}" + (
+                f" ({n_div} diverged, left out)" if n_div else "")
+            if ref is not None:
+                line += (f"; - {norm} at its vit_norms best ({ref['lr'].iloc[0]:g}) "
+                         f"{diff(runs['final_val_acc'], ref['final_val_acc'])}")
+            print(line)
+        print()
 
 
 def drop_ci(hi: pd.Series, lo: pd.Series, hi2: pd.Series, lo2: pd.Series) -> str:
