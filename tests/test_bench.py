@@ -3,6 +3,7 @@ keeps eval outputs, the allocator settings apply, and the CLI answers --help/--v
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 
@@ -72,24 +73,32 @@ def test_fold_leaves_noisy_bn_alone():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
 def test_allocator_thresholds_stop_page_faults_of_large_tensors():
-    import resource
+    """Measured in a fresh process: in a long-lived one (a test worker after other tests), free chunks left in the
+    heap can serve the 8 MB without any mmap, and the default side shows no faults."""
+    script = """
+import resource, torch
+from normablate import alloc
 
-    def faults() -> int:
-        torch.ones(2_000_000)  # settle the heap after a switch
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(5):
-            torch.ones(2_000_000)  # 8 MB allocated, written and freed, as an activation each step
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+def faults():
+    torch.ones(2_000_000)  # settle the heap after a switch
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(2_000_000)  # 8 MB allocated, written and freed, as an activation each step
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 
-    try:
-        assert alloc.set_thresholds(alloc.GLIBC_DEFAULT, alloc.GLIBC_DEFAULT)
-        default = faults()
-        assert alloc.set_thresholds(alloc.MMAP_THRESHOLD, alloc.TRIM_THRESHOLD)
-        tuned = faults()
-    finally:
-        alloc.set_thresholds(alloc.MMAP_THRESHOLD, alloc.TRIM_THRESHOLD)
+assert alloc.set_thresholds(alloc.GLIBC_DEFAULT, alloc.GLIBC_DEFAULT)
+faults()  # after a switch glibc takes a few allocations to settle (measured: up to 4 of 5 still fault)
+default = faults()
+assert alloc.set_thresholds(alloc.MMAP_THRESHOLD, alloc.TRIM_THRESHOLD)
+faults()
+print(default, faults())
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    default, tuned = map(int, proc.stdout.split())
     assert default > 5 * 1000  # ~2000 4-KiB pages per 8 MB mapping, faulted in again each time
-    assert tuned < default / 2  # typically 0; one re-fault of a block when other tests fragmented the heap
+    assert tuned < default / 2  # typically 0
 
 
 def test_cli_help_and_version_import_no_heavy_library():
