@@ -139,6 +139,9 @@ def stop_on_signals() -> Iterator[StopRequest]:
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in previous:
         signal.signal(s, request)
+    for h in previous.values():  # a stop already requested of the caller (a sweep worker signalled while it was
+        if request.signum is None and getattr(h, "signum", None) is not None:  # setting this run up) stops
+            request.signum = h.signum  # the run at its first step boundary, not after the whole run
     try:
         yield request
     finally:
