@@ -257,6 +257,9 @@ def claims_7_12() -> None:
             if ref is not None:
                 line += (f"; - {norm} at its vit_norms best ({ref['lr'].iloc[0]:g}) "
                          f"{diff(runs['final_val_acc'], ref['final_val_acc'])}")
+            ln = best.get(("ln", "none"))
+            if norm != "ln" and ln is not None:
+                line += f"; - ln at its vit_norms best ({ln['lr'].iloc[0]:g}) {diff(runs['final_val_acc'], ln['final_val_acc'])}"
             print(line)
         print()
 
