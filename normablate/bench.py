@@ -520,6 +520,7 @@ def study_variants(study: str, log_dir: str, tiny: bool = False) -> list[tuple[s
     """The model variants of ``configs/studies/<study>.yaml`` (every grid value but seed and LR; seed 0, the
     first LR) as run configs on the embedded synthetic data of the same shapes (32x32 images; text samples padded
     per batch), labelled by what differs: [(label, config dict)]."""
+    from .analysis.tables import config_label
     from .sweep.spec import load_spec, value_label
 
     spec = load_spec(_repo_file("configs", "studies", f"{study}.yaml"),
@@ -540,7 +541,8 @@ def study_variants(study: str, log_dir: str, tiny: bool = False) -> list[tuple[s
             cfg["data"].update({"batch_size": 4, "train_limit": 64})
             if backbone == "transformer_lm":
                 cfg["data"]["block_size"] = 32
-        label = ", ".join(f"{a.key.split('.')[-1]}={value_label(point.values[a.key])}" for a in varying)
+        label = config_label([value_label(point.values[a.key]) for a in varying],
+                             [a.key.split(".")[-1] for a in varying])
         out.append((label, cfg))
     return out
 

@@ -13,6 +13,10 @@ import sys
 from . import __version__
 from .errors import NormablateError
 
+# ``normablate bench --only`` choices: bench.SECTIONS, repeated here so that ``--help`` does not import torch
+# (tests/test_bench.py checks that the two are equal)
+BENCH_SECTIONS = ("norms", "allocator", "inference", "framework", "models", "startup", "data", "sweep")
+
 
 def cmd_list(args: argparse.Namespace) -> int:
     from . import models, norms, plugins
@@ -123,9 +127,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="add the sweep section: the quick sweep with --workers 1 vs 2 (several minutes)")
     p.add_argument("--cifar10", metavar="SOURCE", help="CIFAR-10 for the data section: a local copy (default: "
                                                        "$NORMABLATE_BENCH_CIFAR10, else the hub)")
-    p.add_argument("--only", nargs="+", metavar="SECTION",
-                   choices=("norms", "allocator", "inference", "framework", "models", "startup", "data", "sweep"),
-                   help="run only these sections: norms allocator inference framework startup data sweep")
+    p.add_argument("--only", nargs="+", metavar="SECTION", choices=BENCH_SECTIONS,
+                   help="run only these sections: " + " ".join(BENCH_SECTIONS))
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("sweep", help="run an ablation sweep (an Optuna study) from a sweep spec")

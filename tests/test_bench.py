@@ -37,7 +37,8 @@ def test_bench_tiny_writes_well_formed_results(tmp_path):
         rs = [r for r in models if r["name"].startswith(study + ": ")]
         assert len(rs) == n and rs[0]["reference"] == rs[0]["ours"] and float(rs[0]["ratio"]) == 1.0
         assert all(r["reference"] == rs[0]["ours"] for r in rs)
-    assert {r["ours"] for r in models} >= {"norm=ln, ffn_norm=bn", "norm=dyt, ffn_norm=None", "norm=masked_bn"}
+    # labelled as the study's report labels them (analysis.tables.config_label)
+    assert {r["ours"] for r in models} >= {"norm=ln ffn_norm=bn", "norm=dyt ffn_norm=None", "masked_bn"}
     text = md.read_text()
     assert "Run: `pytest tiny bench`" in text and "load average (1, 5, 15 min) before" in text
     assert "## norms" in text and "torch " in text and "## data" in text
@@ -236,3 +237,10 @@ def test_channel_stats_exact_from_uint8():
     xf = x.double() / 255
     torch.testing.assert_close(mean, xf.mean((0, 2, 3)).float())
     torch.testing.assert_close(std, xf.transpose(0, 1).reshape(3, -1).std(1, unbiased=False).float())
+
+
+def test_cli_bench_sections_are_the_bench_sections():
+    """The CLI repeats bench.SECTIONS (its --help must not import torch): the two lists must not drift apart."""
+    from normablate.cli import BENCH_SECTIONS
+
+    assert BENCH_SECTIONS == bench.SECTIONS
