@@ -210,3 +210,28 @@ def test_configurations_of_two_axes_with_the_same_values_are_named_apart():
     assert config_label(["bn", "bn"], ["norm", "ffn_norm"]) == "norm=bn ffn_norm=bn"
     assert config_label(("ln", None), ("norm", "ffn_norm")) == "norm=ln ffn_norm=None"
     assert config_label(["bn", 0.001], ["norm", "lr"]) == "norm=bn lr=0.001"
+
+
+def test_perplexity_lr_plot_has_a_log_axis_that_holds_every_mean(tmp_path, monkeypatch):
+    """Perplexity is exp(loss): one norm at 22 must not squash the others at 7-9 (lm_norms), so its LR plot reads
+    on a log y axis (never below perplexity 1) with every mean inside the axis."""
+    from normablate.analysis import plots as P
+
+    lm = {"model": {"backbone": "transformer_lm", "norm": "ln", "n_layer": 1, "n_embd": 16, "n_head": 2},
+          "data": {"source": "synthetic", "batch_size": 4, "block_size": 16}}
+    spec = load_spec({"kind": "lr_sensitivity", "study_name": "x", "base": lm, "trainer_fn": DRY,
+                      "grid": {"optim.lr": [0.001, 0.003], "seed": [0, 1]}, "metric": "val/ppl",
+                      "direction": "minimize", "tolerance": 0.02, "tolerance_relative": True})
+    vals = {("ln", 0.001): [9.1, 9.0], ("ln", 0.003): [7.2, 7.3], ("dyt", 0.001): [21.8, 22.5],
+            ("dyt", 0.003): [29.0, 30.1]}
+    rows = [{"norm": n, "lr": lr, "seed": s, "state": "complete", "diverged": False, "final_val_ppl": v}
+            for (n, lr), vs in vals.items() for s, v in enumerate(vs)]
+    d = StudyData("x", "mem", spec, pd.DataFrame(rows), len(rows))
+    kind = studies.get("lr_sensitivity")
+    figs = []
+    monkeypatch.setattr(P, "save", lambda fig, path: figs.append(fig) or path)
+    assert kind.plot(d, kind.table(d), tmp_path) is not None
+    ax = figs[0].axes[0]
+    lo, hi = ax.get_ylim()
+    assert ax.get_yscale() == "log" and 1.0 <= lo <= 7.2 and hi >= 29.0
+    assert "log scale" in ax.get_ylabel() and "perplexity" in ax.get_ylabel()

@@ -191,9 +191,16 @@ class LRSensitivity(StudyKind):
         ax.set_xticks(lrs)
         ax.set_xticklabels([f"{x:g}" for x in lrs])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ylabel = P.metric_label(spec.metric, spec.metric_at)
+        if spec.metric.endswith("ppl"):  # perplexity = exp(loss): a log axis reads as loss, ratios as distances
+            lo = max(lo, 1.0)
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ylabel = ylabel.replace(" (exp of nats/token)", "") + " (log scale)"
         ax.set_ylim(lo, hi)
         ax.set_xlabel("peak learning rate (log scale)")
-        ax.set_ylabel(P.metric_label(spec.metric, spec.metric_at))
+        ax.set_ylabel(ylabel)
         ax.set_title(f"{data.name}: LR sensitivity (mean ± 95% CI over seeds)")
         ax.grid(alpha=0.3, which="major")
         handles, labels = ax.get_legend_handles_labels()
