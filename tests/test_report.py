@@ -235,3 +235,21 @@ def test_perplexity_lr_plot_has_a_log_axis_that_holds_every_mean(tmp_path, monke
     lo, hi = ax.get_ylim()
     assert ax.get_yscale() == "log" and 1.0 <= lo <= 7.2 and hi >= 29.0
     assert "log scale" in ax.get_ylabel() and "perplexity" in ax.get_ylabel()
+
+
+def test_loss_curves_keep_the_chance_line_in_view(tmp_path, monkeypatch):
+    """A byte LM's curves live at 1.6-4 nats, chance (uniform over 256 bytes) is ln 256 = 5.55: the y range is
+    robust to outliers (percentiles) but must still show the chance line it draws (lm_norms' figure did not)."""
+    from normablate.analysis import plots as P
+
+    spec = load_spec({"kind": "lr_sensitivity", "study_name": "x", "base": BASE, "trainer_fn": DRY,
+                      "grid": {"optim.lr": [0.001], "seed": [0, 1]}})
+    rows = [{"norm": "ln", "lr": 0.001, "seed": s, "state": "complete", "diverged": False, "task": "lm",
+             "final_val_acc": 0.0} for s in (0, 1)]
+    hist = {i: {"train/loss": [[k, 4.0 - 0.02 * k + 0.01 * i] for k in range(100)]} for i in range(2)}
+    d = StudyData("x", "mem", spec, pd.DataFrame(rows), 2, histories=hist)
+    figs = []
+    monkeypatch.setattr(P, "save", lambda fig, path: figs.append(fig) or path)
+    assert P.loss_curves(d, tmp_path) is not None
+    lo, hi = figs[0].axes[0].get_ylim()
+    assert lo <= 2.02 and hi > math.log(256) and hi < 7.0  # chance in view, not an axis from 0 to 10

@@ -194,7 +194,10 @@ def loss_curves(data: StudyData, out: Path, per_sample: bool = False) -> Path | 
     if not drew:
         plt.close(fig)
         return None
-    rng = robust_range(bulk + ([np.array([ch])] if ch else []), floor=0.0)
+    rng = robust_range(bulk, floor=0.0)
+    if rng and ch is not None:  # the chance line is always in view (a percentile cut would drop its one value)
+        span = rng[1] - rng[0]
+        rng = (min(rng[0], ch - 0.04 * span), max(rng[1], ch + 0.04 * span))
     for ax in list(axes.flat)[:len(panels)]:
         if rng:
             ax.set_ylim(*rng)
