@@ -224,7 +224,8 @@ def claims_6_8_12() -> None:
     if df is None:
         return
     print("Each norm at its best LR (lowest mean final validation perplexity), against LN:\n")
-    compare_variants(df, ["norm"], "final_val_ppl", maximize=False, baseline=("ln",))
+    compare_variants(df, ["norm"], "final_val_ppl", maximize=False, baseline=("ln",),
+                     extra=("final_val_loss", "train_loss_auc", "final_val_train_eval_gap"))
     best = variant_best(df, ["norm"], "final_val_ppl", maximize=False)
     if ("bn",) in best and ("masked_bn",) in best:
         print(f"- masked_bn - bn: {diff(best[('masked_bn',)]['final_val_ppl'], best[('bn',)]['final_val_ppl'])}")
