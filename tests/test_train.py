@@ -59,6 +59,9 @@ def test_image_run_learns_and_logs(tmp_path):
     assert (run_dir / "config.yaml").exists() and (run_dir / "last.ckpt").exists()
     versions = json.loads((run_dir / "versions.json").read_text())
     assert {"torch", "lightning", "timm", "git_commit"} <= set(versions)
+    import datasets, optuna, timm, torchmetrics  # read from metadata, not imported: the same versions
+    assert [versions[m.__name__] for m in (datasets, optuna, timm, torchmetrics)] == [
+        m.__version__ for m in (datasets, optuna, timm, torchmetrics)]
     assert RunResult.load(run_dir / "result.json").final == result.final
     # the HPARAMS session is written with the config keys (the final-metric tags are scalars; the experiment is
     # built by TensorBoard from all runs: tests/test_hardening.py reads it through TensorBoard's own API)
