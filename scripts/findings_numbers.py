@@ -223,6 +223,13 @@ def claims_6_8_12() -> None:
     df = load("lm_norms")
     if df is None:
         return
+    # the LR checks are the same runs (same spec but optim.lr) at one more LR: each norm's best LR is taken over
+    # lm_norms' grid and its check's LR together
+    checks = [c for c in (load("lm_lr_check"), load("lm_dyt_lr_check")) if c is not None]
+    if checks:
+        df = pd.concat([df, *checks], ignore_index=True)
+    lrs = {n: ", ".join(f"{x:g}" for x in sorted(g["lr"].unique())) for n, g in df.groupby("norm", sort=False)}
+    print("LRs run per norm (lm_norms + its LR checks): " + "; ".join(f"{n}: {v}" for n, v in lrs.items()) + "\n")
     print("Each norm at its best LR (lowest mean final validation perplexity), against LN:\n")
     compare_variants(df, ["norm"], "final_val_ppl", maximize=False, baseline=("ln",),
                      extra=("final_val_loss", "train_loss_auc", "final_val_train_eval_gap"))
@@ -231,8 +238,12 @@ def claims_6_8_12() -> None:
         print(f"- masked_bn - bn: {diff(best[('masked_bn',)]['final_val_ppl'], best[('bn',)]['final_val_ppl'])}")
         gap = best[("bn",)]["final_val_ppl"].mean() - best[("ln",)]["final_val_ppl"].mean()
         rec = best[("bn",)]["final_val_ppl"].mean() - best[("masked_bn",)]["final_val_ppl"].mean()
-        print(f"- share of BN's perplexity gap to LN that masked BN recovers: {rec / gap:.2f} (gap {gap:.3g})\n"
-              if gap > 0 else f"- BN is not behind LN (ppl difference {gap:+.3g})\n")
+        if gap <= 0:
+            print(f"- BN is not behind LN (mean ppl difference {gap:+.3g})\n")
+        elif rec <= 0:
+            print(f"- BN is behind LN by {gap:.3g} ppl (mean) and masked BN recovers none of it\n")
+        else:
+            print(f"- share of BN's perplexity gap to LN that masked BN recovers: {rec / gap:.2f} (gap {gap:.3g})\n")
 
 
 def claims_7_12() -> None:
