@@ -184,6 +184,34 @@ def test_lm_tied_embeddings():
     assert model.head.weight is model.tok.weight
 
 
+@pytest.mark.parametrize("value,init", [("sqrt_d", 32 ** 0.5), (2.5, 2.5)])
+def test_lm_embed_scale_multiplies_the_summed_embeddings_and_learns(value, init):
+    """The DyT authors' LLaMA recipe: a learnable scalar (init sqrt(d) or the number) on the embeddings, seen by
+    the first block; without the option the first block sees GPT-2's plain sum."""
+    torch.manual_seed(0)
+    kw = TINY["transformer_lm"]
+    plain = nb.models.create("transformer_lm", norm="dyt", **kw)
+    scaled = nb.models.create("transformer_lm", norm="dyt", embed_scale=value, **kw)
+    scaled.load_state_dict({**plain.state_dict(), "embed_scale": torch.tensor([init])})
+    assert plain.embed_scale is None and scaled.embed_scale.item() == pytest.approx(init)
+    seen = {}
+    for name, m in (("plain", plain), ("scaled", scaled)):
+        m.blocks[0].register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[0]))
+    idx = torch.randint(0, 256, (2, 16))
+    loss = scaled(idx).logsumexp(-1).mean()
+    plain(idx)
+    torch.testing.assert_close(seen["scaled"], init * seen["plain"], rtol=1e-6, atol=1e-7)
+    loss.backward()
+    assert scaled.embed_scale.grad is not None and scaled.embed_scale.grad.abs().item() > 0
+    assert scaled.embed_scale.dim() == 1  # 1-D: never weight-decayed (optim.weight_decay decays dim >= 2)
+
+
+@pytest.mark.parametrize("bad", ["sqrt", 0, -1.0, float("nan"), True])
+def test_lm_bad_embed_scale_is_a_config_error(bad):
+    with pytest.raises(nb.ConfigError, match=r"embed_scale=.* is not allowed; valid: null .*sqrt_d.*number > 0"):
+        nb.models.create("transformer_lm", norm="ln", embed_scale=bad, **TINY["transformer_lm"])
+
+
 # ---------------------------------------------------------------- plug-ins
 def test_norm_registered_in_a_test_works_in_every_backbone():
     @nb.norms.register("scale_only")

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import norms
 from . import register
+from ..errors import ConfigError
 from ._common import check_choice
 from ._transformer import PLACEMENTS, HeadNorm
 
@@ -88,12 +89,15 @@ class Block(nn.Module):
 class TransformerLM(nn.Module):
     def __init__(self, norm_layer: Callable, vocab_size: int = 256, block_size: int = 256, n_layer: int = 4,
                  n_head: int = 4, n_embd: int = 128, dropout: float = 0.0, bias: bool = True,
-                 norm_placement: str = "pre", qk_norm_layer: Callable | None = None) -> None:
+                 norm_placement: str = "pre", qk_norm_layer: Callable | None = None,
+                 embed_scale: float | None = None) -> None:
         super().__init__()
         check_choice("norm_placement", norm_placement, PLACEMENTS)
         self.block_size = block_size
         self.tok = nn.Embedding(vocab_size, n_embd)
         self.pos = nn.Embedding(block_size, n_embd)
+        # learnable scalar on the summed embeddings (None: no scalar, GPT-2's plain sum)
+        self.embed_scale = None if embed_scale is None else nn.Parameter(torch.full((1,), float(embed_scale)))
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, norm_layer, dropout, bias, norm_placement, qk_norm_layer)
                                     for _ in range(n_layer))
@@ -127,7 +131,10 @@ class TransformerLM(nn.Module):
             # Keys must be real; a padded query may also see itself so its row is never empty (no NaN).
             keys = mask[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=idx.device)
             attn_mask = causal & keys  # (B, 1, T, T), True = may attend
-        x = self.drop(self.tok(idx) + self.pos(torch.arange(T, device=idx.device)))  # (B, T, C)
+        x = self.tok(idx) + self.pos(torch.arange(T, device=idx.device))  # (B, T, C)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x, mask, attn_mask)
         if self.norm_f is not None:
@@ -138,10 +145,28 @@ class TransformerLM(nn.Module):
 @register("transformer_lm", layout="tokens")
 def transformer_lm(norm_layer, vocab_size: int = 256, block_size: int = 256, n_layer: int = 4, n_head: int = 4,
                    n_embd: int = 128, dropout: float = 0.0, bias: bool = True,
-                   norm_placement: str = "pre", qk_norm: Any = None) -> nn.Module:
+                   norm_placement: str = "pre", qk_norm: Any = None, embed_scale: Any = None) -> nn.Module:
     """``norm_placement``: pre | post | peri (models/_transformer.py). ``qk_norm``: null (none) or a norm spec
     (name or ``{name: ..., **options}``, any registered norm) applied to queries and keys per head over
-    head_dim before the dot product; it receives the padding mask like every other norm."""
+    head_dim before the dot product; it receives the padding mask like every other norm.
+
+    ``embed_scale``: null (default: GPT-2's plain sum of token and position embeddings), ``sqrt_d`` or a number
+    > 0: the summed embeddings are multiplied by a learnable scalar initialised to sqrt(n_embd) or that number
+    (never weight-decayed: it is 1-D). This is the DyT authors' LLaMA recipe (Zhu et al. 2025; their reference
+    code scales the token embeddings by a learnable scalar initialised to sqrt(d)): with GPT-2's 0.02-std
+    embeddings a DyT layer, which does not rescale its input, would otherwise pass a signal ~100x smaller than
+    LN's unit-variance one. LLaMA has no position embeddings; here the sum is scaled, so positions keep GPT-2's
+    weight relative to tokens."""
     qk_norm_layer = None if qk_norm in (None, False, "") else norms.resolve(qk_norm, "tokens")
     return TransformerLM(norm_layer, vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias,
-                         norm_placement, qk_norm_layer)
+                         norm_placement, qk_norm_layer, _embed_scale(embed_scale, n_embd))
+
+
+def _embed_scale(value: Any, n_embd: int) -> float | None:
+    if value is None or value is False:
+        return None
+    if value == "sqrt_d":
+        return math.sqrt(n_embd)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    raise ConfigError(f"embed_scale={value!r} is not allowed; valid: null (no scalar), sqrt_d, or a number > 0")
