@@ -328,6 +328,12 @@ def claim5() -> None:
     bcol = "batch_size"
     print("Linear LR scaling (batch_size_norms):\n")
     batch_size_effects(df, bcol)
+    tiny = load("batch_size_tiny_check")
+    if tiny is not None:
+        # the same runs below batch 8 (BN and GN only): joined with batch_size_norms' runs of those norms
+        joined = pd.concat([tiny, df[df["norm"].isin(tiny["norm"].unique())]], ignore_index=True)
+        print("Linear LR scaling down to batch 2 (batch_size_tiny_check joined with batch_size_norms):\n")
+        batch_size_effects(joined, bcol)
     sqrt_runs = load("batch_size_sqrt_check")
     if sqrt_runs is None:
         return
@@ -373,7 +379,7 @@ def batch_size_effects(df: pd.DataFrame, bcol: str) -> None:
         # BN evaluated with batch statistics (the validation batch's own) instead of its running averages
         print("- BN with batch statistics minus with running statistics (paired, same runs): " + "; ".join(
             f"batch {b}: {paired(list(g['final_val_acc_batchstats']), list(g['final_val_acc']))}"
-            for b in sizes for g in [bn[bn[bcol] == b]]))
+            for b in sizes for g in [bn[bn[bcol] == b].dropna(subset=["final_val_acc_batchstats"])] if len(g)))
     print()
 
 def main() -> None:
