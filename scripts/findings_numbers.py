@@ -375,6 +375,20 @@ def batch_size_effects(df: pd.DataFrame, bcol: str) -> None:
         g = df[df[bcol] == b]
         print(f"- batch {b}: " + "; ".join(f"{n} - bn {diff(pick(g, norm=n)['final_val_acc'], pick(g, norm='bn')['final_val_acc'])}"
                                            for n in df["norm"].unique() if n != "bn"))
+    if "train_loss_auc" in df and df["train_loss_auc"].notna().any():
+        # training loss (train mode: BN normalizes with the batch's own statistics), mean over the run
+        for norm in df["norm"].unique():
+            g = pick(df, norm=norm)
+            print(f"- {norm}: training-loss AUC " + ", ".join(f"batch {b}: {stat(g[g[bcol] == b]['train_loss_auc'])}"
+                                                            for b in sizes)
+                  + f"; batch {small} - batch {large} {diff(g[g[bcol] == small]['train_loss_auc'], g[g[bcol] == large]['train_loss_auc'])}")
+        for norm in df["norm"].unique():
+            if norm == "bn":
+                continue
+            g = pick(df, norm=norm)
+            print(f"- training-loss AUC, {norm} - bn at batch {small} minus at batch {large}: "
+                  + drop_ci(g[g[bcol] == small]["train_loss_auc"], bn[bn[bcol] == small]["train_loss_auc"],
+                            g[g[bcol] == large]["train_loss_auc"], bn[bn[bcol] == large]["train_loss_auc"]))
     if "final_val_acc_batchstats" in bn and bn["final_val_acc_batchstats"].notna().any():
         # BN evaluated with batch statistics (the validation batch's own) instead of its running averages
         print("- BN with batch statistics minus with running statistics (paired, same runs): " + "; ".join(
