@@ -368,7 +368,7 @@ def batch_size_effects(df: pd.DataFrame, bcol: str) -> None:
         if norm == "bn":
             continue
         g = pick(df, norm=norm)
-        print(f"- BN's loss from batch {large} to {small} minus {norm}'s: "
+        print(f"- BN's accuracy drop (batch {large} - batch {small}) minus {norm}'s: "
               + drop_ci(bn[bn[bcol] == large]["final_val_acc"], bn[bn[bcol] == small]["final_val_acc"],
                         g[g[bcol] == large]["final_val_acc"], g[g[bcol] == small]["final_val_acc"]))
     for b in sizes:
