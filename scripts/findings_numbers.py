@@ -220,14 +220,11 @@ def compare_variants(df: pd.DataFrame, keys: list[str], metric: str, maximize: b
 
 def claims_6_8_12() -> None:
     print("## Claims 6, 8 (quality), 12: language modelling on padded samples (lm_norms)\n")
-    df = load("lm_norms")
-    if df is None:
-        return
     # the LR checks are the same runs (same spec but optim.lr) at one more LR: each norm's best LR is taken over
     # lm_norms' grid and its check's LR together
-    checks = [c for c in (load("lm_lr_check"), load("lm_dyt_lr_check")) if c is not None]
-    if checks:
-        df = pd.concat([df, *checks], ignore_index=True)
+    df = lm_without_scalar()
+    if df is None:
+        return
     lrs = {n: ", ".join(f"{x:g}" for x in sorted(g["lr"].unique())) for n, g in df.groupby("norm", sort=False)}
     print("LRs run per norm (lm_norms + its LR checks): " + "; ".join(f"{n}: {v}" for n, v in lrs.items()) + "\n")
     print("Each norm at its best LR (lowest mean final validation perplexity), against LN:\n")
@@ -246,32 +243,46 @@ def claims_6_8_12() -> None:
             print(f"- share of BN's perplexity gap to LN that masked BN recovers: {rec / gap:.2f} (gap {gap:.3g})\n")
 
 
-def claim12_lm_recipe() -> None:
-    print("## Claim 12 on the LM with the DyT authors' embedding scalar (lm_dyt_recipe_check)\n")
-    df = load("lm_dyt_recipe_check")
-    if df is None:
-        return
-    print("Each variant (all with model.embed_scale: sqrt_d) at its best LR, against LN with the same scalar:\n")
-    compare_variants(df, ["norm"], "final_val_ppl", maximize=False, baseline=("ln",), extra=("final_val_loss",))
+def lm_without_scalar() -> pd.DataFrame | None:
+    """lm_norms and its LR checks (the LM without an embedding scalar): the same runs at more LRs."""
     plain = load("lm_norms")
     if plain is None:
-        return
+        return None
     checks = [c for c in (load("lm_lr_check"), load("lm_dyt_lr_check")) if c is not None]
-    plain = pd.concat([plain, *checks], ignore_index=True)
-    without = variant_best(plain, ["norm"], "final_val_ppl", maximize=False)
-    scaled = variant_best(df, ["norm"], "final_val_ppl", maximize=False)
-    print("With the scalar minus without it (lm_norms + its LR checks), each at its best LR:\n")
-    for variant, runs in scaled.items():
-        base = without.get(("dyt",) if variant[0].startswith("dyt") else variant)
-        if base is not None:
-            print(f"- {label(variant)} (lr {runs['lr'].iloc[0]:g}) - {base['norm'].iloc[0]} without the scalar "
-                  f"(lr {base['lr'].iloc[0]:g}): {diff(runs['final_val_ppl'], base['final_val_ppl'])}")
-    dyts = {v: r for v, r in scaled.items() if v[0].startswith("dyt")}
-    if dyts and ("ln",) in without:
-        v, runs = min(dyts.items(), key=lambda kv: kv[1]["final_val_ppl"].mean())
-        print(f"- best DyT with the scalar, {label(v)} (lr {runs['lr'].iloc[0]:g}), - LN without it "
-              f"(lr {without[('ln',)]['lr'].iloc[0]:g}): {diff(runs['final_val_ppl'], without[('ln',)]['final_val_ppl'])}")
-    print()
+    return pd.concat([plain, *checks], ignore_index=True)
+
+
+# the two DyT recipe checks: the embedding scalar's initial value in each (lm_norms has none)
+LM_RECIPES = {"lm_dyt_recipe_check": "sqrt_d (8)", "lm_dyt_scale_check": "45"}
+
+
+def claim12_lm_recipe() -> None:
+    print("## Claim 12 on the LM with the DyT authors' embedding scalar (lm_dyt_recipe_check, lm_dyt_scale_check)\n")
+    plain = lm_without_scalar()
+    without = variant_best(plain, ["norm"], "final_val_ppl", maximize=False) if plain is not None else {}
+    for study, scale in LM_RECIPES.items():
+        df = load(study)
+        if df is None:
+            continue
+        print(f"### {study}: embedding scalar initialised to {scale}\n")
+        print("Each variant at its best LR, against LN with the same scalar:\n")
+        compare_variants(df, ["norm"], "final_val_ppl", maximize=False, baseline=("ln",), extra=("final_val_loss",))
+        scaled = variant_best(df, ["norm"], "final_val_ppl", maximize=False)
+        if not without:
+            continue
+        print("With the scalar minus without it (lm_norms + its LR checks), each at its best LR:\n")
+        for variant, runs in scaled.items():
+            base = without.get(("dyt",) if variant[0].startswith("dyt") else variant)
+            if base is not None:
+                print(f"- {label(variant)} (lr {runs['lr'].iloc[0]:g}) - {base['norm'].iloc[0]} without the scalar "
+                      f"(lr {base['lr'].iloc[0]:g}): {diff(runs['final_val_ppl'], base['final_val_ppl'])}")
+        dyts = {v: r for v, r in scaled.items() if v[0].startswith("dyt")}
+        if dyts and ("ln",) in without:
+            v, runs = min(dyts.items(), key=lambda kv: kv[1]["final_val_ppl"].mean())
+            print(f"- best DyT with the scalar, {label(v)} (lr {runs['lr'].iloc[0]:g}), - LN without it "
+                  f"(lr {without[('ln',)]['lr'].iloc[0]:g}): "
+                  f"{diff(runs['final_val_ppl'], without[('ln',)]['final_val_ppl'])}")
+        print()
 
 
 def claims_7_12() -> None:
