@@ -10,8 +10,12 @@ wrote; git-ignored, so re-run the study to get them) and the runs listed as comp
 ``docs/findings/<study>/trials.csv``. Evaluation is the run's own validation: the same batches, eval mode (BN
 variants with their running statistics), loss over real tokens only.
 
-    python scripts/lm_context_use.py lm_norms lm_dyt_recipe_check [--logs lightning_logs] \\
-        --csv docs/findings/cross/lm_context_use.csv > docs/findings/lm_context_use.md
+    python scripts/lm_context_use.py lm_norms [--logs lightning_logs] \\
+        --csv docs/findings/context_use/lm_norms.csv > docs/findings/context_use/lm_norms.md
+
+The measure is of dependence, not of what the context is worth: a network with its attention cut is off the
+distribution it was trained on, so its self-only loss can be far above what a model trained without context
+reaches (the order-1 level); compare norms with care (a BN network's running statistics no longer fit either).
 """
 from __future__ import annotations
 
