@@ -253,3 +253,14 @@ def test_loss_curves_keep_the_chance_line_in_view(tmp_path, monkeypatch):
     assert P.loss_curves(d, tmp_path) is not None
     lo, hi = figs[0].axes[0].get_ylim()
     assert lo <= 2.02 and hi > math.log(256) and hi < 7.0  # chance in view, not an axis from 0 to 10
+
+
+@pytest.mark.parametrize("lo,hi", [(5.3, 25.5), (7.5, 14.6), (1.0, 9.0), (100.0, 150.0), (5.9, 6.3), (1.0001, 1.002)])
+def test_log_ticks_cover_a_sub_decade_perplexity_axis(lo, hi):
+    from normablate.studies.lr_sensitivity import log_ticks
+    ticks = log_ticks(lo, hi)
+    assert len(ticks) >= 3 and ticks == sorted(set(ticks))
+    assert all(lo <= t <= hi for t in ticks)
+    # no stretch of the axis is left without a tick: the largest log gap (ends included) is under half the range
+    edges = [lo, *ticks, hi]
+    assert max(math.log(b / a) for a, b in zip(edges, edges[1:])) < 0.5 * math.log(hi / lo)
