@@ -117,6 +117,16 @@ def claim10() -> None:
                   f"{paired(r[gap], r[gap_p])}")
         for m in (0.01, 0.5):
             print(f"- gap, momentum {m} - 0.1: {paired(runs[m][gap], runs[0.1][gap])}")
+        for m in runs:
+            print(f"- val acc, batch stats - EMA, momentum {m}: "
+                  f"{paired(runs[m]['final_val_acc_batchstats'], runs[m]['final_val_acc'])}; "
+                  f"PreciseBN - EMA: {paired(runs[m]['final_val_acc_precise'], runs[m]['final_val_acc'])}")
+        print()
+    sizes = sorted(df["batch_size"].unique())
+    if len(sizes) == 2:  # more, smaller steps for the same samples (the LR scaled with the batch)
+        for m in (0.01, 0.1, 0.5):
+            a, b = (pick(df, norm=f"bn(momentum={m})", batch_size=bs)[gap] for bs in (sizes[1], sizes[0]))
+            print(f"- gap at momentum {m}, batch {sizes[1]} - batch {sizes[0]}: {diff(a, b)}")
         print()
     gap_figure(df)
 
