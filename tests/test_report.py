@@ -237,6 +237,32 @@ def test_perplexity_lr_plot_has_a_log_axis_that_holds_every_mean(tmp_path, monke
     assert "log scale" in ax.get_ylabel() and "perplexity" in ax.get_ylabel()
 
 
+def test_single_configuration_lr_plot_shows_its_whole_ci_with_labelled_ticks(tmp_path, monkeypatch):
+    """One norm at one LR (an LR check): nothing to squash, so its whole CI is on the axis (it was cut to a
+    sliver), and the sub-decade log axis carries at least 3 labelled ticks."""
+    from normablate.analysis import plots as P
+    from normablate.analysis.stats import mean_ci
+
+    lm = {"model": {"backbone": "transformer_lm", "norm": "dyt", "n_layer": 1, "n_embd": 16, "n_head": 2},
+          "data": {"source": "synthetic", "batch_size": 4, "block_size": 16}}
+    spec = load_spec({"kind": "lr_sensitivity", "study_name": "x", "base": lm, "trainer_fn": DRY,
+                      "grid": {"optim.lr": [0.0003], "seed": [0, 1, 2]}, "metric": "val/ppl",
+                      "direction": "minimize", "tolerance": 0.02, "tolerance_relative": True})
+    vals = [23.14, 23.24, 23.32]
+    rows = [{"norm": "dyt", "lr": 0.0003, "seed": s, "state": "complete", "diverged": False, "final_val_ppl": v}
+            for s, v in enumerate(vals)]
+    d = StudyData("x", "mem", spec, pd.DataFrame(rows), len(rows))
+    kind = studies.get("lr_sensitivity")
+    figs = []
+    monkeypatch.setattr(P, "save", lambda fig, path: figs.append(fig) or path)
+    assert kind.plot(d, kind.table(d), tmp_path) is not None
+    ax = figs[0].axes[0]
+    m, ci, _ = mean_ci(vals)
+    lo, hi = ax.get_ylim()
+    assert lo <= m - ci and hi >= m + ci
+    assert len([t for t in ax.get_yticks() if lo <= t <= hi]) >= 3
+
+
 def test_loss_curves_keep_the_chance_line_in_view(tmp_path, monkeypatch):
     """A byte LM's curves live at 1.6-4 nats, chance (uniform over 256 bytes) is ln 256 = 5.55: the y range is
     robust to outliers (percentiles) but must still show the chance line it draws (lm_norms' figure did not)."""
