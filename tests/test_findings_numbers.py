@@ -2,7 +2,6 @@
 and its difference-of-differences interval is Welch-Satterthwaite's."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -18,11 +17,8 @@ SCRIPT = ROOT / "scripts" / "findings_numbers.py"
 
 
 @pytest.fixture(scope="module")
-def fn():
-    spec = importlib.util.spec_from_file_location("findings_numbers", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def fn(load_script):
+    return load_script("findings_numbers")
 
 
 def test_committed_cross_study_numbers_are_the_scripts_output():

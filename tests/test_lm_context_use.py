@@ -2,7 +2,6 @@
 re-evaluating a run's checkpoint gives the run's own logged validation loss."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pandas as pd
@@ -18,11 +17,8 @@ SCRIPT = ROOT / "scripts" / "lm_context_use.py"
 
 
 @pytest.fixture(scope="module")
-def cu():
-    spec = importlib.util.spec_from_file_location("lm_context_use", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def cu(load_script):
+    return load_script("lm_context_use")
 
 
 def test_self_only_attention_sees_no_earlier_byte(cu):

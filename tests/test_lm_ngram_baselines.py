@@ -2,7 +2,6 @@
 and the committed reference table is what the script computes on the shared data."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +14,8 @@ SCRIPT = ROOT / "scripts" / "lm_ngram_baselines.py"
 
 
 @pytest.fixture(scope="module")
-def ng():
-    spec = importlib.util.spec_from_file_location("lm_ngram_baselines", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def ng(load_script):
+    return load_script("lm_ngram_baselines")
 
 
 def _samples(*texts: bytes) -> list[np.ndarray]:

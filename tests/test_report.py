@@ -212,18 +212,16 @@ def test_configurations_of_two_axes_with_the_same_values_are_named_apart():
     assert config_label(["bn", 0.001], ["norm", "lr"]) == "norm=bn lr=0.001"
 
 
-def test_perplexity_lr_plot_has_a_log_axis_that_holds_every_mean(tmp_path, monkeypatch):
-    """Perplexity is exp(loss): one norm at 22 must not squash the others at 7-9 (lm_norms), so its LR plot reads
-    on a log y axis (never below perplexity 1) with every mean inside the axis."""
+def _ppl_lr_plot(tmp_path, monkeypatch, vals: dict[tuple[str, float], list[float]]):
+    """The axes of the lr_sensitivity plot of final val/ppl values {(norm, lr): per-seed values}."""
     from normablate.analysis import plots as P
 
     lm = {"model": {"backbone": "transformer_lm", "norm": "ln", "n_layer": 1, "n_embd": 16, "n_head": 2},
           "data": {"source": "synthetic", "batch_size": 4, "block_size": 16}}
+    n_seeds = max(len(v) for v in vals.values())
     spec = load_spec({"kind": "lr_sensitivity", "study_name": "x", "base": lm, "trainer_fn": DRY,
-                      "grid": {"optim.lr": [0.001, 0.003], "seed": [0, 1]}, "metric": "val/ppl",
-                      "direction": "minimize", "tolerance": 0.02, "tolerance_relative": True})
-    vals = {("ln", 0.001): [9.1, 9.0], ("ln", 0.003): [7.2, 7.3], ("dyt", 0.001): [21.8, 22.5],
-            ("dyt", 0.003): [29.0, 30.1]}
+                      "grid": {"optim.lr": sorted({lr for _, lr in vals}), "seed": list(range(n_seeds))},
+                      "metric": "val/ppl", "direction": "minimize", "tolerance": 0.02, "tolerance_relative": True})
     rows = [{"norm": n, "lr": lr, "seed": s, "state": "complete", "diverged": False, "final_val_ppl": v}
             for (n, lr), vs in vals.items() for s, v in enumerate(vs)]
     d = StudyData("x", "mem", spec, pd.DataFrame(rows), len(rows))
@@ -231,7 +229,15 @@ def test_perplexity_lr_plot_has_a_log_axis_that_holds_every_mean(tmp_path, monke
     figs = []
     monkeypatch.setattr(P, "save", lambda fig, path: figs.append(fig) or path)
     assert kind.plot(d, kind.table(d), tmp_path) is not None
-    ax = figs[0].axes[0]
+    return figs[0].axes[0]
+
+
+def test_perplexity_lr_plot_has_a_log_axis_that_holds_every_mean(tmp_path, monkeypatch):
+    """Perplexity is exp(loss): one norm at 22 must not squash the others at 7-9 (lm_norms), so its LR plot reads
+    on a log y axis (never below perplexity 1) with every mean inside the axis."""
+    vals = {("ln", 0.001): [9.1, 9.0], ("ln", 0.003): [7.2, 7.3], ("dyt", 0.001): [21.8, 22.5],
+            ("dyt", 0.003): [29.0, 30.1]}
+    ax = _ppl_lr_plot(tmp_path, monkeypatch, vals)
     lo, hi = ax.get_ylim()
     assert ax.get_yscale() == "log" and 1.0 <= lo <= 7.2 and hi >= 29.0
     assert "log scale" in ax.get_ylabel() and "perplexity" in ax.get_ylabel()
@@ -240,23 +246,10 @@ def test_perplexity_lr_plot_has_a_log_axis_that_holds_every_mean(tmp_path, monke
 def test_single_configuration_lr_plot_shows_its_whole_ci_with_labelled_ticks(tmp_path, monkeypatch):
     """One norm at one LR (an LR check): nothing to squash, so its whole CI is on the axis (it was cut to a
     sliver), and the sub-decade log axis carries at least 3 labelled ticks."""
-    from normablate.analysis import plots as P
     from normablate.analysis.stats import mean_ci
 
-    lm = {"model": {"backbone": "transformer_lm", "norm": "dyt", "n_layer": 1, "n_embd": 16, "n_head": 2},
-          "data": {"source": "synthetic", "batch_size": 4, "block_size": 16}}
-    spec = load_spec({"kind": "lr_sensitivity", "study_name": "x", "base": lm, "trainer_fn": DRY,
-                      "grid": {"optim.lr": [0.0003], "seed": [0, 1, 2]}, "metric": "val/ppl",
-                      "direction": "minimize", "tolerance": 0.02, "tolerance_relative": True})
     vals = [23.14, 23.24, 23.32]
-    rows = [{"norm": "dyt", "lr": 0.0003, "seed": s, "state": "complete", "diverged": False, "final_val_ppl": v}
-            for s, v in enumerate(vals)]
-    d = StudyData("x", "mem", spec, pd.DataFrame(rows), len(rows))
-    kind = studies.get("lr_sensitivity")
-    figs = []
-    monkeypatch.setattr(P, "save", lambda fig, path: figs.append(fig) or path)
-    assert kind.plot(d, kind.table(d), tmp_path) is not None
-    ax = figs[0].axes[0]
+    ax = _ppl_lr_plot(tmp_path, monkeypatch, {("dyt", 0.0003): vals})
     m, ci, _ = mean_ci(vals)
     lo, hi = ax.get_ylim()
     assert lo <= m - ci and hi >= m + ci
