@@ -387,6 +387,10 @@ def batch_size_effects(df: pd.DataFrame, bcol: str) -> None:
     def at(g: pd.DataFrame, b, col: str) -> pd.Series:
         return g[g[bcol] == b][col]
 
+    def bn_change_minus(g: pd.DataFrame, col: str) -> str:
+        """(BN at the large batch - at the small one) - (the same for g's norm), with its Welch CI."""
+        return drop_ci(at(bn, large, col), at(bn, small, col), at(g, large, col), at(g, small, col))
+
     for norm in norms:
         g = pick(df, norm=norm)
         cells = ", ".join(f"batch {b}: {stat(at(g, b, 'final_val_acc'))}" for b in sizes)
@@ -397,8 +401,7 @@ def batch_size_effects(df: pd.DataFrame, bcol: str) -> None:
         if norm != "bn":
             g = pick(df, norm=norm)
             print(f"- BN's accuracy drop (batch {large} - batch {small}) minus {norm}'s: "
-                  + drop_ci(at(bn, large, "final_val_acc"), at(bn, small, "final_val_acc"),
-                            at(g, large, "final_val_acc"), at(g, small, "final_val_acc")))
+                  + bn_change_minus(g, "final_val_acc"))
     for b in sizes:
         g = df[df[bcol] == b]
         print(f"- batch {b}: " + "; ".join(f"{n} - bn {diff(pick(g, norm=n)['final_val_acc'], pick(g, norm='bn')['final_val_acc'])}"
@@ -413,9 +416,9 @@ def batch_size_effects(df: pd.DataFrame, bcol: str) -> None:
         for norm in norms:
             if norm != "bn":
                 g = pick(df, norm=norm)
+                # (norm - bn) at the small batch minus at the large one: the same difference of differences
                 print(f"- training-loss AUC, {norm} - bn at batch {small} minus at batch {large}: "
-                      + drop_ci(at(g, small, "train_loss_auc"), at(bn, small, "train_loss_auc"),
-                                at(g, large, "train_loss_auc"), at(bn, large, "train_loss_auc")))
+                      + bn_change_minus(g, "train_loss_auc"))
     if "final_val_acc_batchstats" in bn and bn["final_val_acc_batchstats"].notna().any():
         # BN evaluated with batch statistics (the validation batch's own) instead of its running averages
         print("- BN with batch statistics minus with running statistics (paired, same runs): " + "; ".join(
