@@ -276,7 +276,7 @@ def test_loss_curves_keep_the_chance_line_in_view(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("lo,hi", [(5.3, 25.5), (7.5, 14.6), (1.0, 9.0), (100.0, 150.0), (5.9, 6.3), (1.0001, 1.002)])
 def test_log_ticks_cover_a_sub_decade_perplexity_axis(lo, hi):
-    from normablate.studies.lr_sensitivity import log_ticks
+    from normablate.analysis.plots import log_ticks
     ticks = log_ticks(lo, hi)
     assert len(ticks) >= 3 and ticks == sorted(set(ticks))
     assert all(lo <= t <= hi for t in ticks)

@@ -300,3 +300,25 @@ def bars(data: StudyData, summ, out: Path, what: list[tuple[str, str]], name: st
     suptitle(fig, f"{data.name}: {title} (mean ± 95% CI over seeds)")
     fig.tight_layout()
     return save(fig, out / name)
+
+
+# tick mantissas from the roundest set to the finest; log_ticks takes the first that puts 4+ ticks on the axis
+TICK_TIERS = ((1, 2, 5), (1, 1.5, 2, 3, 5), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8),
+              (1, 1.2, 1.4, 1.6, 1.8, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9))
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Round tick values in [lo, hi] (0 < lo < hi) for a log axis spanning less than a decade, where
+    matplotlib's log locators leave stretches without a tick: the roundest mantissa set of TICK_TIERS (times
+    powers of ten) with at least 4 values in range; plain linear steps for a range too narrow for any."""
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    ticks: list[float] = []
+    for tier in TICK_TIERS:
+        ticks = sorted(float(f"{m * 10.0 ** e:.6g}") for e in decades for m in tier)
+        ticks = [t for t in ticks if lo <= t <= hi]
+        if len(ticks) >= 4:
+            break
+    if len(ticks) < 3:  # a narrow range is nearly linear on a log axis: plain round steps
+        ticks = [float(f"{t:.6g}") for t in matplotlib.ticker.MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10])
+                 .tick_values(lo, hi) if lo <= t <= hi]
+    return ticks

@@ -196,7 +196,7 @@ class LRSensitivity(StudyKind):
             lo = max(lo, 1.0)
             ax.set_yscale("log")
             if hi / lo < 10:  # under a decade the log locators leave gaps (no tick between 10 and 20)
-                ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(log_ticks(lo, hi)))
+                ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(P.log_ticks(lo, hi)))
                 ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
             ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
@@ -219,25 +219,3 @@ class LRSensitivity(StudyKind):
         fig.tight_layout()
         return P.save(fig, out / "lr_sensitivity.png")
 
-
-# tick mantissas from the roundest set to the finest; log_ticks takes the first that puts 4+ ticks on the axis
-TICK_TIERS = ((1, 2, 5), (1, 1.5, 2, 3, 5), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8),
-              (1, 1.2, 1.4, 1.6, 1.8, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9))
-
-
-def log_ticks(lo: float, hi: float) -> list[float]:
-    """Round tick values in [lo, hi] (0 < lo < hi) for a log axis spanning less than a decade, where
-    matplotlib's log locators leave stretches without a tick: the roundest mantissa set of TICK_TIERS (times
-    powers of ten) with at least 4 values in range; plain linear steps for a range too narrow for any."""
-    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-    ticks: list[float] = []
-    for tier in TICK_TIERS:
-        ticks = sorted(float(f"{m * 10.0 ** e:.6g}") for e in decades for m in tier)
-        ticks = [t for t in ticks if lo <= t <= hi]
-        if len(ticks) >= 4:
-            break
-    if len(ticks) < 3:  # a narrow range is nearly linear on a log axis: plain round steps
-        import matplotlib.ticker  # lazily, as in the plot
-        ticks = [float(f"{t:.6g}") for t in matplotlib.ticker.MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10])
-                 .tick_values(lo, hi) if lo <= t <= hi]
-    return ticks
