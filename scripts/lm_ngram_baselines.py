@@ -66,10 +66,12 @@ class WittenBell:
                     table[int(chunk_ids[0])] = (counts, float(counts.sum()), int((counts > 0).sum()))
             self.tables.append(table)
 
-    def dist(self, history: list[int]) -> np.ndarray:
-        """P(. | the last min(k, len(history)) bytes of ``history``): a distribution over the 256 bytes."""
+    def dist(self, history: list[int], order: int | None = None) -> np.ndarray:
+        """P(. | the last min(order, len(history)) bytes of ``history``), order defaulting to the model's own: a
+        distribution over the 256 bytes."""
         p = np.full(V, 1.0 / V)
-        for m in range(min(self.k, len(history)) + 1):
+        k = self.k if order is None else min(order, self.k)
+        for m in range(min(k, len(history)) + 1):
             h = 0
             for b in history[len(history) - m:]:
                 h = h * V + b
@@ -80,14 +82,16 @@ class WittenBell:
             p = (counts + types * p) / (total + types)
         return p
 
-    def nll(self, samples: list[np.ndarray]) -> tuple[float, int]:
-        """Summed negative log-likelihood (nats) of every target of ``samples`` and the number of targets."""
+    def nll(self, samples: list[np.ndarray], order: int | None = None) -> tuple[float, int]:
+        """Summed negative log-likelihood (nats) of every target of ``samples`` and the number of targets, under
+        the model cut to ``order`` (default: its own; the tables of orders 0..order are the same either way)."""
+        k = self.k if order is None else min(order, self.k)
         cache: dict[tuple[int, ...], np.ndarray] = {}
         total, n = 0.0, 0
         for s in samples:
             s = [int(b) for b in s]
             for j in range(1, len(s)):
-                key = tuple(s[max(0, j - self.k):j])
+                key = tuple(s[max(0, j - k):j])
                 p = cache.get(key)
                 if p is None:
                     p = cache[key] = self.dist(list(key))
@@ -127,8 +131,9 @@ def main() -> None:
     print("|---|---|---|---|")
     needs = {0: "no input", 1: "the current byte only", 2: "attention to 1 earlier byte",
              3: "attention to 2 earlier bytes"}
+    model = WittenBell(train, max(ORDERS))  # one fit: the order-k model is its tables 0..k
     for k in ORDERS:
-        nll, n = WittenBell(train, k).nll(val)
+        nll, n = model.nll(val, order=k)
         print(f"| {k} | {needs[k]} | {nll / n:.3f} | {math.exp(nll / n):.2f} |")
     print(f"\nUniform over 256 bytes: {math.log(V):.3f} nats, perplexity {V}.")
 

@@ -49,6 +49,10 @@ def test_witten_bell_is_a_distribution(ng):
             hist = [int(x) for x in rng.integers(95, 105, size=int(rng.integers(0, 5)))]
             p = model.dist(hist)
             assert p.min() > 0 and p.sum() == pytest.approx(1.0, abs=1e-12)
+    # a model cut to a lower order is the model fit at that order (the script fits order 3 once)
+    top = ng.WittenBell(train, 3)
+    for k in (0, 1, 2):
+        assert top.nll(train, order=k)[0] == pytest.approx(ng.WittenBell(train, k).nll(train)[0], rel=1e-12)
     # more context never hurts on the training text itself (a model scored on its own data)
     scores = [ng.WittenBell(train, k).nll(train)[0] for k in (0, 1, 2)]
     assert scores[0] > scores[1] > scores[2]
