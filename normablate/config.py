@@ -326,8 +326,6 @@ def validate(cfg: RunConfig) -> None:
     models.check_options(m.backbone, m.options)
     layout = models.layout(m.backbone)
     norms.resolve(m.norm, layout)  # unknown norm or norm option -> lists valid
-    if "ffn_norm" in m.options and m.options["ffn_norm"] not in (None, True, False):
-        norms.resolve(m.options["ffn_norm"], "tokens")
     opts = dict(m.options)
     if m.backbone == "transformer_lm":
         _check(opts.get("block_size", dc.block_size) >= dc.block_size,

@@ -381,7 +381,21 @@ def test_lm_logits_do_not_depend_on_padding_with_qk_norm(placement, norm, qk_nor
     mode, are the same whether a sequence is padded to 12 or to 16 with other pad ids. Each call starts from
     the same state (PowerNorm after warm-up normalizes by the running statistic, which a call updates)."""
     torch.manual_seed(0)
-    model = nb.models.create("transformer_lm", norm=norm, qk_norm=qk_norm, norm_placement=placement, **LM).double()
+    _assert_padding_invariant(nb.models.create("transformer_lm", norm=norm, qk_norm=qk_norm, norm_placement=placement,
+                                               **LM).double())
+
+
+@pytest.mark.parametrize("placement", ["pre", "post", "peri"])
+@pytest.mark.parametrize("norm,attn_norm", [("ln", "masked_bn"), ("masked_bn", "rms"),
+                                            ({"name": "dyt", "alpha_init": 0.5}, {"name": "dyt", "alpha_init": 2})])
+def test_lm_logits_do_not_depend_on_padding_with_attn_norm(placement, norm, attn_norm):
+    """The same invariance with a different norm on the attention branch (the mask reaches it too)."""
+    torch.manual_seed(0)
+    _assert_padding_invariant(nb.models.create("transformer_lm", norm=norm, attn_norm=attn_norm,
+                                               norm_placement=placement, **LM).double())
+
+
+def _assert_padding_invariant(model):
     idx12, mask12, idx16, mask16 = _lm_padding_pair()
     for mode in ("train", "eval"):
         a_model, b_model = copy.deepcopy(model), copy.deepcopy(model)
@@ -447,6 +461,40 @@ def test_norm_sites_per_placement_and_qk_norm(backbone):
             found = [m for m in model.modules() if nb.norms.is_norm(m)]
             assert len(found) == sites + extra, (placement, qk_norm)
             assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())  # no silent LN fallback
+
+
+@pytest.mark.parametrize("placement", ["pre", "post", "peri"])
+def test_lm_attn_norm_sits_on_the_attention_branch_only(placement):
+    """attn_norm replaces the norm before attention (and after it with peri) in every block; the MLP branch
+    and the final norm keep ``norm``. Without attn_norm every site is ``norm``."""
+    dyt = lambda a: {"name": "dyt", "alpha_init": a}  # noqa: E731
+    split = nb.models.create("transformer_lm", norm=dyt(0.5), attn_norm=dyt(2.0), norm_placement=placement, **LM)
+    plain = nb.models.create("transformer_lm", norm=dyt(0.5), norm_placement=placement, **LM)
+    alphas = {n: m.alpha.item() for n, m in split.named_modules() if nb.norms.is_norm(m)}
+    attn_sites = {n for n in alphas if n.rsplit(".", 1)[-1] in ("n1", "n1_out")}
+    assert len(attn_sites) == LM["n_layer"] * (2 if placement == "peri" else 1)
+    assert {n: a for n, a in alphas.items() if n in attn_sites} == dict.fromkeys(attn_sites, 2.0)
+    assert {n: a for n, a in alphas.items() if n not in attn_sites} == dict.fromkeys(set(alphas) - attn_sites, 0.5)
+    assert ("norm_f" in alphas) == (placement != "post")
+    assert {n: m.alpha.item() for n, m in plain.named_modules() if nb.norms.is_norm(m)} == dict.fromkeys(alphas, 0.5)
+    mixed = nb.models.create("transformer_lm", norm="ln", attn_norm="masked_bn", norm_placement=placement, **LM)
+    kinds = {n: type(m).__name__ for n, m in mixed.named_modules() if nb.norms.is_norm(m)}
+    kind = lambda name: type(nb.norms.create(name, 8, layout="tokens")).__name__  # noqa: E731
+    assert {kinds[n] for n in attn_sites} == {kind("masked_bn")} != {kind("ln")}
+    assert {k for n, k in kinds.items() if n not in attn_sites} == {kind("ln")}
+
+
+@pytest.mark.parametrize("key", ["attn_norm", "qk_norm"])
+@pytest.mark.parametrize("bad,why", [("bogus", r"unknown norm 'bogus'; valid: .*dyt"),
+                                     ({"name": "dyt", "alpha": 2}, r"unknown option\(s\) alpha; valid: .*alpha_init")])
+def test_lm_bad_norm_option_is_a_config_error_naming_the_key(key, bad, why):
+    with pytest.raises(nb.ConfigError, match=rf"^model\.{key}=.*: .*{why}"):
+        nb.models.create("transformer_lm", norm="ln", **{key: bad}, **LM)
+
+
+def test_vit_bad_ffn_norm_is_a_config_error_naming_the_key():
+    with pytest.raises(nb.ConfigError, match=r"^model\.ffn_norm='bogus': unknown norm 'bogus'; valid: "):
+        nb.models.create("vit", norm="ln", ffn_norm="bogus", **VIT)
 
 
 def test_lm_peri_and_post_blocks_compute_their_formula():

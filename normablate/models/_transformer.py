@@ -1,4 +1,5 @@
-"""Pieces shared by the Transformer backbones (LM and ViT): norm placements and the per-head QK norm.
+"""Pieces shared by the Transformer backbones (LM and ViT): norm placements, the per-head QK norm, and norm
+specs given as backbone options.
 
 Placements of the norm around each residual sub-layer F (attention, FFN):
 - ``pre``  (GPT-2, ViT):                 x + F(N(x)), plus a final norm after the last block
@@ -7,10 +8,26 @@ Placements of the norm around each residual sub-layer F (attention, FFN):
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from .. import norms
+from ..errors import ConfigError
+
 PLACEMENTS = ("pre", "post", "peri")
+
+
+def norm_option(key: str, spec: Any):
+    """The layer factory of a norm spec given as a backbone option (``qk_norm``, ``attn_norm``, ``ffn_norm``);
+    null, false or "" -> None. A bad spec is a ConfigError that names the option."""
+    if spec in (None, False, ""):
+        return None
+    try:
+        return norms.resolve(spec, "tokens")
+    except ConfigError as e:
+        raise ConfigError(f"model.{key}={spec!r}: {e}") from None
 
 
 class HeadNorm(nn.Module):

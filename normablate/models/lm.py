@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import norms
 from . import register
 from ..errors import ConfigError
 from ._common import check_choice
-from ._transformer import PLACEMENTS, HeadNorm
+from ._transformer import PLACEMENTS, HeadNorm, norm_option
 
 
 class CausalSelfAttention(nn.Module):
@@ -61,19 +60,22 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """pre: x + attn(n1(x)), x + mlp(n2(x));  post (original Transformer): n1(x + attn(x)), n2(x + mlp(x));
-    peri (Peri-LN): x + n1_out(attn(n1(x))), x + n2_out(mlp(n2(x)))."""
+    peri (Peri-LN): x + n1_out(attn(n1(x))), x + n2_out(mlp(n2(x))). n1 and n1_out (the attention branch's
+    norms) are ``attn_norm_layer`` when given, else ``norm_layer`` like n2 and n2_out."""
 
     def __init__(self, n_embd: int, n_head: int, norm_layer: Callable, dropout: float, bias: bool,
-                 placement: str, qk_norm_layer: Callable | None = None) -> None:
+                 placement: str, qk_norm_layer: Callable | None = None,
+                 attn_norm_layer: Callable | None = None) -> None:
         super().__init__()
         self.placement = placement
-        self.n1 = norm_layer(n_embd)
+        attn_norm_layer = attn_norm_layer or norm_layer
+        self.n1 = attn_norm_layer(n_embd)
         self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, qk_norm_layer)
         self.n2 = norm_layer(n_embd)
         self.mlp = MLP(n_embd, dropout, bias)
         self.drop = nn.Dropout(dropout)
         if placement == "peri":
-            self.n1_out, self.n2_out = norm_layer(n_embd), norm_layer(n_embd)
+            self.n1_out, self.n2_out = attn_norm_layer(n_embd), norm_layer(n_embd)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
         if self.placement == "pre":
@@ -90,7 +92,7 @@ class TransformerLM(nn.Module):
     def __init__(self, norm_layer: Callable, vocab_size: int = 256, block_size: int = 256, n_layer: int = 4,
                  n_head: int = 4, n_embd: int = 128, dropout: float = 0.0, bias: bool = True,
                  norm_placement: str = "pre", qk_norm_layer: Callable | None = None,
-                 embed_scale: float | None = None) -> None:
+                 embed_scale: float | None = None, attn_norm_layer: Callable | None = None) -> None:
         super().__init__()
         check_choice("norm_placement", norm_placement, PLACEMENTS)
         self.block_size = block_size
@@ -99,8 +101,8 @@ class TransformerLM(nn.Module):
         # learnable scalar on the summed embeddings (None: no scalar, GPT-2's plain sum)
         self.embed_scale = None if embed_scale is None else nn.Parameter(torch.full((1,), float(embed_scale)))
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, norm_layer, dropout, bias, norm_placement, qk_norm_layer)
-                                    for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, norm_layer, dropout, bias, norm_placement, qk_norm_layer,
+                                          attn_norm_layer) for _ in range(n_layer))
         self.norm_f = norm_layer(n_embd) if norm_placement != "post" else None  # post-norm already ends on a norm
         self.head = nn.Linear(n_embd, vocab_size, bias=False)
         self.head.weight = self.tok.weight  # tied embeddings
@@ -145,10 +147,17 @@ class TransformerLM(nn.Module):
 @register("transformer_lm", layout="tokens")
 def transformer_lm(norm_layer, vocab_size: int = 256, block_size: int = 256, n_layer: int = 4, n_head: int = 4,
                    n_embd: int = 128, dropout: float = 0.0, bias: bool = True,
-                   norm_placement: str = "pre", qk_norm: Any = None, embed_scale: Any = None) -> nn.Module:
+                   norm_placement: str = "pre", qk_norm: Any = None, embed_scale: Any = None,
+                   attn_norm: Any = None) -> nn.Module:
     """``norm_placement``: pre | post | peri (models/_transformer.py). ``qk_norm``: null (none) or a norm spec
     (name or ``{name: ..., **options}``, any registered norm) applied to queries and keys per head over
     head_dim before the dot product; it receives the padding mask like every other norm.
+
+    ``attn_norm``: null (default: ``norm`` everywhere) or a norm spec for the attention branch's norms (the one
+    before attention; with ``peri`` also the one after it), while ``norm`` stays on the MLP branch and the final
+    norm. The DyT authors' LLaMA recipe needs this: a larger alpha_0 before attention than elsewhere
+    (Zhu et al. 2025, 0.8 / 0.2 at 7B; their code's ``attn_alpha_init_value`` vs ``ffn_`` and
+    ``dec_alpha_init_value``), e.g. ``norm: {name: dyt, alpha_init: 0.5}, attn_norm: {name: dyt, alpha_init: 2}``.
 
     ``embed_scale``: null (default: GPT-2's plain sum of token and position embeddings), ``sqrt_d`` or a number
     > 0: the summed embeddings are multiplied by a learnable scalar initialised to sqrt(n_embd) or that number
@@ -157,9 +166,9 @@ def transformer_lm(norm_layer, vocab_size: int = 256, block_size: int = 256, n_l
     embeddings a DyT layer, which does not rescale its input, would otherwise pass a signal ~100x smaller than
     LN's unit-variance one. LLaMA has no position embeddings; here the sum is scaled, so positions keep GPT-2's
     weight relative to tokens."""
-    qk_norm_layer = None if qk_norm in (None, False, "") else norms.resolve(qk_norm, "tokens")
     return TransformerLM(norm_layer, vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias,
-                         norm_placement, qk_norm_layer, _embed_scale(embed_scale, n_embd))
+                         norm_placement, norm_option("qk_norm", qk_norm), _embed_scale(embed_scale, n_embd),
+                         norm_option("attn_norm", attn_norm))
 
 
 def _embed_scale(value: Any, n_embd: int) -> float | None:

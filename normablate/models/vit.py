@@ -16,10 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import norms
 from . import register
 from ._common import check_choice
-from ._transformer import PLACEMENTS
+from ._transformer import PLACEMENTS, norm_option
 
 FFN_NORM_POSITIONS = ("before_act", "after_act")
 
@@ -63,13 +62,8 @@ def vit(norm_layer, num_classes: int = 10, img_size: int = 32, patch_size: int =
     check_choice("ffn_norm_position", ffn_norm_position, FFN_NORM_POSITIONS)
     check_choice("global_pool", global_pool, ("token", "avg"))
     check_choice("norm_placement", norm_placement, PLACEMENTS)
-    qk_norm_layer = None if qk_norm in (None, False, "") else norms.resolve(qk_norm, "tokens")
-    if ffn_norm is True:
-        ffn_norm_layer = norm_layer
-    elif ffn_norm in (None, False, ""):
-        ffn_norm_layer = None
-    else:
-        ffn_norm_layer = norms.resolve(ffn_norm, "tokens")
+    qk_norm_layer = norm_option("qk_norm", qk_norm)
+    ffn_norm_layer = norm_layer if ffn_norm is True else norm_option("ffn_norm", ffn_norm)
     from timm.models.vision_transformer import VisionTransformer  # lazy: timm imports torchvision (start-up)
 
     from ._vit_block import Block
