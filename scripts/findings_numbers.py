@@ -237,8 +237,7 @@ def claims_6_8_12() -> None:
     df = lm_without_scalar()
     if df is None:
         return
-    lrs = {n: ", ".join(f"{x:g}" for x in sorted(g["lr"].unique())) for n, g in df.groupby("norm", sort=False)}
-    print("LRs run per norm (lm_norms + its LR checks): " + "; ".join(f"{n}: {v}" for n, v in lrs.items()) + "\n")
+    print(f"LRs run per norm (lm_norms + its LR checks): {lrs_run(df)}\n")
     print("Each norm at its best LR (lowest mean final validation perplexity), against LN:\n")
     compare_variants(df, ["norm"], "final_val_ppl", maximize=False, baseline=("ln",),
                      extra=("final_val_loss", "train_loss_auc", "final_val_train_eval_gap"))
@@ -255,28 +254,41 @@ def claims_6_8_12() -> None:
             print(f"- share of BN's perplexity gap to LN that masked BN recovers: {rec / gap:.2f} (gap {gap:.3g})\n")
 
 
-def lm_without_scalar() -> pd.DataFrame | None:
-    """lm_norms and its LR checks (the LM without an embedding scalar): the same runs at more LRs."""
-    plain = load("lm_norms")
-    if plain is None:
+def with_lr_checks(study: str, checks: tuple[str, ...] = ()) -> pd.DataFrame | None:
+    """A study and its LR checks (the same runs, spec but optim.lr, at more LRs) as one table; each variant's best
+    LR is then taken over all of them. None until the study itself is there."""
+    runs = load(study)
+    if runs is None:
         return None
-    checks = [c for c in (load("lm_lr_check"), load("lm_dyt_lr_check")) if c is not None]
-    return pd.concat([plain, *checks], ignore_index=True)
+    return pd.concat([runs, *(c for c in map(load, checks) if c is not None)], ignore_index=True)
 
 
-# the two DyT recipe checks: the embedding scalar's initial value in each (lm_norms has none)
-LM_RECIPES = {"lm_dyt_recipe_check": "sqrt_d (8)", "lm_dyt_scale_check": "45"}
+def lrs_run(df: pd.DataFrame) -> str:
+    """The LRs run for each norm, e.g. "ln: 0.001, 0.01; dyt: 0.0003, 0.001"."""
+    return "; ".join(f"{n}: " + ", ".join(f"{x:g}" for x in sorted(g["lr"].unique()))
+                     for n, g in df.groupby("norm", sort=False))
+
+
+def lm_without_scalar() -> pd.DataFrame | None:
+    """lm_norms and its LR checks (the LM without an embedding scalar)."""
+    return with_lr_checks("lm_norms", ("lm_lr_check", "lm_dyt_lr_check"))
+
+
+# the two DyT recipe checks: the embedding scalar's initial value in each (lm_norms has none), and their LR checks
+LM_RECIPES = {"lm_dyt_recipe_check": ("sqrt_d (8)", ()), "lm_dyt_scale_check": ("45", ("lm_dyt_scale_lr_check",))}
 
 
 def claim12_lm_recipe() -> None:
     print("## Claim 12 on the LM with the DyT authors' embedding scalar (lm_dyt_recipe_check, lm_dyt_scale_check)\n")
     plain = lm_without_scalar()
     without = variant_best(plain, ["norm"], "final_val_ppl", maximize=False) if plain is not None else {}
-    for study, scale in LM_RECIPES.items():
-        df = load(study)
+    for study, (scale, checks) in LM_RECIPES.items():
+        df = with_lr_checks(study, checks)
         if df is None:
             continue
-        print(f"### {study}: embedding scalar initialised to {scale}\n")
+        print(f"### {study}" + "".join(f" + {c}" for c in checks) + f": embedding scalar initialised to {scale}\n")
+        if checks:
+            print(f"LRs run per variant: {lrs_run(df)}\n")
         print("Each variant at its best LR, against LN with the same scalar:\n")
         compare_variants(df, ["norm"], "final_val_ppl", maximize=False, baseline=("ln",), extra=("final_val_loss",))
         scaled = variant_best(df, ["norm"], "final_val_ppl", maximize=False)
