@@ -385,6 +385,53 @@ def claim5() -> None:
             cells.append(f"batch {b}: {diff(a[a[bcol] == b]['final_val_acc'], l_[l_[bcol] == b]['final_val_acc'])}")
         print(f"- {norm}: " + "; ".join(cells))
     print()
+    linear = df if tiny is None else pd.concat([tiny, df], ignore_index=True)
+    batch_size_figure({"linear LR rule": linear, "square-root LR rule": sq}, bcol)
+
+
+def batch_size_figure(rules: dict[str, pd.DataFrame], bcol: str) -> None:
+    """Final accuracy against the batch size, one panel per norm, one line per LR scaling rule (mean ± 95% CI
+    over seeds), the batch-128 runs shared by both rules."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from normablate.analysis.plots import bounds_for, errorbars
+
+    norms = list(dict.fromkeys(n for df in rules.values() for n in df["norm"].unique()))
+    stats = {(rule, n): [(b, *mean_ci(pick(df, norm=n)[lambda g: g[bcol] == b]["final_val_acc"].tolist()))
+                         for b in sorted(pick(df, norm=n)[bcol].unique())]
+             for rule, df in rules.items() for n in norms}
+    ends = [v for pts in stats.values() for _, m, ci, _ in pts for v in (m - ci, m + ci)]
+    bounds = bounds_for("final_val_acc", min(ends), max(ends))
+    fig, axes = plt.subplots(1, len(norms), figsize=(3.2 * len(norms), 3.4), sharey=True, squeeze=False)
+    sizes = sorted({b for pts in stats.values() for b, *_ in pts})
+    for ax, n in zip(axes[0], norms):
+        for i, rule in enumerate(rules):
+            pts = stats[(rule, n)]
+            if not pts:
+                continue
+            x = [b * 10 ** (0.02 * (i - 0.5)) for b, *_ in pts]  # dodge the rules' error bars
+            errorbars(ax, x, [m for _, m, _, _ in pts], [ci for _, _, ci, _ in pts], f"C{i}", label=rule,
+                      bounds=bounds, marker="o", ls="-" if i == 0 else "--")
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.minorticks_off()
+        ax.set_ylim(*bounds)
+        ax.set_title(n)
+        ax.set_xlabel("batch size (same 128,000 samples)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("final validation accuracy")
+    axes[0][0].legend(fontsize=8, loc="lower center")
+    n_seeds = max(int(df["seed"].nunique()) for df in rules.values())
+    fig.suptitle(f"Claim 5: accuracy vs batch size per norm, mean ± 95% CI over {n_seeds} seeds "
+                 f"(batch 128: the same runs, LR 0.03, for both rules)", fontsize=10)
+    out = FINDINGS / "cross" / "batch_size_rules.png"
+    out.parent.mkdir(exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=150)
+    plt.close(fig)
+    print(f"Figure: `{out.relative_to(FINDINGS)}`\n")
 
 
 def batch_size_effects(df: pd.DataFrame, bcol: str) -> None:
