@@ -486,10 +486,55 @@ def test_lm_attn_norm_sits_on_the_attention_branch_only(placement):
 
 @pytest.mark.parametrize("key", ["attn_norm", "qk_norm"])
 @pytest.mark.parametrize("bad,why", [("bogus", r"unknown norm 'bogus'; valid: .*dyt"),
-                                     ({"name": "dyt", "alpha": 2}, r"unknown option\(s\) alpha; valid: .*alpha_init")])
+                                     ({"name": "dyt", "alpha": 2}, r"unknown option\(s\) alpha; valid: .*alpha_init"),
+                                     ({"name": "dyt", "alpha_init": 0}, r"cannot be built"),  # fails when built
+                                     ({"name": "gn", "num_groups": 5}, r"cannot be built"), (0, r"norm must be")])
 def test_lm_bad_norm_option_is_a_config_error_naming_the_key(key, bad, why):
     with pytest.raises(nb.ConfigError, match=rf"^model\.{key}=.*: .*{why}"):
         nb.models.create("transformer_lm", norm="ln", **{key: bad}, **LM)
+
+
+@pytest.mark.parametrize("placement", ["pre", "post", "peri"])
+def test_lm_attention_reads_the_attn_norm_and_the_mlp_the_norm(placement):
+    """The data path, not only the module names: with attn_norm (DyT alpha 2) and norm (DyT alpha 0.5) and
+    random gains, attention's input (pre, peri) or the norm after its residual add (post) is the attn_norm
+    module, whose output goes on; the MLP side is the other norm."""
+    torch.manual_seed(0)
+    model = nb.models.create("transformer_lm", norm={"name": "dyt", "alpha_init": 0.5},
+                             attn_norm={"name": "dyt", "alpha_init": 2.0}, norm_placement=placement, **LM)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("alpha"):  # the alphas tell the two norms apart
+                p.add_(torch.randn_like(p) * 0.1)
+    blk, seen = model.blocks[0], {}
+    for name in ("n1", "n2", "attn", "mlp"):
+        getattr(blk, name).register_forward_hook(lambda m, i, o, name=name: seen.update({name: (i[0], o)}))
+    x = torch.randn(2, 8, 32)
+    blk(x, None, None)
+    tanh = lambda norm, v: norm.weight * torch.tanh(norm.alpha * v) + norm.bias  # noqa: E731
+    assert blk.n1.alpha.item() == pytest.approx(2.0) and blk.n2.alpha.item() == pytest.approx(0.5)
+    if placement == "post":
+        torch.testing.assert_close(seen["n1"][0], x + seen["attn"][1])  # n1 = N(x + attn(x))
+        torch.testing.assert_close(seen["mlp"][0], seen["n1"][1])
+    else:
+        torch.testing.assert_close(seen["attn"][0], tanh(blk.n1, x))  # attention reads n1(x) = attn_norm(x)
+        torch.testing.assert_close(seen["n2"][1], tanh(blk.n2, seen["n2"][0]))
+        torch.testing.assert_close(seen["mlp"][0], seen["n2"][1])
+    if placement == "peri":
+        assert blk.n1_out.alpha.item() == pytest.approx(2.0) and blk.n2_out.alpha.item() == pytest.approx(0.5)
+
+
+def test_lm_attn_norm_through_a_run_config():
+    """The CLI path: dotted overrides as a user types them validate (model built on meta), round-trip through the
+    saved config, and a bad value fails at validation naming the key."""
+    from normablate.config import load_config, to_yaml
+
+    lm = ["model.backbone=transformer_lm", "model.n_layer=1", "model.n_embd=32", "model.n_head=2"]
+    cfg = load_config(None, [*lm, "model.norm={name: dyt, alpha_init: 0.5}", "model.attn_norm={name: dyt, alpha_init: 2}"])
+    assert cfg.model.options["attn_norm"] == {"name": "dyt", "alpha_init": 2}
+    assert "attn_norm:" in to_yaml(cfg)
+    with pytest.raises(nb.ConfigError, match=r"^model\.attn_norm=\{'name': 'dyt', 'alpha_init': 0\}: .*cannot be built"):
+        load_config(None, [*lm, "model.norm=dyt", "model.attn_norm={name: dyt, alpha_init: 0}"])
 
 
 def test_vit_bad_ffn_norm_is_a_config_error_naming_the_key():

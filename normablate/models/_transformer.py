@@ -14,20 +14,17 @@ import torch
 from torch import nn
 
 from .. import norms
-from ..errors import ConfigError
 
 PLACEMENTS = ("pre", "post", "peri")
 
 
 def norm_option(key: str, spec: Any):
     """The layer factory of a norm spec given as a backbone option (``qk_norm``, ``attn_norm``, ``ffn_norm``);
-    null, false or "" -> None. A bad spec is a ConfigError that names the option."""
-    if spec in (None, False, ""):
+    null, false or "" -> None. A bad spec (name, option, or a value that fails when the layer is built) is a
+    ConfigError that names the option."""
+    if spec is None or spec is False or spec == "":
         return None
-    try:
-        return norms.resolve(spec, "tokens")
-    except ConfigError as e:
-        raise ConfigError(f"model.{key}={spec!r}: {e}") from None
+    return norms.resolve(spec, "tokens", where=f"model.{key}={spec!r}")
 
 
 class HeadNorm(nn.Module):

@@ -153,9 +153,9 @@ def transformer_lm(norm_layer, vocab_size: int = 256, block_size: int = 256, n_l
     (name or ``{name: ..., **options}``, any registered norm) applied to queries and keys per head over
     head_dim before the dot product; it receives the padding mask like every other norm.
 
-    ``attn_norm``: null (default: ``norm`` everywhere) or a norm spec for the attention branch's norms (the one
-    before attention; with ``peri`` also the one after it), while ``norm`` stays on the MLP branch and the final
-    norm. The DyT authors' LLaMA recipe needs this: a larger alpha_0 before attention than elsewhere
+    ``attn_norm``: null (default: ``norm`` everywhere) or a norm spec for the attention sub-layer's norms (pre:
+    the one before attention; peri: before and after it; post: the one after the attention residual add), while
+    ``norm`` stays on the MLP sub-layer and the final norm. The DyT authors' LLaMA recipe needs this: a larger alpha_0 before attention than elsewhere
     (Zhu et al. 2025, 0.8 / 0.2 at 7B; their code's ``attn_alpha_init_value`` vs ``ffn_`` and
     ``dec_alpha_init_value``), e.g. ``norm: {name: dyt, alpha_init: 0.5}, attn_norm: {name: dyt, alpha_init: 2}``.
 

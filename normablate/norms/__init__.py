@@ -178,13 +178,29 @@ def create(name: str, num_features: int, layout: str = "image", **kwargs: Any) -
     return _build(REGISTRY.get(name), name, num_features, layout, kwargs)
 
 
-def resolve(spec: Any, layout: str) -> Callable[[int], nn.Module]:
+def resolve(spec: Any, layout: str, where: str | None = None) -> Callable[[int], nn.Module]:
     """Turn a norm spec into a ``norm_layer(num_features) -> nn.Module`` callable, once.
 
     ``spec`` is a registered name or import path, a mapping ``{"name": ..., **options}``, or a callable
     (a class or factory taking ``num_features`` and optionally ``layout`` and options). Option names are
     checked here, so a typo fails before any model is built; bad values fail as ConfigError when built.
+    ``where`` (e.g. ``"model.attn_norm='bogus'"``) prefixes every such error, here and at build time, so that a
+    model with several norm specs says which one is wrong.
     """
+    if where is not None:
+        try:
+            inner = resolve(spec, layout)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+        def named_layer(num_features: int, device: Any = None, dtype: Any = None) -> nn.Module:
+            try:
+                return inner(num_features, device=device, dtype=dtype)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+
+        named_layer.norm_name, named_layer.layout = inner.norm_name, inner.layout  # type: ignore[attr-defined]
+        return named_layer
     if isinstance(spec, str):
         name, kwargs, entry = spec, {}, REGISTRY.get(spec)
     elif isinstance(spec, Mapping):
