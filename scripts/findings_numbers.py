@@ -21,14 +21,18 @@ from normablate.analysis.stats import fmt_ci, mean_ci, t_quantile, t_sf2, welch
 FINDINGS = Path(__file__).resolve().parents[1] / "docs" / "findings"
 
 
-def load(study: str, name: str = "trials.csv") -> pd.DataFrame | None:
+def load(study: str, name: str = "trials.csv", keep_diverged: bool = False) -> pd.DataFrame | None:
+    """A study's finished runs, without the diverged ones unless ``keep_diverged`` (for best-LR choices: an LR
+    where any seed diverged is not a candidate, as in the reports)."""
     path = FINDINGS / study / name
     if not path.exists():
         print(f"_({study}: {name} not there yet; run `bash scripts/reproduce_findings.sh {study}`)_\n")
         return None
     df = pd.read_csv(path)
     if "state" in df:
-        df = df[(df["state"] == "complete") & (~df["diverged"].astype(bool))]
+        df = df[df["state"] == "complete"]
+        if not keep_diverged:
+            df = df[~df["diverged"].astype(bool)]
     return df
 
 
@@ -169,7 +173,8 @@ def gap_figure(df: pd.DataFrame) -> None:
 
 
 def best_lr(df: pd.DataFrame, metric: str = "final_val_acc") -> float:
-    """The LR with the highest mean over seeds (the report's rule, without diverged LRs: they are not in df)."""
+    """The LR with the highest mean over seeds of the runs in df (for a study without diverged runs, bn_affine,
+    the report's rule; variant_best handles divergence)."""
     return float(df.groupby("lr")[metric].mean().idxmax())
 
 
@@ -193,10 +198,16 @@ def claim11() -> None:
 
 
 def variant_best(df: pd.DataFrame, keys: list[str], metric: str, maximize: bool) -> dict[tuple, pd.DataFrame]:
-    """For each variant (a value of every key column), its runs at its own best LR (mean over seeds; diverged
-    runs are not in df, so an LR where some seeds diverged is judged on the rest and its count shows in n)."""
+    """For each variant (a value of every key column), its runs at its own best LR: the best mean over seeds among
+    the LRs where no seed diverged (the reports' rule), when df has a ``diverged`` column (load(keep_diverged=
+    True)); without one, the diverged runs are already gone and an LR is judged on the rest."""
     out = {}
     for variant, g in df.groupby(keys, dropna=False, sort=False):
+        if "diverged" in g:
+            bad = g.loc[g["diverged"].astype(bool), "lr"].unique()
+            g = g[~g["lr"].isin(bad)]
+            if g.empty:
+                continue
         means = g.groupby("lr")[metric].mean()
         lr = means.idxmax() if maximize else means.idxmin()
         out[variant if isinstance(variant, tuple) else (variant,)] = g[g["lr"] == lr]
@@ -254,24 +265,32 @@ def claims_6_8_12() -> None:
             print(f"- share of BN's perplexity gap to LN that masked BN recovers: {rec / gap:.2f} (gap {gap:.3g})\n")
 
 
-def with_lr_checks(study: str, checks: tuple[str, ...] = ()) -> pd.DataFrame | None:
-    """A study and its LR checks (the same runs, spec but optim.lr, at more LRs) as one table; each variant's best
-    LR is then taken over all of them. None until the study itself is there."""
-    runs = load(study)
+def with_lr_checks(study: str, checks: tuple[str, ...] = ()) -> tuple[pd.DataFrame | None, list[str]]:
+    """A study and those of its LR checks (the same runs, spec but optim.lr, at more LRs) that are there, as one
+    table with the diverged runs kept (variant_best leaves out their LRs), and the names of those checks. None
+    until the study itself is there."""
+    runs = load(study, keep_diverged=True)
     if runs is None:
-        return None
-    return pd.concat([runs, *(c for c in map(load, checks) if c is not None)], ignore_index=True)
+        return None, []
+    found = {c: load(c, keep_diverged=True) for c in checks}
+    found = {c: df for c, df in found.items() if df is not None}
+    return pd.concat([runs, *found.values()], ignore_index=True), list(found)
 
 
 def lrs_run(df: pd.DataFrame) -> str:
-    """The LRs run for each norm, e.g. "ln: 0.001, 0.01; dyt: 0.0003, 0.001"."""
-    return "; ".join(f"{n}: " + ", ".join(f"{x:g}" for x in sorted(g["lr"].unique()))
+    """The LRs run for each norm, e.g. "ln: 0.001, 0.01; dyt: 0.0003, 0.001 (2/3 diverged)"."""
+    def one(lr: float, g: pd.DataFrame) -> str:
+        runs = g[g["lr"] == lr]
+        nd = int(runs["diverged"].astype(bool).sum()) if "diverged" in runs else 0
+        return f"{lr:g}" + (f" ({nd}/{len(runs)} diverged)" if nd else "")
+
+    return "; ".join(f"{n}: " + ", ".join(one(x, g) for x in sorted(g["lr"].unique()))
                      for n, g in df.groupby("norm", sort=False))
 
 
 def lm_without_scalar() -> pd.DataFrame | None:
     """lm_norms and its LR checks (the LM without an embedding scalar)."""
-    return with_lr_checks("lm_norms", ("lm_lr_check", "lm_dyt_lr_check"))
+    return with_lr_checks("lm_norms", ("lm_lr_check", "lm_dyt_lr_check"))[0]
 
 
 # the two DyT recipe checks: the embedding scalar's initial value in each (lm_norms has none), and their LR checks
@@ -283,12 +302,14 @@ def claim12_lm_recipe() -> None:
     plain = lm_without_scalar()
     without = variant_best(plain, ["norm"], "final_val_ppl", maximize=False) if plain is not None else {}
     for study, (scale, checks) in LM_RECIPES.items():
-        df = with_lr_checks(study, checks)
-        if df is None:
+        if not (FINDINGS / study / "trials.csv").exists():
+            load(study)  # says it is not there yet
             continue
-        print(f"### {study}" + "".join(f" + {c}" for c in checks) + f": embedding scalar initialised to {scale}\n")
-        if checks:
-            print(f"LRs run per variant: {lrs_run(df)}\n")
+        print(f"### {study}: embedding scalar initialised to {scale}\n")
+        df, found = with_lr_checks(study, checks)  # a missing check is reported here, under its study's heading
+        if found:
+            print(f"With its LR check ({', '.join(found)}: the same runs at more LRs); LRs run per variant: "
+                  f"{lrs_run(df)}\n")
         print("Each variant at its best LR, against LN with the same scalar:\n")
         compare_variants(df, ["norm"], "final_val_ppl", maximize=False, baseline=("ln",), extra=("final_val_loss",))
         scaled = variant_best(df, ["norm"], "final_val_ppl", maximize=False)
@@ -402,7 +423,9 @@ def batch_size_figure(rules: dict[str, pd.DataFrame], bcol: str) -> None:
     stats = {(rule, n): [(b, *mean_ci(pick(df, norm=n)[lambda g: g[bcol] == b]["final_val_acc"].tolist()))
                          for b in sorted(pick(df, norm=n)[bcol].unique())]
              for rule, df in rules.items() for n in norms}
-    ends = [v for pts in stats.values() for _, m, ci, _ in pts for v in (m - ci, m + ci)]
+    # a point with one run has no CI (nan): its mean alone sets the range
+    ends = [v for pts in stats.values() for _, m, ci, _ in pts
+            for v in (m - (ci if math.isfinite(ci) else 0), m + (ci if math.isfinite(ci) else 0)) if math.isfinite(v)]
     bounds = bounds_for("final_val_acc", min(ends), max(ends))
     fig, axes = plt.subplots(1, len(norms), figsize=(3.2 * len(norms), 3.4), sharey=True, squeeze=False)
     sizes = sorted({b for pts in stats.values() for b, *_ in pts})
@@ -422,7 +445,7 @@ def batch_size_figure(rules: dict[str, pd.DataFrame], bcol: str) -> None:
         ax.set_xlabel("batch size (same 128,000 samples)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("final validation accuracy")
-    axes[0][0].legend(fontsize=8, loc="lower center")
+    axes[0][0].legend(fontsize=8, loc="best")
     n_seeds = max(int(df["seed"].nunique()) for df in rules.values())
     fig.suptitle(f"Claim 5: accuracy vs batch size per norm, mean ± 95% CI over {n_seeds} seeds "
                  f"(batch 128: the same runs, LR 0.03, for both rules)", fontsize=10)

@@ -47,3 +47,30 @@ def test_batch_size_effects_sign_and_clear_verdict(fn, capsys):
     line = next(l for l in out.splitlines() if l.startswith("- BN's accuracy drop"))
     assert "minus gn's: +0.1 [95% CI" in line and "(clear)" in line
     assert "- batch 8: gn - bn +0.1" in out and "- batch 128: gn - bn +0 " in out
+
+
+def test_variant_best_skips_lrs_where_a_seed_diverged(fn):
+    """The reports' rule: an LR where any seed diverged is not a candidate, however good its survivors are."""
+    rows = [{"norm": "dyt", "lr": lr, "seed": s, "final_val_ppl": ppl, "diverged": div}
+            for lr, ppl, divs in ((0.01, 12.0, (False,) * 3), (0.1, 8.0, (False, False, True)))
+            for s, div in enumerate(divs)]
+    df = pd.DataFrame(rows)
+    best = fn.variant_best(df, ["norm"], "final_val_ppl", maximize=False)
+    assert best[("dyt",)]["lr"].unique().tolist() == [0.01] and len(best[("dyt",)]) == 3
+    # without the diverged column (load() drops those runs) the survivors alone decide
+    assert fn.variant_best(df[~df["diverged"]].drop(columns="diverged"), ["norm"], "final_val_ppl",
+                           maximize=False)[("dyt",)]["lr"].unique().tolist() == [0.1]
+    assert fn.lrs_run(df) == "dyt: 0.01, 0.1 (1/3 diverged)"
+
+
+def test_batch_size_figure_draws_points_without_a_ci(fn, tmp_path, monkeypatch):
+    """A batch size with a single surviving run (no CI) is drawn, inside the axis range, not a crash."""
+    monkeypatch.setattr(fn, "FINDINGS", tmp_path)
+    linear = pd.DataFrame([{"norm": "bn", "batch_size": b, "seed": s, "final_val_acc": 0.6 + 0.01 * s}
+                           for b in (8, 128) for s in range(3)] + [{"norm": "bn", "batch_size": 2, "seed": 0,
+                                                                    "final_val_acc": 0.3}])
+    fn.batch_size_figure({"linear LR rule": linear, "square-root LR rule": linear[linear["batch_size"] > 2]},
+                         "batch_size")
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "cross" / "batch_size_rules.png").shape[0] > 100
