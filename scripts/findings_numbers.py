@@ -410,9 +410,11 @@ def claim5() -> None:
     batch_size_figure({"linear LR rule": linear, "square-root LR rule": sq}, bcol)
 
 
-def batch_size_figure(rules: dict[str, pd.DataFrame], bcol: str) -> None:
+def batch_size_figure(rules: dict[str, pd.DataFrame], bcol: str, chance: float = 0.1) -> None:
     """Final accuracy against the batch size, one panel per norm, one line per LR scaling rule (mean ± 95% CI
-    over seeds), the batch-128 runs shared by both rules."""
+    over seeds) with each run as a dot; the batch-128 runs are shared by both rules. A run that ended near chance
+    (below 2x chance: it did not train) would squash the axis: the range is set by the other runs, such a run is
+    drawn as a triangle on the lower edge, and a mean it drags below the range is written there."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -420,23 +422,35 @@ def batch_size_figure(rules: dict[str, pd.DataFrame], bcol: str) -> None:
     from normablate.analysis.plots import bounds_for, errorbars
 
     norms = list(dict.fromkeys(n for df in rules.values() for n in df["norm"].unique()))
-    stats = {(rule, n): [(b, *mean_ci(pick(df, norm=n)[lambda g: g[bcol] == b]["final_val_acc"].tolist()))
-                         for b in sorted(pick(df, norm=n)[bcol].unique())]
-             for rule, df in rules.items() for n in norms}
-    # a point with one run has no CI (nan): its mean alone sets the range
-    ends = [v for pts in stats.values() for _, m, ci, _ in pts
-            for v in (m - (ci if math.isfinite(ci) else 0), m + (ci if math.isfinite(ci) else 0)) if math.isfinite(v)]
+    runs = {(rule, n): {b: pick(df, norm=n)[lambda g: g[bcol] == b]["final_val_acc"].tolist()
+                        for b in sorted(pick(df, norm=n)[bcol].unique())}
+            for rule, df in rules.items() for n in norms}
+    stats = {k: [(b, *mean_ci(v)) for b, v in pts.items()] for k, pts in runs.items()}
+    trained = [v for pts in runs.values() for vals in pts.values() for v in vals if v >= 2 * chance]
+    ends = trained + [v for k, pts in stats.items() for b, m, ci, _ in pts
+                      if math.isfinite(ci) and min(runs[k][b]) >= 2 * chance for v in (m - ci, m + ci)]
     bounds = bounds_for("final_val_acc", min(ends), max(ends))
-    fig, axes = plt.subplots(1, len(norms), figsize=(3.2 * len(norms), 3.4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(norms), figsize=(3.2 * len(norms), 3.5), sharey=True, squeeze=False)
     sizes = sorted({b for pts in stats.values() for b, *_ in pts})
     for ax, n in zip(axes[0], norms):
         for i, rule in enumerate(rules):
             pts = stats[(rule, n)]
             if not pts:
                 continue
-            x = [b * 10 ** (0.02 * (i - 0.5)) for b, *_ in pts]  # dodge the rules' error bars
-            errorbars(ax, x, [m for _, m, _, _ in pts], [ci for _, _, ci, _ in pts], f"C{i}", label=rule,
-                      bounds=bounds, marker="o", ls="-" if i == 0 else "--")
+            dodge = 10 ** (0.025 * (i - 0.5))  # the rules' error bars side by side
+            color = f"C{i}"
+            errorbars(ax, [b * dodge for b, *_ in pts], [m for _, m, _, _ in pts], [ci for _, _, ci, _ in pts],
+                      color, label=rule, bounds=bounds, marker="o", ls="-" if i == 0 else "--")
+            for b, vals in runs[(rule, n)].items():
+                ok = [v for v in vals if v >= bounds[0]]
+                ax.plot([b * dodge * 1.04] * len(ok), ok, ".", color=color, alpha=0.45, ms=4)
+                low = len(vals) - len(ok)
+                if low:
+                    m = sum(vals) / len(vals)
+                    ax.plot(b * dodge, bounds[0], "v", color=color, ms=7, clip_on=False)
+                    ax.annotate(f"{low} run{'s' if low > 1 else ''} at {min(vals):.2f}\n(mean {m:.2f})",
+                                (b * dodge, bounds[0]), xytext=(6, 6), textcoords="offset points", fontsize=7.5,
+                                color=color)
         ax.set_xscale("log")
         ax.set_xticks(sizes, [str(b) for b in sizes])
         ax.minorticks_off()
@@ -447,7 +461,7 @@ def batch_size_figure(rules: dict[str, pd.DataFrame], bcol: str) -> None:
     axes[0][0].set_ylabel("final validation accuracy")
     axes[0][0].legend(fontsize=8, loc="best")
     n_seeds = max(int(df["seed"].nunique()) for df in rules.values())
-    fig.suptitle(f"Claim 5: accuracy vs batch size per norm, mean ± 95% CI over {n_seeds} seeds "
+    fig.suptitle(f"Claim 5: accuracy vs batch size per norm, mean ± 95% CI over {n_seeds} seeds, dots: runs "
                  f"(batch 128: the same runs, LR 0.03, for both rules)", fontsize=10)
     out = FINDINGS / "cross" / "batch_size_rules.png"
     out.parent.mkdir(exist_ok=True)
