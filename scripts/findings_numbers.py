@@ -301,6 +301,7 @@ def claim12_lm_recipe() -> None:
     print("## Claim 12 on the LM with the DyT authors' embedding scalar (lm_dyt_recipe_check, lm_dyt_scale_check)\n")
     plain = lm_without_scalar()
     without = variant_best(plain, ["norm"], "final_val_ppl", maximize=False) if plain is not None else {}
+    best_per_study = {}
     for study, (scale, checks) in LM_RECIPES.items():
         if not (FINDINGS / study / "trials.csv").exists():
             load(study)  # says it is not there yet
@@ -312,7 +313,7 @@ def claim12_lm_recipe() -> None:
                   f"{lrs_run(df)}\n")
         print("Each variant at its best LR, against LN with the same scalar:\n")
         compare_variants(df, ["norm"], "final_val_ppl", maximize=False, baseline=("ln",), extra=("final_val_loss",))
-        scaled = variant_best(df, ["norm"], "final_val_ppl", maximize=False)
+        scaled = best_per_study[study] = variant_best(df, ["norm"], "final_val_ppl", maximize=False)
         if not without:
             continue
         print("With the scalar minus without it (lm_norms + its LR checks), each at its best LR:\n")
@@ -328,6 +329,35 @@ def claim12_lm_recipe() -> None:
                   f"(lr {without[('ln',)]['lr'].iloc[0]:g}): "
                   f"{diff(runs['final_val_ppl'], without[('ln',)]['final_val_ppl'])}")
         print()
+    # the split's references: lm_dyt_scale_check's (+ its LR check's) variants at their best LRs
+    alpha_split(best_per_study.get("lm_dyt_scale_check", {}), without)
+
+
+def alpha_split(uniform: dict[tuple, pd.DataFrame], without: dict[tuple, pd.DataFrame]) -> None:
+    """lm_dyt_alpha_split_check: DyT with alpha_0 set separately before attention (attn_norm) and elsewhere (norm),
+    scalar 45; each split at its best LR against LN with the same scalar, the uniform DyT with the split's
+    'elsewhere' alpha_0 (lm_dyt_scale_check + its LR check), and LN without a scalar."""
+    df = load("lm_dyt_alpha_split_check", keep_diverged=True)
+    if df is None:
+        return
+    print("### lm_dyt_alpha_split_check: DyT alpha_0 before attention (attn_norm) / elsewhere (norm), scalar 45\n")
+    best = variant_best(df, ["attn_norm", "norm"], "final_val_ppl", maximize=False)
+    refs = [("LN with the scalar", uniform.get(("ln",))), ("LN without it", without.get(("ln",)))]
+    for (attn, other), runs in best.items():
+        line = (f"- before attention {attn}, elsewhere {other} (best lr {runs['lr'].iloc[0]:g}): final_val_ppl "
+                f"{stat(runs['final_val_ppl'])}")
+        for name, ref in [*refs, (f"uniform {other}", uniform.get((other,)))]:
+            if ref is not None:
+                line += f"; - {name} (lr {ref['lr'].iloc[0]:g}) {diff(runs['final_val_ppl'], ref['final_val_ppl'])}"
+        print(line)
+    dyts = {v: r for v, r in uniform.items() if v[0].startswith("dyt")}
+    if best and dyts:
+        (a, o), runs = min(best.items(), key=lambda kv: kv[1]["final_val_ppl"].mean())
+        u, ref = min(dyts.items(), key=lambda kv: kv[1]["final_val_ppl"].mean())
+        print(f"- best split ({a} / {o}, lr {runs['lr'].iloc[0]:g}) - best uniform DyT ({label(u)}, "
+              f"lr {ref['lr'].iloc[0]:g}): {diff(runs['final_val_ppl'], ref['final_val_ppl'])}")
+    per_lr = df[~df["diverged"].astype(bool)].groupby(["attn_norm", "norm", "lr"], sort=False)["final_val_ppl"]
+    print("\nPer LR: " + "; ".join(f"{a} / {o} at {lr:g}: {stat(v)}" for (a, o, lr), v in per_lr) + "\n")
 
 
 def claims_7_12() -> None:
