@@ -164,7 +164,14 @@ def gap_figure(df: pd.DataFrame) -> None:
     ax.set_title(f"bn_momentum: train/eval gap (mean ± 95% CI over {df['seed'].nunique()} seeds)", fontsize=10)
     ax.legend(fontsize=8, frameon=False)
     ax.grid(alpha=0.3)
-    out = FINDINGS / "cross" / "bn_momentum_gap.png"
+    save_figure(fig, "bn_momentum_gap.png")
+
+
+def save_figure(fig, name: str) -> None:
+    """Write a cross-study figure to docs/findings/cross/<name> and say so in the output."""
+    import matplotlib.pyplot as plt
+
+    out = FINDINGS / "cross" / name
     out.parent.mkdir(exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=150)
@@ -493,12 +500,7 @@ def batch_size_figure(rules: dict[str, pd.DataFrame], bcol: str, chance: float =
     n_seeds = max(int(df["seed"].nunique()) for df in rules.values())
     fig.suptitle(f"Claim 5: accuracy vs batch size per norm, mean ± 95% CI over {n_seeds} seeds, dots: runs "
                  f"(batch 128: the same runs, LR 0.03, for both rules)", fontsize=10)
-    out = FINDINGS / "cross" / "batch_size_rules.png"
-    out.parent.mkdir(exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=150)
-    plt.close(fig)
-    print(f"Figure: `{out.relative_to(FINDINGS)}`\n")
+    save_figure(fig, "batch_size_rules.png")
 
 
 def batch_size_effects(df: pd.DataFrame, bcol: str) -> None:
