@@ -85,12 +85,18 @@ class RunMonitor(L.Callback):
         self.steps_to_target: int | None = None
         self.time_to_target: float | None = None
         self.elapsed = 0.0  # wall-clock seconds of fit so far (training + validation), summed over resumes
+        # CPU seconds of this process during fit (all its threads; data loading runs in it too: num_workers=0),
+        # summed over resumes. With several processes (DDP) each rank counts its own; rank 0's is reported.
+        self.cpu_time = 0.0
         self.train_time = 0.0  # seconds spent in training steps only
         self.samples = 0.0
         self.loss_sum = 0.0
         self.loss_count = 0
         self._t_fit = self._t_step = 0.0
         self._elapsed_at_fit_start = 0.0
+        self._c_fit = None
+        self._cpu_at_fit_start = 0.0
+        self.cpu_partial = False  # resumed from a checkpoint that did not record CPU time: the total is unknown
 
     # -------------------------------------------------------------- state for resume
     def state_dict(self) -> dict[str, Any]:
@@ -98,15 +104,21 @@ class RunMonitor(L.Callback):
                 "time_to_target", "train_time", "samples", "loss_sum", "loss_count")
         d = {k: getattr(self, k) for k in keys}
         d["elapsed"] = self.now_elapsed()
+        d["cpu_time"] = self.now_cpu()
         return d
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
             setattr(self, k, v)
+        self.cpu_partial = "cpu_time" not in state
         self._elapsed_at_fit_start = self.elapsed
+        self._cpu_at_fit_start = self.cpu_time
 
     def now_elapsed(self) -> float:
         return self._elapsed_at_fit_start + (time.perf_counter() - self._t_fit if self._t_fit else 0.0)
+
+    def now_cpu(self) -> float:
+        return self._cpu_at_fit_start + (time.process_time() - self._c_fit if self._c_fit is not None else 0.0)
 
     def _record(self, name: str, step: int, value: float) -> None:
         self.history.setdefault(name, []).append([int(step), float(value)])
@@ -115,6 +127,8 @@ class RunMonitor(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self._elapsed_at_fit_start = self.elapsed
         self._t_fit = time.perf_counter()
+        self._cpu_at_fit_start = self.cpu_time
+        self._c_fit = time.process_time()
 
     def on_train_start(self, trainer, pl_module) -> None:
         # (Lightning installs its signal handlers after on_fit_start, before on_train_start.)
@@ -201,3 +215,10 @@ class RunMonitor(L.Callback):
         self.elapsed = self.now_elapsed()
         self._t_fit = 0.0
         self._elapsed_at_fit_start = self.elapsed
+        self.fold_cpu()
+
+    def fold_cpu(self) -> None:
+        """Fold the running CPU clock into ``cpu_time`` (at fit end, or when a run is interrupted)."""
+        self.cpu_time = self.now_cpu()
+        self._c_fit = None
+        self._cpu_at_fit_start = self.cpu_time

@@ -21,6 +21,10 @@ class RunResult:
     train_loss_auc: float | None = None  # mean training loss over the run (area under the curve / steps)
     wall_time: float = 0.0  # seconds for the whole run
     throughput: float = 0.0  # training samples (vision) or tokens (LM) per second
+    # CPU seconds of the training process (all threads; rank 0's under DDP), summed over resumes; None when the run
+    # was resumed from a checkpoint written before this was recorded
+    cpu_time: float | None = None
+    versions: dict[str, str] = field(default_factory=dict)  # libraries, git commit, CPU model (as versions.json)
     history: dict[str, list[list[float]]] = field(default_factory=dict)  # metric -> [[step, value], ...]
     config: dict[str, Any] = field(default_factory=dict)  # the resolved config (to_dict form)
     probes: dict[str, float] = field(default_factory=dict)  # probes on: mean of each "probe/..." series over the run

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import math
+import os
 import platform
 import signal
 import subprocess
@@ -64,8 +65,19 @@ def git_state() -> tuple[str, bool | None]:
     return commit, dirty
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what ``platform`` knows), for the record of a run."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def versions() -> dict[str, str]:
-    """Library versions and git state of a run. The libraries a run may not import itself (timm, datasets, optuna,
+    """Library versions, git state and machine (CPU model, usable CPUs) of a run. The libraries a run may not import itself (timm, datasets, optuna,
     torchmetrics) are read from their installed metadata: importing them only to ask took ~4 s of every run's start."""
     from importlib import metadata
 
@@ -79,6 +91,8 @@ def versions() -> dict[str, str]:
     return {
         "normablate": __version__, "git_commit": commit, "git_dirty": str(dirty), "python": sys.version.split()[0],
         "platform": platform.platform(), "torch": torch.__version__, "lightning": L.__version__,
+        "cpu": cpu_model(), "cpus": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                        else os.cpu_count()),
         **{dist: installed(dist) for dist in ("torchmetrics", "timm", "datasets", "optuna")},
     }
 
@@ -279,10 +293,11 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
     t = cfg.trainer
     world = t.devices * t.num_nodes  # ranks; data.batch_size is the global batch, each rank gets 1/world of it
     is_zero = rank_zero_only.rank == 0  # set by Lightning from the launcher's environment (RANK, LOCAL_RANK, ...)
+    run_versions = versions() if is_zero else {}  # (rank 0's result is the one kept)
     if is_zero:  # only global rank 0 writes files
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        (run_dir / "versions.json").write_text(json.dumps(versions(), indent=1))
+        (run_dir / "versions.json").write_text(json.dumps(run_versions, indent=1))
     if world > 1:
         log.info("data parallel: %d ranks x %d samples = global batch %d per step (data.batch_size is global)",
                  world, cfg.data.batch_size // world, cfg.data.batch_size)
@@ -348,6 +363,7 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
             log.warning(str(e))
             status = "interrupted"
             monitor.elapsed = monitor.now_elapsed()
+            monitor.fold_cpu()
         if monitor.diverged_step is not None:
             status = "diverged"
 
@@ -364,6 +380,7 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
         time_to_target=monitor.time_to_target,
         train_loss_auc=monitor.loss_sum / monitor.loss_count if monitor.loss_count else None,
         wall_time=monitor.elapsed if monitor.elapsed else time.perf_counter() - t0,
+        cpu_time=None if monitor.cpu_partial else monitor.cpu_time, versions=run_versions,
         throughput=monitor.samples / monitor.train_time if monitor.train_time else 0.0,
         history=hist, config=to_dict(cfg), probes=summarize_probes(hist) if probe else {},
     )

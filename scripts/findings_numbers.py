@@ -427,6 +427,8 @@ def claim5() -> None:
         joined = pd.concat([tiny, df[df["norm"].isin(tiny["norm"].unique())]], ignore_index=True)
         print("Linear LR scaling down to batch 2 (batch_size_tiny_check joined with batch_size_norms):\n")
         batch_size_effects(joined, bcol)
+        print("The same, from the largest batch to each smaller one:\n")
+        drops_by_batch(joined, bcol)
     sqrt_runs = load("batch_size_sqrt_check")
     if sqrt_runs is None:
         return
@@ -501,6 +503,33 @@ def batch_size_figure(rules: dict[str, pd.DataFrame], bcol: str, chance: float =
     fig.suptitle(f"Claim 5: accuracy vs batch size per norm, mean ± 95% CI over {n_seeds} seeds, dots: runs "
                  f"(batch 128: the same runs, LR 0.03, for both rules)", fontsize=10)
     save_figure(fig, "batch_size_rules.png")
+
+
+def drops_by_batch(df: pd.DataFrame, bcol: str) -> None:
+    """For each batch size below the largest: every norm's accuracy change from the largest batch to it, BN's
+    change minus each other norm's (difference of differences), and the training-loss AUC change."""
+    sizes = sorted(df[bcol].unique())
+    large = sizes[-1]
+    norms = list(df["norm"].unique())
+    bn = pick(df, norm="bn")
+
+    def at(g: pd.DataFrame, b, col: str) -> pd.Series:
+        return g[g[bcol] == b][col]
+
+    for b in sizes[:-1]:
+        cells = [f"{n} {diff(at(pick(df, norm=n), large, 'final_val_acc'), at(pick(df, norm=n), b, 'final_val_acc'))}"
+                 for n in norms]
+        print(f"- accuracy, batch {large} - batch {b}: " + "; ".join(cells))
+        for n in norms:
+            if n != "bn":
+                g = pick(df, norm=n)
+                print(f"  - BN's drop minus {n}'s: " + drop_ci(at(bn, large, "final_val_acc"), at(bn, b, "final_val_acc"),
+                                                         at(g, large, "final_val_acc"), at(g, b, "final_val_acc")))
+        if "train_loss_auc" in df and df["train_loss_auc"].notna().any():
+            cells = [f"{n} {diff(at(pick(df, norm=n), b, 'train_loss_auc'), at(pick(df, norm=n), large, 'train_loss_auc'))}"
+                     for n in norms]
+            print(f"  - training-loss AUC, batch {b} - batch {large}: " + "; ".join(cells))
+    print()
 
 
 def batch_size_effects(df: pd.DataFrame, bcol: str) -> None:

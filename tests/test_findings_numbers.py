@@ -49,6 +49,20 @@ def test_batch_size_effects_sign_and_clear_verdict(fn, capsys):
     assert "- batch 8: gn - bn +0.1" in out and "- batch 128: gn - bn +0 " in out
 
 
+def test_drops_by_batch_compares_each_smaller_batch_with_the_largest(fn, capsys):
+    """BN loses 0.1 at batch 2 only; GN nothing anywhere: BN's drop minus GN's is clear at 2, +0 at 8."""
+    rows = [{"norm": n, "batch_size": b, "seed": s, "train_loss_auc": 1.0 + 0.01 * s,
+             "final_val_acc": 0.6 + 0.005 * s - (0.1 if n == "bn" and b == 2 else 0.0)}
+            for n in ("bn", "gn") for b in (2, 8, 128) for s in range(3)]
+    fn.drops_by_batch(pd.DataFrame(rows), "batch_size")
+    out = capsys.readouterr().out.splitlines()
+    i2 = out.index(next(l for l in out if l.startswith("- accuracy, batch 128 - batch 2: bn +0.1 ")))
+    assert out[i2 + 1].startswith("  - BN's drop minus gn's: +0.1 [95% CI") and "(clear)" in out[i2 + 1]
+    i8 = out.index(next(l for l in out if l.startswith("- accuracy, batch 128 - batch 8: bn +0 ")))
+    assert out[i8 + 1].startswith("  - BN's drop minus gn's: +0 ") and i2 < i8
+    assert out[i2 + 2].startswith("  - training-loss AUC, batch 2 - batch 128: bn +0 ")
+
+
 def test_variant_best_skips_lrs_where_a_seed_diverged(fn):
     """The reports' rule: an LR where any seed diverged is not a candidate, however good its survivors are."""
     rows = [{"norm": "dyt", "lr": lr, "seed": s, "final_val_ppl": ppl, "diverged": div}

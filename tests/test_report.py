@@ -192,6 +192,19 @@ def test_report_before_any_trial_finished(tmp_path):
     assert not list(out.glob("*.png"))
 
 
+def test_cost_line_sums_what_the_runs_recorded_and_says_what_is_missing():
+    from normablate.report import cost_line
+
+    df = pd.DataFrame({"wall_time": [100.0, 300.0, 200.0], "cpu_time": [90.0, None, 3510.0],
+                       "cpu": ["EPYC A", "EPYC A", "Xeon B"]})
+    assert cost_line(df) == ("3 runs, 0.17 h of run time summed (median 200 s per run); 1.00 CPU-hours summed over "
+                             "the 2 runs that recorded it; on EPYC A (2 runs), Xeon B (1 run)")
+    old = pd.DataFrame({"wall_time": [3600.0], "cpu_time": [None], "cpu": [None]})  # a trial from before
+    assert cost_line(old) == ("1 run, 1.00 h of run time summed (median 3600 s per run); CPU time not recorded "
+                              "(runs from before normablate recorded it)")
+    assert cost_line(pd.DataFrame()) == "no finished runs"
+
+
 def test_report_cli(tmp_path, capsys):
     from normablate.cli import main
 

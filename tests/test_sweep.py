@@ -407,8 +407,11 @@ def test_real_train_end_to_end(tmp_path, capsys):
         assert run_dir.parent == tmp_path / "logs" / "t"
         assert list(run_dir.glob("events.out.tfevents.*")), "TensorBoard logs live under <log_dir>/<study>/"
         assert (run_dir / "result.json").exists()
+        assert 0 < ua["cpu_time"] and ua["versions"]["cpu"] and ua["versions"]["torch"]  # what the run cost, where
     assert "val/loss_batchstats" in counted[0].user_attrs["final"]  # BN
     from normablate.report import write_report
 
     out = write_report("t", storage=res.storage)
     assert (out / "summary.csv").exists() and (out / "loss_curves.png").exists()
+    cpu_h = sum(t.user_attrs["cpu_time"] for t in counted.values()) / 3600
+    assert f"- cost: 2 runs, " in (text := (out / "summary.md").read_text()) and f"{cpu_h:.2f} CPU-hours summed" in text

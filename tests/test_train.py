@@ -141,6 +141,33 @@ def test_resume_equals_uninterrupted(tmp_path, norm, base, cut_at):
     assert again.wall_time == resumed.wall_time
 
 
+def test_cpu_time_is_recorded_and_summed_over_resumes(tmp_path):
+    """CPU seconds of the run, carried in the checkpoint across an interruption; unknown (None) for a run resumed
+    from a checkpoint that did not record them, never a silent undercount."""
+    import torch
+
+    steps = ["trainer.max_steps=12", "trainer.val_every=4", "model.norm=bn"]
+    cut = train(cfg_for(tmp_path, TINY_IMAGE, "run=cut", *steps), callbacks=[_InterruptAt(6)])
+    ckpt = Path(cut.run_dir) / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    (key,) = [k for k in state["callbacks"] if k.startswith("RunMonitor")]
+    saved = state["callbacks"][key]["cpu_time"]
+    assert 0 < saved <= cut.cpu_time
+    resumed = train(cfg_for(tmp_path, TINY_IMAGE, "run=cut", *steps), resume=True)
+    assert resumed.status == "completed" and resumed.cpu_time > saved  # the first part's CPU counted, and more
+    assert resumed.versions["cpu"] and int(resumed.versions["cpus"]) >= 1
+    assert json.loads((Path(resumed.run_dir) / "versions.json").read_text()) == resumed.versions
+    assert RunResult.load(Path(resumed.run_dir) / "result.json").cpu_time == resumed.cpu_time
+
+    old = train(cfg_for(tmp_path, TINY_IMAGE, "run=old", *steps), callbacks=[_InterruptAt(6)])
+    ckpt = Path(old.run_dir) / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    del state["callbacks"][key]["cpu_time"]  # as written by a version that did not record it
+    torch.save(state, ckpt)
+    resumed_old = train(cfg_for(tmp_path, TINY_IMAGE, "run=old", *steps), resume=True)
+    assert resumed_old.status == "completed" and resumed_old.cpu_time is None
+
+
 class _SigtermDuringValidation(L.Callback):
     """A real SIGTERM delivered to this process while validation runs (Lightning's own handler would raise)."""
 

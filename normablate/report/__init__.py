@@ -76,6 +76,7 @@ def write_report(study_name: str, storage: str | None = None, out_dir: str | Pat
         f"- trials counted: {len(data.trials)} of {data.total}; up to {n_seeds} "
         + ("seed(s) per configuration" if kind.seeds_are_replicates else "trials per group"),
         f"- storage: `{data.storage}`; runs (TensorBoard): `{Path(spec.log_dir) / study_name}/`",
+        f"- cost: {cost_line(data.trials)}",
         f"- written {dt.datetime.now().isoformat(timespec='seconds')}",
     ]
     lines += [f"- note: {n}" for n in data.notes]
@@ -98,6 +99,28 @@ def write_report(study_name: str, storage: str | None = None, out_dir: str | Pat
             lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
     (out / "summary.md").write_text("\n".join(lines))
     return out
+
+
+def cost_line(trials) -> str:
+    """What the counted runs cost: summed and median run time, summed CPU time where the runs recorded it
+    (``cpu_time``; trials from before it was recorded have none) and the CPU models they finished on."""
+    if not len(trials) or "wall_time" not in trials:
+        return "no finished runs"
+    wall = trials["wall_time"].dropna()
+    def runs(n: int) -> str:
+        return f"{n} run" + ("s" if n != 1 else "")
+
+    parts = [f"{runs(len(trials))}, {wall.sum() / 3600:.2f} h of run time summed (median {wall.median():.0f} s per run)"]
+    cpu = trials["cpu_time"].dropna() if "cpu_time" in trials else trials.iloc[:0]
+    if len(cpu):
+        parts.append(f"{cpu.sum() / 3600:.2f} CPU-hours summed"
+                     + (f" over the {runs(len(cpu))} that recorded it" if len(cpu) < len(trials) else ""))
+    else:
+        parts.append("CPU time not recorded (runs from before normablate recorded it)")
+    if "cpu" in trials and trials["cpu"].notna().any():
+        models = trials["cpu"].dropna().value_counts()
+        parts.append("on " + ", ".join(f"{m} ({runs(n)})" if len(models) > 1 else m for m, n in models.items()))
+    return "; ".join(parts)
 
 
 def add_report_arguments(p: argparse.ArgumentParser) -> None:

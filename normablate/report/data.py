@@ -112,6 +112,8 @@ def _row(t: optuna.trial.FrozenTrial, spec: SweepSpec, points, sname: str, group
     for k in (*MEASURES, "diverged_step"):
         row[k] = ua.get(k)
     row["run_dir"] = ua.get("run_dir")
+    row["cpu_time"] = ua.get("cpu_time")  # (trials of older versions have neither)
+    row["cpu"] = (ua.get("versions") or {}).get("cpu")
     return row
 
 

@@ -7,7 +7,8 @@ Every trial stores in its user attributes (names the report reads; keep them sta
 them): ``run``, ``run_dir``, ``config``, ``params``, ``resumed``, ``status``, ``diverged``, ``diverged_step``,
 ``steps``, ``final``, ``best``, ``steps_to_target``, ``time_to_target``, ``train_loss_auc``, ``wall_time``,
 ``throughput``, ``history`` (compact curves, probe series included) and, for runs that probed, ``probes``
-(each probe series' mean over the run). A crashed run stores ``error`` and ``traceback``.
+(each probe series' mean over the run), ``cpu_time`` (CPU seconds of the run, where known) and ``versions``
+(libraries, git commit, CPU model). A crashed run stores ``error`` and ``traceback``.
 """
 from __future__ import annotations
 
@@ -201,6 +202,11 @@ class TrialMixin:
         }
         if r.config:
             attrs["config"] = r.config
+        cpu = getattr(r, "cpu_time", None)  # (a RunResult from an older trainer_fn has neither)
+        if cpu is not None:
+            attrs["cpu_time"] = _finite(cpu)
+        if getattr(r, "versions", None):
+            attrs["versions"] = r.versions
         probes = getattr(r, "probes", None)  # (a RunResult from an older trainer_fn has none)
         if probes:
             attrs["probes"] = {k: _finite(v) for k, v in probes.items()}
