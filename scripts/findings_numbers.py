@@ -507,7 +507,8 @@ def batch_size_figure(rules: dict[str, pd.DataFrame], bcol: str, chance: float =
 
 def drops_by_batch(df: pd.DataFrame, bcol: str) -> None:
     """For each batch size below the largest: every norm's accuracy change from the largest batch to it, BN's
-    change minus each other norm's (difference of differences), and the training-loss AUC change."""
+    change minus each other norm's (difference of differences), the training-loss AUC change and, at that batch,
+    each norm's training-loss AUC minus BN's."""
     sizes = sorted(df[bcol].unique())
     large = sizes[-1]
     norms = list(df["norm"].unique())
@@ -529,6 +530,10 @@ def drops_by_batch(df: pd.DataFrame, bcol: str) -> None:
             cells = [f"{n} {diff(at(pick(df, norm=n), b, 'train_loss_auc'), at(pick(df, norm=n), large, 'train_loss_auc'))}"
                      for n in norms]
             print(f"  - training-loss AUC, batch {b} - batch {large}: " + "; ".join(cells))
+            g = df[df[bcol] == b]
+            print(f"  - training-loss AUC at batch {b}: " + "; ".join(
+                f"{n} - bn {diff(pick(g, norm=n)['train_loss_auc'], pick(g, norm='bn')['train_loss_auc'])}"
+                for n in norms if n != "bn"))
     print()
 
 

@@ -61,6 +61,7 @@ def test_drops_by_batch_compares_each_smaller_batch_with_the_largest(fn, capsys)
     i8 = out.index(next(l for l in out if l.startswith("- accuracy, batch 128 - batch 8: bn +0 ")))
     assert out[i8 + 1].startswith("  - BN's drop minus gn's: +0 ") and i2 < i8
     assert out[i2 + 2].startswith("  - training-loss AUC, batch 2 - batch 128: bn +0 ")
+    assert out[i2 + 3].startswith("  - training-loss AUC at batch 2: gn - bn +0 ")
 
 
 def test_variant_best_skips_lrs_where_a_seed_diverged(fn):
