@@ -429,6 +429,9 @@ def claim5() -> None:
         batch_size_effects(joined, bcol)
         print("The same, from the largest batch to each smaller one:\n")
         drops_by_batch(joined, bcol)
+        gn_lrs = load("batch_size_gn_lr_check", keep_diverged=True)
+        if gn_lrs is not None:
+            gn_lr_check(tiny, gn_lrs, bcol)
     sqrt_runs = load("batch_size_sqrt_check")
     if sqrt_runs is None:
         return
@@ -503,6 +506,32 @@ def batch_size_figure(rules: dict[str, pd.DataFrame], bcol: str, chance: float =
     fig.suptitle(f"Claim 5: accuracy vs batch size per norm, mean ± 95% CI over {n_seeds} seeds, dots: runs "
                  f"(batch 128: the same runs, LR 0.03, for both rules)", fontsize=10)
     save_figure(fig, "batch_size_rules.png")
+
+
+def gn_lr_check(tiny: pd.DataFrame, gn_lrs: pd.DataFrame, bcol: str) -> None:
+    """GN at batch 2 with other LRs (batch_size_gn_lr_check) next to batch_size_tiny_check's batch-2 runs (base LR
+    0.03 for both norms): GN's accuracy at each LR and minus BN's; GN's best LR (an LR where a seed diverged is
+    not a candidate, as in the reports) minus BN."""
+    b = int(gn_lrs[bcol].iloc[0])
+    ref = tiny[tiny[bcol] == b]
+    bn = pick(ref, norm="bn")
+    runs = pd.concat([pick(ref, norm="gn"), pick(gn_lrs, norm="gn")], ignore_index=True)
+    runs["diverged"] = runs["diverged"].astype(bool)
+    print(f"GN at batch {b} with other LRs (batch_size_gn_lr_check), against batch_size_tiny_check's batch-{b} runs "
+          f"(BN at LR {bn['lr_used'].iloc[0]:g}):\n")
+    best, best_mean = None, -math.inf
+    for lr, g in sorted(runs.groupby("lr_used"), key=lambda kv: kv[0]):
+        n_div = int(g["diverged"].sum())
+        ok = g[~g["diverged"]]
+        print(f"- gn at LR {lr:g} (base {lr * 128 / b:g} at batch 128): final val acc {stat(ok['final_val_acc'])}"
+              + (f", {n_div} diverged (left out)" if n_div else "")
+              + f"; - bn {diff(ok['final_val_acc'], bn['final_val_acc'])}")
+        if not n_div and len(ok) and ok["final_val_acc"].mean() > best_mean:
+            best, best_mean = (lr, ok), ok["final_val_acc"].mean()
+    if best is not None:
+        print(f"- gn at its best LR of these ({best[0]:g}) - bn at {bn['lr_used'].iloc[0]:g}: "
+              + diff(best[1]["final_val_acc"], bn["final_val_acc"]))
+    print()
 
 
 def drops_by_batch(df: pd.DataFrame, bcol: str) -> None:

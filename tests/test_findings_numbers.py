@@ -64,6 +64,21 @@ def test_drops_by_batch_compares_each_smaller_batch_with_the_largest(fn, capsys)
     assert out[i2 + 3].startswith("  - training-loss AUC at batch 2: gn - bn +0 ")
 
 
+def test_gn_lr_check_picks_gn_best_lr_without_divergence(fn, capsys):
+    """GN at three LRs against BN at one; the LR with the best survivors but a diverged seed is not GN's best."""
+    def runs(norm, lr, accs, div=(False, False, False)):
+        return [{"norm": norm, "batch_size": 2, "lr_used": lr, "seed": s, "final_val_acc": a, "diverged": d}
+                for s, (a, d) in enumerate(zip(accs, div))]
+    tiny = pd.DataFrame(runs("bn", 0.00046875, [0.62, 0.61, 0.60]) + runs("gn", 0.00046875, [0.58, 0.59, 0.60]))
+    gn_lrs = pd.DataFrame(runs("gn", 0.00015625, [0.63, 0.64, 0.65])
+                          + runs("gn", 0.00140625, [0.70, 0.71, 0.10], div=(False, False, True)))
+    fn.gn_lr_check(tiny, gn_lrs, "batch_size")
+    out = capsys.readouterr().out
+    assert "- gn at LR 0.00015625 (base 0.01 at batch 128): final val acc 0.64 " in out
+    assert "- gn at LR 0.00140625 (base 0.09 at batch 128): final val acc 0.705 " in out and "1 diverged (left out)" in out
+    assert "- gn at its best LR of these (0.00015625) - bn at 0.00046875: +0.03 [95% CI" in out
+
+
 def test_variant_best_skips_lrs_where_a_seed_diverged(fn):
     """The reports' rule: an LR where any seed diverged is not a candidate, however good its survivors are."""
     rows = [{"norm": "dyt", "lr": lr, "seed": s, "final_val_ppl": ppl, "diverged": div}
