@@ -940,13 +940,9 @@ def machine() -> dict[str, str]:
     import lightning
     import timm
 
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()),
+    from .train import cpu_model
+
+    return {"cpu": cpu_model(), "cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "lightning": lightning.__version__, "timm": timm.__version__, "normablate": __version__,
             "cuda": torch.version.cuda if torch.cuda.is_available() else "no GPU"}

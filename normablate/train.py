@@ -77,8 +77,9 @@ def cpu_model() -> str:
 
 
 def versions() -> dict[str, str]:
-    """Library versions, git state and machine (CPU model, usable CPUs) of a run. The libraries a run may not import itself (timm, datasets, optuna,
-    torchmetrics) are read from their installed metadata: importing them only to ask took ~4 s of every run's start."""
+    """Library versions, git state and machine (CPU model, usable CPUs) of a run. The libraries a run may not
+    import itself (timm, datasets, optuna, torchmetrics) are read from their installed metadata: importing them
+    only to ask took ~4 s of every run's start."""
     from importlib import metadata
 
     def installed(dist: str) -> str:
