@@ -10,6 +10,7 @@ Statistics as in the reports: mean ± half-width of the 95% t-interval over seed
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from pathlib import Path
@@ -534,6 +535,11 @@ def gn_lr_check(tiny: pd.DataFrame, gn_lrs: pd.DataFrame, bcol: str) -> None:
     print()
 
 
+def at_batch(g: pd.DataFrame, b, col: str, bcol: str) -> pd.Series:
+    """Column ``col`` of g's runs at batch size ``b``."""
+    return g[g[bcol] == b][col]
+
+
 def drops_by_batch(df: pd.DataFrame, bcol: str) -> None:
     """For each batch size below the largest: every norm's accuracy change from the largest batch to it, BN's
     change minus each other norm's (difference of differences), the training-loss AUC change and, at that batch,
@@ -543,8 +549,7 @@ def drops_by_batch(df: pd.DataFrame, bcol: str) -> None:
     norms = list(df["norm"].unique())
     bn = pick(df, norm="bn")
 
-    def at(g: pd.DataFrame, b, col: str) -> pd.Series:
-        return g[g[bcol] == b][col]
+    at = functools.partial(at_batch, bcol=bcol)
 
     for b in sizes[:-1]:
         cells = [f"{n} {diff(at(pick(df, norm=n), large, 'final_val_acc'), at(pick(df, norm=n), b, 'final_val_acc'))}"
@@ -575,8 +580,7 @@ def batch_size_effects(df: pd.DataFrame, bcol: str) -> None:
     norms = list(df["norm"].unique())
     bn = pick(df, norm="bn")
 
-    def at(g: pd.DataFrame, b, col: str) -> pd.Series:
-        return g[g[bcol] == b][col]
+    at = functools.partial(at_batch, bcol=bcol)
 
     def bn_change_minus(g: pd.DataFrame, col: str) -> str:
         """(BN at the large batch - at the small one) - (the same for g's norm), with its Welch CI."""
