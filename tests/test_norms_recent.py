@@ -237,6 +237,40 @@ def test_powernorm_image_layout_equals_tokens_layout():
     torch.testing.assert_close(img.running_nu, tok.running_nu, **F64)
 
 
+def _group_scaling_as_described(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """The authors' GroupScaling1D as their description reads: each token's C channels cut into ``groups``
+    consecutive groups of C/G, each divided by sqrt(mean of its squares + 1e-5) (their default eps, which their
+    PowerNorm never overrides). Written from the description, channels last."""
+    out = torch.empty_like(x)
+    width = x.shape[-1] // groups
+    for g in range(groups):
+        part = x[..., g * width:(g + 1) * width]
+        out[..., g * width:(g + 1) * width] = part / torch.sqrt((part * part).mean(-1, keepdim=True) + 1e-5)
+    return out
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-3])
+def test_powernorm_group_scaling_uses_the_authors_fixed_eps(eps):
+    """At eps 1e-3 and small activations the norm's eps inside the group RMS would change outputs by ~0.5 (issue
+    26); the group scaling uses the authors' 1e-5 whatever ``eps`` is, and ``eps`` only enters psi."""
+    torch.manual_seed(0)
+    x = 0.02 * torch.randn(3, 5, 8, dtype=torch.float64)  # (N, T, C), mean square ~4e-4: eps matters
+    m = nb.norms.create("powernorm", 8, layout="tokens", eps=eps, group_scaling=2, warmup_iters=1).double()
+    with torch.no_grad():
+        m.weight.copy_(torch.linspace(0.5, 2.0, 8)), m.bias.copy_(torch.linspace(-1.0, 1.0, 8))
+    gs = _group_scaling_as_described(x, 2)
+    y = m(x)  # training, first step: warm-up divides by the batch psi_B of the group-scaled input
+    psi_b2 = gs.pow(2).mean(dim=(0, 1))
+    torch.testing.assert_close(y, gs / torch.sqrt(psi_b2 + eps) * m.weight + m.bias, **F64)
+    m.eval()
+    y = m(x)
+    torch.testing.assert_close(y, gs / torch.sqrt(m.running_phi + eps) * m.weight + m.bias, **F64)
+    if eps != 1e-5:  # the old behaviour (norm's eps in the group RMS) is measurably different here
+        rms = torch.sqrt(x.view(3, 5, 2, 4).pow(2).mean(-1, keepdim=True) + eps)  # (N, T, G, 1)
+        wrong = (x.view(3, 5, 2, 4) / rms).view(3, 5, 8)
+        assert (wrong / torch.sqrt(m.running_phi + eps) * m.weight + m.bias - y).abs().max() > 0.1
+
+
 @pytest.mark.parametrize("options,message", [
     ({"alpha_fwd": 1.0}, r"alpha_fwd must be in \[0, 1\)"),
     ({"alpha_bkw": -0.1}, r"alpha_bkw must be in \[0, 1\)"),

@@ -24,7 +24,10 @@ their learning-rate warm-up length; the default here is 1000 (their function's d
 ``group_scaling: G`` (default off) first divides each token by the root mean square of each of G channel
 groups (no statistics across tokens), as the authors' code does before PowerNorm (they use G = number of
 heads; described in the paper's appendix as a stabilizer for LM/MT). Off by default so that ``powernorm`` is
-the paper's Algorithm 1, a pure batch-statistics norm; turn it on to reproduce their setting.
+the paper's Algorithm 1, a pure batch-statistics norm; turn it on to reproduce their setting. As in their
+``GroupScaling1D`` (which PowerNorm builds with its default ``eps=1e-5``, whatever PowerNorm's own eps), the group
+RMS is ``sqrt(mean(x^2) + 1e-5)`` with a fixed 1e-5 (``GROUP_SCALING_EPS``), not the norm's ``eps``: the two
+agree at the default eps 1e-5 and differ only when ``eps`` is changed.
 
 Masking (tokens ``(N, T, C)``, ``mask (N, T)`` True = real): ``psi_B^2`` and the backward's mean use the real
 tokens only; padded positions output 0 and receive no gradient; a batch with no real token changes nothing.
@@ -33,7 +36,8 @@ Differences from the reference code (github.com/sIncerass/powernorm, ``mask_powe
 after warm-up its backward divides by the *batch* ``psi_B`` although its forward divides by ``psi_{t-1}``; we
 divide by ``psi_{t-1}``, the paper's Algorithm 1 and the exact derivative of the forward. Its gradient EMA
 (``ema_gz``) is the paper's ``nu / (1 - a_b)``; we store ``nu``. Its ``nu`` update averages over padded
-positions too; ours over real tokens only. Everything else (forward, running statistics with warm-up, the
+positions too; ours over real tokens only. In agreement with it: the group scaling's eps is its fixed 1e-5, not
+the norm's ``eps``. Everything else (forward, running statistics with warm-up, the
 backward during warm-up and the parameter gradients) matches it numerically: tests/test_norms_recent.py.
 
 Written by hand: no library implements PowerNorm. Layouts: tokens ``(..., C)`` (statistics over every dim but
@@ -47,6 +51,8 @@ import torch
 from torch import nn
 
 from . import register
+
+GROUP_SCALING_EPS = 1e-5  # the authors' GroupScaling1D default, fixed: independent of the norm's eps
 
 
 class _PowerNormalize(torch.autograd.Function):
@@ -103,10 +109,11 @@ class PowerNorm(nn.Module):
         self.register_buffer("iters", torch.zeros((), dtype=torch.long))  # training steps with a real token
 
     def _group_scale(self, x: torch.Tensor, c_dim: int) -> torch.Tensor:
-        """Divide each token by the RMS of each of G channel groups (per token, no cross-token statistics)."""
+        """Divide each token by the RMS of each of G channel groups (per token, no cross-token statistics), with
+        the authors' fixed ``GROUP_SCALING_EPS`` inside the root (not ``self.eps``; see the module doc)."""
         xc = x.movedim(c_dim, -1)
         xg = xc.reshape(*xc.shape[:-1], self.group_scaling, -1)
-        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
+        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + GROUP_SCALING_EPS)
         return xg.reshape(xc.shape).movedim(-1, c_dim)
 
     def batch_stats(self, x: torch.Tensor, c_dim: int, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
