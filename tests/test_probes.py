@@ -180,3 +180,26 @@ def test_landscape_quick_spec_end_to_end(tmp_path):
     md = (out / "summary.md").read_text()
     assert "## Loss landscape and internal covariate shift (probes)" in md and "**Conclusion (lr=0.02):**" in md
     assert (out / "probe_landscape.png").stat().st_size > 0 and (out / "probe_ics.png").stat().st_size > 0
+
+
+def test_tied_weight_counts_once_under_its_owner():
+    """The LM's output layer shares its tensor with the token embedding: one layer, the embedding's (issue 26).
+    Listed twice, the head would sit at the embedding's place in the update order, so its ICS would always be 0
+    and would pull the layer-mean ICS towards 0."""
+    from normablate.models import create
+    from normablate.probes.ics import weight_layers
+
+    lm = create("transformer_lm", norm="ln", n_layer=1, n_embd=16, n_head=2, block_size=8)
+    assert lm.head.weight is lm.tok.weight
+    names = [n for n, _ in weight_layers(lm)]
+    assert "tok" in names and "head" not in names
+    assert len({id(w) for _, w in weight_layers(lm)}) == len(names)
+    cfg = load_config(None, ["probes.enabled=true"])
+    cb = ProbeCallback(lm, cfg.probes)
+    assert [n for n, _ in cb.layers] == names and len({i for _, i in cb.layers}) == len(names)
+    assert cb.params[cb.layers[0][1]] is lm.tok.weight
+    cfg.probes.layers = ["head"]
+    with pytest.raises(ConfigError, match=r"\['head'\] are not weight layers.*valid: tok"):
+        ProbeCallback(lm, cfg.probes)
+    untied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    assert [n for n, _ in weight_layers(untied)] == ["0", "1"]

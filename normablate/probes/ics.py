@@ -9,7 +9,10 @@ ICS_i is ||G_i - G'_i||_2, reported with cos(G_i, G'_i): how much a layer's grad
 layers before it moved. Our choices, where the definition leaves room:
 
 * "Layer" = a module with a ``weight`` matrix (Conv, Linear, Embedding), in registration order, which in our
-  backbones is the forward order. "The earlier layers took their update" = every parameter registered before
+  backbones is the forward order. A weight tensor shared by several modules (the LM's output layer tied to its
+  token embedding) is one parameter and counts once, under the first module that registers it (the embedding,
+  which owns it): a second entry would be the same tensor at the same position in the update order, so its
+  ICS would repeat the owner's (0 for the embedding, the first layer) and bias the layer-mean ICS. "The earlier layers took their update" = every parameter registered before
   W_i (earlier weights, and the biases and norm gains/shifts between them) is at its value after the step;
   W_i and everything after it at its value before.
 * The update W^{t+1} - W^t is the one the actual optimizer made at step t (SGD with momentum or AdamW, with
@@ -33,9 +36,15 @@ WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(module name, weight) of every Conv/Linear/Embedding with a trainable weight, in registration order."""
-    return [(name, m.weight) for name, m in model.named_modules()
-            if isinstance(m, WEIGHT_LAYERS) and isinstance(m.weight, nn.Parameter) and m.weight.requires_grad]
+    """(module name, weight) of every Conv/Linear/Embedding with a trainable weight, in registration order; a
+    tied weight once, under the first module that registers it (see the module doc)."""
+    out, seen = [], set()
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, WEIGHT_LAYERS) and isinstance(w, nn.Parameter) and w.requires_grad and id(w) not in seen:
+            seen.add(id(w))
+            out.append((name, w))
+    return out
 
 
 def ics(loss_fn: LossFn, params: Sequence[torch.Tensor], layers: Sequence[int], before: Sequence[torch.Tensor],
