@@ -16,23 +16,26 @@ from optuna.trial import TrialState
 from .. import studies
 from ..analysis.data import MEASURES, StudyData, col
 from ..errors import ConfigError
-from ..sweep.queue import ATTR
+from ..sweep.queue import read_meta
 from ..sweep.spec import SweepSpec, norm_label, value_label
-from ..sweep.storage import normalize_url, open_storage, retry
+from ..sweep.storage import NoStorage, normalize_url, open_storage, retry
 
 SCALAR = (int, float, str, bool)
 
 
 def load(study_name: str, storage: str | None = None) -> StudyData:
     url = normalize_url(storage)
-    st = open_storage(url)
+    try:
+        st = open_storage(url, create=False)  # a missing study creates nothing (no optuna.db, no folders)
+    except NoStorage as e:
+        raise ConfigError(f"no study {study_name!r}: {e}") from None
     try:
         main = retry(lambda: optuna.load_study(study_name=study_name, storage=st))
     except KeyError:
         names = optuna.get_all_study_names(st)
         tops = sorted(n for n in names if "/" not in n)
         raise ConfigError(f"no study {study_name!r} in {url}; studies there: {', '.join(tops) or 'none'}") from None
-    meta = main.user_attrs.get(ATTR)
+    meta = read_meta(st, main)  # (the spec: a system attribute; older studies: the user attribute)
     if meta is None:
         raise ConfigError(f"study {study_name!r} in {url} was not made by `normablate sweep` (no spec attribute)")
     spec = SweepSpec.from_json(meta["spec"])
@@ -108,6 +111,12 @@ def _row(t: optuna.trial.FrozenTrial, spec: SweepSpec, points, sname: str, group
     row["value"] = t.value if t.state == TrialState.COMPLETE else None
     for at in ("final", "best"):
         for k, v in (ua.get(at) or {}).items():
+            row[col(k, at)] = v
+    # the test split (trials of older versions have none: missing, never 0): final_test_* = the final model's,
+    # best_test_* = the weights that metric_at: best selects (test_at_best; empty when those are the final ones)
+    test = ua.get("test") or {}
+    for at, values in (("final", test), ("best", ua.get("test_at_best") or test)):
+        for k, v in values.items():
             row[col(k, at)] = v
     for k in (*MEASURES, "diverged_step"):
         row[k] = ua.get(k)

@@ -211,7 +211,7 @@ def _pruning_callback(p: dict[str, Any]):
                 self.trial = _open_trial(p)
             super().on_validation_end(trainer, pl_module)
 
-    return StoragePruning(None, p["metric"])
+    return StoragePruning(None, p["metric"], prune=(p.get("pruner") or {}).get("name", "none") != "none")
 
 
 def main(argv: list[str] | None = None) -> int:

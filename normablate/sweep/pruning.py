@@ -15,14 +15,16 @@ import optuna
 
 
 class OptunaPruning(L.Callback):
-    """After each validation: ``trial.report(metric, global_step)``; raise ``TrialPruned`` if the pruner says so.
+    """After each validation: ``trial.report(metric, global_step)``; raise ``TrialPruned`` if the pruner says so
+    (``prune=False``: report only, for the learning curves of a sweep without a pruner).
 
     Keeps the run's curves (from any callback with a ``history`` attribute, i.e. ``RunMonitor``) so a pruned
     trial's record still has them.
     """
 
-    def __init__(self, trial: optuna.Trial | None, metric: str) -> None:
+    def __init__(self, trial: optuna.Trial | None, metric: str, prune: bool = True) -> None:
         self.trial, self.metric = trial, metric
+        self.prune = prune  # False: only report (the learning curve), never ask the pruner
         self.pruned_step: int | None = None
         self.history: dict = {}
 
@@ -35,7 +37,7 @@ class OptunaPruning(L.Callback):
         prune = False
         if getattr(trainer, "is_global_zero", True) and self.trial is not None:  # (the dry-run trainer: one rank)
             self.trial.report(value, step)
-            prune = self.trial.should_prune()
+            prune = self.prune and self.trial.should_prune()
         if getattr(trainer, "world_size", 1) > 1:
             prune = bool(trainer.strategy.broadcast(prune, src=0))
         if prune:

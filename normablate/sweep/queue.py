@@ -11,8 +11,12 @@ point per trial; two workers can pick the same point, and once every point has *
 a point that is still running elsewhere. Popping a WAITING trial is atomic in every storage (a row lock in an
 RDB, log order in a journal), so each point is claimed by exactly one worker.
 
-The study user attribute ``normablate`` holds ``{"spec", "fingerprint", "total", "kind", "groups"}`` (the report
-reads it); ``normablate_ready`` is set once every trial is enqueued.
+The study *system* attribute ``normablate:spec`` holds ``{"spec", "fingerprint", "total", "kind", "groups"}`` (the
+report reads it: ``read_meta``); the *user* attribute ``normablate`` holds a compact summary (kind, metric,
+direction, total, fingerprint), which is what ``optuna studies`` prints (it prints every user attribute, no system
+one). Studies made before (the whole record in the user attribute) are read the same. ``normablate_ready`` is set
+once every trial is enqueued. Every study is given its metric's name (``set_metric_names``: optuna-dashboard and
+``trials_dataframe`` show ``val/acc``, not "Objective 0").
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import os
 import re
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +37,36 @@ from .liveness import HOST
 from .spec import Point, make_pruner
 from .storage import retry
 
-ATTR = "normablate"  # study user attr: {"spec", "fingerprint", "total", "groups", "kind"}
+ATTR = "normablate"  # study user attr: compact {"kind", "metric", "direction", "total", "fingerprint"}
+SPEC_ATTR = "normablate:spec"  # study system attr: {"spec", "fingerprint", "total", "groups", "kind"}
 READY = "normablate_ready"
+
+
+def read_meta(storage, study: optuna.Study) -> dict[str, Any] | None:
+    """A sweep study's full record (spec, fingerprint, total, kind, groups): the system attribute, else (a study made
+    before it existed) the user attribute; None for a study not made by ``normablate sweep``."""
+    full = retry(lambda: storage.get_study_system_attrs(study._study_id)).get(SPEC_ATTR)
+    if full is not None:
+        return full
+    old = study.user_attrs.get(ATTR)
+    return old if isinstance(old, dict) and "spec" in old else None
+
+
+def write_meta(storage, study: optuna.Study, meta: dict[str, Any]) -> None:
+    """The full record as a system attribute first, then the compact user attribute (a reader waits for that)."""
+    spec = meta["spec"]
+    retry(lambda: storage.set_study_system_attr(study._study_id, SPEC_ATTR, meta))
+    compact = {"kind": meta["kind"], "metric": spec.get("metric"), "direction": spec.get("direction"),
+               **{k: v for k, v in meta.items() if k not in ("spec", "groups", "kind")}}  # total, fingerprint, ...
+    retry(lambda: study.set_user_attr(ATTR, compact))
+
+
+def name_metric(study: optuna.Study, metric: str) -> None:
+    """``study.set_metric_names([metric])`` unless already so (old studies get it when next loaded)."""
+    if study.metric_names != [metric]:
+        with warnings.catch_warnings():  # (ExperimentalWarning since Optuna 3.2; the interface has not changed)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry(lambda: study.set_metric_names([metric]))
 
 
 @dataclass
@@ -91,6 +124,10 @@ class QueueMixin:
         spec = self.spec
         meta = {"spec": spec.to_json(), "fingerprint": spec.fingerprint(), "total": spec.total, "kind": spec.kind,
                 "groups": self._group_names()}
+        if spec.hypotheses:  # pre-registered: frozen with the spec (its fingerprint covers them too)
+            from .hypotheses import digest
+
+            meta["hypotheses_hash"] = digest(spec.hypotheses)
         created = False
         if create and not self._exists():
             run_root = Path(spec.log_dir) / spec.study_name
@@ -106,16 +143,19 @@ class QueueMixin:
             except optuna.exceptions.DuplicatedStudyError:
                 pass
         if created:
-            main.set_user_attr(ATTR, meta)
+            write_meta(self.storage, main, meta)
             self.log(f"new study in {self.url}: {spec.kind}, {spec.total} trials")
             for name in meta["groups"]:
                 retry(lambda n=name: optuna.create_study(study_name=n, storage=self.storage, direction=spec.direction,
                                                          load_if_exists=True))
         else:
             main = self._wait_ready_or_load(meta)
+        name_metric(main, spec.metric)
         groups = meta["groups"]
         if self.kind.grouped:
             self.studies = [(self._load(n, p), p) for n, p in zip(groups, self.points)]
+            for study, _ in self.studies:
+                name_metric(study, spec.metric)
         else:
             self.studies = [(self._load(spec.study_name, None), None)]
         if created:
@@ -142,24 +182,31 @@ class QueueMixin:
         while ATTR not in main.user_attrs and time.time() < deadline:
             time.sleep(0.5)
             main = retry(lambda: optuna.load_study(study_name=spec.study_name, storage=self.storage))
-        old = main.user_attrs.get(ATTR)
+        old = read_meta(self.storage, main)
         if old is None:
             raise ConfigError(f"study {spec.study_name!r} in {self.url} was not made by `normablate sweep` (no spec "
                               f"attribute); choose another --study-name, or delete it: optuna delete-study "
                               f"--study-name {spec.study_name} --storage {self.url}")
         deadline = time.time() + timeout
+        if old["fingerprint"] != meta["fingerprint"] and old["spec"].get("hypotheses") \
+                and adds_seeds(old["spec"], meta["spec"]):
+            raise ConfigError(f"study {spec.study_name!r} in {self.url} has pre-registered hypotheses: adding seeds "
+                              f"after results exist is optional stopping, which the verdicts' error rates do not "
+                              f"allow for; pass --study-name NEW to run the larger study from scratch")
         if old["fingerprint"] != meta["fingerprint"] and not self.kind.grouped \
                 and adds_seeds(old["spec"], meta["spec"]):
             # more seeds for the same experiment: the new points come after the old ones (seed is the outermost
             # axis), so finished trials keep their point index and only the new seeds are enqueued
-            retry(lambda: main.set_user_attr(ATTR, meta))
+            write_meta(self.storage, main, meta)
             self.log(f"seeds {old['spec']['grid']['seed']} -> {meta['spec']['grid']['seed']}: "
                      f"{meta['total'] - old['total']} more trials")
             old = meta
         if old["fingerprint"] != meta["fingerprint"]:
             diff = _spec_diff(old["spec"], meta["spec"])
+            why = ("; its hypotheses were fixed before its first trial, and a changed hypothesis is a new study"
+                   if any(d.startswith("hypotheses") for d in diff) else "")
             raise ConfigError(f"study {spec.study_name!r} in {self.url} was started from a different sweep spec "
-                              f"(differs in: {', '.join(diff) or '?'}); re-run with the original spec, or pass "
+                              f"(differs in: {', '.join(diff) or '?'}){why}; re-run with the original spec, or pass "
                               f"--study-name NEW to start a new study")
         while not main.user_attrs.get(READY) and time.time() < deadline:  # its creator is still enqueueing
             time.sleep(0.5)

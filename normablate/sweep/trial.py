@@ -5,7 +5,8 @@ recorded exactly like a one-process trial.
 
 Every trial stores in its user attributes (names the report reads; keep them stable, existing studies depend on
 them): ``run``, ``run_dir``, ``config``, ``params``, ``resumed``, ``status``, ``diverged``, ``diverged_step``,
-``steps``, ``final``, ``best``, ``steps_to_target``, ``time_to_target``, ``train_loss_auc``, ``wall_time``,
+``steps``, ``final``, ``best`` (validation split), ``test``, ``test_at_best``, ``best_step`` (test split, see
+``RunResult``), ``steps_to_target``, ``time_to_target``, ``train_loss_auc``, ``wall_time``,
 ``throughput``, ``history`` (compact curves, probe series included) and, for runs that probed, ``probes``
 (each probe series' mean over the run), ``cpu_time`` (CPU seconds of the run, where known) and ``versions``
 (libraries, git commit, CPU model). A crashed run stores ``error`` and ``traceback``.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import sys
 import time
 import traceback
@@ -30,9 +32,14 @@ from ..result import RunResult
 from .ddp_trial import TrialProcess, needs_process, threads_per_rank, world_of
 from .liveness import Heartbeat
 from .queue import Slot
-from .storage import retry
+from .storage import StorageError, _disk_full, disk_full_message, retry
 
 HISTORY_POINTS = 256  # curves kept per metric in the trial record (downsampled by averaging)
+
+
+def debugging() -> bool:
+    """``--debug`` (the CLI exports it as ``NORMABLATE_DEBUG=1``, so workers see it too)."""
+    return os.environ.get("NORMABLATE_DEBUG", "") not in ("", "0")
 
 
 def load_trainer(path: str) -> Callable[..., RunResult]:
@@ -78,8 +85,12 @@ class TrialMixin:
         trial = slot.trial
         if not self.kind.grouped:
             for a in self.spec.axes:  # fixed params: records them (readable) in the trial
-                if a.key != "seed":  # (not the seed: its choices may grow, see queue.adds_seeds; it is in "axes")
+                if a.key != "seed":
                     trial.suggest_categorical(a.key, a.choices)
+                elif all(isinstance(v, int) and not isinstance(v, bool) for v in a.choices):
+                    # an integer range, not categorical: a study's seeds may grow (queue.adds_seeds), and Optuna
+                    # refuses a categorical parameter whose choices change within a study; an int's range may
+                    trial.suggest_int("seed", min(a.choices), max(a.choices))
             return {}
         return self.kind.suggest(trial, self.spec.options)
 
@@ -114,17 +125,19 @@ class TrialMixin:
         self.log(f"trial {trial.number} started: {label}" + (" (resuming)" if resume else "")
                  + (f" (DDP: {world_of(cfg)} processes x {cfg.trainer.threads} threads)" if ddp else ""))
         pruning, callbacks, run_fn = None, None, trainer_fn
+        # every validation's metric is reported to the trial (optuna-dashboard's learning curves), with or without
+        # a pruner; only a pruner asks should_prune (none: NopPruner, never asked)
         prune = spec.pruner.get("name", "none") != "none"
         if ddp:  # rank 0 of the child reports to this trial in the storage
             job = {"storage": self.url, "log_dir": spec.log_dir, "study": slot.study.study_name,
                    "trial_id": trial._trial_id, "metric": spec.metric, "pruner": spec.pruner,
-                   "max_steps": self._pruner_max_steps(slot.point if self.kind.grouped else None)} if prune else None
+                   "max_steps": self._pruner_max_steps(slot.point if self.kind.grouped else None)}
             run_fn = TrialProcess(spec.trainer_fn, job)
             pruning = run_fn.pruning
-        elif prune:
+        else:
             from .pruning import OptunaPruning  # imports Lightning
 
-            pruning = OptunaPruning(trial, spec.metric)
+            pruning = OptunaPruning(trial, spec.metric, prune=prune)
             callbacks = [pruning]
         t_start = time.time()
         with Heartbeat(self.storage, trial._trial_id, float(spec.heartbeat["interval"])):
@@ -139,12 +152,23 @@ class TrialMixin:
                 raise
             except Exception as e:  # noqa: BLE001  a crashed run is recorded, and the sweep goes on
                 line = getattr(e, "child_error", None) or "".join(traceback.format_exception_only(type(e), e))
-                trial.set_user_attr("error", line.strip()[-2000:])
                 tb = getattr(e, "child_traceback", None) or traceback.format_exc()  # a DDP trial's: the child's
-                trial.set_user_attr("traceback", tb[-8000:])
-                self._tell(slot, state=TrialState.FAIL)
-                print(tb, file=sys.stderr, flush=True)
-                return f"trial {trial.number} {label}: FAILED ({type(e).__name__}: {e})"
+                full = _disk_full(e) or "No space left on device" in line
+                try:
+                    trial.set_user_attr("error", line.strip()[-2000:])
+                    trial.set_user_attr("traceback", tb[-8000:])
+                    self._tell(slot, state=TrialState.FAIL)
+                except StorageError:
+                    if not full:
+                        raise
+                if full:  # every later trial would fail the same way: stop, one line (its checkpoint is kept)
+                    raise StorageError(f"trial {trial.number} stopped: " + disk_full_message(e, str(run_dir)))
+                if debugging():
+                    print(tb, file=sys.stderr, flush=True)
+                first = line.strip().splitlines()[-1] if line.strip() else type(e).__name__
+                print(f"trial {trial.number} {label} failed: {first[:300]} (its traceback is in the trial's "
+                      f"'traceback' attribute; --debug prints it)", file=sys.stderr, flush=True)
+                return f"trial {trial.number} {label}: FAILED ({first[:300]})"
             if result.status == "interrupted":
                 self._interrupt(slot, "run interrupted by a signal (checkpoint saved)")
                 self.interrupted = True
@@ -195,6 +219,10 @@ class TrialMixin:
             "status": r.status, "diverged": r.diverged, "diverged_step": r.diverged_step, "steps": r.steps,
             "final": {k: _finite(v) for k, v in r.final.items()},
             "best": {k: _finite(v) for k, v in r.best.items()},
+            # the test split (reported, never selected on); older trainer_fns return none
+            "test": {k: _finite(v) for k, v in (getattr(r, "test", None) or {}).items()},
+            "test_at_best": {k: _finite(v) for k, v in (getattr(r, "test_at_best", None) or {}).items()},
+            "best_step": getattr(r, "best_step", None),
             "steps_to_target": r.steps_to_target, "time_to_target": _finite(r.time_to_target),
             "train_loss_auc": _finite(r.train_loss_auc), "wall_time": _finite(r.wall_time),
             "throughput": _finite(r.throughput), "run_dir": r.run_dir,
@@ -216,7 +244,7 @@ class TrialMixin:
 
     def _record_pruned(self, trial: optuna.Trial, pruning, cfg, run_dir: Path, wall: float) -> None:
         attrs = {"status": "pruned", "diverged": False, "steps": pruning.pruned_step, "wall_time": wall,
-                 "run_dir": str(run_dir), "history": compact_history(pruning.history, cfg.trainer.max_steps)}
+                 "run_dir": str(run_dir), "history": compact_history(pruning.history, cfg.trainer.max_steps or max(pruning.pruned_step or 1, 1))}
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
 
