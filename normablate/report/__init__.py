@@ -14,10 +14,11 @@ import datetime as dt
 from pathlib import Path
 
 from .. import studies
+from . import outdir
 from ..analysis.data import StudyData
 from .data import load
 
-__all__ = ["StudyData", "add_report_arguments", "cmd_report", "headline", "load", "write_report"]
+__all__ = ["StudyData", "add_report_arguments", "cmd_report", "headline", "load", "verdict_lines", "write_report"]
 
 
 def headline(data: StudyData, summ=None) -> str:
@@ -41,16 +42,15 @@ def headline(data: StudyData, summ=None) -> str:
 def write_report(study_name: str, storage: str | None = None, out_dir: str | Path | None = None) -> Path:
     """Write the report of ``study_name`` (storage default: ``sqlite:///lightning_logs/optuna.db``) into
     ``out_dir`` (default ``<log_dir>/<study>/report``). Returns the folder."""
-    from ..analysis import plots, tables
+    from ..analysis import plots, tables, verdicts
     from . import probes
 
     data = load(study_name, storage)
     spec = data.spec
     kind = studies.get(spec.kind)  # (by name: a sweep process started with older code holds an older SweepSpec)
-    out = Path(out_dir) if out_dir is not None else Path(spec.log_dir) / study_name / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.png"):
-        old.unlink()
+    default = Path(spec.log_dir) / study_name / "report"
+    out = Path(out_dir) if out_dir is not None else default
+    before = outdir.claim(out, default=out.resolve() == default.resolve())  # only files it owns (outdir.py)
 
     summ = tables.summary(data)
     summ.to_csv(out / "summary.csv", index=False)
@@ -63,13 +63,20 @@ def write_report(study_name: str, storage: str | None = None, out_dir: str | Pat
         table.to_csv(out / name, index=False)
     figures = [("Training loss", plots.loss_curves(data, out, per_sample=kind.per_sample_curves)),
                *section.figures, *probe.figures]
+    judged = verdicts.evaluate(data)  # the spec's pre-registered hypotheses (none: [])
+    if judged:
+        import pandas as pd
+
+        pd.DataFrame(verdicts.rows(judged)).to_csv(out / "verdicts.csv", index=False)
 
     n_seeds = summ["n"].max() if len(summ) else 0
     line = headline(data, summ)
     lines = [
         f"# Report: {study_name}",
         "",
-        f"**Headline:** {line}",
+        verdicts.markdown(judged) or "_No pre-registered hypotheses (the spec's `hypotheses:`): every comparison in "
+                                     "this report is exploratory._\n",
+        f"**Headline:** (exploratory) {line}",
         "",
         f"- kind: **{spec.kind}**; metric: {spec.metric_at} {spec.metric} ({spec.direction})"
         + (f" — {spec.description}" if spec.description else ""),
@@ -80,7 +87,8 @@ def write_report(study_name: str, storage: str | None = None, out_dir: str | Pat
         f"- written {dt.datetime.now().isoformat(timespec='seconds')}",
     ]
     lines += [f"- note: {n}" for n in data.notes]
-    definitions = [tables.DEFINITIONS, kind.definition] + ([probes.DEFINITION] if probe.markdown else [])
+    definitions = [verdicts.DEFINITION, tables.DEFINITIONS, kind.definition] \
+        + ([probes.DEFINITION] if probe.markdown else [])
     lines += ["", "<details><summary>How the numbers are defined</summary>", "", "\n".join(d for d in definitions if d),
               "", "</details>", ""]
     if section.markdown:
@@ -98,6 +106,7 @@ def write_report(study_name: str, storage: str | None = None, out_dir: str | Pat
         if path is not None:
             lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
     (out / "summary.md").write_text("\n".join(lines))
+    outdir.finish(out, before)  # the manifest; deletes only the files the last report wrote and this one did not
     return out
 
 
@@ -134,7 +143,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"report: {out / 'summary.md'}  (tables: summary.csv, trials.csv; plots: "
           f"{', '.join(sorted(p.name for p in out.glob('*.png'))) or 'none'})")
     print(f"headline: {first_line(out / 'summary.md')}")
+    for line in verdict_lines(out):  # the pre-registered verdicts come last
+        print(line)
     return 0
+
+
+def verdict_lines(out: Path) -> list[str]:
+    """The one-line verdicts of a written report (``verdicts.csv``; [] when the spec has no hypotheses)."""
+    import csv
+
+    path = Path(out) / "verdicts.csv"
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return [r["line"] for r in csv.DictReader(f)]
 
 
 def first_line(summary_md: Path) -> str:

@@ -33,7 +33,7 @@ from .liveness import HOST, Heartbeat, host_id, pid_alive
 from .queue import ATTR, READY, Counts, QueueMixin, Slot
 from .reaper import ReaperMixin
 from .spec import Point, SweepSpec, load_spec
-from .storage import normalize_url, open_storage
+from .storage import display_url, normalize_url, open_storage
 from .supervise import STOP, run_workers, stop_on_signals
 from .trial import HISTORY_POINTS, TrialMixin, compact_history, load_trainer
 
@@ -165,7 +165,7 @@ def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, s
     sweep = Sweep(spec, storage, verbose=verbose, runtime=runtime, worker="" if workers == 1 else "main")
     sweep.setup(create=True)
     c = sweep.counts()
-    sweep.log(f"storage {sweep.url}; {c.done}/{c.total} done, {c.waiting} queued; {workers} worker(s); "
+    sweep.log(f"storage {display_url(sweep.url)}; {c.done}/{c.total} done, {c.waiting} queued; {workers} worker(s); "
               f"runs under {Path(spec.log_dir) / spec.study_name}")
     code = 0
     STOP.signum = None

@@ -17,19 +17,41 @@ connection-level failure (server down or restarting, dropped connection, locked 
 with the original error. ``pool_pre_ping`` replaces the dead pooled connections once the server is back. A write
 whose reply was lost may be applied twice; the sweep's duplicate handling (one COMPLETE trial per grid point)
 counts such a point once.
+
+Faults the user can act on end the command with one line naming the file or server and the next step (exit 2,
+``StorageError``): a corrupt SQLite file or journal, a full disk, a database server still unreachable after the
+patience. A journal file is checked before anything is appended (``check_journal``): a torn or garbage tail (a
+crash or a full disk mid-append) is cut off after a backup copy is kept; damage before the last complete record is
+refused.
 """
 from __future__ import annotations
 
+import datetime as dt
+import errno
+import json
 import logging
 import os
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..errors import NormablateError
+
 DEFAULT_DB = "optuna.db"
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+class StorageError(NormablateError):
+    """The study's storage cannot be used as it is (corrupt file, full disk, unreachable server). The message names
+    the file or server and what to do; the CLI prints it as one line and exits 2."""
+
+
+class NoStorage(StorageError):
+    """``open_storage(..., create=False)``: the storage file does not exist (so it holds no study)."""
 
 
 def patience() -> float:
@@ -86,6 +108,92 @@ def check_url(url: str) -> None:
         raise ConfigError(f"--storage {url!r}: an SQLite URL needs a file, e.g. sqlite:///lightning_logs/optuna.db")
 
 
+def display_url(url: str) -> str:
+    """``url`` as printed: a database URL's password is masked (``postgresql://u:***@host/db``)."""
+    if "://" not in url or url.startswith("sqlite"):
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001  (not a URL SQLAlchemy reads: nothing to mask)
+        return url
+
+
+def _record_ok(line: bytes) -> bool:
+    """Whether one journal line is a complete record as Optuna's ``JournalFileBackend.read_logs`` reads it: the line
+    ends with a newline and ``json.loads`` gives an operation (a JSON object with ``op_code``). Optuna itself only
+    skips a bad *last* line and fails on any other (``JSONDecodeError``; ``UnicodeDecodeError`` for binary bytes)."""
+    if not line.endswith(b"\n"):
+        return False
+    try:
+        rec = json.loads(line)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return False
+    return isinstance(rec, dict) and "op_code" in rec
+
+
+def _scan_journal(path: Path) -> tuple[int, int | None, int]:
+    """(end of the last complete record, offset of the first bad byte after it or None, file size). Raises
+    ``StorageError`` naming the offset when a bad line comes before a complete record (damage inside the file)."""
+    good_end, first_bad, offset = 0, None, 0
+    with open(path, "rb") as f:
+        for line in f:
+            if _record_ok(line):
+                if first_bad is not None:
+                    raise StorageError(
+                        f"journal {str(path)!r} is damaged: the record at byte {first_bad} does not parse and "
+                        f"complete records follow it, so it was left as it is and nothing was written; restore the "
+                        f"file from a backup, or move it aside and start the study again")
+                good_end = offset + len(line)
+            elif first_bad is None:
+                first_bad = offset
+            offset += len(line)
+    return good_end, first_bad, offset
+
+
+def check_journal(path: str | Path) -> int:
+    """Make a journal file safe to append to; returns the bytes dropped (0 when the file is whole).
+
+    Hand-written because Optuna's ``JournalFileBackend`` appends straight after whatever the file ends with: after
+    a torn write (a crash or a full disk mid-append) the next record is glued to the torn one, and from then on
+    every read fails. Here, a tail after the last complete record (``_record_ok``) that is not one is cut off, under
+    Optuna's own journal lock (a live writer's half-written line is waited for, not cut), after the file is copied
+    to ``PATH.bak-<UTC time>``; one line on stderr names the file and the bytes dropped. A bad record with complete
+    ones after it, or a non-empty file with no complete record at all (not a journal, or a binary file), is refused
+    (``StorageError``) and nothing is written."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    good_end, first_bad, size = _scan_journal(path)
+    if first_bad is None:
+        return 0
+    if good_end == 0:
+        raise StorageError(f"{str(path)!r} is not an Optuna journal (no complete record in its {size} bytes; the "
+                           f"first bad byte is at offset {first_bad}), so it was left as it is; pass another file to "
+                           f"--storage, or move this one aside")
+    from optuna.storages.journal import JournalFileSymlinkLock
+    from optuna.storages.journal._file import get_lock_file
+
+    with get_lock_file(JournalFileSymlinkLock(str(path))):  # the lock Optuna's append_logs holds
+        good_end, first_bad, size = _scan_journal(path)  # again: a writer may have finished its line meanwhile
+        if first_bad is None:
+            return 0
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        backup = path.with_name(f"{path.name}.bak-{stamp}")
+        if backup.exists():
+            backup = path.with_name(f"{path.name}.bak-{stamp}-{os.getpid()}")
+        shutil.copy2(path, backup)
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+            f.flush()
+            os.fsync(f.fileno())
+    dropped = size - good_end
+    print(f"journal {str(path)!r}: dropped {dropped} bytes of an incomplete or garbage tail after the last complete "
+          f"record (byte {good_end}); the file as it was is kept in {str(backup)!r}", file=sys.stderr, flush=True)
+    return dropped
+
+
 def _sqlite_immediate(engine) -> None:
     from sqlalchemy import event
 
@@ -100,8 +208,9 @@ def _sqlite_immediate(engine) -> None:
     engine.dispose()  # connections opened during RDBStorage's own set-up predate the hooks
 
 
-def open_storage(url: str | None, log_dir: str | Path = "lightning_logs"):
-    """An Optuna storage object for ``url`` (see the module doc); creates folders for file storages."""
+def open_storage(url: str | None, log_dir: str | Path = "lightning_logs", *, create: bool = True):
+    """An Optuna storage object for ``url`` (see the module doc); creates folders for file storages, or with
+    ``create=False`` refuses (``StorageError``) a storage file that does not exist yet (nothing is created)."""
     import optuna
 
     url = normalize_url(url, log_dir)
@@ -110,20 +219,31 @@ def open_storage(url: str | None, log_dir: str | Path = "lightning_logs"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         path = Path(url[len("journal:"):])
+        if not create and not path.exists():
+            raise NoStorage(f"no journal {str(path)!r}, so no studies there (no sweep has written there); check "
+                            f"--storage")
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        check_journal(path)
+        try:
+            return JournalStorage(JournalFileBackend(str(path)))
+        except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError: changed since check_journal read it)
+            raise StorageError(f"journal {str(path)!r} cannot be read ({type(e).__name__}: {e}); restore it from a "
+                               f"backup or move it aside") from None
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         db = url.split(":///", 1)[-1]
         if db and db != ":memory:":
+            if not create and not Path(db).exists():
+                raise NoStorage(f"no database {db!r}, so no studies there (no sweep has written there); check "
+                                f"--storage")
             Path(db).parent.mkdir(parents=True, exist_ok=True)
         kwargs = {"connect_args": {"timeout": 60}}
     else:
         kwargs = {"pool_pre_ping": True}
-    storage = retry(lambda: _rdb_storage(url, kwargs))
+    storage = retry(lambda: _rdb_storage(url, kwargs), where=url)
     if url.startswith("sqlite"):
         _sqlite_immediate(storage.engine)
-    return retrying(storage)
+    return retrying(storage, url)
 
 
 def _rdb_storage(url: str, kwargs: dict[str, Any]):
@@ -153,6 +273,8 @@ def transient(e: BaseException) -> bool:
     from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, PendingRollbackError
 
     conn = (OperationalError, InterfaceError, DisconnectionError, ConnectionError, PendingRollbackError)
+    if isinstance(e, StorageError) or _disk_full(e) or _corrupt(e):  # waiting does not fix these (a StorageError
+        return False                                                  # is a failure already waited for)
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -166,9 +288,64 @@ def transient(e: BaseException) -> bool:
     return False
 
 
-def retry(fn: Callable[[], T], tries: int | None = None, delay: float = 0.5, max_delay: float = 10.0) -> T:
+def _chain(e: BaseException | None):
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _disk_full(e: BaseException) -> bool:
+    """A full disk anywhere in the cause chain: ``ENOSPC``/``EDQUOT``, or SQLite's "database or disk is full"."""
+    return any((isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT))
+               or "disk is full" in str(x).lower() for x in _chain(e))
+
+
+def _corrupt(e: BaseException) -> bool:
+    """SQLite's answer for a damaged or foreign file."""
+    text = " ".join(str(x).lower() for x in _chain(e))
+    return "file is not a database" in text or "disk image is malformed" in text
+
+
+def disk_full_message(e: BaseException, where: str = "") -> str:
+    """One line for a full disk: the file (or storage) and what to do."""
+    name = next((x.filename for x in _chain(e) if isinstance(x, OSError) and x.filename), None)
+    at = repr(str(name)) if name else repr(where) if where else "the output folder"
+    return (f"no space left on the disk holding {at}; free some space (or point --storage / trainer.log_dir "
+            f"elsewhere), then run the same command again (finished trials and checkpoints are kept)")
+
+
+def failure(e: BaseException, where: str) -> StorageError | None:
+    """The ``StorageError`` (one line: file or server, next step) for a storage failure the user can act on, or
+    None for anything else (a logical error such as a missing study, or a bug)."""
+    if isinstance(e, StorageError):
+        return e
+    shown = display_url(where)
+    if _disk_full(e):
+        db = where.split(":///", 1)[-1] if where.startswith("sqlite") else where
+        return StorageError(disk_full_message(e, db))
+    if _corrupt(e):
+        db = where.split(":///", 1)[-1]
+        return StorageError(f"{db!r} is not a readable SQLite database (corrupt or another kind of file); restore it "
+                            f"from a backup, or move it aside and run the sweep again to start a new study")
+    if transient(e):
+        first = next((str(x).strip().splitlines()[0][:200] for x in _chain(e) if str(x).strip()), type(e).__name__)
+        if where.startswith("sqlite"):
+            return StorageError(f"the SQLite database {where.split(':///', 1)[-1]!r} could not be used ({first}); "
+                                f"check that its folder is on a local disk and no other program holds it, then run "
+                                f"the same command again (finished trials are kept)")
+        return StorageError(f"lost the database {shown} for {patience():.0f} s ({first}); check that the server is "
+                            f"running and reachable, then run the same command again (finished trials are kept; "
+                            f"NORMABLATE_STORAGE_PATIENCE sets how long to wait)")
+    return None
+
+
+def retry(fn: Callable[[], T], tries: int | None = None, delay: float = 0.5, max_delay: float = 10.0,
+          where: str | None = None) -> T:
     """Call ``fn``, retrying transient storage errors (see ``transient``) with backoff for up to ``patience()``
-    seconds (or ``tries`` attempts)."""
+    seconds (or ``tries`` attempts). With ``where`` (the storage URL), a failure the user can act on (``failure``)
+    is raised as a one-line ``StorageError``."""
     deadline = time.monotonic() + patience()
     i = 0
     while True:
@@ -176,6 +353,9 @@ def retry(fn: Callable[[], T], tries: int | None = None, delay: float = 0.5, max
             return fn()
         except Exception as e:
             if not transient(e) or time.monotonic() >= deadline or (tries is not None and i >= tries - 1):
+                err = failure(e, where) if where is not None else None
+                if err is not None and err is not e:
+                    raise err from e
                 raise
             if i == 2:
                 log.warning("storage unavailable (%s); retrying for up to %.0f s", str(e).splitlines()[0][:200],
@@ -184,13 +364,15 @@ def retry(fn: Callable[[], T], tries: int | None = None, delay: float = 0.5, max
             i += 1
 
 
-def retrying(storage):
-    """``storage`` with every public call retried through outages (``retry``); other attributes pass through."""
+def retrying(storage, url: str | None = None):
+    """``storage`` with every public call retried through outages (``retry``); other attributes pass through.
+    With ``url``, failures the user can act on are raised as ``StorageError`` naming it."""
     cls = _retrying_class()
     if isinstance(storage, cls):
         return storage
     obj = cls.__new__(cls)
     obj._inner = storage
+    obj._where = url
     return obj
 
 
@@ -206,7 +388,8 @@ def _retrying_class() -> type:
 
         def wrap(name: str):
             def method(self, *args, **kwargs):
-                return retry(lambda: getattr(self._inner, name)(*args, **kwargs))
+                return retry(lambda: getattr(self._inner, name)(*args, **kwargs),
+                             where=self.__dict__.get("_where"))
 
             method.__name__ = name
             return method

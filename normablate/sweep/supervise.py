@@ -47,6 +47,7 @@ class _StopFlag:
 
 
 STOP = _StopFlag()
+REFUSED = 2  # a worker's exit status for an error the user must act on (not restarted; the sweep exits 2)
 
 
 @contextlib.contextmanager
@@ -70,11 +71,19 @@ def worker_main(spec: "SweepSpec", url: str, runtime: dict, name: str, t0: float
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     from .runner import Sweep
 
+    from ..errors import NormablateError
+
     with stop_on_signals():
-        sweep = Sweep(spec, url, runtime=runtime, worker=name)
-        sweep.setup(create=False)
-        sweep.t0, sweep.done_at_start = t0, done_at_start
-        code = sweep.work()
+        try:
+            sweep = Sweep(spec, url, runtime=runtime, worker=name)
+            sweep.setup(create=False)
+            sweep.t0, sweep.done_at_start = t0, done_at_start
+            code = sweep.work()
+        except NormablateError as e:  # full disk, corrupt or lost storage: one line, and no restart (exit 2)
+            if os.environ.get("NORMABLATE_DEBUG", "") not in ("", "0"):
+                raise
+            print(f"error: [{name}] {e}", file=sys.stderr, flush=True)
+            sys.exit(REFUSED)
     _cheap_exit(sweep)
     sys.exit(code)
 
@@ -124,7 +133,8 @@ def run_workers(spec: "SweepSpec", sweep: "Sweep", runtime: dict, workers: int,
             for name, p in list(procs.items()):
                 p.join(timeout=0.5)
                 code = p.exitcode
-                if code is None or code in (0, 130, -signal.SIGTERM, -signal.SIGINT) or STOP.signum is not None:
+                if code is None or code in (0, 130, REFUSED, -signal.SIGTERM, -signal.SIGINT) \
+                        or STOP.signum is not None:
                     continue
                 if budget <= 0:
                     if not gave_up:
@@ -145,4 +155,6 @@ def run_workers(spec: "SweepSpec", sweep: "Sweep", runtime: dict, workers: int,
     codes = [p.exitcode for p in procs.values()]
     if STOP.signum is not None or any(c in (130, -signal.SIGTERM, -signal.SIGINT) for c in codes):
         return 130
+    if REFUSED in codes:
+        return REFUSED
     return 1 if gave_up else 0

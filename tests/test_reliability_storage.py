@@ -1,0 +1,287 @@
+"""Reliability, storages and limits (issue 25, part A): torn journals are repaired and damaged ones refused; a
+corrupt file, a full disk or a lost server is one line with exit 2; ``report --out`` touches only its own files and
+a missing study creates nothing; failed trials resume in their own folder; YAML alias bombs and oversized strings
+are refused at once; ``--workers`` is capped; ``start_postgres.sh`` needs a password; checkpoints load with
+``weights_only=True``."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+from normablate.cli import main
+from normablate.sweep.storage import StorageError, check_journal, open_storage
+
+from test_sweep import make_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    """``normablate argv`` in this process: (exit code, stdout, stderr); a traceback fails the test."""
+    code = main(list(argv))
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def one_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "unexpected" not in err, err
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------ 1. journal files
+def make_journal(path: Path, n: int = 5) -> None:
+    study = optuna.create_study(study_name="j", storage=JournalStorage(JournalFileBackend(str(path))))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=n)
+
+
+def fresh_trials(path: Path) -> list:
+    """The trials as plain Optuna reads the file (no repair): fails on a file with damage before its end."""
+    return optuna.load_study(study_name="j", storage=JournalStorage(JournalFileBackend(str(path)))).get_trials()
+
+
+def damage_tail(path: Path, how: str) -> None:
+    if how == "truncate":
+        subprocess.run(["truncate", "-s", "-40", str(path)], check=True)
+    elif how == "garbage":
+        with open(path, "ab") as f:
+            f.write(b"garbage\n" + bytes(range(256)) + b'{"op_code":')
+    elif how == "newline-garbage":
+        with open(path, "ab") as f:
+            f.write(b"not json at all\n")
+
+
+@pytest.mark.parametrize("how", ["truncate", "garbage", "newline-garbage"])
+def test_torn_or_garbage_journal_tail_is_cut_after_a_backup(tmp_path, capsys, how):
+    j = tmp_path / "j.log"
+    make_journal(j)
+    whole = j.read_bytes()
+    damage_tail(j, how)
+    damaged = j.read_bytes()
+    st = open_storage(f"journal:{j}")
+    err = capsys.readouterr().err
+    dropped = len(damaged) - j.stat().st_size
+    assert dropped > 0 and one_line(err).startswith(f"journal {str(j)!r}: dropped {dropped} bytes"), err
+    backups = list(tmp_path.glob("j.log.bak-*"))
+    assert len(backups) == 1 and backups[0].read_bytes() == damaged and str(backups[0]) in err
+    assert whole.startswith(j.read_bytes()) and j.read_bytes().endswith(b"\n")
+    study = optuna.load_study(study_name="j", storage=st)  # the storage goes on: appends land on a whole record
+    n_before = len(study.get_trials())
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    trials = fresh_trials(j)  # plain Optuna reads every record (before the fix: JSONDecodeError for good)
+    assert len(trials) == n_before + 2 and n_before >= 4
+    assert check_journal(j) == 0  # whole now: nothing more to drop
+
+
+def test_journal_damaged_mid_file_is_refused_and_left_alone(tmp_path, capsys):
+    j = tmp_path / "j.log"
+    make_journal(j)
+    data = bytearray(j.read_bytes())
+    second = data.index(b"\n") + 1  # the second record starts here; break its JSON
+    data[second + 1] = ord("#")
+    j.write_bytes(bytes(data))
+    code, _, err = run_main(capsys, "report", "--study", "j", "--storage", f"journal:{j}")
+    assert code == 2
+    line = one_line(err)
+    assert str(j) in line and f"byte {second}" in line and "nothing was written" in line, line
+    assert j.read_bytes() == bytes(data) and not list(tmp_path.glob("*.bak-*"))
+
+
+def test_binary_journal_and_corrupt_sqlite_are_one_line_exit_2(tmp_path, capsys):
+    junk = bytes((i * 37 + 11) % 256 for i in range(4000))
+    for name, storage in (("b.log", "journal:{}"), ("c.db", "sqlite:///{}")):
+        f = tmp_path / name
+        f.write_bytes(junk)
+        code, _, err = run_main(capsys, "report", "--study", "x", "--storage", storage.format(f))
+        assert code == 2, err
+        line = one_line(err)
+        assert str(f) in line and ("move it aside" in line or "move this one aside" in line), line
+        assert f.read_bytes() == junk
+        spec = tmp_path / "s.yaml"
+        spec.write_text(yaml.safe_dump(make_spec(tmp_path, grid={"optim.lr": [0.1]})))
+        code, _, err = run_main(capsys, "sweep", "-c", str(spec), "--storage", storage.format(f), "--no-report")
+        assert code == 2 and str(f) in one_line(err), err
+        assert f.read_bytes() == junk
+
+
+_WRITER = r"""
+import builtins, os, sys, time
+from optuna.storages.journal import JournalFileBackend
+import optuna.storages.journal._file as jf
+
+class Slow:  # the write of one append arrives in small pieces (as a write interrupted by a kill leaves it)
+    def __init__(self, f): self.f = f
+    def write(self, b):
+        for i in range(0, len(b), 512):
+            self.f.write(b[i:i + 512]); self.f.flush(); time.sleep(0.002)
+    def __getattr__(self, n): return getattr(self.f, n)
+    def __enter__(self): return self
+    def __exit__(self, *a): return self.f.__exit__(*a)
+
+real_open = builtins.open
+jf.open = lambda *a, **k: Slow(real_open(*a, **k)) if "a" in (a[1] if len(a) > 1 else k.get("mode", "")) else real_open(*a, **k)
+backend = JournalFileBackend(sys.argv[1])
+print("ready", flush=True)
+backend.append_logs([{"op_code": 0, "worker_id": "w", "study_name": "big" + "x" * 200000, "directions": [1]}])
+print("done", flush=True)
+"""
+
+
+def test_kill_during_append_leaves_a_journal_that_is_repaired(tmp_path, capsys):
+    j = tmp_path / "j.log"
+    make_journal(j)
+    size = j.stat().st_size
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(j)], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        deadline = time.time() + 30
+        while j.stat().st_size < size + 4096 and time.time() < deadline:
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)  # mid-append: part of the record is on disk
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    torn = j.stat().st_size
+    assert size + 4096 <= torn < size + 200000, "the kill did not land mid-append"
+    for lock in tmp_path.glob("*.lock"):  # the killed writer's lock (Optuna clears it after its 30 s grace period)
+        lock.unlink()
+    st = open_storage(f"journal:{j}")
+    assert f"dropped {torn - size} bytes" in one_line(capsys.readouterr().err)
+    study = optuna.load_study(study_name="j", storage=st)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert len(fresh_trials(j)) == 6
+
+
+# ------------------------------------------------------------------------------------------ 2. storage faults
+def test_full_sqlite_disk_is_one_line_not_optunas_max_length(tmp_path, monkeypatch):
+    """SQLite's SQLITE_FULL ("database or disk is full", as on a full disk) via ``max_page_count``."""
+    from sqlalchemy import event
+
+    monkeypatch.setenv("NORMABLATE_STORAGE_PATIENCE", "3")  # (before the fix it was retried as an outage)
+    db = tmp_path / "o.db"
+    st = open_storage(f"sqlite:///{db}")
+    study = optuna.create_study(study_name="s", storage=st)
+    engine = st._inner.engine
+
+    @event.listens_for(engine, "connect")
+    def _full(dbapi_conn, record):  # noqa: ARG001
+        pages = dbapi_conn.execute("PRAGMA page_count").fetchone()[0]
+        dbapi_conn.execute(f"PRAGMA max_page_count = {pages}")
+
+    engine.dispose()
+    with pytest.raises(StorageError) as e:
+        study.set_user_attr("big", "x" * 1_000_000)
+    msg = str(e.value)
+    assert f"no space left on the disk holding {str(db)!r}" in msg and "exceeding max length" not in msg, msg
+
+
+def failing_trainer(cfg, callbacks=None, resume=False):  # noqa: ARG001  (trainer_fn for the tests below)
+    kind = os.environ["H3_FAIL"]
+    if kind == "enospc":
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(cfg.trainer.log_dir) / "x.ckpt"))
+    raise RuntimeError("boom in the trial")
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_failed_trial_prints_no_traceback_unless_debug(tmp_path, capsys, monkeypatch, debug):
+    monkeypatch.setenv("H3_FAIL", "runtime")
+    monkeypatch.setenv("NORMABLATE_DEBUG", "0")  # (restored after the test: --debug sets it)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(make_spec(tmp_path, grid={"optim.lr": [0.1]},
+                                             trainer_fn="test_reliability_storage:failing_trainer")))
+    code, _, err = run_main(capsys, *(["--debug"] if debug else []), "sweep", "-c", str(spec), "--no-report")
+    assert code == 1
+    assert ("Traceback" in err) is debug, err
+    assert "trial 0 lr=0.1 failed: RuntimeError: boom in the trial" in err, err
+
+
+def test_full_disk_in_a_trial_stops_the_sweep_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("H3_FAIL", "enospc")
+    monkeypatch.setenv("NORMABLATE_DEBUG", "0")  # (restored after the test: --debug sets it)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(make_spec(tmp_path, grid={"optim.lr": [0.1, 0.2, 0.3]},
+                                             trainer_fn="test_reliability_storage:failing_trainer")))
+    code, out, err = run_main(capsys, "sweep", "-c", str(spec), "--no-report")
+    assert code == 2
+    line = one_line(err)
+    assert "no space left on the disk holding" in line and "x.ckpt" in line and "exceeding" not in line, line
+    assert out.count("started") == 1, out  # the next trials were not started
+
+
+def test_lost_database_server_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("psycopg")
+    monkeypatch.setenv("NORMABLATE_STORAGE_PATIENCE", "1")
+    monkeypatch.setenv("NORMABLATE_DEBUG", "0")
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(make_spec(tmp_path, grid={"optim.lr": [0.1]})))
+    code, _, err = run_main(capsys, "sweep", "-c", str(spec), "--no-report",
+                            "--storage", "postgresql://nb:secret@127.0.0.1:9/nb")
+    assert code == 2
+    line = one_line(err)
+    assert "postgresql://nb:***@127.0.0.1:9/nb" in line and "secret" not in line, line
+    assert "check that the server is running" in line
+
+
+# ------------------------------------------------------------------------------------------ 3. report files
+def test_report_on_a_missing_study_creates_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(capsys, "report", "--study", "nonexistent")
+    assert code == 2
+    line = one_line(err)
+    assert "no study 'nonexistent'" in line and "no studies there" in line, line
+    assert list(tmp_path.iterdir()) == []
+    j = tmp_path / "j.log"
+    make_journal(j)
+    code, _, err = run_main(capsys, "report", "--study", "nonexistent", "--storage", f"journal:{j}")
+    assert code == 2 and "studies there: j" in one_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["j.log"]
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    from normablate.sweep import run_sweep
+
+    tmp = tmp_path_factory.mktemp("rep")
+    run_sweep(make_spec(tmp, grid={"model.norm": ["bn", "ln"], "optim.lr": [0.1, 1.0], "seed": [0]}),
+              verbose=False)
+    return tmp, f"sqlite:///{tmp / 'logs' / 'optuna.db'}"
+
+
+def test_report_out_writes_and_deletes_only_its_own_files(finished_study, tmp_path, capsys):
+    _, url = finished_study
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "my_thesis_figure.png").write_bytes(b"precious")
+    code, _, err = run_main(capsys, "report", "--study", "t", "--storage", url, "--out", str(mine))
+    assert code == 2 and "is not empty and was not written by `normablate report`" in one_line(err)
+    assert [p.name for p in mine.iterdir()] == ["my_thesis_figure.png"]
+
+    out = tmp_path / "rep"
+    code, _, err = run_main(capsys, "report", "--study", "t", "--storage", url, "--out", str(out))
+    assert code == 0, err
+    listed = json.loads((out / ".normablate-report.json").read_text())["files"]
+    assert "summary.md" in listed and any(n.endswith(".png") for n in listed)
+    assert sorted(listed) == sorted(p.name for p in out.iterdir() if p.name != ".normablate-report.json")
+    (out / "my_thesis_figure.png").write_bytes(b"precious")  # the user's file in the report's folder
+    stale = out / "old_figure.png"  # a figure an earlier report wrote and this one does not
+    stale.write_bytes(b"old")
+    (out / ".normablate-report.json").write_text(json.dumps({"files": listed + ["old_figure.png"]}))
+    code, _, err = run_main(capsys, "report", "--study", "t", "--storage", url, "--out", str(out))
+    assert code == 0, err
+    assert (out / "my_thesis_figure.png").read_bytes() == b"precious" and not stale.exists()
+    assert "my_thesis_figure.png" not in json.loads((out / ".normablate-report.json").read_text())["files"]
