@@ -27,27 +27,19 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from . import __version__, models
+from . import __version__, models, runfolder
 from .callbacks import RunInterrupted, RunMonitor, StopRequest
-from .config import RunConfig, check_hardware, from_dict, to_dict, to_yaml, validated
+from .config import RunConfig, check_hardware, epochs_to_steps, from_dict, to_dict, to_yaml, validated
 from .errors import ConfigError, RunFileError
+from .evaluate import BestWeights, default_select_metric, test_at_end
 from .norms import sync
 from .precise_bn import PreciseBN
 from .probes.callback import summarize as summarize_probes
 from .result import RunResult
-from .tblog import RunLogger, log_session
+from .runfolder import RunIdentity, check_checkpoint, check_writable, default_run_name, run_dir_of  # noqa: F401
+from .tblog import final_metrics, log_final, log_hparams, make_loggers, tensorboard_of
 
 log = logging.getLogger(__name__)
-
-
-def default_run_name(cfg: RunConfig) -> str:
-    norm = cfg.model.norm if isinstance(cfg.model.norm, str) else cfg.model.norm.get("name", "norm")
-    norm = str(norm).replace(":", "_").replace(".", "_")
-    return f"{cfg.model.backbone}-{norm}-lr{cfg.optim.lr:g}-bs{cfg.data.batch_size}-s{cfg.seed}"
-
-
-def run_dir_of(cfg: RunConfig) -> Path:
-    return Path(cfg.trainer.log_dir) / cfg.experiment / (cfg.run or default_run_name(cfg))
 
 
 @functools.cache
@@ -129,6 +121,12 @@ class StepProgressBar(TQDMProgressBar):
 
         return Tqdm(disable=True)
 
+    def init_test_tqdm(self):
+        """The end-of-run test evaluation (evaluate.py) prints no bar of its own."""
+        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+        return Tqdm(disable=True)
+
     def on_validation_start(self, trainer, pl_module) -> None:
         super().on_validation_start(trainer, pl_module)
         if self._train_progress_bar is not None:
@@ -206,49 +204,22 @@ def build_model(cfg: RunConfig, datamodule) -> torch.nn.Module:
     return models.create(cfg.model.backbone, norm=cfg.model.norm, **options)
 
 
-def _channels_last_inputs(module: torch.nn.Module, args: tuple) -> tuple:  # noqa: ARG001
-    return tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4
-                 else a for a in args)
+def build_task(cfg: RunConfig, model: torch.nn.Module, datamodule):
+    """The LightningModule of ``cfg.task`` around ``model``."""
+    from .tasks import ClassificationTask, LanguageModelTask
+
+    t = cfg.trainer
+    if cfg.task == "classification":
+        return ClassificationTask(model, cfg.optim, t.max_steps, datamodule.num_classes, t.batchstat_gap)
+    return LanguageModelTask(model, cfg.optim, t.max_steps, t.batchstat_gap)
 
 
 def speed_options(model: torch.nn.Module, t) -> torch.nn.Module:
-    """``trainer.channels_last`` and ``trainer.compile`` applied to a built model; neither changes its math."""
-    if t.channels_last:  # NHWC weights and inputs (a pre-hook converts 4-D inputs, e.g. image batches)
-        model = model.to(memory_format=torch.channels_last)
-        model.register_forward_pre_hook(_channels_last_inputs)
-    if t.compile:
-        model.compile()  # in place (nn.Module.compile): state_dict keys and checkpoints stay as without it
-    return model
+    """``trainer.channels_last`` and ``trainer.compile`` (resolved by ``speed.resolve``) applied to a built model;
+    neither changes its math (normablate/speed.py)."""
+    from . import speed
 
-
-def check_checkpoint(path: Path) -> None:
-    """Refuse a checkpoint that cannot be read (truncated copy, disk error): every member's CRC is checked (a torch
-    checkpoint is a zip archive). The file is left as it is."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-            problem = f"member {bad!r} fails its CRC check" if bad else None
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        problem = str(e) or type(e).__name__
-    if problem:
-        raise RunFileError(f"checkpoint {str(path)!r} is unreadable ({problem}: truncated or corrupt); it is left as "
-                           f"is. Move it away to start this run over from step 0 (or restore a good copy), then run "
-                           f"the command again")
-
-
-def check_writable(run_dir: Path) -> None:
-    """Create the run folder and prove it writable before any compute; otherwise one line naming it."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        where = e.filename or run_dir
-        raise RunFileError(f"cannot write the run folder {str(run_dir)!r} ({e.strerror or e}: {str(where)!r}); make "
-                           f"it writable or set trainer.log_dir to a writable folder") from None
+    return speed.apply(model, t)
 
 
 def _make_trainer(**kwargs) -> L.Trainer:
@@ -267,38 +238,29 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
     """Run one training run to completion (or divergence, or interruption) and return its record."""
     from .alloc import configure as configure_malloc
     from .data import build_datamodule
-    from .tasks import ClassificationTask, LanguageModelTask
-
     configure_malloc()  # glibc thresholds: large tensors are reused, not faulted in again every step (alloc.py)
     # a mapping is validated into a RunConfig; a RunConfig travels as is (a copy, re-checked: no dict round trip)
     cfg = from_dict(cfg) if isinstance(cfg, dict) else validated(cfg)
     check_hardware(cfg)  # a GPU asked for and absent: refused before any data is read
     _quiet_lightning()
-    if cfg.run is None:
-        cfg.run = default_run_name(cfg)
-    run_dir = run_dir_of(cfg)
-    ckpt = run_dir / "last.ckpt"
-    result_file = run_dir / "result.json"
-    if resume and result_file.exists():
-        done = RunResult.load(result_file)
-        if done.status in ("completed", "diverged"):
-            log.info("run %s already finished (%s); not repeating it", run_dir, done.status)
-            return done
-    if not resume and (ckpt.exists() or result_file.exists()):
-        raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue it "
-                          f"or choose another run name (run=...)")
-    if resume and ckpt.exists():
-        check_checkpoint(ckpt)  # a damaged file: one clear line now, not a traceback from deep inside Lightning
-    if rank_zero_only.rank == 0:
-        check_writable(run_dir)
+    is_zero = rank_zero_only.rank == 0  # set by Lightning from the launcher's environment (RANK, LOCAL_RANK, ...)
+    # every check on the run folder (already a run there? finished? the checkpoint's identity and threads) before
+    # anything in it is written (runfolder.py); a resume may restore cfg.trainer.threads here
+    folder = runfolder.prepare(cfg, resume, is_zero)
+    if folder.finished is not None:
+        return folder.finished
+    run_dir, ckpt, result_file = folder.run_dir, folder.ckpt, folder.result_file
     t = cfg.trainer
     world = t.devices * t.num_nodes  # ranks; data.batch_size is the global batch, each rank gets 1/world of it
-    is_zero = rank_zero_only.rank == 0  # set by Lightning from the launcher's environment (RANK, LOCAL_RANK, ...)
     run_versions = versions() if is_zero else {}  # (rank 0's result is the one kept)
-    if is_zero:  # only global rank 0 writes files
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        (run_dir / "versions.json").write_text(json.dumps(run_versions, indent=1))
+    from . import speed
+
+    # trainer.speed: channels_last / compile resolved now (a resumed run keeps its own), recorded below
+    speed_choice = speed.resolve(cfg, run_dir, resuming=resume and ckpt.exists(), write=is_zero)
+    if is_zero:
+        run_versions["speed"] = speed_choice
+    if is_zero:  # only global rank 0 writes files: config.yaml, versions.json, a resume's resumes.jsonl line
+        runfolder.start(folder, cfg, run_versions)
     if world > 1:
         log.info("data parallel: %d ranks x %d samples = global batch %d per step (data.batch_size is global)",
                  world, cfg.data.batch_size // world, cfg.data.batch_size)
@@ -311,6 +273,10 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
     datamodule = build_datamodule(cfg.data, cfg.task, cfg.seed)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    if t.max_epochs is not None:  # the budget in epochs becomes steps now that the training set's size is known
+        t.max_steps = epochs_to_steps(t.max_epochs, datamodule.num_train, cfg.data.batch_size)
+        if is_zero:  # the record holds the resolved steps (and max_epochs)
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
     model = speed_options(build_model(cfg, datamodule), cfg.trainer)
     if t.sync_batchnorm:
         try:
@@ -319,21 +285,15 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
             raise ConfigError(f"trainer.sync_batchnorm: {e}") from e
     if t.precise_bn:
         callbacks = [*(callbacks or []), PreciseBN(t.precise_bn)]
-    if cfg.task == "classification":
-        task = ClassificationTask(model, cfg.optim, t.max_steps, datamodule.num_classes, t.track_batchstat_gap)
-    else:
-        task = LanguageModelTask(model, cfg.optim, t.max_steps, t.track_batchstat_gap)
+    task = build_task(cfg, model, datamodule)
     task.run_label = cfg.run
 
-    logger = RunLogger(save_dir=t.log_dir, name=cfg.experiment, version=cfg.run, default_hp_metric=False)
-    metric = "val/acc" if cfg.task == "classification" else "val/ppl"
-    hp_metric = "hp/val_" + metric.split("/")[1]
-    hp_metrics = ["hp/val_loss", hp_metric, "hp/diverged", "hp/train_eval_gap",
-                  "hp/steps", "hp/throughput"]
     resuming = resume and ckpt.exists()
-    if not resuming and is_zero:  # rank 0 alone writes TensorBoard files
-        hparams = {**_flat(to_dict(cfg)), "world_size": world, "batch_size_per_device": cfg.data.batch_size // world}
-        log_session(logger, hparams)  # HPARAMS: values only; TensorBoard marks what differs across runs (tblog.py)
+    loggers = make_loggers(t.loggers, t.log_dir, cfg.experiment, cfg.run, resume=resuming)  # (tblog.py)
+    if not resuming and is_zero:  # rank 0 alone writes the loggers' files
+        hparams = {**_flat(to_dict(cfg)), "world_size": world, "batch_size_per_device": cfg.data.batch_size // world,
+                   "speed_setting": speed.setting(t)}  # trainer.speed's choice (channels_last, compile: above)
+        log_hparams(loggers, hparams)  # TensorBoard: an HPARAMS session of values only (tblog.py); others: their own
 
     with stop_on_signals() as stop:
         monitor = RunMonitor(run_dir, t.max_steps, t.val_every, float(datamodule.samples_per_step),
@@ -344,13 +304,16 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
             from .probes import ProbeCallback
 
             probe = ProbeCallback(model, cfg.probes)
-        cbs = [monitor, *([probe] if probe else []), *(callbacks or [])]
+        # best.pt: the best validation's weights (selection's pick), tested at the end; before the monitor, whose
+        # last.ckpt must record this validation's best
+        best_weights = BestWeights(run_dir, t.select_metric or default_select_metric(cfg.task))
+        cbs = [best_weights, monitor, RunIdentity(cfg), *([probe] if probe else []), *(callbacks or [])]
         if t.progress:
             cbs.append(StepProgressBar(t.max_steps))
         trainer = _make_trainer(
             max_steps=t.max_steps, val_check_interval=t.val_every, check_val_every_n_epoch=None,
             limit_val_batches=t.val_batches if t.val_batches is not None else 1.0, num_sanity_val_steps=0,
-            logger=logger, callbacks=cbs, enable_checkpointing=False, enable_progress_bar=t.progress,
+            logger=loggers or False, callbacks=cbs, enable_checkpointing=False, enable_progress_bar=t.progress,
             enable_model_summary=False, deterministic=t.deterministic, accelerator=t.accelerator,
             devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
             use_distributed_sampler=False,  # the data module gives each rank its slice (data/common.py)
@@ -367,6 +330,9 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
             monitor.fold_cpu()
         if monitor.diverged_step is not None:
             status = "diverged"
+        test, test_at_best = {}, {}
+        if status == "completed":  # the test split, once, never used to choose anything (evaluate.py)
+            test, test_at_best = test_at_end(trainer, task, datamodule, best_weights, int(trainer.global_step))
 
     hist = {**monitor.history, **(probe.history if probe else {})}  # probe series: "probe/..." keys
     final = {k: v[-1][1] for k, v in hist.items() if k.startswith("val/")}
@@ -384,16 +350,14 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
         cpu_time=None if monitor.cpu_partial else monitor.cpu_time, versions=run_versions,
         throughput=monitor.samples / monitor.train_time if monitor.train_time else 0.0,
         history=hist, config=to_dict(cfg), probes=summarize_probes(hist) if probe else {},
+        test=test, test_at_best=test_at_best, best_step=best_weights.best_step,
     )
     if status != "interrupted":
-        logger.log_metrics({
-            "hp/val_loss": final.get("val/loss", float("nan")),
-            hp_metric: final.get(metric, float("nan")),
-            "hp/diverged": float(status == "diverged"),
-            "hp/train_eval_gap": final.get("val/train_eval_gap", float("nan")),
-            "hp/steps": float(result.steps), "hp/throughput": result.throughput,
-        }, step=logger.hp_step(result.steps))  # the step of the last val/* (tblog.py)
+        tb = tensorboard_of(loggers)  # final metrics at the step of the last val/* (tblog.py: names, order)
+        if is_zero:
+            log_final(loggers, final_metrics(result, cfg.task), tb.hp_step(result.steps) if tb else result.steps)
         if is_zero:
             result.save(result_file)
-    logger.finalize("success" if status != "interrupted" else "interrupted")
+    for lg in loggers:
+        lg.finalize("success" if status != "interrupted" else "interrupted")
     return result
