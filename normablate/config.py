@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from . import yamlsafe
 from .errors import ConfigError, closest
 
 
@@ -39,26 +40,33 @@ class DataConfig:
     val_batch_size: int = 500  # evaluation batch size; BN train/eval gap is measured at this size
     train_limit: int | None = None  # use only the first N training examples (None: all)
     val_limit: int | None = None  # use only the first N validation examples (None: all)
+    test_limit: int | None = None  # use only the first N test examples (None: all)
     augment: bool = True  # vision: random crop (pad 4) + horizontal flip, done on the device in batch
-    train_split: str = "train"
-    val_split: str = "test"  # CIFAR-10 has no validation split; the test split serves, as is common
+    # Three splits (README "Metric definitions"): selection (best LR, best config, early stopping, pruning,
+    # steps-to-target) sees only validation; reported numbers come from test, evaluated once at the end.
+    train_split: str = "train"  # the source split training draws from
+    val_split: str | None = None  # validation: None holds out val_fraction of the training split (a fixed
+    #                               permutation for images, the text's tail); or a split of the source
+    test_split: str | None = "test"  # test: this split of the source; a single-split source holds out its last
+    #                                  test_fraction instead (images: fixed permutation; text: contiguous tail)
     image_key: str | None = None  # column of images (None: guess "img"/"image")
     label_key: str | None = None  # column of labels (None: guess "label"/"labels")
     text_key: str | None = None  # column of text (None: guess "text")
     mode: Literal["blocks", "samples"] = "blocks"  # text: contiguous windows, or one padded sample per line
     block_size: int = 128  # text: window length / maximum sample length in tokens (bytes)
-    val_fraction: float = 0.1  # tail fraction held out as validation when the source has a single split
+    val_fraction: float = 0.1  # val_split None: this fraction of the training split is validation (CIFAR-10: 5,000)
+    test_fraction: float = 0.1  # single-split sources: this fraction is held out as the test set
     cache_dir: str | None = None  # decoded tensors are cached here (None: $NORMABLATE_CACHE or ~/.cache/normablate)
     hub_config: str | None = None  # hub sources: the dataset configuration, load_dataset(source, hub_config)
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adam", "adamw", "lion"] = "sgd"  # lion: the optional extra .[lion] (tasks/optim.py)
     lr: float = 0.1  # peak learning rate (after warmup)
     momentum: float = 0.9  # SGD momentum (heavy ball)
-    nesterov: bool = False
-    betas: tuple[float, float] = (0.9, 0.95)  # AdamW
+    nesterov: bool = False  # SGD: Nesterov momentum instead of heavy ball (needs momentum > 0)
+    betas: tuple[float, float] = (0.9, 0.95)  # Adam, AdamW and Lion (Lion's paper uses (0.9, 0.99))
     weight_decay: float = 5e-4  # applied only to tensors with dim >= 2: norm gains and biases never decayed
     schedule: Literal["cosine", "constant", "linear"] = "cosine"  # after warmup, over trainer.max_steps
     warmup_steps: int = 0  # linear warmup from 0
@@ -68,20 +76,34 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 500  # optimizer steps; the budget of one run
+    max_steps: int | None = 500  # optimizer steps; the budget of one run (null when max_epochs is set)
+    # the budget in epochs instead: resolved to max_steps = ceil(max_epochs * N_train / data.batch_size) once the data
+    # is loaded (an epoch is N_train examples; the run record holds both). Setting it unsets the default max_steps.
+    max_epochs: int | None = None
     val_every: int = 100  # validate (and checkpoint) every N steps, and at the end
     val_batches: int | None = None  # limit validation to N batches (None: the whole split)
     log_every: int = 10  # log training scalars every N steps
     accelerator: str = "cpu"  # "cpu", "gpu", "auto"
     precision: str = "32-true"  # Lightning precision string
     deterministic: bool = True  # same config + seed -> same metrics (on CPU)
-    threads: int | None = None  # torch intra-op threads (None: leave as is)
+    threads: int | None = None  # torch intra-op threads (None: leave as is; a resumed run restores its own count)
+    # --resume with a trainer.threads other than the run's own count: refused (float rounding changes) unless true;
+    # recorded in the run's resumes.jsonl either way (normablate/runfolder.py)
+    allow_thread_change: bool = False
     divergence_factor: float = 10.0  # stop as diverged when the smoothed train loss exceeds factor * its start
+    select_metric: str | None = None  # the validation metric whose best step's weights are kept (best.pt) and also
+    #                                   evaluated on test (RunResult.test_at_best); None: val/acc, LM val/loss
     target_metric: str | None = None  # e.g. "val/acc": record the first step and time it reaches target_value
     target_value: float | None = None
     progress: bool = True  # show a progress bar
-    track_batchstat_gap: bool = True  # BN family: also validate with batch statistics (train/eval gap)
+    # BN family: also validate with batch statistics (val/loss_batchstats, val/train_eval_gap) at every validation,
+    # at the final one only (the curve is lost, the end point kept; ~half the validation time), or never (README)
+    batchstat_gap: Literal["every", "final", "off"] = "every"
+    track_batchstat_gap: bool | None = None  # older name: true = batchstat_gap every, false = off (null: unset)
     log_dir: str = "lightning_logs"  # runs go to <log_dir>/<experiment>/<run>/
+    # Lightning loggers, any of tensorboard, csv, mlflow (pip install 'normablate[mlflow]'), wandb ('[wandb]');
+    # each gets the config as hyperparameters and the final metrics (normablate/tblog.py, README "Loggers")
+    loggers: list = field(default_factory=lambda: ["tensorboard"])
     # Data parallel (Lightning's names). data.batch_size is the GLOBAL batch of one optimizer step: each of the
     # devices * num_nodes ranks gets its own contiguous slice, so a run means the same at any scale.
     devices: int = 1  # processes per machine (CPU: gloo) or GPUs per machine (NCCL); > 1 runs DDP
@@ -91,8 +113,22 @@ class TrainerConfig:
     precise_bn: int = 0  # > 0: before each validation, also evaluate with running stats recomputed as the exact
     #                      population statistics of this many training batches (PreciseBN; val/*_precise)
     # Speed options; none changes a norm's math (tests compare each with the default within float tolerance).
-    channels_last: bool = False  # CNNs: NHWC memory, faster convs and per-pixel LN/RMS without a copy on CPU
-    compile: bool = False  # torch.compile the model (first steps pay the compile; needs a C++ compiler on CPU)
+    # auto: channels_last / compile left null are chosen per model by normablate/speed.py's rule table, pinned per
+    # experiment and kept on resume; eager: both off. The resolved values are recorded (config.yaml, HPARAMS).
+    speed: Literal["auto", "eager"] = "auto"
+    channels_last: bool | None = None  # CNNs: NHWC memory, faster convs and per-pixel LN/RMS without a copy on CPU
+    compile: bool | None = None  # torch.compile the model (first steps pay the compile; needs a C++ compiler on CPU)
+
+
+def epochs_to_steps(max_epochs: int, num_train: int, batch_size: int) -> int:
+    """``trainer.max_epochs`` as optimizer steps: ``ceil(max_epochs * num_train / batch_size)``.
+
+    Training draws batches from the endless sequence of per-epoch permutations (``data.common.EpochSampler``: a
+    batch that crosses an epoch boundary takes the tail of one epoch and the head of the next), so steps are not
+    aligned with epochs; counting samples, not ``max_epochs * ceil(N / B)`` batches, keeps "every epoch visits
+    each example exactly once": the run visits each example exactly ``max_epochs`` times, and its last step takes
+    fewer than one batch (``< batch_size`` examples) of the next epoch. ``batch_size`` is the global batch."""
+    return max(1, math.ceil(max_epochs * num_train / batch_size))
 
 
 @dataclass
@@ -141,7 +177,7 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 def parse_value(text: str) -> Any:
     """A CLI override value: YAML scalar/list/dict syntax (``0.1``, ``null``, ``[1, 2]``, ``{name: bn}``)."""
     try:
-        return yaml.safe_load(text)
+        return yamlsafe.load(text, what=f"override value {text[:40]!r}")  # (alias expansion bounded)
     except yaml.YAMLError:
         return text
 
@@ -287,6 +323,13 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
             options = {k: values.pop(k) for k in list(values) if k not in ("backbone", "norm", "options")}
             options.update(values.pop("options", None) or {})
             values["options"] = options
+        if name == "trainer" and values.get("max_epochs") is not None:  # the budget in epochs replaces the default
+            values = dict(values)  # max_steps; both given is a contradiction (which budget?)
+            if values.get("max_steps") is not None:
+                raise ConfigError(f"trainer.max_steps={values['max_steps']!r} and trainer.max_epochs="
+                                  f"{values['max_epochs']!r} are both set; set exactly one of them (a run's recorded "
+                                  f"config.yaml holds both: max_steps is what max_epochs resolved to)")
+            values["max_steps"] = None
         sections[name] = _build_section(cls, values, f"{name}.")
     top = _build_section(RunConfig, {k: v for k, v in d.items()}, "")
     cfg = dataclasses.replace(top, **sections)
@@ -317,11 +360,102 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+# Ranges of the numbers that size memory, count work or seed an RNG: (low, high), both allowed; None where the type
+# allows null. Checked before anything is built, so a typo never reaches an allocation, a thread pool or the RNG.
+# The bounds are sanity limits; whether a model fits this machine's memory is footprint.py's check at train time.
+RANGES: dict[str, tuple[int, int]] = {
+    "seed": (0, 2**32 - 1),  # Lightning's seed_everything (numpy's seed range); outside it, Lightning raises
+    "trainer.threads": (1, 1024),  # torch intra-op threads (0 or negative: torch ignores or fails)
+    "trainer.max_steps": (1, 10**9),
+    "trainer.max_epochs": (1, 10**6),
+    "trainer.val_every": (1, 10**9),
+    "trainer.val_batches": (1, 10**9),
+    "trainer.log_every": (1, 10**9),
+    "trainer.precise_bn": (0, 10**6),  # batches per recomputation
+    "trainer.devices": (1, 1024),  # processes or GPUs per machine
+    "trainer.num_nodes": (1, 100_000),
+    "data.batch_size": (1, 2**24),
+    "data.val_batch_size": (1, 2**24),
+    "data.block_size": (2, 2**20),  # tokens per sequence
+    "data.train_limit": (1, 2**40),
+    "data.val_limit": (1, 2**40),
+    "data.test_limit": (1, 2**40),
+    "optim.warmup_steps": (0, 10**9),
+    "probes.every": (1, 10**9),
+}
+# Backbone options, by option name, for any backbone whose builder takes one of them (its signature decides which
+# exist; this table only bounds the numbers). (low, high, low_open): low_open means the value must exceed low.
+MODEL_OPTION_RANGES: dict[str, tuple[float, float, bool]] = {
+    "width": (0, 2**16, True),  # channels (ResNet) or a channel multiplier (VGG)
+    "num_classes": (1, 2**24, False),
+    "in_chans": (1, 4096, False),
+    "img_size": (1, 2**16, False),
+    "patch_size": (1, 2**16, False),
+    "embed_dim": (1, 2**16, False),
+    "n_embd": (1, 2**16, False),
+    "depth": (1, 4096, False),
+    "n_layer": (1, 4096, False),
+    "num_heads": (1, 4096, False),
+    "n_head": (1, 4096, False),
+    "vocab_size": (1, 2**24, False),
+    "block_size": (1, 2**20, False),
+    "mlp_ratio": (0, 1024, True),
+    "dropout": (0, 0.999, False),
+    "drop_path_rate": (0, 0.999, False),
+}
+
+
+def _in_range(key: str, value: Any, low: float, high: float, low_open: bool = False, nullable: bool = False) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return  # null where allowed, and wrong types, are the type check's business
+    allowed = (f"allowed: > {low} and <= {high}" if low_open else f"allowed: {low} to {high}") + \
+        (", or null" if nullable else "")
+    if value < low or (low_open and value == low):
+        raise ConfigError(f"{key}={value} must be {'>' if low_open else '>='} {low} ({allowed})")
+    if value > high:
+        raise ConfigError(f"{key}={value} must be <= {high} ({allowed})")
+
+
+def check_ranges(cfg: RunConfig) -> None:
+    """``RANGES`` and ``MODEL_OPTION_RANGES``: a value outside is a ConfigError naming the key and the range."""
+    for key, (low, high) in RANGES.items():
+        section, _, name = key.rpartition(".")
+        obj = getattr(cfg, section) if section else cfg
+        if not hasattr(obj, name):
+            continue
+        hint = typing.get_type_hints(type(obj))[name]
+        _in_range(key, getattr(obj, name), low, high, nullable=type(None) in typing.get_args(hint))
+    for name, value in cfg.model.options.items():
+        if name in MODEL_OPTION_RANGES:
+            low, high, low_open = MODEL_OPTION_RANGES[name]
+            _in_range(f"model.{name}", value, low, high, low_open)
+
+
+LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")  # trainer.loggers (normablate/tblog.py builds them)
+LOGGER_EXTRAS = {"mlflow": "mlflow", "wandb": "wandb"}  # optional logger -> its module (= its pip extra)
+
+
+def _check_loggers(names: Any) -> None:
+    """``trainer.loggers``: known names, each one's package installed (else the extra to install), no repeats."""
+    import importlib.util
+
+    _check(isinstance(names, list), f"trainer.loggers={names!r} must be a list, e.g. [tensorboard, csv]; valid "
+           f"names: {', '.join(LOGGERS)}")
+    for name in names:
+        _check(name in LOGGERS, f"trainer.loggers: unknown logger {name!r}; valid: {', '.join(LOGGERS)}")
+        module = LOGGER_EXTRAS.get(name)
+        _check(module is None or importlib.util.find_spec(module) is not None,
+               f"trainer.loggers includes {name!r} but the {module} package is not installed: pip install "
+               f"'normablate[{module}]' (or drop {name!r} from trainer.loggers)")
+    _check(len(set(names)) == len(names), f"trainer.loggers={names!r} names a logger twice")
+
+
 def validate(cfg: RunConfig) -> None:
     """Values and cross-field rules; backbone/norm options against the registries."""
     from . import models, norms
 
     m, dc, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
+    check_ranges(cfg)  # sizes, counts and seeds first: nothing below may allocate with a typo
     models.REGISTRY.get(m.backbone)  # unknown backbone -> lists valid
     models.check_options(m.backbone, m.options)
     layout = models.layout(m.backbone)
@@ -354,7 +488,17 @@ def validate(cfg: RunConfig) -> None:
     _check(dc.val_batch_size >= 1, f"data.val_batch_size={dc.val_batch_size} must be >= 1")
     _check(dc.block_size >= 2, f"data.block_size={dc.block_size} must be >= 2")
     _check(0.0 < dc.val_fraction < 1.0, f"data.val_fraction={dc.val_fraction} must be in (0, 1)")
-    for k in ("train_limit", "val_limit"):
+    _check(0.0 < dc.test_fraction < 1.0, f"data.test_fraction={dc.test_fraction} must be in (0, 1)")
+    _check(dc.val_fraction + dc.test_fraction < 1.0, f"data.val_fraction={dc.val_fraction} + data.test_fraction="
+           f"{dc.test_fraction} must leave some training data (sum < 1)")
+    for k in ("val_split", "test_split"):
+        v = getattr(dc, k)
+        _check(v is None or v != dc.train_split, f"data.{k}={v!r} is also data.train_split: the model would be "
+               f"judged on its training data (data.val_split=null holds out part of the training split)")
+    _check(dc.val_split is None or dc.val_split != dc.test_split,
+           f"data.val_split and data.test_split both name split {dc.val_split!r}: selection and the reported numbers "
+           f"would use the same data; set data.val_split=null to hold out part of the training split as validation")
+    for k in ("train_limit", "val_limit", "test_limit"):
         v = getattr(dc, k)
         _check(v is None or v >= 1, f"data.{k}={v} must be >= 1 or null")
     _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
@@ -364,9 +508,23 @@ def validate(cfg: RunConfig) -> None:
     _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     _check(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip={o.grad_clip} must be > 0 or null")
-    _check(t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1")
+    _check(t.max_steps is None or t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1")
+    _check(t.max_epochs is None or t.max_epochs >= 1, f"trainer.max_epochs={t.max_epochs} must be >= 1 or null")
+    _check((t.max_epochs is None) != (t.max_steps is None),
+           f"trainer.max_steps={t.max_steps} and trainer.max_epochs={t.max_epochs}: set exactly one of them (the "
+           f"budget of the run; the other null)")
+    _check(o.name == "sgd" or not o.nesterov,
+           f"optim.nesterov=true applies to optim.name='sgd' only (got optim.name={o.name!r})")
+    _check(not o.nesterov or o.momentum > 0, "optim.nesterov=true needs optim.momentum > 0")
+    if o.name == "lion":
+        import importlib.util
+
+        _check(importlib.util.find_spec("lion_pytorch") is not None,
+               "optim.name='lion' needs the lion-pytorch package (torch has no Lion): pip install 'normablate[lion]' "
+               "(or: pip install lion-pytorch)")
     _check(t.val_every >= 1, f"trainer.val_every={t.val_every} must be >= 1")
     _check(t.log_every >= 1, f"trainer.log_every={t.log_every} must be >= 1")
+    _check_loggers(t.loggers)
     _check(t.val_batches is None or t.val_batches >= 1, f"trainer.val_batches={t.val_batches} must be >= 1 or null")
     _check(t.divergence_factor > 1, f"trainer.divergence_factor={t.divergence_factor} must be > 1")
     _check(t.devices >= 1, f"trainer.devices={t.devices} must be >= 1")
@@ -379,7 +537,26 @@ def validate(cfg: RunConfig) -> None:
            f"data.batch_size={dc.batch_size} (the global batch) must be divisible by trainer.devices x "
            f"trainer.num_nodes = {world}, so every rank gets an equal slice")
     _check(dc.val_batch_size >= world, f"data.val_batch_size={dc.val_batch_size} must be >= the {world} ranks")
+    for k in sorted({g for g in (getattr(mod, "ghost_batch_size", None) for mod in net.modules()) if g}):
+        # Ghost BN (norms/batch.py): groups of k consecutive samples of each rank's batch, none partial in training
+        _check(dc.batch_size // world % k == 0,
+               f"ghost_batch_size={k} (a norm option in model.*) must divide the training batch per rank, "
+               f"data.batch_size={dc.batch_size} / {world} rank(s) = {dc.batch_size // world}: each step's batch is "
+               f"cut into groups of {k} consecutive samples")
+        _check(not t.sync_batchnorm,
+               f"trainer.sync_batchnorm=true cannot be combined with ghost_batch_size={k} (model.*): ghost groups are "
+               f"parts of one rank's batch, a synchronized BN pools every rank's batch")
     _check(t.precise_bn >= 0, f"trainer.precise_bn={t.precise_bn} must be >= 0 (0: off)")
+    if t.track_batchstat_gap is not None:  # the older boolean key: folded into batchstat_gap
+        _check(t.track_batchstat_gap or t.batchstat_gap in ("every", "off"),
+               f"trainer.track_batchstat_gap=false contradicts trainer.batchstat_gap={t.batchstat_gap!r}; "
+               f"give only trainer.batchstat_gap (every, final or off)")
+        _check(not t.track_batchstat_gap or t.batchstat_gap != "off",
+               "trainer.track_batchstat_gap=true contradicts trainer.batchstat_gap='off'; give only "
+               "trainer.batchstat_gap (every, final or off)")
+        if not t.track_batchstat_gap:
+            t.batchstat_gap = "off"
+        t.track_batchstat_gap = None
     _check(t.accelerator in ("cpu", "gpu", "cuda", "mps", "auto"),
            f"trainer.accelerator={t.accelerator!r} is not allowed; valid: cpu, gpu, cuda, mps, auto")
     _check(str(t.precision) in PRECISIONS,
@@ -393,6 +570,9 @@ def validate(cfg: RunConfig) -> None:
            "trainer.target_metric and trainer.target_value must be given together")
     _check(t.target_metric is None or t.target_metric in metrics,
            f"trainer.target_metric={t.target_metric!r} is not allowed for task {cfg.task!r}; valid: {', '.join(metrics)}")
+    _check(t.select_metric is None or t.select_metric in metrics,
+           f"trainer.select_metric={t.select_metric!r} is not allowed for task {cfg.task!r}; valid: "
+           f"{', '.join(metrics)} (selection uses the validation split only)")
     pr = cfg.probes
     _check(pr.every >= 1, f"probes.every={pr.every} must be >= 1")
     _check(bool(pr.step_sizes) and all(isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0
@@ -449,7 +629,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
         with open(p) as f:
-            data = yaml.safe_load(f)
+            data = yamlsafe.load(f, what=f"config file {str(p)!r}")  # (alias expansion bounded: yamlsafe.py)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
