@@ -9,7 +9,8 @@ Contract of a ``StepDataModule``:
   the batch the interrupted run would have seen next.
 - Lightning moves the spec's index tensor to the device; ``on_after_batch_transfer`` turns it into the real
   batch there, gathering from uint8/int tensors that were moved to that device once (no per-sample Python).
-- Validation batches are a fixed, ordered list of specs ``{"kind": "val", "index": ...}``.
+- Validation and test batches are fixed, ordered lists of specs ``{"kind": "val" | "test", "index": ...}``
+  (``eval_specs(split)``); selection uses validation only, the test split is evaluated once at the end.
 - Without a trainer (tests, probes) ``train_batch(step, device)`` / ``val_batches(device)`` run the same path;
   ``start_step`` sets where a fresh train iterator begins.
 - Data parallel: ``cfg.batch_size`` is the global batch of a step. Under a trainer with ``world_size`` W > 1,
@@ -122,9 +123,13 @@ class StepDataModule(L.LightningDataModule):
         """The batch spec of training step ``step`` (CPU tensors: indices/offsets and augmentation draws)."""
         raise NotImplementedError
 
+    def eval_specs(self, split: str = "val") -> list[dict[str, Any]]:
+        """The batch specs of the validation (``"val"``) or test (``"test"``) split, in order."""
+        raise NotImplementedError
+
     def val_specs(self) -> list[dict[str, Any]]:
         """The validation batch specs, in order."""
-        raise NotImplementedError
+        return self.eval_specs("val")
 
     def _build(self, spec: dict[str, Any]) -> Any:  # spec on device -> batch on device
         raise NotImplementedError
@@ -174,8 +179,17 @@ class StepDataModule(L.LightningDataModule):
         return DataLoader([shard(s, rank, world) for s in self.val_specs()], batch_size=None, shuffle=False,
                           num_workers=0)
 
+    eval_split = "test"  # the split Lightning's test loop evaluates (normablate.evaluate may set "val")
+
+    def test_dataloader(self) -> DataLoader:
+        """The test split's batches (evaluated once, at the end of a run: ``normablate.evaluate``)."""
+        self.setup()
+        rank, world = self.ranks()
+        return DataLoader([shard(s, rank, world) for s in self.eval_specs(self.eval_split)], batch_size=None,
+                          shuffle=False, num_workers=0)
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> Any:
-        if isinstance(batch, dict) and batch.get("kind") in ("train", "val"):
+        if isinstance(batch, dict) and batch.get("kind") in ("train", "val", "test"):
             return self._build(batch)
         return batch
 
@@ -190,10 +204,10 @@ class StepDataModule(L.LightningDataModule):
         self.setup()
         return self._build(_to(self.rank_train_spec(step), device))
 
-    def val_batches(self, device: str | torch.device = "cpu") -> Iterator[Any]:
-        """The validation batches, in order, on ``device``."""
+    def val_batches(self, device: str | torch.device = "cpu", split: str = "val") -> Iterator[Any]:
+        """The validation (or ``split="test"``) batches, in order, on ``device``."""
         self.setup()
-        for spec in self.val_specs():
+        for spec in self.eval_specs(split):
             yield self._build(_to(spec, device))
 
     # ---------------------------------------------------------------- helpers

@@ -269,20 +269,50 @@ def split_rows(src: Source) -> dict[str, int]:
     return dict(payload["rows"])
 
 
-def plan_splits(src: Source, rows: dict[str, int], train_split: str, val_split: str,
-                val_fraction: float) -> dict[str, tuple[str, int, int]]:
-    """Rows ``(split, start, stop)`` that serve as train and val. When ``val_split`` is absent and the source has a
-    single split, its tail ``val_fraction`` is held out as validation; otherwise a missing split is an error."""
-    for role, name in (("train_split", train_split), ("val_split", val_split)):
-        if name not in rows and not (role == "val_split" and list(rows) == [train_split]):
-            hint = closest(name, rows)
-            raise ConfigError(f"data.{role}={name!r}: source {src.name!r} has no split {name!r}; available splits: "
-                              f"{', '.join(rows)}" + (f" (did you mean {hint!r}?)" if hint else ""))
-    if val_split in rows:
-        return {"train": (train_split, 0, rows[train_split]), "val": (val_split, 0, rows[val_split])}
-    n = rows[train_split]
-    n_val = max(1, round(n * val_fraction))
-    if n - n_val < 1:
-        raise ConfigError(f"split {train_split!r} of {src.name!r} has {n} rows: too few to hold out "
-                          f"data.val_fraction={val_fraction} as validation")
-    return {"train": (train_split, 0, n - n_val), "val": (train_split, n - n_val, n)}
+ROLES = ("train", "val", "test")
+
+
+def plan_splits(name: str, rows: dict[str, int], cfg) -> dict[str, tuple[str, int, int]]:
+    """Which rows serve as train, validation and test: ``{role: (split, start, stop)}``, positions in the split's
+    *hold-out order* (vision: a fixed permutation of the split, the same for every run seed; text: the rows or
+    bytes in order, so held-out text is contiguous). ``rows`` is ``{split: size}``.
+
+    - train: ``cfg.train_split``.
+    - test: ``cfg.test_split`` when the source has it; a source with a single split holds out its last
+      ``cfg.test_fraction`` as test.
+    - val: ``cfg.val_split`` when set; ``None`` (the default) holds out ``cfg.val_fraction`` of the training
+      split (just before a held-out test part), so selection never sees the test set.
+    A role that would share rows with another is refused, naming the keys."""
+    def no_split(key: str, value: str) -> ConfigError:
+        hint = closest(value, rows)
+        return ConfigError(f"data.{key}={value!r}: source {name!r} has no split {value!r}; available splits: "
+                           f"{', '.join(rows)}" + (f" (did you mean {hint!r}?)" if hint else ""))
+
+    train, val, test = cfg.train_split, cfg.val_split, cfg.test_split
+    if train not in rows:
+        raise no_split("train_split", train)
+    for key, value in (("val_split", val), ("test_split", test)):
+        if value is not None and value == train:
+            raise ConfigError(f"data.{key}={value!r} is also data.train_split: the model would be judged on its "
+                              f"training data" + ("; set data.val_split=null to hold out part of the training "
+                                                  "split as validation" if key == "val_split" else ""))
+    if val is not None and val == test:
+        raise ConfigError(f"data.val_split and data.test_split both name split {val!r}: selection (best LR, early "
+                          f"stopping, pruning) and the reported numbers would use the same data; set "
+                          f"data.val_split=null to hold out part of the training split as validation")
+    if val is not None and val not in rows:
+        raise no_split("val_split", val)
+    carve_test = test is None or test not in rows
+    if carve_test and list(rows) != [train]:
+        raise no_split("test_split", test) if test is not None else ConfigError(
+            f"data.test_split=null: source {name!r} has several splits ({', '.join(rows)}); name the test split")
+    n = rows[train]
+    n_test = max(1, round(n * cfg.test_fraction)) if carve_test else 0
+    n_val = max(1, round(n * cfg.val_fraction)) if val is None else 0
+    if n - n_val - n_test < 1:
+        raise ConfigError(f"split {train!r} of {name!r} has {n} rows: too few to hold out data.val_fraction="
+                          f"{cfg.val_fraction}" + (f" and data.test_fraction={cfg.test_fraction}" if carve_test else ""))
+    plan = {"train": (train, 0, n - n_val - n_test)}
+    plan["val"] = (train, n - n_val - n_test, n - n_test) if val is None else (val, 0, rows[val])
+    plan["test"] = (train, n - n_test, n) if carve_test else (test, 0, rows[test])
+    return plan

@@ -8,7 +8,8 @@ Contract (``TextDataModule``, see ``common.py`` for the step-indexed batching):
   truncated to ``block_size + 1`` bytes.
 - ``mode: blocks`` (nanoGPT): training batch of step s = B windows at offsets drawn from a generator seeded by
   (seed, s): ``(idx int64 (B, T), targets int64 (B, T), None)`` with targets = idx shifted by one byte.
-  Validation: the non-overlapping windows ``[k*T, k*T + T]`` of the val text in order (at most ``val_limit``).
+  Validation (and test): the non-overlapping windows ``[k*T, k*T + T]`` of the val (test) text in order (at most
+  ``val_limit`` / ``test_limit``).
 - ``mode: samples``: training batch of step s = B samples from the per-epoch permutation seeded by (seed, epoch),
   right-padded to the longest sample of the batch. A sample of n bytes gives n-1 input tokens (its bytes but
   the last) and n-1 targets (its bytes but the first): ``(idx int64 (B, T), targets int64 (B, T), mask bool
@@ -24,8 +25,8 @@ Contract (``TextDataModule``, see ``common.py`` for the step-indexed batching):
 Limits: ``train_limit`` = first N samples (samples mode) or the first N*T+1 bytes (blocks mode);
 ``val_limit`` = first N samples / windows. Sources: ``"synthetic"`` (``synthetic.text``), a text file or a
 directory of ``*.txt`` (splits from file names), parquet / ``save_to_disk`` / hub (column ``cfg.text_key`` or
-``text``). A single-split source gives its tail ``cfg.val_fraction`` as validation (cut at a paragraph boundary
-for plain text, at a row boundary for tables).
+``text``). Train, validation and test follow ``sources.plan_splits``; parts held out of one split are contiguous:
+train | val | test (cut at a paragraph boundary for plain text, at a row boundary for tables).
 """
 from __future__ import annotations
 
@@ -36,10 +37,10 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from ..errors import ConfigError, closest
+from ..errors import ConfigError
 from . import cache, synthetic
 from .common import EpochSampler, StepDataModule, generator
-from .sources import files_by_split, guess_column, locate, plan_splits, split_rows
+from .sources import ROLES, files_by_split, guess_column, locate, plan_splits, split_rows
 
 VOCAB_SIZE = 256
 PAD_ID = 0
@@ -96,26 +97,29 @@ def holdout(data: bytes, fraction: float) -> tuple[bytes, bytes]:
 
 # ------------------------------------------------------------------------------------------ loading
 def _plain_text_splits(cfg, splits: dict[str, bytes], name: str) -> dict[str, Any]:
-    """Plain-text splits -> payload {train_*, val_*}; a single split is cut into head/tail."""
-    if cfg.train_split not in splits:
-        hint = closest(cfg.train_split, splits)
-        raise ConfigError(f"data.train_split={cfg.train_split!r}: source {name!r} has no split "
-                          f"{cfg.train_split!r}; available splits: {', '.join(splits)}"
-                          + (f" (did you mean {hint!r}?)" if hint else ""))
-    if cfg.val_split in splits:
-        train, val = splits[cfg.train_split], splits[cfg.val_split]
-    elif len(splits) == 1:
-        train, val = holdout(splits[cfg.train_split], cfg.val_fraction)
+    """Plain-text splits -> payload {train_*, val_*, test_*}. Roles follow ``sources.plan_splits``; parts held out of
+    one split are contiguous: train | val | test, each cut at a paragraph boundary (``holdout``)."""
+    plan = plan_splits(name, {s: len(d) for s, d in splits.items()}, cfg)
+    train = splits[cfg.train_split]
+    parts = {}
+    if plan["test"][0] == cfg.train_split:  # a single split: the test set is its tail
+        train, parts["test"] = holdout(train, cfg.test_fraction)
     else:
-        hint = closest(cfg.val_split, splits)
-        raise ConfigError(f"data.val_split={cfg.val_split!r}: source {name!r} has no split {cfg.val_split!r}; "
-                          f"available splits: {', '.join(splits)}" + (f" (did you mean {hint!r}?)" if hint else ""))
-    return {f"{role}_{k}": v for role, d in (("train", train), ("val", val)) for k, v in from_text(d).items()}
+        parts["test"] = splits[plan["test"][0]]
+    if plan["val"][0] == cfg.train_split:  # val_fraction of the whole split, just before the test part
+        kept = 1 - (cfg.test_fraction if "test" in parts and plan["test"][0] == cfg.train_split else 0)
+        train, parts["val"] = holdout(train, cfg.val_fraction / kept)
+    else:
+        parts["val"] = splits[plan["val"][0]]
+    parts["train"] = train
+    return {f"{role}_{k}": v for role in ROLES for k, v in from_text(parts[role]).items()}
 
 
 def load_splits(cfg) -> dict[str, Any]:
-    """Payload ``{train_data, train_starts, train_ends, val_data, ...}`` (cached), limits not yet applied."""
-    holdout_key = {"train_split": cfg.train_split, "val_split": cfg.val_split, "val_fraction": cfg.val_fraction}
+    """Payload ``{train_data, train_starts, train_ends, val_data, ..., test_data, ...}`` (cached), limits not yet
+    applied."""
+    holdout_key = {"train_split": cfg.train_split, "val_split": cfg.val_split, "val_fraction": cfg.val_fraction,
+                   "test_split": cfg.test_split, "test_fraction": cfg.test_fraction}
     if cfg.source == "synthetic":
         key = {"source": "synthetic-text", "seed": synthetic.TEXT_SEED, "code": synthetic.CODE_HASH, **holdout_key}
         return cache.cached("text", key, lambda: _plain_text_splits(
@@ -130,8 +134,8 @@ def load_splits(cfg) -> dict[str, Any]:
             return _plain_text_splits(cfg, {s: b"\n\n".join(Path(f).read_bytes() for f in fs)
                                             for s, fs in files.items()}, src.name)
         return cache.cached("text", {**src.key, **holdout_key}, build, cfg.cache_dir)
-    # table-like: parquet, save_to_disk, hub
-    plan = plan_splits(src, split_rows(src), cfg.train_split, cfg.val_split, cfg.val_fraction)
+    # table-like: parquet, save_to_disk, hub; held-out parts are contiguous rows
+    plan = plan_splits(src.name, split_rows(src), cfg)
 
     def build() -> dict[str, Any]:
         out = {}
@@ -158,8 +162,8 @@ class TextDataModule(StepDataModule):
         self.mode, self.block_size = cfg.mode, cfg.block_size
         T = cfg.block_size
         p = load_splits(cfg)
-        self.cache_hits = {"train": bool(p.get("_cache_hit")), "val": bool(p.get("_cache_hit"))}
-        for role, limit in (("train", cfg.train_limit), ("val", cfg.val_limit)):
+        self.cache_hits = {role: bool(p.get("_cache_hit")) for role in ROLES}
+        for role, limit in (("train", cfg.train_limit), ("val", cfg.val_limit), ("test", cfg.test_limit)):
             data, starts, ends = p[f"{role}_data"], p[f"{role}_starts"], p[f"{role}_ends"]
             keep = ends - starts >= 2  # a sample needs one input and one target
             starts, lens = starts[keep], (ends - starts)[keep].clamp(max=T + 1)
@@ -171,22 +175,24 @@ class TextDataModule(StepDataModule):
             setattr(self, f"{role}_starts", starts)  # (K,) int64
             setattr(self, f"{role}_lens", lens)  # (K,) int64, in [2, T + 1]
         self.num_train_tokens, self.num_val_tokens = len(self.train_data), len(self.val_data)
+        self.num_test_tokens = len(self.test_data)
         B = cfg.batch_size
         if cfg.mode == "blocks":
-            for role in ("train", "val"):
+            for role in ROLES:
                 if len(getattr(self, f"{role}_data")) < T + 1:
                     raise ConfigError(f"the {role} text has {len(getattr(self, f'{role}_data'))} bytes, fewer than "
                                       f"data.block_size + 1 = {T + 1}")
             self.num_train = (self.num_train_tokens - 1) // T
-            n_val = (self.num_val_tokens - 1) // T
-            self.num_val = n_val if cfg.val_limit is None else min(n_val, cfg.val_limit)
+            for role, limit in (("val", cfg.val_limit), ("test", cfg.test_limit)):
+                n = (len(getattr(self, f"{role}_data")) - 1) // T
+                setattr(self, f"num_{role}", n if limit is None else min(n, limit))
             self.samples_per_step = float(B * T)
             self.pad_fraction = 0.0
         else:
-            for role in ("train", "val"):
+            for role in ROLES:
                 if len(getattr(self, f"{role}_lens")) == 0:
                     raise ConfigError(f"the {role} split has no sample of 2 bytes or more")
-            self.num_train, self.num_val = len(self.train_lens), len(self.val_lens)
+            self.num_train, self.num_val, self.num_test = len(self.train_lens), len(self.val_lens), len(self.test_lens)
             self.sampler = EpochSampler(self.num_train, B, self.seed)
             real = self.train_lens - 1  # (K,) real target tokens per sample
             self.samples_per_step = float(B * real.double().mean())
@@ -205,19 +211,19 @@ class TextDataModule(StepDataModule):
         idx = self.sampler(step)
         return {"kind": "train", "step": step, "index": idx, "width": int(self.train_lens[idx].max())}
 
-    def val_specs(self) -> list[dict[str, Any]]:
-        bs, T = self.cfg.val_batch_size, self.block_size
+    def eval_specs(self, split: str = "val") -> list[dict[str, Any]]:
+        bs, T, n = self.cfg.val_batch_size, self.block_size, getattr(self, f"num_{split}")
         if self.mode == "blocks":
-            return [{"kind": "val", "offset": torch.arange(i, min(i + bs, self.num_val)) * T}
-                    for i in range(0, self.num_val, bs)]
+            return [{"kind": split, "offset": torch.arange(i, min(i + bs, n)) * T} for i in range(0, n, bs)]
+        lens = getattr(self, f"{split}_lens")
         specs = []
-        for i in range(0, self.num_val, bs):
-            idx = torch.arange(i, min(i + bs, self.num_val))
-            specs.append({"kind": "val", "index": idx, "width": int(self.val_lens[idx].max())})
+        for i in range(0, n, bs):
+            idx = torch.arange(i, min(i + bs, n))
+            specs.append({"kind": split, "index": idx, "width": int(lens[idx].max())})
         return specs
 
     def _build(self, spec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        split = "train" if spec["kind"] == "train" else "val"
+        split = spec["kind"]  # train | val | test
         if "offset" in spec:  # blocks
             off = spec["offset"]
             data = self.on_device(f"{split}_data", off.device)

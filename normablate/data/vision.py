@@ -2,20 +2,21 @@
 
 Contract (``VisionDataModule``, see ``common.py`` for the step-indexed batching):
 
-- ``setup()`` fills, for the train and val splits, ``train_x``/``val_x`` uint8 ``(N, 3, H, W)`` and
-  ``train_y``/``val_y`` int64 ``(N,)`` (CPU), and the attributes ``num_classes``, ``class_names``, ``in_chans``
-  (3: every image is converted to RGB), ``image_size`` (H, or (H, W) when not square), ``num_train``,
-  ``num_val``, ``samples_per_step`` (= batch_size), ``mean``/``std`` (3,) per-channel statistics of the train
+- ``setup()`` fills, for the train, val and test splits, ``train_x``/``val_x``/``test_x`` uint8 ``(N, 3, H, W)``
+  and ``train_y``/``val_y``/``test_y`` int64 ``(N,)`` (CPU), and the attributes ``num_classes``, ``class_names``,
+  ``in_chans`` (3: every image is converted to RGB), ``image_size`` (H, or (H, W) when not square), ``num_train``,
+  ``num_val``, ``num_test``, ``samples_per_step`` (= batch_size), ``mean``/``std`` (3,) per-channel statistics of the train
   split in [0, 1] pixel units.
 - Training batch of step s: ``(x float32 (B, 3, H, W), y int64 (B,))``; indices from the per-epoch permutation
   seeded by (seed, epoch); with ``cfg.augment`` a random crop from the image zero-padded by 4 pixels (black, as
   torchvision's ``RandomCrop(32, padding=4)`` before ``Normalize``) and a random horizontal flip, drawn from a
   generator seeded by (seed, s); then ``(x / 255 - mean) / std``. All of it with tensor ops on the device.
-- Validation: ordered, unaugmented batches of ``cfg.val_batch_size``.
+- Validation and test: ordered, unaugmented batches of ``cfg.val_batch_size``.
 
 Sources: ``"synthetic"`` (``synthetic.py``), a hub name or a local path (``sources.py``). Image and label columns
-are ``cfg.image_key``/``cfg.label_key`` or guessed (``img``/``image``, ``label``/``labels``). A source with a single
-split gives its tail ``cfg.val_fraction`` as validation when ``cfg.val_split`` is absent.
+are ``cfg.image_key``/``cfg.label_key`` or guessed (``img``/``image``, ``label``/``labels``). Which rows are train,
+validation and test: ``sources.plan_splits`` (by default validation is a fixed 10% of the training split and test
+is the source's test split).
 """
 from __future__ import annotations
 
@@ -101,13 +102,45 @@ def _labels(col: pa.ChunkedArray, name: str) -> tuple[torch.Tensor, list[str] | 
 
 
 # ------------------------------------------------------------------------------------------ loading
-def _load_table_split(src, role: str, split: str, start: int, stop: int, cfg) -> dict[str, Any]:
-    """Decode rows [start, stop) of ``split`` (the limit already applied to ``stop``)."""
+def holdout_order(n: int) -> torch.Tensor:
+    """The fixed order in which a split's rows are handed out to train / val / test when one split serves several
+    roles (``sources.plan_splits``): a permutation seeded independently of the run seed, so every run, seed and
+    machine holds out the same images (not the tail: tables and image folders are often sorted by class)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))
+
+
+def _select(plan: dict[str, tuple[str, int, int]], rows: dict[str, int], limits: dict[str, int | None]
+            ) -> dict[str, tuple[str, Any]]:
+    """Per role: (split, rows) where rows is ``("range", start, stop)`` for a role that has its split to itself
+    (read in order) or ``("holdout", n, start, stop)`` for a part of a split shared by several roles (positions
+    ``[start, stop)`` of ``holdout_order(n)``); limits applied."""
+    shared = {s for s in (p[0] for p in plan.values()) if sum(q[0] == s for q in plan.values()) > 1}
+    out = {}
+    for role, (split, start, stop) in plan.items():
+        if limits[role] is not None:
+            stop = min(stop, start + limits[role])
+        out[role] = (split, ("holdout", rows[split], start, stop) if split in shared else ("range", start, stop))
+    return out
+
+
+def _indices(how: tuple) -> torch.Tensor:
+    if how[0] == "range":
+        return torch.arange(how[1], how[2])
+    _, n, start, stop = how
+    return holdout_order(n)[start:stop]
+
+
+def _load_table_rows(src, role: str, split: str, how: tuple, cfg) -> dict[str, Any]:
+    """Decode the rows ``how`` (see ``_select``) of ``split``: only the selected images are decoded."""
     sp = src.split(split, f"{role}_split")
     img_key = guess_column(sp, cfg.image_key, IMAGE_KEYS, "image", "image_key", src.name)
     lab_key = guess_column(sp, cfg.label_key, LABEL_KEYS, "label", "label_key", src.name)
     t0 = time.perf_counter()
-    table = sp.read([img_key, lab_key], stop).slice(start)
+    idx = _indices(how)
+    if how[0] == "range":
+        table = sp.read([img_key, lab_key], how[2]).slice(how[1])
+    else:
+        table = sp.read([img_key, lab_key], None).take(pa.array(idx.numpy()))
     x = decode_images(_image_bytes(table.column(img_key), img_key))
     y, names = _labels(table.column(lab_key), lab_key)
     log.info("decoded %d images of %s[%s] in %.1fs", len(y), src.name, split, time.perf_counter() - t0)
@@ -115,56 +148,37 @@ def _load_table_split(src, role: str, split: str, start: int, stop: int, cfg) ->
 
 
 def load_splits(cfg) -> dict[str, dict[str, Any]]:
-    """``{"train": payload, "val": payload}`` with payload ``{x, y, label_names, _cache_hit, _from}``, limits
-    applied; ``_from`` = (cache file, how x and y were taken from it): the key of values derived from them
-    (``cache.derived``)."""
-    limits = {"train": cfg.train_limit, "val": cfg.val_limit}
+    """``{"train": payload, "val": payload, "test": payload}`` with payload ``{x, y, label_names, _cache_hit,
+    _from}``, limits applied; ``_from`` = (cache file, how x and y were taken from it): the key of values derived
+    from them (``cache.derived``). Which rows serve which role: ``sources.plan_splits``."""
+    limits = {"train": cfg.train_limit, "val": cfg.val_limit, "test": cfg.test_limit}
     if cfg.source == "synthetic":
-        names = {"train": cfg.train_split, "val": cfg.val_split}
-        for role, name in names.items():
-            if name not in ("train", "test"):
-                raise ConfigError(f"data.{role}_split={name!r}: the synthetic image source has splits train, test")
+        rows = {"train": synthetic.TRAIN_SIZE, "test": synthetic.VAL_SIZE}
+        select = _select(plan_splits("synthetic", rows, cfg), rows, limits)
         key = {"source": "synthetic-images", "seed": synthetic.IMAGE_SEED, "code": synthetic.CODE_HASH, "train": synthetic.TRAIN_SIZE,
                "test": synthetic.VAL_SIZE}
         payload = cache.cached("synthetic", key, lambda: {
             f"{s}_{k}": v for s, (x, y) in synthetic.image_splits().items() for k, v in (("x", x), ("y", y))
         }, cfg.cache_dir)
-        return {role: {"x": payload[f"{name}_x"][:limits[role]], "y": payload[f"{name}_y"][:limits[role]],
-                       "label_names": synthetic.CLASS_NAMES, "_cache_hit": payload["_cache_hit"],
-                       "_from": (payload["_cache_file"], name, limits[role])}
-                for role, name in names.items()}
-    src = locate(cfg.source, "classification", cfg.cache_dir, cfg.hub_config)
-    plan = plan_splits(src, split_rows(src), cfg.train_split, cfg.val_split, cfg.val_fraction)
-    (tr_split, _, tr_stop), (va_split, va_start, va_stop) = plan["train"], plan["val"]
-    if tr_split == va_split and tr_stop == va_start:
-        # One split only: hold out a fixed random subset (not the tail: tables and image folders are often
-        # sorted by class, and a tail would hold classes never seen in training).
-        key = {**src.key, "split": tr_split, "rows": [0, va_stop], "image_key": cfg.image_key,
-               "label_key": cfg.label_key}
-        full = cache.cached("images", key, lambda: _load_table_split(src, "train", tr_split, 0, va_stop, cfg),
-                            cfg.cache_dir)
-        n_val = va_stop - va_start
-
-        def gather(role: str) -> tuple[torch.Tensor, torch.Tensor]:
-            perm = torch.randperm(va_stop, generator=torch.Generator().manual_seed(0))
-            i = (perm[:n_val] if role == "val" else perm[n_val:])[:limits[role]]
-            return full["x"][i], full["y"][i]
-
         out = {}
-        for role in ("val", "train"):
-            how = ("holdout", role, n_val, limits[role])  # a sweep worker keeps the gather (cache.derived)
-            x, y = cache.derived(full["_cache_file"], how, lambda role=role: gather(role))
-            out[role] = {"x": x, "y": y, "label_names": full["label_names"], "_cache_hit": full["_cache_hit"],
-                         "_from": (full["_cache_file"], *how)}
+        for role, (split, how) in select.items():
+            def gather(split=split, how=how) -> tuple[torch.Tensor, torch.Tensor]:
+                i = _indices(how)
+                return payload[f"{split}_x"][i], payload[f"{split}_y"][i]
+
+            x, y = cache.derived(payload["_cache_file"], (split, *how), gather)  # a sweep worker keeps the gather
+            out[role] = {"x": x, "y": y, "label_names": synthetic.CLASS_NAMES, "_cache_hit": payload["_cache_hit"],
+                         "_from": (payload["_cache_file"], split, *how)}
         return out
+    src = locate(cfg.source, "classification", cfg.cache_dir, cfg.hub_config)
+    rows = split_rows(src)
+    select = _select(plan_splits(src.name, rows, cfg), rows, limits)
     out = {}
-    for role, (split, start, stop) in plan.items():
-        if limits[role] is not None:
-            stop = min(stop, start + limits[role])
-        key = {**src.key, "split": split, "rows": [start, stop], "image_key": cfg.image_key,
-               "label_key": cfg.label_key}
-        out[role] = cache.cached("images", key, lambda: _load_table_split(src, role, split, start, stop, cfg),
-                                 cfg.cache_dir)
+    for role, (split, how) in select.items():
+        rows_key = {"rows": [how[1], how[2]]} if how[0] == "range" else {"holdout": list(how[1:])}
+        key = {**src.key, "split": split, **rows_key, "image_key": cfg.image_key, "label_key": cfg.label_key}
+        out[role] = cache.cached("images", key, lambda role=role, split=split, how=how:
+                                 _load_table_rows(src, role, split, how, cfg), cfg.cache_dir)
         out[role]["_from"] = (out[role]["_cache_file"],)
     return out
 
@@ -188,26 +202,30 @@ class VisionDataModule(StepDataModule):
     def _load(self) -> None:
         cfg = self.cfg
         splits = load_splits(cfg)
-        tr, va = splits["train"], splits["val"]
+        tr = splits["train"]
         self.cache_hits = {role: bool(p.get("_cache_hit")) for role, p in splits.items()}
         self.train_x, self.train_y = tr["x"], tr["y"]  # (N, 3, H, W) uint8, (N,) int64
-        self.val_x, self.val_y = va["x"], va["y"]
         names = list(tr["label_names"] or [])
-        if va["label_names"] and va["label_names"] != names:  # string labels: map val codes onto train's names
-            code = {n: i for i, n in enumerate(names)}
-            unknown = sorted(set(va["label_names"]) - set(code))
-            if unknown:
-                raise ConfigError(f"validation labels {unknown[:5]} do not occur in the training split")
-            self.val_y = torch.tensor([code[n] for n in va["label_names"]])[self.val_y]
-        if self.train_x.shape[1:] != self.val_x.shape[1:]:
-            raise ConfigError(f"train images are {tuple(self.train_x.shape[1:])} but validation images "
-                              f"{tuple(self.val_x.shape[1:])}")
-        self.num_classes = len(names) or int(max(self.train_y.max(), self.val_y.max())) + 1
+        for role in ("val", "test"):
+            p = splits[role]
+            x, y = p["x"], p["y"]
+            if p["label_names"] and p["label_names"] != names:  # string labels: map codes onto train's names
+                code = {n: i for i, n in enumerate(names)}
+                unknown = sorted(set(p["label_names"]) - set(code))
+                if unknown:
+                    raise ConfigError(f"{role} labels {unknown[:5]} do not occur in the training split")
+                y = torch.tensor([code[n] for n in p["label_names"]])[y]
+            if self.train_x.shape[1:] != x.shape[1:]:
+                raise ConfigError(f"train images are {tuple(self.train_x.shape[1:])} but {role} images "
+                                  f"{tuple(x.shape[1:])}")
+            setattr(self, f"{role}_x", x)
+            setattr(self, f"{role}_y", y)
+        self.num_classes = len(names) or int(max(self.train_y.max(), self.val_y.max(), self.test_y.max())) + 1
         self.class_names = names or [str(i) for i in range(self.num_classes)]
         self.in_chans = 3
         h, w = self.train_x.shape[2:]
         self.image_size = h if h == w else (h, w)
-        self.num_train, self.num_val = len(self.train_y), len(self.val_y)
+        self.num_train, self.num_val, self.num_test = len(self.train_y), len(self.val_y), len(self.test_y)
         self.samples_per_step = float(cfg.batch_size)
         # (3,), (3,); a sweep worker computes them once per data config (kept with the payload: cache.derived)
         mean, std = cache.derived(tr["_from"][0], ("channel_stats", *tr["_from"][1:]),
@@ -224,21 +242,21 @@ class VisionDataModule(StepDataModule):
             spec["flip"] = torch.rand(b, generator=g) < 0.5  # (B,)
         return spec
 
-    def val_specs(self) -> list[dict[str, Any]]:
-        """Fixed batches over a fixed permutation of the validation set (the same for every run and seed):
+    def eval_specs(self, split: str = "val") -> list[dict[str, Any]]:
+        """Fixed batches over a fixed permutation of the validation (or test) set, the same for every run and seed:
         class-sorted splits still give mixed batches, which the batch-statistics evaluation (train/eval gap)
         needs. A short remainder is merged into the previous batch rather than evaluated alone."""
-        bs = self.cfg.val_batch_size
-        order = torch.randperm(self.num_val, generator=torch.Generator().manual_seed(0))
-        bounds = list(range(0, self.num_val, bs)) + [self.num_val]
+        bs, n = self.cfg.val_batch_size, getattr(self, f"num_{split}")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        bounds = list(range(0, n, bs)) + [n]
         if len(bounds) > 2 and bounds[-1] - bounds[-2] < bs // 2:
             del bounds[-2]
-        return [{"kind": "val", "index": order[a:b]} for a, b in zip(bounds[:-1], bounds[1:])]
+        return [{"kind": split, "index": order[a:b]} for a, b in zip(bounds[:-1], bounds[1:])]
 
     def _build(self, spec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = spec["index"]
         dev = idx.device
-        split = "train" if spec["kind"] == "train" else "val"
+        split = spec["kind"]  # train | val | test
         x = self.on_device(f"{split}_x", dev)[idx]  # (B, 3, H, W) uint8
         y = self.on_device(f"{split}_y", dev)[idx]  # (B,)
         if "shift" in spec:

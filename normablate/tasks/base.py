@@ -27,12 +27,16 @@ def using_batch_statistics(model: nn.Module) -> Iterator[None]:
     try:
         for m in layers:
             m.train()
+            if hasattr(m, "allow_partial_ghost_group"):  # ghost BN: a last val batch may not divide into groups
+                m.allow_partial_ghost_group = True
         for m, _ in noisy:
             m.noise_enabled = False
         yield
     finally:
         for m, training, buffers in saved:
             m.train(training)
+            if hasattr(m, "allow_partial_ghost_group"):
+                m.allow_partial_ghost_group = False
             for k, b in buffers.items():
                 getattr(m, k).copy_(b)
         for m, enabled in noisy:
@@ -42,12 +46,17 @@ def using_batch_statistics(model: nn.Module) -> Iterator[None]:
 class NormTask(L.LightningModule):
     """Subclasses define ``loss_and_outputs(batch)`` and the metric objects."""
 
-    def __init__(self, model: nn.Module, optim: OptimConfig, max_steps: int, track_batchstat_gap: bool = True):
+    def __init__(self, model: nn.Module, optim: OptimConfig, max_steps: int, track_batchstat_gap: bool | str = True):
         super().__init__()
         self.model = model
         self.optim_cfg = optim
         self.max_steps = max_steps
-        self.has_batch_stats = track_batchstat_gap and bool(batch_stat_norms(model))
+        # trainer.batchstat_gap: "every" validation, the "final" one only, or "off" (True / False: every / off)
+        when = {True: "every", False: "off"}.get(track_batchstat_gap, track_batchstat_gap)
+        if when not in ("every", "final", "off"):
+            raise ValueError(f"batchstat_gap={track_batchstat_gap!r}: expected every, final or off")
+        self.batchstat_gap = when if batch_stat_norms(model) else "off"
+        self.has_batch_stats = self.batchstat_gap == "every"  # this validation: set at each validation's start
         self.precise_stats = None  # set by the PreciseBN callback for one validation (normablate.precise_bn)
 
     # ------------------------------------------------------------------ optimisation
@@ -83,6 +92,10 @@ class NormTask(L.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        final = self.trainer.global_step >= self.max_steps or self.trainer.should_stop  # the run's last validation
+        self.has_batch_stats = self.batchstat_gap == "every" or (self.batchstat_gap == "final" and final)
+
     def validation_step(self, batch, batch_idx):
         self.update_val_metrics(batch, prefix="val")
         if self.has_batch_stats:
@@ -106,6 +119,30 @@ class NormTask(L.LightningModule):
                 metrics[k.replace("val_precise/", "val/") + "_precise"] = metrics.pop(k)
             if "val/loss_batchstats" in metrics:
                 metrics["val/train_eval_gap_precise"] = metrics["val/loss_precise"] - metrics["val/loss_batchstats"]
+        self.log_dict(metrics, prog_bar=False)
+
+    # ------------------------------------------------------------------ one-off evaluation (normablate.evaluate)
+    # Lightning's test loop evaluates a split once: the test split at the end of a run, or any split of a saved
+    # run (``normablate evaluate``). ``eval_prefix`` names the metrics ("test" -> test/loss, test/acc);
+    # ``eval_stats``: "running" (eval mode), "batch" (batch statistics, as the train/eval gap's second pass) or
+    # "precise" (``precise_stats`` swapped in: PreciseBN's population statistics).
+    eval_prefix = "test"
+    eval_stats = "running"
+
+    def test_step(self, batch, batch_idx):
+        if self.eval_stats == "batch":
+            with using_batch_statistics(self.model):
+                self.update_val_metrics(batch, prefix="val")
+        elif self.eval_stats == "precise" and self.precise_stats:
+            from ..precise_bn import swapped
+
+            with swapped(self.precise_stats):
+                self.update_val_metrics(batch, prefix="val")
+        else:
+            self.update_val_metrics(batch, prefix="val")
+
+    def on_test_epoch_end(self) -> None:
+        metrics = {f"{self.eval_prefix}/{k.split('/', 1)[1]}": v for k, v in self.compute_val_metrics().items()}
         self.log_dict(metrics, prog_bar=False)
 
     # ------------------------------------------------------------------ RNG state for exact resume
