@@ -20,11 +20,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from ..config import RunConfig, from_dict, to_dict, validated
+from ..config import RunConfig, epochs_to_steps, from_dict, to_dict, validated
 from ..errors import ConfigError
 from ..result import RunResult
 
 LR_MAX = {"bn": 3.0, "noisy_bn": 2.0, "masked_bn": 2.0, "gn": 1.0, "ln": 1.0, "rms": 1.0, "none": 0.3}
+TRAIN_SIZE = 1000  # the made-up training set a trainer.max_epochs budget resolves against (data.train_limit if set)
 
 
 def _noise(*key: object) -> float:
@@ -52,6 +53,9 @@ def curves(cfg: RunConfig) -> dict:
 
 def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = False) -> RunResult:
     cfg = from_dict(cfg) if isinstance(cfg, dict) else validated(cfg)
+    if cfg.trainer.max_epochs is not None:  # as train() does once the data is loaded, against a made-up size
+        cfg.trainer.max_steps = epochs_to_steps(cfg.trainer.max_epochs, cfg.data.train_limit or TRAIN_SIZE,
+                                                cfg.data.batch_size)
     run = cfg.run or f"dryrun-s{cfg.seed}"
     run_dir = Path(cfg.trainer.log_dir) / cfg.experiment / run
     ckpt, result_file = run_dir / "last.ckpt", run_dir / "result.json"
@@ -100,10 +104,14 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
     final = {k: v[-1][1] for k, v in history.items() if k.startswith("val/")}
     best = {k: (max if k.endswith("acc") else min)(x[1] for x in v) for k, v in history.items() if k.startswith("val/")}
     losses = [v for _, v in history.get("train/loss", []) if math.isfinite(v)]
+    test = {}  # the held-out test split: validation's numbers plus a little split noise (a generalization gap)
+    if status == "completed":
+        test = {k.replace("val/", "test/"): v + (0.01 if k.endswith("acc") else 0.02) * _noise(cfg.seed, k, "test")
+                for k, v in final.items() if k in ("val/acc", "val/loss")}
     result = RunResult(
         run_dir=str(run_dir), status=status, steps=step, final=final, best=best, diverged_step=c["div_step"],
         steps_to_target=steps_to_target, time_to_target=time_to_target,
         train_loss_auc=sum(losses) / len(losses) if losses else None, wall_time=wall,
-        throughput=step * cfg.data.batch_size / max(wall, 1e-6), history=history, config=to_dict(cfg))
+        throughput=step * cfg.data.batch_size / max(wall, 1e-6), history=history, config=to_dict(cfg), test=test)
     result.save(result_file)
     return result
