@@ -285,3 +285,58 @@ def test_report_out_writes_and_deletes_only_its_own_files(finished_study, tmp_pa
     assert code == 0, err
     assert (out / "my_thesis_figure.png").read_bytes() == b"precious" and not stale.exists()
     assert "my_thesis_figure.png" not in json.loads((out / ".normablate-report.json").read_text())["files"]
+
+
+# ------------------------------------------------------------------------------------------ 5. YAML limits
+def alias_bomb(levels: int, key: str = "x") -> str:
+    """``levels`` nested lists of 9 aliases each (9**levels leaves), under ``key``."""
+    lines = ["  a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "anchors:\n" + "\n".join(lines) + f"\n{key}: *a{levels}\n"
+
+
+def test_alias_bomb_config_is_refused_at_once(tmp_path):
+    """30 levels (9**30 leaves): a walk over the expansion would never end; the refusal comes from counting the
+    distinct nodes (the subprocess's timeout only guards the test)."""
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text(alias_bomb(30).replace("anchors:", "model:\n  backbone: resnet20\nanchors:"))
+    r = subprocess.run([sys.executable, "-m", "normablate", "train", "-c", str(cfg), "--print-config"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    line = one_line(r.stderr)
+    assert str(cfg) in line and "aliases expand to more than" in line, line
+    assert list(tmp_path.iterdir()) == [cfg]  # nothing created
+
+
+def test_alias_bomb_override_and_recursive_alias_are_refused(tmp_path, capsys):
+    from normablate import yamlsafe
+    from normablate.errors import ConfigError
+
+    levels = "[" + "&l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1], " + ", ".join(
+        f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 26)) + "]"
+    code, _, err = run_main(capsys, "train", f"model.width={levels}", "--print-config")
+    assert code == 2 and "override value" in one_line(err) and "aliases expand" in err, err
+    with pytest.raises(ConfigError, match="refers to itself"):
+        yamlsafe.load("&a [1, *a]")
+    with pytest.raises(ConfigError, match="nested"):
+        yamlsafe.load("[" * 3000 + "]" * 3000)
+    assert yamlsafe.load("a: &x {b: [1, 2]}\nc: *x\n") == {"a": {"b": [1, 2]}, "c": {"b": [1, 2]}}
+
+
+def test_spec_strings_are_bounded_and_a_description_bomb_is_refused(tmp_path):
+    from normablate.errors import ConfigError
+    from normablate.sweep import load_spec
+
+    d = make_spec(tmp_path, grid={"optim.lr": [0.1]})
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(d) + alias_bomb(7, "description").replace("anchors:", "x_anchors:"))
+    with pytest.raises(ConfigError, match="aliases expand to more than"):
+        load_spec(spec)
+    d["description"] = "x" * 20_000
+    with pytest.raises(ConfigError, match=r"description is 20,000 characters long; at most 10,000"):
+        load_spec(d)
+    d["description"] = "fine"
+    d["grid"] = {"model.norm": ["bn", {"name": "bn", "eps": 1e-5, "y" * 20_000: 1}], "optim.lr": [0.1]}
+    with pytest.raises(ConfigError, match="characters long"):
+        load_spec(d)
+    assert not (tmp_path / "logs").exists()

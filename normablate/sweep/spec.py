@@ -29,15 +29,17 @@ from typing import Any
 import yaml
 
 from .. import studies
+from .. import yamlsafe
 from ..config import RunConfig, check_path_name, from_dict, load_yaml, parse_overrides, set_dotted
 from ..errors import ConfigError, closest
 from ..studies.base import SpecContext, StudyKind, decode, encode  # noqa: F401  (decode: re-exported)
 from ..studies.search import make_sampler  # noqa: F401  (re-exported)
+from . import hypotheses
 
 KINDS = tuple(studies.available())  # the built-in study kinds (more can be registered: normablate.studies)
 
 COMMON_KEYS = ("kind", "base", "study_name", "metric", "direction", "metric_at", "overrides", "grid",
-               "pruner", "log_dir", "storage", "trainer_fn", "heartbeat", "description")
+               "pruner", "log_dir", "storage", "trainer_fn", "heartbeat", "description", "hypotheses")
 PRUNERS = ("none", "median", "percentile", "hyperband", "successive_halving", "threshold")
 DEFAULT_TRAINER = "normablate.train:train"
 DRYRUN_TRAINER = "normablate.sweep.dryrun:train"
@@ -124,6 +126,7 @@ class SweepSpec:
     options: dict[str, Any] = field(default_factory=dict)  # the kind's own keys, as its check() normalized them
     description: str = ""
     source: str | None = None  # the YAML file it came from
+    hypotheses: list[dict[str, Any]] = field(default_factory=list)  # pre-registered (sweep.hypotheses.check)
 
     @property
     def study(self) -> StudyKind:
@@ -205,6 +208,8 @@ class SweepSpec:
             "grid": {a.key: a.values for a in self.axes}, "metric": self.metric, "direction": self.direction,
             "metric_at": self.metric_at, "log_dir": self.log_dir, "trainer_fn": self.trainer_fn,
             "pruner": self.pruner, "options": self.options, "description": self.description,
+            # only when there are any: the fingerprints of studies made before hypotheses existed stay the same
+            **({"hypotheses": self.hypotheses} if self.hypotheses else {}),
         }
 
     def fingerprint(self) -> str:
@@ -216,7 +221,7 @@ class SweepSpec:
         return cls(kind=d["kind"], study_name=d["study_name"], base=d["base"], overrides=d["overrides"], axes=axes,
                    metric=d["metric"], direction=d["direction"], metric_at=d["metric_at"], log_dir=d["log_dir"],
                    trainer_fn=d["trainer_fn"], pruner=d["pruner"], options=d["options"],
-                   description=d.get("description", ""), **extra)
+                   description=d.get("description", ""), hypotheses=d.get("hypotheses") or [], **extra)
 
 
 # ---------------------------------------------------------------------- loading and checking
@@ -376,10 +381,13 @@ def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | dict[str
                           f"({heartbeat['interval']})")
 
     options = study.check(raw, SpecContext(where, task, [a.key for a in axes], base, ov))
+    hyps = hypotheses.check(raw.get("hypotheses"), {a.key: a.values for a in axes}, task, study.grouped, where)
     spec_obj = SweepSpec(kind=kind, study_name=str(name), base=base, overrides=ov, axes=axes, metric=metric,
                          direction=direction, metric_at=metric_at, log_dir=log_dir, storage=raw.get("storage"),
                          trainer_fn=trainer_fn, pruner=pruner, heartbeat=heartbeat, options=options,
-                         description=str(raw.get("description", "")), source=str(source) if source else None)
+                         description=str(raw.get("description", "")), source=str(source) if source else None,
+                         hypotheses=hyps)
+    yamlsafe.check_strings(spec_obj.to_json(), where)  # it is stored in the study: every string is bounded
     spec_obj.validate_all()
     return spec_obj
 
@@ -417,7 +425,7 @@ def make_pruner(p: dict[str, Any], max_steps: int):
     if name == "percentile":
         return optuna.pruners.PercentilePruner(**kw)
     if name == "hyperband":
-        kw.setdefault("max_resource", max_steps)
+        kw.setdefault("max_resource", max_steps or "auto")  # None: trainer.max_epochs (steps known only at run time)
         return optuna.pruners.HyperbandPruner(**kw)
     if name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(**kw)
