@@ -172,6 +172,8 @@ class SweepSpec:
         for key, value in (params or {}).items():
             set_dotted(d, key, value)
         d["trainer"]["log_dir"] = self.log_dir
+        if self.metric in ("val/acc", "val/loss", "val/ppl"):  # the weights tested as test_at_best: the study's pick
+            d["trainer"].setdefault("select_metric", self.metric)
         d["experiment"] = self.study_name
         if run is not None:
             d["run"] = run
