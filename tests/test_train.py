@@ -52,7 +52,7 @@ def test_image_run_learns_and_logs(tmp_path):
     assert result.final["val/acc"] > 0.2, result.final  # chance is 0.1 (+-0.013 at 500 samples)
     tags = scalars(Path(result.run_dir))
     for tag in ("train/loss", "val/loss", "val/acc", "lr", "grad_norm", "throughput",
-                "val/loss_batchstats", "val/train_eval_gap", "hp/val_acc", "hp/diverged"):
+                "val/loss_batchstats", "val/train_eval_gap"):
         assert tag in tags, f"{tag} missing from TensorBoard events: {sorted(tags)}"
     assert len(tags["val/acc"]) == 2  # steps 30 and 60
     run_dir = Path(result.run_dir)
@@ -63,12 +63,13 @@ def test_image_run_learns_and_logs(tmp_path):
     assert [versions[m.__name__] for m in (datasets, optuna, timm, torchmetrics)] == [
         m.__version__ for m in (datasets, optuna, timm, torchmetrics)]
     assert RunResult.load(run_dir / "result.json").final == result.final
-    # the HPARAMS session is written with the config keys (the final-metric tags are scalars; the experiment is
-    # built by TensorBoard from all runs: tests/test_hardening.py reads it through TensorBoard's own API)
-    acc = EventAccumulator(str(run_dir))
+    # the HPARAMS session is written with the config keys, beside the final metrics, in <run>/hparams/ (the
+    # experiment is built by TensorBoard from all runs: tests/test_views.py reads it through TensorBoard's own API)
+    acc = EventAccumulator(str(run_dir / "hparams"))
     acc.Reload()
     content = b"".join(acc.PluginTagToContent("hparams").values())
     assert b"optim.lr" in content and b"model.norm" in content and "epoch" not in tags
+    assert {"hp/val_acc", "hp/test_acc", "run/diverged"} <= set(acc.Tags()["scalars"])
 
 
 def test_lm_run_learns(tmp_path):
@@ -76,7 +77,8 @@ def test_lm_run_learns(tmp_path):
     assert result.status == "completed"
     assert result.final["val/ppl"] < 40, result.final  # uniform over bytes is 256
     tags = scalars(Path(result.run_dir))
-    assert {"val/ppl", "val/loss", "train/loss", "lr", "grad_norm", "throughput", "hp/val_ppl"} <= set(tags)
+    assert {"val/ppl", "val/loss", "train/loss", "lr", "grad_norm", "throughput"} <= set(tags)
+    assert "hp/val_ppl" in scalars(Path(result.run_dir) / "hparams")
 
 
 def test_no_batchstat_gap_without_bn(tmp_path):
@@ -277,7 +279,7 @@ def test_every_shipped_run_config_runs(tmp_path, shared_data):
     (["optim.lrr=0.1"], r"unknown config key 'optim.lrr'.*did you mean optim.lr"),
     (["optim.lr=fast"], r"optim.lr='fast' has the wrong type; expected float"),
     (["optim.lr=-1"], r"optim.lr=-1.0 must be > 0"),
-    (["optim.name=adam"], r"optim.name='adam' is not allowed; valid: sgd, adamw \(did you mean 'adamw'\?\)"),
+    (["optim.name=adamx"], r"optim.name='adamx' is not allowed; valid: sgd, adam, adamw, lion \(did you mean"),
     (["model.norm=batchnorm"], r"unknown norm 'batchnorm'; valid: batch_renorm, bn, dyt, gn, ln"),
     (["model.backbone=resnet21"], r"unknown backbone 'resnet21'.*did you mean 'resnet20'"),
     (["model.widht=2"], r"backbone 'resnet20' has no option 'widht'.*did you mean 'width'"),

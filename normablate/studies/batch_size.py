@@ -38,8 +38,8 @@ class BatchSize(StudyKind):
     definition = """\
 * ``batch_size``: m(batch size) per norm, with the LR rule (none: same LR; linear: lr * B / B0;
   sqrt: lr * sqrt(B / B0)) and the budget (same samples: steps = samples / B, validation and warmup rescaled to
-  the same samples; or same steps) applied in each trial's config; ``spread`` = largest minus smallest m over
-  the batch sizes."""
+  the same samples; same epochs: ``trainer.max_epochs``, resolved to steps at each batch size, rescaled alike;
+  or same steps) applied in each trial's config; ``spread`` = largest minus smallest m over the batch sizes."""
 
     def check(self, raw: dict[str, Any], ctx: SpecContext) -> dict[str, Any]:
         ctx.need_axis(self.name, "data.batch_size", "data.batch_size: [8, 32, 128]")
@@ -48,11 +48,14 @@ class BatchSize(StudyKind):
         if not isinstance(base_bs, int) or isinstance(base_bs, bool) or base_bs < 1:
             raise ConfigError(f"{ctx.where}: base_batch_size={base_bs!r} must be an integer >= 1")
         budget = raw.get("budget")
+        if budget is None and ctx.value("trainer.max_epochs") is not None:  # a base budget in epochs: same samples
+            budget = {"epochs": ctx.value("trainer.max_epochs")}
         if budget is None:
             budget = {"samples": int(ctx.value("trainer.max_steps", 500)) * base_bs}
-        if not (isinstance(budget, dict) and len(budget) == 1 and next(iter(budget)) in ("samples", "steps")
+        if not (isinstance(budget, dict) and len(budget) == 1 and next(iter(budget)) in ("samples", "steps", "epochs")
                 and isinstance(next(iter(budget.values())), int) and next(iter(budget.values())) >= 1):
-            raise ConfigError(f"{ctx.where}: budget must be {{samples: N}} or {{steps: N}} with N >= 1, got {budget!r}")
+            raise ConfigError(f"{ctx.where}: budget must be {{samples: N}}, {{steps: N}} or {{epochs: N}} with N >= 1, "
+                              f"got {budget!r}")
         return {"lr_scaling": rule, "base_batch_size": base_bs, "budget": dict(budget)}
 
     def shape(self, d: dict[str, Any], options: dict[str, Any]) -> None:
@@ -62,16 +65,20 @@ class BatchSize(StudyKind):
         scale = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[options["lr_scaling"]]
         set_dotted(d, "optim.lr", float(_get(d, "optim.lr")) * scale)
         budget = options["budget"]
-        if "samples" in budget:
-            steps = max(1, math.ceil(int(budget["samples"]) / bs))
+        if "samples" in budget or "epochs" in budget:
             # validate and warm up after the same number of samples at every batch size
             for key in ("trainer.val_every", "optim.warmup_steps"):  # config defaults included
                 v = int(_get(d, key))
                 if v:
                     set_dotted(d, key, max(1, round(v * base_bs / bs)))
-        else:
-            steps = int(budget["steps"])
+        if "epochs" in budget:  # same samples: train() resolves max_epochs to steps at this batch size
+            set_dotted(d, "trainer.max_steps", None)
+            set_dotted(d, "trainer.max_epochs", int(budget["epochs"]))
+            return
+        steps = max(1, math.ceil(int(budget["samples"]) / bs)) if "samples" in budget else int(budget["steps"])
         set_dotted(d, "trainer.max_steps", steps)
+        if (d.get("trainer") or {}).get("max_epochs") is not None:  # the study's budget replaces one in epochs
+            set_dotted(d, "trainer.max_epochs", None)
 
     # ------------------------------------------------------------------ report
     def table(self, data):

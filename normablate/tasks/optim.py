@@ -1,7 +1,16 @@
 """Optimizers and LR schedules, identical for every norm so an ablation stays fair.
 
 Weight decay applies only to tensors with ``dim() >= 2`` (conv/linear weights, embeddings): norm gains and
-biases are never decayed, whatever the norm (nanoGPT's rule).
+biases are never decayed, whatever the norm and whatever the optimizer (nanoGPT's rule).
+
+``optim.name``:
+* ``sgd``: ``torch.optim.SGD`` with ``optim.momentum`` (heavy ball), or Nesterov momentum with
+  ``optim.nesterov=true`` (needs momentum > 0); weight decay is L2 (added to the gradient).
+* ``adam``: ``torch.optim.Adam`` with ``optim.betas``; weight decay is L2 (added to the gradient, then scaled by
+  Adam's per-parameter step: the coupled form AdamW was introduced to fix).
+* ``adamw``: ``torch.optim.AdamW``; decoupled weight decay ``p *= 1 - lr * wd``.
+* ``lion``: ``lion_pytorch.Lion`` (Chen et al. 2023, the optional extra ``.[lion]``; torch has no Lion); sign
+  update with ``optim.betas`` and decoupled weight decay ``p *= 1 - lr * wd`` as in the paper.
 """
 from __future__ import annotations
 
@@ -11,6 +20,9 @@ import torch
 from torch import nn
 
 from ..config import OptimConfig
+from ..errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "lion")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -24,11 +36,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def lion_class() -> type[torch.optim.Optimizer]:
+    """``lion_pytorch.Lion``, or a ConfigError saying how to install it (the config check calls this too, so a
+    missing package is refused before any data is read)."""
+    try:
+        from lion_pytorch import Lion
+    except ImportError:
+        raise ConfigError("optim.name='lion' needs the lion-pytorch package (torch has no Lion): "
+                          "pip install 'normablate[lion]' (or: pip install lion-pytorch)") from None
+    return Lion
+
+
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    if cfg.name == "lion":
+        return lion_class()(groups, lr=cfg.lr, betas=cfg.betas)
+    raise ConfigError(f"optim.name={cfg.name!r} is not allowed; valid: {', '.join(OPTIMIZERS)}")
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
