@@ -126,4 +126,4 @@ def test_headline_is_honest():
     assert "clearly higher than none" in line
     assert "lowest" in headline({"a": [1.0, 1.1], "b": [3.0, 3.1]}, "minimize", "loss")
     c = conclusion(apart, "maximize", "final val/acc")
-    assert c.startswith("**Conclusion:** bn has the highest") and "clearly better than none, ln" in c
+    assert c.startswith("**Conclusion:** (exploratory) bn has the highest") and "clearly better than none, ln" in c

@@ -17,10 +17,11 @@ DEFINITIONS = """\
   half-width of the 95% confidence interval, t(0.975, n-1) * s / sqrt(n). Diverged and pruned runs are left
   out of every mean (their count is given); steps/time-to-target are averaged over the runs that reached the
   target (``n_reached`` of ``n``).
-* Comparisons (the line under each table, and the headline): Welch's t-test of the difference between the
-  best configuration's mean and each other's (unequal variances, Welch-Satterthwaite df); the difference is
-  called clear when its 95% CI excludes 0 (p < 0.05). No correction for multiple comparisons: with many
-  configurations, read a single p near 0.05 with caution."""
+* Exploratory comparisons (the line under each table, and the headline): Welch's t-test of the difference
+  between the best configuration's mean and each other's (unequal variances, Welch-Satterthwaite df); the
+  difference is called clear when its 95% CI excludes 0 (p < 0.05). They were not stated before the study ran
+  and carry no correction for multiple comparisons: with many configurations, read a single p near 0.05 with
+  caution; only the verdicts of pre-registered hypotheses are confirmatory."""
 
 
 def better(direction: str):
@@ -105,10 +106,10 @@ def conclusion(values: dict[str, list[float]], direction: str, what: str) -> str
     (Welch 95% CI of best - other, and p)."""
     best, diffs = compare_to_best(values, direction)
     if best is None:
-        return f"**Conclusion:** no finished runs to compare ({what})."
+        return f"**Conclusion:** (exploratory) no finished runs to compare ({what})."
     m, ci, n = mean_ci(values[best])
     word = "highest" if direction == "maximize" else "lowest"
-    head = f"**Conclusion:** {best} has the {word} {what} ({fmt_ci(m, ci)}, n={n})"
+    head = f"**Conclusion:** (exploratory) {best} has the {word} {what} ({fmt_ci(m, ci)}, n={n})"
     if not diffs:
         return head + "; nothing to compare it with."
     clear = [k for k, d in diffs.items() if d.clear]

@@ -141,7 +141,8 @@ class LRSensitivity(StudyKind):
             clear = [k for k, d in diffs.items() if d.clear]
             parts.append(f"lr {x:g}: {best} best" + (f", clearly ahead of {', '.join(clear)}" if clear else
                                                       ", no clear difference from the others" if diffs else ""))
-        return "**Conclusion per LR** (Welch 95% CI of the difference, best vs each): " + "; ".join(parts) + "."
+        return ("**Conclusion per LR** (exploratory; Welch 95% CI of the difference, best vs each): "
+                + "; ".join(parts) + ".")
 
     def plot(self, data, lr_table, out: Path) -> Path | None:
         """Metric vs LR (log x) per norm with 95% CI error bars; x marks LRs where a seed diverged; star = best LR;
