@@ -340,3 +340,26 @@ def test_spec_strings_are_bounded_and_a_description_bomb_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="characters long"):
         load_spec(d)
     assert not (tmp_path / "logs").exists()
+
+
+# ------------------------------------------------------------------------------------------ 6. --workers
+def test_too_many_workers_are_refused_before_anything_starts(tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(make_spec(tmp_path, grid={"optim.lr": [0.1, 0.2]})))
+    code, out, err = run_main(capsys, "sweep", "-c", str(spec), "--workers", "100000", "--dry-run")
+    assert code == 2, err
+    line = one_line(err)
+    cores = len(os.sched_getaffinity(0))
+    assert f"--workers 100000 is more than this machine can run at once: {cores} usable CPU core(s)" in line, line
+    assert f"allow at most {cores}" in line or "allow at most" in line
+    assert out == "" and not (tmp_path / "logs").exists()  # no study, no folder, no process
+
+
+def test_workers_are_capped_at_the_trials_waiting(tmp_path, monkeypatch):
+    from normablate.sweep import runner
+
+    started = []
+    monkeypatch.setattr(runner, "check_workers", lambda n: None)  # (this machine may have fewer cores than asked)
+    monkeypatch.setattr(runner, "run_workers", lambda spec, sweep, runtime, n: started.append(n) or 0)
+    runner.run_sweep(make_spec(tmp_path, grid={"optim.lr": [0.1, 0.2, 0.3]}), workers=8, verbose=False)
+    assert started == [3]

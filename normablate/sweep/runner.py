@@ -34,7 +34,7 @@ from .queue import ATTR, READY, Counts, QueueMixin, Slot
 from .reaper import ReaperMixin
 from .spec import Point, SweepSpec, load_spec
 from .storage import display_url, normalize_url, open_storage
-from .supervise import STOP, run_workers, stop_on_signals
+from .supervise import STOP, check_workers, run_workers, stop_on_signals
 from .trial import HISTORY_POINTS, TrialMixin, compact_history, load_trainer
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -158,13 +158,20 @@ def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, s
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     check_resources(spec, workers)  # DDP trials: devices x workers fit this machine (before any trial runs)
+    check_workers(workers)  # cores and memory of this machine (before anything is opened or spawned)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     runtime: dict[str, Any] = {}
-    if workers > 1:  # share the cores instead of oversubscribing them (a DDP trial splits them over its ranks)
-        runtime["trainer.threads"] = max(1, (os.cpu_count() or 1) // workers)
     sweep = Sweep(spec, storage, verbose=verbose, runtime=runtime, worker="" if workers == 1 else "main")
     sweep.setup(create=True)
     c = sweep.counts()
+    if workers > max(1, c.waiting):  # no more workers than trials waiting to be claimed
+        sweep.log(f"--workers {workers}: only {c.waiting} trial(s) waiting; starting {max(1, c.waiting)}")
+        workers = max(1, c.waiting)
+    if workers > 1:  # share the cores instead of oversubscribing them (a DDP trial splits them over its ranks)
+        runtime["trainer.threads"] = max(1, (os.cpu_count() or 1) // workers)
+        sweep.runtime = runtime
+    else:
+        sweep.worker = ""
     sweep.log(f"storage {display_url(sweep.url)}; {c.done}/{c.total} done, {c.waiting} queued; {workers} worker(s); "
               f"runs under {Path(spec.log_dir) / spec.study_name}")
     code = 0
