@@ -61,24 +61,35 @@ def cifar(cifar_cfg):
 
 
 def test_cifar_matches_parquet(shared_data, cifar):
+    """Three splits: train and validation are disjoint parts of the training split (positions [0, 45000) and
+    [45000, 50000) of a fixed, seed-independent permutation); test is the source's test split, in order."""
     dm = cifar
     assert dm.train_x.shape == (512, 3, 32, 32) and dm.train_x.dtype == torch.uint8
     assert dm.val_x.shape == (256, 3, 32, 32) and dm.train_y.dtype == torch.int64
     assert (dm.num_classes, dm.in_chans, dm.image_size, dm.num_train, dm.num_val) == (10, 3, 32, 512, 256)
+    assert dm.num_test == 10_000  # no test_limit
     assert dm.class_names[:2] == ["airplane", "automobile"] and dm.samples_per_step == 100
-    for split, x, y in (("train", dm.train_x, dm.train_y), ("test", dm.val_x, dm.val_y)):
-        table = pq.read_table(shared_data / "cifar10" / f"{split}.parquet").slice(0, len(y))
-        assert y.tolist() == table.column("label").to_pylist()
+    order = vision.holdout_order(50_000)
+    train_table = pq.read_table(shared_data / "cifar10" / "train.parquet")
+    test_table = pq.read_table(shared_data / "cifar10" / "test.parquet")
+    rows = {"train": (train_table, order[:512]), "val": (train_table, order[45_000:45_256]),
+            "test": (test_table, torch.arange(10_000))}
+    for role, (table, idx) in rows.items():
+        x, y = getattr(dm, f"{role}_x"), getattr(dm, f"{role}_y")
+        assert y.tolist() == table.column("label").take(idx.numpy()).to_pylist(), role
         for i in (0, 17, len(y) - 1):
-            ref = np.array(Image.open(io.BytesIO(table.column("img")[i]["bytes"].as_py())).convert("RGB"))
-            assert torch.equal(x[i].permute(1, 2, 0), torch.from_numpy(ref))
+            ref = np.array(Image.open(io.BytesIO(table.column("img")[int(idx[i])]["bytes"].as_py())).convert("RGB"))
+            assert torch.equal(x[i].permute(1, 2, 0), torch.from_numpy(ref)), (role, i)
+    # the validation images never reach training, whatever the limit: the held-out positions are disjoint
+    assert not set(order[:45_000].tolist()) & set(order[45_000:].tolist())
+    assert len(set(order.tolist())) == 50_000 and torch.equal(order, vision.holdout_order(50_000))
 
 
 def test_cifar_second_load_uses_cache(cifar, cifar_cfg, monkeypatch):
     assert {p.name.split("-")[0] for p in Path(cifar_cfg.cache_dir).glob("*.pt")} >= {"images", "splits"}
     monkeypatch.setattr(vision, "decode_images", lambda *a, **k: pytest.fail("decoded again"))
     dm = dm_for(cifar_cfg)
-    assert dm.cache_hits == {"train": True, "val": True}
+    assert dm.cache_hits == {"train": True, "val": True, "test": True}
     assert torch.equal(dm.train_x, cifar.train_x) and torch.equal(dm.val_y, cifar.val_y)
 
 
@@ -170,9 +181,16 @@ def test_imagefolder(tmp_path, cache_dir):
                 Image.fromarray(arr).save(root / split / c / f"{i}.png")
                 want.setdefault(split, set()).add((arr.tobytes(), c))
     dm = dm_for(DataConfig(source=str(root), batch_size=4, val_batch_size=3, cache_dir=cache_dir))
-    assert (dm.num_classes, dm.class_names, dm.image_size, dm.num_train, dm.num_val) == (2, ["cat", "dog"], 8, 6, 4)
-    got = {(dm.train_x[i].permute(1, 2, 0).numpy().tobytes(), dm.class_names[dm.train_y[i]]) for i in range(6)}
-    assert got == want["train"]
+    # validation: 10% of the 6 training images (at least 1), held out; test: the test folder
+    assert (dm.num_classes, dm.class_names, dm.image_size) == (2, ["cat", "dog"], 8)
+    assert (dm.num_train, dm.num_val, dm.num_test) == (5, 1, 4)
+
+    def images(role):
+        x, y = getattr(dm, f"{role}_x"), getattr(dm, f"{role}_y")
+        return {(x[i].permute(1, 2, 0).numpy().tobytes(), dm.class_names[y[i]]) for i in range(len(y))}
+
+    assert images("train") | images("val") == want["train"] and not images("train") & images("val")
+    assert images("test") == want["test"]
     assert dm.train_batch(3)[0].shape == (4, 3, 8, 8)
 
 
@@ -185,23 +203,30 @@ def test_save_to_disk_single_parquet_and_hub(tmp_path, cache_dir, monkeypatch):
                                     features=feats)
     dd = datasets.DatasetDict({"train": ds.select(range(7)), "validation": ds.select(range(7, 10))})
     dd.save_to_disk(str(tmp_path / "disk"))
-    cfg = DataConfig(source=str(tmp_path / "disk"), val_split="validation", batch_size=4, cache_dir=cache_dir)
-    dm = dm_for(cfg)
-    assert (dm.num_train, dm.num_val, dm.num_classes, dm.class_names) == (7, 3, 3, ["a", "b", "c"])
-    assert torch.equal(dm.val_x[0].permute(1, 2, 0), torch.from_numpy(arrays[7]))
-    assert dm.train_y.tolist() == [i % 3 for i in range(7)]
+    cfg = DataConfig(source=str(tmp_path / "disk"), test_split="validation", batch_size=4, cache_dir=cache_dir)
+    dm = dm_for(cfg)  # no split named "test": the "validation" split is the test set, validation is held out
+    assert (dm.num_train, dm.num_val, dm.num_test, dm.num_classes, dm.class_names) == (6, 1, 3, 3, ["a", "b", "c"])
+    assert torch.equal(dm.test_x[0].permute(1, 2, 0), torch.from_numpy(arrays[7]))
+    assert sorted(dm.train_y.tolist() + dm.val_y.tolist()) == sorted(i % 3 for i in range(7))
+    with pytest.raises(ConfigError, match=r"data.test_split='test'.*no split 'test'.*train, validation"):
+        dm_for(replace(cfg, test_split="test"))
+    with pytest.raises(ConfigError, match=r"data.val_split and data.test_split both name split 'validation'"):
+        dm_for(replace(cfg, val_split="validation"))
 
-    # one parquet file, sorted by label: a fixed random val_fraction is held out (not the tail, whose classes
-    # the training split would never see); train and val partition the rows, images stay with their labels
+    # one parquet file, sorted by label: fixed random val_fraction and test_fraction parts are held out (not the
+    # tail, whose classes the training split would never see); the three partition the rows, images keep labels
     pq.write_table(pa.table({"img": [{"bytes": _png(a), "path": None} for a in arrays], "label": list(range(10))}),
                    tmp_path / "one.parquet")
-    dm = dm_for(replace(cfg, source=str(tmp_path / "one.parquet"), val_split="test", val_fraction=0.2))
-    assert len(dm.val_y) == 2 and sorted(dm.train_y.tolist() + dm.val_y.tolist()) == list(range(10))
-    assert dm.val_y.tolist() != [8, 9]
-    for j, label in enumerate(dm.val_y.tolist()):
-        assert torch.equal(dm.val_x[j].permute(1, 2, 0), torch.from_numpy(arrays[label]))
-    again = dm_for(replace(cfg, source=str(tmp_path / "one.parquet"), val_split="test", val_fraction=0.2))
-    assert again.val_y.tolist() == dm.val_y.tolist()  # the held-out subset is fixed
+    one = replace(cfg, source=str(tmp_path / "one.parquet"), test_split="test", val_fraction=0.2, test_fraction=0.3)
+    dm = dm_for(one)
+    assert (len(dm.val_y), len(dm.test_y)) == (2, 3)
+    assert sorted(dm.train_y.tolist() + dm.val_y.tolist() + dm.test_y.tolist()) == list(range(10))
+    assert dm.test_y.tolist() != [7, 8, 9]
+    for role in ("val", "test"):
+        for j, label in enumerate(getattr(dm, f"{role}_y").tolist()):
+            assert torch.equal(getattr(dm, f"{role}_x")[j].permute(1, 2, 0), torch.from_numpy(arrays[label]))
+    again = dm_for(one)
+    assert again.val_y.tolist() == dm.val_y.tolist() and again.test_y.tolist() == dm.test_y.tolist()  # fixed
 
     # a hub name goes to datasets.load_dataset(name)
     calls = []
@@ -210,15 +235,16 @@ def test_save_to_disk_single_parquet_and_hub(tmp_path, cache_dir, monkeypatch):
 
     monkeypatch.setattr(sources, "check_hub_reachable", lambda name: None)  # the simulated hub is always reachable
     dm = dm_for(replace(cfg, source="someone/tiny-images"))
-    assert calls == ["someone/tiny-images"] and dm.num_val == 3
+    assert calls == ["someone/tiny-images"] and (dm.num_val, dm.num_test) == (1, 3)
 
     text = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["= Title =", "", "a line", "x"] * 5}),
                                  "test": datasets.Dataset.from_dict({"text": ["one more line", "and another"]})})
     monkeypatch.setattr(datasets, "load_dataset", lambda name, *a, **k: calls.append((name, *a)) or text)
-    dm = dm_for(replace(cfg, source="wikitext", hub_config="wikitext-2-raw-v1", mode="samples", val_split="test",
+    dm = dm_for(replace(cfg, source="wikitext", hub_config="wikitext-2-raw-v1", mode="samples", test_split="test",
                         block_size=8), "lm")
-    assert calls[-1] == ("wikitext", "wikitext-2-raw-v1") and (dm.num_train, dm.num_val) == (10, 2)  # "", "x" dropped
-    idx, targets, mask = list(dm.val_batches())[0]
+    # validation: the last 2 of the 20 training rows ("a line", "x"); samples under 2 bytes ("", "x") dropped
+    assert calls[-1] == ("wikitext", "wikitext-2-raw-v1") and (dm.num_train, dm.num_val, dm.num_test) == (9, 1, 2)
+    idx, targets, mask = list(dm.val_batches(split="test"))[0]
     assert bytes(idx[0, :8].tolist()) == b"one more" and bytes(targets[0, :8].tolist()) == b"ne more "
 
     def offline(name, *a, **k):
@@ -243,9 +269,13 @@ def test_shakespeare_blocks(shared_data, shakespeare):
     raw = path.read_bytes()
     dm = dm_for(cfg, "lm")
     assert dm.vocab_size == 256 and dm.samples_per_step == 16 * 64 and dm.pad_fraction == 0
-    train, val = bytes(dm.train_data.tolist()), bytes(dm.val_data.tolist())
-    assert raw.startswith(train) and raw.endswith(val) and 0.09 < len(val) / len(raw) < 0.11  # tail held out
-    assert b"\n\n" in raw[len(train):len(raw) - len(val)].replace(b" ", b"")  # cut at a paragraph boundary
+    train, val, test = (bytes(getattr(dm, f"{r}_data").tolist()) for r in ("train", "val", "test"))
+    # three contiguous segments train | val | test, each about 10% held out, cut at paragraph boundaries
+    assert raw.startswith(train) and raw.endswith(test) and 0.09 < len(test) / len(raw) < 0.11
+    v0 = raw.find(val, len(train))
+    assert v0 > len(train) and v0 + len(val) < len(raw) - len(test) and 0.09 < len(val) / len(raw) < 0.11
+    assert b"\n\n" in raw[len(train):v0].replace(b" ", b"")  # cut at a paragraph boundary
+    assert b"\n\n" in raw[v0 + len(val):len(raw) - len(test)].replace(b" ", b"")
     idx, targets, mask = dm.train_batch(3)
     assert idx.shape == targets.shape == (16, 64) and idx.dtype == targets.dtype == torch.int64 and mask is None
     assert torch.equal(idx[:, 1:], targets[:, :-1])
@@ -267,7 +297,7 @@ def test_shakespeare_samples(shared_data, shakespeare):
     paras = [p.strip() for p in re.split(r"\n\s*\n", path.read_text()) if p.strip()]
     first = bytes(dm.train_data[dm.train_starts[0]:dm.train_starts[0] + dm.train_lens[0]].tolist())
     assert first == paras[0].encode()[:65] and first.startswith(b"First Citizen:\nBefore we proceed")
-    assert dm.num_train + dm.num_val == len([p for p in paras if len(p) >= 2])
+    assert dm.num_train + dm.num_val + dm.num_test == len([p for p in paras if len(p) >= 2])
     idx, targets, mask = dm.train_batch(4)
     B, T = idx.shape
     assert B == 16 and T <= 64 and mask.dtype == torch.bool and targets.shape == mask.shape == (B, T)
@@ -295,8 +325,10 @@ def test_synthetic_images(cache_dir, tmp_path):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(synthetic.images(300, seed=6)[0], a[0])
     dm = dm_for(DataConfig(source="synthetic", batch_size=64, cache_dir=cache_dir))
-    assert (dm.num_train, dm.num_val, dm.num_classes, dm.image_size) == (20_000, 2_000, 10, 32)
-    assert dm.train_y.bincount().tolist() == [2000] * 10 and dm.val_y.bincount().tolist() == [200] * 10
+    # validation: a fixed 10% of the 20,000 training images; test: the embedded test split
+    assert (dm.num_train, dm.num_val, dm.num_test, dm.num_classes, dm.image_size) == (18_000, 2_000, 2_000, 10, 32)
+    assert dm.test_y.bincount().tolist() == [200] * 10
+    assert (dm.train_y.bincount() + dm.val_y.bincount()).tolist() == [2000] * 10
     assert dm.train_x.min() == 0 and dm.train_x.max() == 255
     per_image = dm.train_x[:2000].float()
     assert per_image.std((1, 2, 3)).max() / per_image.std((1, 2, 3)).min() > 5  # contrast varies a lot
@@ -336,5 +368,5 @@ def test_bad_inputs(tmp_path, cache_dir):
         dm_for(DataConfig(source=str(tmp_path / "rows.parquet"), cache_dir=cache_dir), "lm")
     dm = dm_for(DataConfig(source=str(tmp_path / "rows.parquet"), text_key="content", mode="samples",
                            cache_dir=cache_dir, val_fraction=0.1, batch_size=8), "lm")  # a batch fits in 18 rows
-    assert (dm.num_train, dm.num_val) == (18, 2)
+    assert (dm.num_train, dm.num_val, dm.num_test) == (16, 2, 2)  # contiguous rows: train | val | test
     assert isinstance(build_datamodule(DataConfig(), "classification", 0), VisionDataModule)
