@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from . import __version__, models, runfolder
+from . import __version__, footprint, models, runfolder
 from .callbacks import RunInterrupted, RunMonitor, StopRequest
 from .config import RunConfig, check_hardware, epochs_to_steps, from_dict, to_dict, to_yaml, validated
 from .errors import ConfigError, RunFileError
@@ -242,6 +242,7 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
     # a mapping is validated into a RunConfig; a RunConfig travels as is (a copy, re-checked: no dict round trip)
     cfg = from_dict(cfg) if isinstance(cfg, dict) else validated(cfg)
     check_hardware(cfg)  # a GPU asked for and absent: refused before any data is read
+    footprint.check_fits(cfg)  # parameters x (weights, grads, optimizer state) fit this machine's memory
     _quiet_lightning()
     is_zero = rank_zero_only.rank == 0  # set by Lightning from the launcher's environment (RANK, LOCAL_RANK, ...)
     # every check on the run folder (already a run there? finished? the checkpoint's identity and threads) before
@@ -277,6 +278,7 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
         t.max_steps = epochs_to_steps(t.max_epochs, datamodule.num_train, cfg.data.batch_size)
         if is_zero:  # the record holds the resolved steps (and max_epochs)
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    footprint.check_fits(cfg, datamodule)  # and one batch's activations (meta-device forward), before the real build
     model = speed_options(build_model(cfg, datamodule), cfg.trainer)
     if t.sync_batchnorm:
         try:

@@ -32,6 +32,7 @@ from .ddp_trial import check_resources
 from .liveness import HOST, Heartbeat, host_id, pid_alive
 from .queue import ATTR, READY, Counts, QueueMixin, Slot
 from .reaper import ReaperMixin
+from .preflight import preflight
 from .spec import Point, SweepSpec, load_spec
 from .storage import display_url, normalize_url, open_storage
 from .supervise import STOP, check_workers, run_workers, stop_on_signals
@@ -84,6 +85,7 @@ class Sweep(QueueMixin, ReaperMixin, TrialMixin):
         self.worker = worker
         self.points = spec.points()
         self.my_trials: set[int] = set()
+        self.retried: list[tuple[int, str]] = []  # failed trials re-queued at start-up: (number, run folder)
         self._beats: dict[int, tuple[Any, float]] = {}  # trial id -> (last heartbeat value, local time first seen)
         self.interrupted = False
         self.t0 = time.time()
@@ -174,6 +176,10 @@ def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, s
         sweep.worker = ""
     sweep.log(f"storage {display_url(sweep.url)}; {c.done}/{c.total} done, {c.waiting} queued; {workers} worker(s); "
               f"runs under {Path(spec.log_dir) / spec.study_name}")
+    if c.done < c.total:  # trials left: one trial's data and model first, so a bad source is one line, not N crashes
+        line = preflight(spec)
+        if line:
+            sweep.log(line)
     code = 0
     STOP.signum = None
     with stop_on_signals():
@@ -192,7 +198,9 @@ def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, s
     sweep.log(f"{'stopped' if code == 130 else 'finished'}: {counts.line()} in {fmt_time(res.elapsed)}"
               + (f"; {counts.failed} failed (see the trials' 'error' attribute; re-run to retry)"
                  if counts.failed else "")
-              + (f"; {counts.duplicates} duplicate trial(s) ignored" if counts.duplicates else ""))
+              + (f"; {counts.duplicates} duplicate trial(s) ignored" if counts.duplicates else "")
+              + (f"; retried failed trial(s) {', '.join(str(n) for n, _ in sweep.retried)} in their own folders"
+                 if sweep.retried else ""))
     return res
 
 

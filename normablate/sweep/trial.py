@@ -119,6 +119,10 @@ class TrialMixin:
             trial.set_user_attr(k, v)
         resume = is_retry and ((run_dir / "last.ckpt").exists() or (run_dir / "result.json").exists())
         trial.set_user_attr("resumed", resume)
+        if resume and spec.trial_dict(slot.point, params, run=run)["trainer"].get("threads") is None:
+            # the worker's thread share (--workers) is a machine default, not the trial's: a resumed trial restores
+            # the count its checkpoint ran with, whatever --workers is now (runfolder.py; recorded in resumes.jsonl)
+            cfg.trainer.threads = None
         label = slot.point.label(spec.axes) + (" " + " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float)
                                                               else f"{k.split('.')[-1]}={v}"
                                                               for k, v in params.items()) if params else "")

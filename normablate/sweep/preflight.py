@@ -1,0 +1,45 @@
+"""Sweep preflight: before the first trial, build one trial's data and model, so a bad ``data.source``, a missing
+split or column, or a model that cannot take the data's shape ends the sweep at once (``ConfigError``, exit 2, one
+line) instead of every trial starting and crashing the same way.
+
+The data is set up as the first trial would set it up (``prepare_data`` + ``setup``): decoded once and cached, so
+the trials that follow read the cache and nothing is wasted. The model is built on the meta device and run
+forward on meta tensors of one batch's shape (``footprint.check_fits``: no memory, no initialisation), which also
+refuses a model that cannot fit this machine. Only for sweeps whose trials call ``normablate.train:train`` (a
+custom ``trainer_fn`` or ``--dry-run`` may use other data).
+"""
+from __future__ import annotations
+
+from ..errors import ConfigError, NormablateError
+from .spec import DEFAULT_TRAINER, SweepSpec
+
+
+def preflight(spec: SweepSpec) -> str | None:
+    """Check the first grid point's data and model; returns a one-line summary, or None when skipped."""
+    if spec.trainer_fn != DEFAULT_TRAINER:
+        return None
+    points = spec.points()
+    if not points:
+        return None
+    point = points[0]
+    params = spec.search_params_for_validation()[0]
+    where = f"sweep {spec.study_name!r}, preflight of grid point [{point.label(spec.axes)}]"
+    cfg = spec.trial_config(point, params, run="preflight")
+    from .. import footprint
+    from ..data import build_datamodule
+
+    try:
+        dm = build_datamodule(cfg.data, cfg.task, cfg.seed)
+        dm.prepare_data()
+        dm.setup("fit")
+        fp = footprint.check_fits(cfg, dm)
+    except NormablateError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except Exception as e:  # noqa: BLE001  every trial would crash the same way: one line now, the cause chained
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise ConfigError(f"{where}: data.source={cfg.data.source!r} with model {cfg.model.backbone!r} fails before "
+                          f"training: {type(e).__name__}: {first} (normablate --debug sweep ... shows the traceback)"
+                          ) from e
+    shape = getattr(dm, "image_size", None) or cfg.data.block_size
+    return (f"preflight: {cfg.data.source} ({dm.num_train:,} training examples, shape {shape}) and "
+            f"{cfg.model.backbone} ({fp.params:,} parameters) are fine")
