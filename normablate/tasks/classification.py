@@ -13,7 +13,7 @@ from .base import NormTask
 
 class ClassificationTask(NormTask):
     def __init__(self, model: nn.Module, optim: OptimConfig, max_steps: int, num_classes: int,
-                 track_batchstat_gap: bool = True):
+                 track_batchstat_gap: bool | str = True):
         super().__init__(model, optim, max_steps, track_batchstat_gap)
         self.val_metrics = nn.ModuleDict({
             p: nn.ModuleDict({"loss": MeanMetric(), "acc": MulticlassAccuracy(num_classes, average="micro")})

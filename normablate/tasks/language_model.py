@@ -11,7 +11,7 @@ from .base import NormTask
 
 
 class LanguageModelTask(NormTask):
-    def __init__(self, model: nn.Module, optim: OptimConfig, max_steps: int, track_batchstat_gap: bool = True):
+    def __init__(self, model: nn.Module, optim: OptimConfig, max_steps: int, track_batchstat_gap: bool | str = True):
         super().__init__(model, optim, max_steps, track_batchstat_gap)
         # token-weighted mean NLL; perplexity = exp(mean NLL) over all real target tokens of the split
         self.val_nll = nn.ModuleDict({p: MeanMetric() for p in ("val", "val_batchstats", "val_precise")})
