@@ -22,7 +22,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from normablate.cli import main
 from normablate.sweep.storage import StorageError, check_journal, open_storage
 
-from test_sweep import make_spec
+from test_sweep import make_spec, sqlite_url
 
 ROOT = Path(__file__).resolve().parents[1]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -363,3 +363,41 @@ def test_workers_are_capped_at_the_trials_waiting(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "run_workers", lambda spec, sweep, runtime, n: started.append(n) or 0)
     runner.run_sweep(make_spec(tmp_path, grid={"optim.lr": [0.1, 0.2, 0.3]}), workers=8, verbose=False)
     assert started == [3]
+
+
+# ------------------------------------------------------------------------------------------ 4. failed trials
+def flaky_trainer(cfg, callbacks=None, resume=False):
+    """Fails (after writing a checkpoint at step 10) while ``H3_FLAKY=fail``; else the dry-run trainer."""
+    from normablate.sweep import dryrun
+
+    run_dir = Path(cfg.trainer.log_dir) / cfg.experiment / cfg.run
+    if os.environ.get("H3_FLAKY") == "fail":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "last.ckpt").write_text(json.dumps({"step": 10}))
+        raise RuntimeError("transient trouble")
+    return dryrun.train(cfg, callbacks=callbacks, resume=resume)
+
+
+def test_failed_trials_resume_in_their_own_folder_on_rerun(tmp_path, capsys, monkeypatch):
+    from optuna.trial import TrialState
+
+    from normablate.sweep import run_sweep
+    from test_sweep import trials_of
+
+    d = make_spec(tmp_path, grid={"optim.lr": [0.1, 0.2]}, trainer_fn="test_reliability_storage:flaky_trainer")
+    monkeypatch.setenv("H3_FLAKY", "fail")
+    assert run_sweep(d).exit_code == 1
+    runs = sorted(p.name for p in (tmp_path / "logs" / "t").iterdir())
+    assert runs == ["t0000-lr0.1", "t0001-lr0.2"]
+    capsys.readouterr()
+    monkeypatch.setenv("H3_FLAKY", "ok")
+    res = run_sweep(d)
+    out = capsys.readouterr().out
+    assert res.exit_code == 0 and res.counts.done == 2, out
+    assert sorted(p.name for p in (tmp_path / "logs" / "t").iterdir()) == runs  # no new folders, no orphans
+    assert "2 resume in their own folders: trial 0 (t0000-lr0.1), trial 1 (t0001-lr0.2)" in out, out
+    assert "retried failed trial(s) 0, 1 in their own folders" in out, out
+    done = [t for t in trials_of(sqlite_url(tmp_path)) if t.state == TrialState.COMPLETE]
+    assert sorted(t.user_attrs["run"] for t in done) == runs
+    assert all(t.user_attrs["resumed"] and t.system_attrs["nb:retry_of"] in ([0], [1]) for t in done)
+    assert all(t.user_attrs["history"]["train/loss"][0][0] == 11 for t in done)  # continued after step 10

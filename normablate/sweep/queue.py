@@ -221,18 +221,25 @@ class QueueMixin:
             trials = retry(lambda s=study: s.get_trials(deepcopy=False))
             live = [t for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE,
                                                       TrialState.PRUNED)]
+            failed = _failed_unretried(trials)
             new = []
             if self.kind.grouped:
                 missing = max(0, self.spec.trials_per_point - len(live))
-                for _ in range(missing):
+                for old in failed[:missing]:  # a failed trial resumes in its own folder, with its own params
+                    new.append(self._retry_of(old))
+                for _ in range(missing - len(new)):
                     new.append(optuna.trial.create_trial(
                         state=TrialState.WAITING, system_attrs={"fixed_params": {}},
                         user_attrs={"point": group.index, "group": group.label(self.spec.axes),
                                     "axes": group.labels(self.spec.axes)}))
             else:
                 have = {t.user_attrs.get("point") for t in live}
+                last_failed = {t.user_attrs.get("point"): t for t in failed}  # (sorted: the latest attempt wins)
                 for p in self.points:
                     if p.index in have:
+                        continue
+                    if p.index in last_failed:  # resumes from its checkpoint, in its own folder
+                        new.append(self._retry_of(last_failed[p.index]))
                         continue
                     fixed = {a.key: a.choices[a.values.index(p.values[a.key])] for a in self.spec.axes}
                     new.append(optuna.trial.create_trial(
@@ -242,7 +249,20 @@ class QueueMixin:
                 retry(lambda s=study, n=new: s.add_trials(n))
                 n_new += len(new)
         if n_new and not first:
-            self.log(f"re-queued {n_new} trial(s) that had failed or were never queued")
+            again = [f"trial {n} ({run})" for n, run in self.retried]
+            self.log(f"re-queued {n_new} trial(s) that had failed or were never queued"
+                     + (f"; {len(again)} resume in their own folders: {', '.join(again)}" if again else ""))
+
+    def _retry_of(self, old: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+        """A WAITING retry of failed trial ``old`` (a re-run of the command): same point, params and run folder, so
+        it resumes from the run's ``last.ckpt`` like the retry of a killed trial (``reaper._requeue``)."""
+        history = list(old.system_attrs.get("nb:retry_of", [])) + [old.number]
+        system = {"fixed_params": {**old.system_attrs.get("fixed_params", {}), **old.params},
+                  "nb:retry_of": history, "nb:retry_reason": "failed; the command was run again",
+                  "nb:run": old.user_attrs["run"], "nb:rerun_at": len(history)}
+        keep = {k: old.user_attrs[k] for k in ("point", "axes", "group") if k in old.user_attrs}
+        self.retried.append((old.number, old.user_attrs["run"]))
+        return optuna.trial.create_trial(state=TrialState.WAITING, system_attrs=system, user_attrs=keep)
 
     # ------------------------------------------------------------------ state
     def counts(self) -> Counts:
@@ -303,6 +323,14 @@ class QueueMixin:
             if t.user_attrs.get("point") == slot.point.index:
                 return t.number
         return None
+
+
+def _failed_unretried(trials: list) -> list:
+    """FAIL trials that ran (they have a run folder), were not skipped as duplicates and have no retry yet (no
+    trial lists them in ``nb:retry_of``), oldest first."""
+    retried = {n for t in trials for n in t.system_attrs.get("nb:retry_of", [])}
+    return sorted((t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("run")
+                   and not t.user_attrs.get("skipped") and t.number not in retried), key=lambda t: t.number)
 
 
 def adds_seeds(old: dict, new: dict) -> bool:

@@ -60,11 +60,12 @@ class ReaperMixin:
     def _requeue(self, study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str) -> None:
         """Enqueue a retry of ``t``: same point and params, same run directory (so it resumes)."""
         history = list(t.system_attrs.get("nb:retry_of", [])) + [t.number]
-        if len(history) > int(self.spec.heartbeat["max_retry"]):
+        if len(history) - int(t.system_attrs.get("nb:rerun_at", 0)) > int(self.spec.heartbeat["max_retry"]):
             self.log(f"trial {t.number}: not retried again ({len(history)} attempts); re-run the command to retry")
             return
         fixed = {**t.system_attrs.get("fixed_params", {}), **t.params}
-        system = {"fixed_params": fixed, "nb:retry_of": history, "nb:retry_reason": reason}
+        system = {"fixed_params": fixed, "nb:retry_of": history, "nb:retry_reason": reason,
+                  "nb:rerun_at": int(t.system_attrs.get("nb:rerun_at", 0))}  # (retries counted per command)
         if t.user_attrs.get("run"):
             system["nb:run"] = t.user_attrs["run"]
         keep = {k: t.user_attrs[k] for k in ("point", "axes", "group") if k in t.user_attrs}
