@@ -54,7 +54,9 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     if cfg.name == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        # foreach: the multi-tensor step (CPU's default is a loop over tensors): same numbers bit for bit, 0.82-0.97x
+        # the optimizer time at the LM/ViT study sizes (issue 29; fused=True measured 0.26-0.31x but not bitwise)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
     if cfg.name == "lion":
         return lion_class()(groups, lr=cfg.lr, betas=cfg.betas)
     raise ConfigError(f"optim.name={cfg.name!r} is not allowed; valid: {', '.join(OPTIMIZERS)}")
