@@ -30,7 +30,8 @@ class RunResult:
     probes: dict[str, float] = field(default_factory=dict)  # probes on: mean of each "probe/..." series over the run
     # The test split, evaluated once at the end (never used to choose anything): metrics of the final model
     # ("test/loss", "test/acc" | "test/ppl"), and of the best-validation weights (selection's pick:
-    # trainer.select_metric) when those are not the final ones (else empty). Empty for diverged/interrupted runs.
+    # trainer.select_metric) when those are not the final ones (else empty). Diverged runs: the model as it stopped;
+    # interrupted runs: empty until they complete.
     test: dict[str, float] = field(default_factory=dict)
     test_at_best: dict[str, float] = field(default_factory=dict)
     best_step: int | None = None  # the validation step whose weights are the best by trainer.select_metric

@@ -324,7 +324,8 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
         status = "completed"
         t0 = time.perf_counter()
         try:
-            trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt) if resuming else None)
+            trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt) if resuming else None,
+                        weights_only=True)  # no code in a checkpoint runs (runfolder.read_identity checked it)
         except RunInterrupted as e:
             log.warning(str(e))
             status = "interrupted"
@@ -333,7 +334,9 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
         if monitor.diverged_step is not None:
             status = "diverged"
         test, test_at_best = {}, {}
-        if status == "completed":  # the test split, once, never used to choose anything (evaluate.py)
+        # the test split, once, never used to choose anything (evaluate.py); a diverged run is tested as it stopped
+        # (what training at that setting produced: e.g. chance accuracy), an interrupted one not yet
+        if status in ("completed", "diverged"):
             test, test_at_best = test_at_end(trainer, task, datamodule, best_weights, int(trainer.global_step))
 
     hist = {**monitor.history, **(probe.history if probe else {})}  # probe series: "probe/..." keys
