@@ -72,7 +72,7 @@ class Footprint:
 
 
 def _gb(n: float) -> str:
-    return f"{n / 2**30:,.1f} GB" if n >= 2**28 else f"{n / 2**20:,.0f} MB"
+    return f"{n / 2**30:,.1f} GB" if n >= 2**28 else f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} KB"
 
 
 def _meta_model(cfg: RunConfig, datamodule=None) -> torch.nn.Module:
