@@ -49,6 +49,7 @@ FREE_KEYS: dict[str, str] = {
     "trainer.log_every": "how often training scalars are sent to TensorBoard; the run's history records every "
                          "step regardless, and the gradient norm it logs is read-only",
     "trainer.log_dir": "where the run folder lives (a moved folder still resumes)",
+    "trainer.loggers": "which logger backends receive the scalars; the run's own record (history, result) is the same",
     "experiment": "the run folder's parent name",
     "run": "the run folder's name",
     "data.cache_dir": "where decoded tensors are cached; the tensors themselves are the same",
