@@ -34,7 +34,7 @@ def test_bench_tiny_writes_well_formed_results(tmp_path):
         assert "max |loss diff| 0.00e+00" in r["note"] or float(r["note"].split("diff| ")[1].split()[0]) < 1e-5
     models = [r for r in rows if r["section"] == "models"]  # every variant of the Transformer norm studies
     for study, n in (("vit_norms", 6), ("lm_norms", 7)):
-        rs = [r for r in models if r["name"].startswith(study + ": ")]
+        rs = [r for r in models if r["name"].startswith(study + ": ") and r["variant"] == "eager"]
         assert len(rs) == n and rs[0]["reference"] == rs[0]["ours"] and float(rs[0]["ratio"]) == 1.0
         assert all(r["reference"] == rs[0]["ours"] for r in rs)
     # labelled as the study's report labels them (analysis.tables.config_label)
@@ -42,6 +42,39 @@ def test_bench_tiny_writes_well_formed_results(tmp_path):
     text = md.read_text()
     assert "Run: `pytest tiny bench`" in text and "load average (1, 5, 15 min) before" in text
     assert "## norms" in text and "torch " in text and "## data" in text
+
+
+def test_bench_models_flops_peak_and_auto_vs_eager():
+    """Per study variant: step time vs the first variant, achieved GFLOP/s against a matmul peak measured in the
+    same run, and auto vs eager (timed where auto differs: the CNN study; the Transformers' auto is eager)."""
+    s = bench.Settings.make(tiny=True)
+    s.model_studies = ("santurkar_vgg", "lm_norms")
+    rows = bench.bench_models(s)
+    by = {}
+    for r in rows:
+        by.setdefault(r.variant, []).append(r)
+    assert len(by["eager"]) == 3 + 7 and len(by["GFLOP/s"]) == 3 + 7 + 1 and len(by["auto vs eager"]) == 3 + 7
+    peak = next(r for r in rows if r.name == "matmul peak").ours_value
+    assert peak > 0
+    for r in by["GFLOP/s"][:-1]:
+        assert r.ours_value > 0 and r.reference_value == peak and r.ratio == pytest.approx(peak / r.ours_value)
+        assert "% of the matmul peak" in r.note
+    lm = [r for r in by["GFLOP/s"] if r.name.startswith("lm_norms")]
+    assert all("added by hand" in r.note for r in lm)  # CPU flash attention is not counted by FlopCounterMode
+    cnn = [r for r in by["auto vs eager"] if r.name.startswith("santurkar_vgg")]
+    assert all(r.ours == "auto (channels_last)" and r.ratio > 0 for r in cnn)
+    assert all(r.ratio is None and "auto = eager" in r.note for r in by["auto vs eager"] if r.name.startswith("lm"))
+
+
+def test_step_flops_adds_cpu_flash_attention_by_hand():
+    B, h, T, d = 2, 3, 5, 4
+    q, k, v = (torch.randn(B, h, T, d, requires_grad=True) for _ in range(3))
+
+    def step():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    total, by_hand = bench.step_flops(step)
+    assert by_hand == 12 * B * h * T * T * d and total == by_hand
 
 
 @pytest.mark.parametrize("backbone,kw", [("resnet20", {}), ("vgg11", {"width": 0.25}),
