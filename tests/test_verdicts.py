@@ -147,7 +147,7 @@ def test_best_lr_skips_lrs_where_a_seed_diverged_and_falls_back_to_val():
     assert v.test.estimate == pytest.approx(0.1, abs=0.01) and v.word == "supported"
     old = study(spec, means, test=False, sd=0.002)  # trials from before the test split: val, said so
     (v,) = V.evaluate(old, samples=500)
-    assert v.split == "val" and "final_val_acc" in v.notes[0] and "on val data" in v.line()
+    assert v.split == "val" and "final val/acc" in v.notes[0] and "on val data" in v.line()
     md = V.markdown([v])
     assert md.startswith("## Verdicts") and "no test-split metrics" in md
 

@@ -37,7 +37,22 @@ class StudyData:
 
     @property
     def metric_col(self) -> str:
+        """The study metric's column (validation split): what selection (best LR, best config) uses."""
         return col(self.spec.metric, self.spec.metric_at)
+
+    @property
+    def report_col(self) -> str:
+        """The column the report states numbers from: the study metric's test-split counterpart at the same point
+        (``final_test_acc``; ``best_test_acc`` = test at the weights ``metric_at: best`` selects) where the
+        trials have it, else (trials from before the test split) ``metric_col`` itself."""
+        test = col("test/" + self.spec.metric.split("/", 1)[-1], self.spec.metric_at)
+        if test in self.trials and self.trials[test].notna().any():
+            return test
+        return self.metric_col
+
+    @property
+    def reports_test(self) -> bool:
+        return self.report_col != self.metric_col
 
     def curves(self, rows, key: str) -> list[list]:
         """The ``key`` curve ([[step, value], ...]) of each row that has one."""

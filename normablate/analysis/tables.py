@@ -185,8 +185,16 @@ def compact_summary(data: StudyData, summ: pd.DataFrame, extra: tuple[str, ...] 
     from .data import col
 
     spec = data.spec
-    keys = [col(spec.metric, "final"), col(spec.metric, "best"), col("val/loss", "final"), "train_loss_auc",
-            *extra, "wall_time", "throughput"]
+    # the reported (test-split) column first, where the trials have one; each header names its split
+    keys = ([data.report_col] if data.reports_test else []) + [
+        col(spec.metric, "final"), col(spec.metric, "best"), col("val/loss", "final"), "train_loss_auc",
+        *extra, "wall_time", "throughput"]
+    if data.reports_test:
+        test_name = data.report_col.split("_", 1)[1].replace("_", "/", 1)
+        UNITS_AT = {data.report_col: f"{test_name} (" + ("final" if spec.metric_at == "final" else
+                                                         f"at best {spec.metric}") + ")"}
+    else:
+        UNITS_AT = {}
     unit = "tokens" if "task" in data.trials and (data.trials["task"] == "lm").any() else "samples"
     out = []
     for _, r in summ.iterrows():
@@ -194,7 +202,7 @@ def compact_summary(data: StudyData, summ: pd.DataFrame, extra: tuple[str, ...] 
         row.update(n=int(r["n"]), diverged=int(r["n_diverged"]))
         if r.get("n_pruned"):
             row["pruned"] = int(r["n_pruned"])
-        units = {**UNITS, "throughput": f"throughput ({unit}/s)"}
+        units = {**UNITS, **UNITS_AT, "throughput": f"throughput ({unit}/s)"}
         for k in dict.fromkeys(keys):
             if f"{k}_mean" in r:
                 row[units.get(k, k.replace("_val_", " val/"))] = fmt_ci(r[f"{k}_mean"], r[f"{k}_ci95"])

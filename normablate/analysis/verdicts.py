@@ -522,6 +522,12 @@ def _columns(data, metric: str) -> tuple[str, str, str]:
     return vcol, vcol, "val"
 
 
+def _pretty(column: str) -> str:
+    """``final_val_acc`` -> ``final val/acc``."""
+    at, _, rest = column.partition("_")
+    return f"{at} {rest.replace('_', '/', 1)}"
+
+
 def _seed_col(df) -> Any:
     return df["seed"] if "seed" in df else np.zeros(len(df), int)
 
@@ -566,7 +572,8 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
         direction = "maximize" if metric.endswith("acc") else "minimize"
         tcol, vcol, split = _columns(data, metric)
         at = c["at"]
-        notes = [] if split == "test" else [f"the trials have no {metric}: the verdict uses {vcol} (older runs)"]
+        notes = [] if split == "test" else [f"the trials have no {metric}: the verdict uses {_pretty(vcol)} "
+                                            f"(runs from before the test split)"]
         details: list[dict[str, Any]] = []
         if not len(df):
             test = Test(math.nan, math.nan, math.nan, 1 - 2 * h["alpha"], math.nan, math.nan, "no finished trials")
@@ -575,7 +582,7 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
             ra, rb = _match(df, names, c["a"]), _match(df, names, c["b"])
             dist = selection_bootstrap(_side(ra, vcol, tcol), _side(rb, vcol, tcol), direction, samples, seed=k)
             test = judge(dist, h["type"], h.get("margin"), h["alpha"], direction)
-            what = f"{metric if split == 'test' else vcol} at each side's best LR (chosen on {vcol})"
+            what = f"{_pretty(tcol)} at each side's best LR (chosen on {_pretty(vcol)})"
             if dist.n_failed:
                 notes.append(f"{dist.n_failed} of {samples} resamples left out: a side had no LR without a "
                              f"diverged seed")
@@ -598,7 +605,7 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
                                     "p": t.p, "n": f"{t.n_a} vs {t.n_b}"})
             test = tests[0] if over is None else combine_over(tests)
             where_s = ", ".join(f"{names.get(kk, kk)}={_label(x)}" for kk, x in fixed.items())
-            what = (f"{metric if split == 'test' else vcol}" + (f" at {where_s}" if where_s else "")
+            what = (_pretty(tcol) + (f" at {where_s}" if where_s else "")
                     + (f" at every {names[over]} (least favourable shown)" if over else ""))
         side = lambda s: ", ".join(f"{names.get(kk, kk)}={_label(x)}" for kk, x in s.items())  # noqa: E731
         what = f"A = {side(c['a'])} vs B = {side(c['b'])}: {what}; {test.method}"

@@ -87,6 +87,14 @@ def write_report(study_name: str, storage: str | None = None, out_dir: str | Pat
         f"- written {dt.datetime.now().isoformat(timespec='seconds')}",
     ]
     lines += [f"- note: {n}" for n in data.notes]
+    if not data.reports_test and len(data.trials):
+        lines.append(f"- note: these trials recorded no test-split metrics (runs from before normablate evaluated "
+                     f"a test split): the numbers below are {spec.metric}, the split the best LR / configuration "
+                     f"was chosen on, so the best ones are biased upward")
+    else:
+        lines.append(f"- splits: best LR / configuration chosen on {spec.metric_at} {spec.metric} (validation); "
+                     f"numbers stated from {data.report_col.replace('_', ' ', 1).replace('_', '/', 1)} (test) "
+                     f"unless a column says val/")
     definitions = [verdicts.DEFINITION, tables.DEFINITIONS, kind.definition] \
         + ([probes.DEFINITION] if probe.markdown else [])
     lines += ["", "<details><summary>How the numbers are defined</summary>", "", "\n".join(d for d in definitions if d),
@@ -95,10 +103,10 @@ def write_report(study_name: str, storage: str | None = None, out_dir: str | Pat
         lines += [section.markdown, ""]
     if probe.markdown:
         lines += [probe.markdown, ""]
-    comp_all = tables.config_values(data, data.metric_col)
+    comp_all = tables.config_values(data, data.report_col)
     lines += ["## Every configuration (mean ± 95% CI over seeds; all columns in summary.csv)", "",
               tables.markdown_table(tables.compact_summary(data, summ, kind.summary_extra)),
-              tables.conclusion(comp_all, spec.direction, f"{spec.metric_at} {spec.metric}")
+              tables.conclusion(comp_all, spec.direction, data.report_col.replace("_", " ", 1).replace("_", "/", 1))
               if len(summ) and kind.seeds_are_replicates else "",
               ""]
     lines += ["## Figures", ""]

@@ -110,11 +110,12 @@ class StudyKind:
         return Section()
 
     def comparison(self, data, summ) -> Comparison:
-        """Default: every configuration, by the study metric."""
+        """Default: every configuration, by the study metric's reported (test-split, where recorded) column."""
         from ..analysis.tables import config_values
 
         spec = data.spec
-        return Comparison(f"{spec.metric_at} {spec.metric}", config_values(data, data.metric_col), spec.direction)
+        what = data.report_col.replace("_", " ", 1).replace("_", "/", 1)
+        return Comparison(what, config_values(data, data.report_col), spec.direction)
 
 
 def encode(v: Any) -> Any:
