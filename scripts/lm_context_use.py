@@ -61,7 +61,7 @@ def load_run(run_dir: Path) -> tuple[torch.nn.Module, object]:
     dm = build_datamodule(cfg.data, cfg.task, cfg.seed)
     dm.setup()
     model = build_model(cfg, dm)
-    state = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     return model.eval(), (dm, cfg.trainer.val_batches)
 

@@ -401,3 +401,46 @@ def test_failed_trials_resume_in_their_own_folder_on_rerun(tmp_path, capsys, mon
     assert sorted(t.user_attrs["run"] for t in done) == runs
     assert all(t.user_attrs["resumed"] and t.system_attrs["nb:retry_of"] in ([0], [1]) for t in done)
     assert all(t.user_attrs["history"]["train/loss"][0][0] == 11 for t in done)  # continued after step 10
+
+
+# ------------------------------------------------------------------------------------------ 8. weights_only
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))  # would run on an unrestricted load
+
+
+@pytest.mark.slow  # two tiny training runs (about a minute on a busy 2-core machine)
+def test_checkpoints_load_with_weights_only(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from test_hardening import TINY
+
+    assert main(["train", *TINY, f"trainer.log_dir={tmp_path}", "run=r"]) == 0
+    run = tmp_path / "h" / "r"
+    (run / "result.json").unlink()  # as if interrupted after its last checkpoint
+    ckpt = run / "last.ckpt"
+    genuine = ckpt.read_bytes()
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "global_step": 4, "x": _Payload(str(marker))}, ckpt)
+    capsys.readouterr()
+    code, _, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", "run=r", "--resume")
+    assert code == 2 and str(ckpt) in one_line(err) and "weights_only" in err, err
+    assert not marker.exists()
+
+    ckpt.write_bytes(genuine)
+    calls = []
+    real = torch.load
+
+    def spy(f, *a, **k):
+        calls.append((str(getattr(f, "path", None) or getattr(f, "name", None) or f), k.get("weights_only")))
+        return real(f, *a, **k)
+
+    monkeypatch.setattr(torch, "load", spy)
+    code, _, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", "run=r", "trainer.max_steps=6",
+                            "--resume")
+    assert code == 0, err
+    loads = [w for f, w in calls if f.endswith("last.ckpt")]
+    assert len(loads) >= 2 and all(w is True for w in loads), calls  # the pre-check and Lightning's restore
