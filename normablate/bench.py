@@ -605,6 +605,37 @@ def step_flops(step: Callable[[], object]) -> tuple[float, float]:
     return float(counter.get_total_flops()) + by_hand, by_hand
 
 
+PROFILE_GROUPS = (  # (group, substrings of aten op names), first match wins
+    ("attention", ("scaled_dot_product",)),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("convolution", ("convolution", "mkldnn_conv")),
+    ("norms", ("norm", "batch_norm", "rms")),
+    ("copies", ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous", "aten::to", "aten::_to_copy")),
+    ("pooling", ("pool",)),
+)
+
+
+def step_profile(step: Callable[[], object], steps: int = 3) -> tuple[dict[str, float], float]:
+    """Where a training step's time goes (torch.profiler, CPU): each group's share of the self CPU time of every op
+    over ``steps`` steps ({group: share}, the rest under "other"), and the optimizer step's share (its total, which
+    overlaps the elementwise ops it runs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    shares: dict[str, float] = {}
+    optimizer = 0.0
+    for e in events:
+        if e.key.startswith("Optimizer.step"):
+            optimizer += e.cpu_time_total
+        group = next((g for g, keys in PROFILE_GROUPS if any(k in e.key for k in keys)), "other")
+        shares[group] = shares.get(group, 0.0) + e.self_cpu_time_total / total
+    return shares, optimizer / total
+
+
 def _widest_gemm(c) -> tuple[int, int, int]:
     """A model's typical GEMM (the QKV or first conv-as-GEMM is not modelled: the FFN's first linear for the
     Transformers at the study sizes, (tokens, C) @ (C, hidden)); None for CNNs."""
@@ -653,6 +684,11 @@ def bench_models(s: Settings) -> list[Row]:
             t = interleaved(fns, s.model_repeats, warmup=2)
             peaks.append(matmul_peak())
             ref = variants[0][0]
+            shares, opt_share = step_profile(fns[ref], steps=2 if s.tiny_models else 3)
+            order = sorted(shares.items(), key=lambda kv: -kv[1])
+            rows.append(Row("models", f"{study}: {ref}", "", "profile", "self CPU time by op group", "",
+                            note=", ".join(f"{g} {v:.0%}" for g, v in order)
+                            + f"; optimizer step {opt_share:.0%} (its total, overlapping the groups)"))
             for label, _ in variants:
                 times = t[label]
                 backbone, units, n_params, flops, by_hand, gemm = info[label]

@@ -54,6 +54,7 @@ def test_bench_models_flops_peak_and_auto_vs_eager():
     for r in rows:
         by.setdefault(r.variant, []).append(r)
     assert len(by["eager"]) == 3 + 7 and len(by["GFLOP/s"]) == 3 + 7 + 1 and len(by["auto vs eager"]) == 3 + 7
+    assert len(by["profile"]) == 2 and all("matmul" in r.note and "optimizer step" in r.note for r in by["profile"])
     peak = next(r for r in rows if r.name == "matmul peak").ours_value
     assert peak > 0
     for r in by["GFLOP/s"][:-1]:
