@@ -142,6 +142,9 @@ class ProbeConfig:
     landscape: bool = True  # loss variation, gradient predictiveness, effective beta-smoothness
     ics: bool = True  # internal covariate shift per layer (one extra forward/backward per layer)
     layers: list | None = None  # ICS layers: module names with a weight (None: every Conv/Linear/Embedding)
+    # batch-statistics fluctuation per BN-family layer (Shen et al. 2020): distance of the batch mean/variance from
+    # the running ones and ||dL/dmu_B||, ||dL/dsigma_B^2|| (probes/batchstats.py); one extra forward/backward
+    batchstats: bool = False
 
 
 @dataclass
@@ -580,6 +583,9 @@ def validate(cfg: RunConfig) -> None:
            f"probes.step_sizes={pr.step_sizes!r} must be a non-empty list of numbers > 0")
     _check(pr.layers is None or (bool(pr.layers) and all(isinstance(n, str) for n in pr.layers)),
            f"probes.layers={pr.layers!r} must be null or a non-empty list of module names")
+    _check(not pr.batchstats or pr.enabled,
+           "probes.batchstats=true needs probes.enabled=true (it runs inside the probe callback; set "
+           "probes.landscape=false and probes.ics=false to measure batch statistics alone)")
     check_path_name("experiment", cfg.experiment, nested=True)
     if cfg.run is not None:
         check_path_name("run", cfg.run)

@@ -8,7 +8,10 @@ evaluates, on the same batch, with the model in training mode:
 * g = grad L(x_t) (one forward/backward; every probe forward first restores the pre-step buffers and RNG state,
   so it sees exactly the training step's batch statistics and noise draw: L(x_t) equals the logged train loss);
 * the landscape along -g over ``probes.step_sizes`` (times the LR of step t by default);
-* ICS per layer from x_t, x_{t+1} (the optimizer's actual update) and g.
+* ICS per layer from x_t, x_{t+1} (the optimizer's actual update) and g;
+* with ``probes.batchstats``, per BN-family layer at x_t: the batch statistics' distance from the running ones
+  and the gradient norms w.r.t. them (``probe/bstat_{mean_dist,var_dist,grad_mean,grad_var}/<layer>``,
+  probes/batchstats.py).
 
 Then it puts back x_{t+1}, the post-step buffers, the post-step RNG state and every ``.grad``; the optimizer and
 its state are never touched, so a probed run follows the same trajectory as an unprobed one (tested: identical
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .batchstats import batch_stats, stat_layers
 from .ics import ics, weight_layers
 from .landscape import _set, landscape, loss_and_grad
 
@@ -55,6 +59,7 @@ class ProbeCallback(L.Callback):
                                   f"{', '.join(known)}")
             layers = [(n, known[n]) for n in cfg.layers]
         self.layers = layers  # [(name, index into self.params)]
+        self.stat_layers = stat_layers(model) if getattr(cfg, "batchstats", False) else []  # BN-family layers
         self.history: dict[str, list[list[float]]] = {}  # "probe/..." -> [[step, value], ...] (checkpointed)
         self._pre: dict[str, Any] | None = None
 
@@ -116,6 +121,10 @@ class ProbeCallback(L.Callback):
                 _set(params, pre["x"])
             loss0, g = loss_and_grad(loss_fn, params)
             out["probe/loss"] = loss0
+            if self.stat_layers:  # at x_t, before the landscape moves anything (probes/batchstats.py)
+                for name, vals in batch_stats(loss_fn, self.stat_layers).items():
+                    for k, v in vals.items():
+                        out[f"probe/bstat_{k}/{name}"] = v
             if self.cfg.landscape:
                 scale = pre["lr"] if self.cfg.relative_to_lr else 1.0
                 etas = [float(e) * scale for e in self.cfg.step_sizes]
