@@ -15,6 +15,13 @@ over batches and, under DDP, over ranks (one all-reduce per layer): the same sta
 concatenation of every rank's batches. fvcore instead averages the per-batch variances, which leaves out the
 spread of the batch means; we take the exact population variance the issue asks for.
 
+Ghost BN (``ghost_batch_size: k``): the forwards run in training mode, so every layer normalizes with its ghost
+groups' statistics and each BN's input is what it sees in training; the statistics recomputed are still the
+population mean and variance of that input over all the N batches (not an average of per-group statistics, which
+is what the ghost EMA tracks). These are the statistics the eval forward (running statistics) should use to
+match the population; they are not the per-group statistics the training forward normalized with, and the
+difference between the two is part of what ``val/train_eval_gap_precise`` measures.
+
 In a run (``trainer.precise_bn: N``), the callback recomputes the statistics before each validation from the N
 most recent training batches (steps ``[s - N, s)``, or ``[0, N)`` early on; each rank its own slice), and the
 task evaluates a third time with them swapped in: ``val/loss_precise`` (``val/acc_precise``, ``val/ppl_precise``)
@@ -59,16 +66,20 @@ def _channels(m: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> tuple
 def _train_mode_untouched(layers: list[nn.Module]) -> Iterator[None]:
     """BN layers in training mode (batch statistics), noise off; modes and buffers restored afterwards."""
     saved = [(m, m.training, {k: b.clone() for k, b in m.named_buffers(recurse=False)},
-              getattr(m, "noise_enabled", None)) for m in layers]
+              getattr(m, "noise_enabled", None), getattr(m, "allow_partial_ghost_group", None)) for m in layers]
     try:
         for m in layers:
             m.train()
             if hasattr(m, "noise_enabled"):
                 m.noise_enabled = False
+            if hasattr(m, "allow_partial_ghost_group"):
+                m.allow_partial_ghost_group = True  # ghost BN on a batch of any size (the last group smaller)
         yield
     finally:
-        for m, training, buffers, noise in saved:
+        for m, training, buffers, noise, partial in saved:
             m.train(training)
+            if partial is not None:
+                m.allow_partial_ghost_group = partial
             for k, b in buffers.items():
                 getattr(m, k).copy_(b)
             if noise is not None:

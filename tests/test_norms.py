@@ -291,7 +291,7 @@ def test_unknown_norm_lists_valid():
 
 
 def test_unknown_norm_option_lists_valid():
-    with pytest.raises(nb.ConfigError, match=r"norm 'bn' got unknown option\(s\) momentun; valid: affine, eps, momentum"):
+    with pytest.raises(nb.ConfigError, match=r"norm 'bn' got unknown option\(s\) momentun; valid: affine, eps, ghost_batch_size, momentum"):
         nb.norms.create("bn", 4, momentun=0.1)
 
 

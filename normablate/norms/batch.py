@@ -3,6 +3,35 @@
 ``bn`` *is* PyTorch's BatchNorm (subclassing ``_BatchNorm``): same statistics, running-stat update
 (``running = (1 - m) * running + m * batch``, m = 0.1, unbiased running_var) and kernels, so it matches
 ``nn.BatchNorm1d/2d`` exactly. For tokens ``(N, T, C)`` it normalizes each channel over N*T positions.
+
+Ghost BatchNorm (``ghost_batch_size: k``, Hoffer et al. 2017; off by default) for ``bn``, ``noisy_bn`` and
+``masked_bn``: in training, the batch statistics come from fixed consecutive groups of k samples (sample i is in
+group i // k), each group normalized with its own mean and variance, exactly as BN applied to each group
+separately; the optimizer still steps once on the whole batch. This is a data-parallel run's unsynchronized BN
+(Wu & He 2018's per-GPU batch of 2 inside an optimizer batch of 32 per step) on one process, at an unchanged step
+count. Precisely:
+
+* groups: the input ``(N, ...)`` is read as ``(N/k, k, ...)`` (a view, no copy for contiguous input); statistics
+  per (group, channel) over the group's samples and every other dim but the channel (``masked_bn``: over the
+  group's real tokens only). Outputs, input and parameter gradients equal ``nn.BatchNorm`` on each group (tested).
+* running statistics: PyTorch's update applied once per group, in group order, as if the groups were
+  consecutive batches: ``running <- (1 - m) running + m batch_g`` for g = 1..N/k (unbiased variance of each
+  group; ``momentum: null`` = the cumulative average over groups), computed in one closed form
+  ``(1 - m)^G running + sum_g m (1 - m)^(G - g) batch_g`` (float64 weights). ``num_batches_tracked`` counts
+  groups. (``masked_bn``: a group without a real token is skipped, as an all-pad batch is.) Note the
+  consequence: at momentum 0.1 the running statistics average over the last ~10 *groups* (~10k samples), so
+  with small k they are noisier than a whole-batch BN's; ``trainer.precise_bn`` recomputes population
+  statistics when that matters.
+* remainder: in training the batch must be divisible by k (``normablate`` refuses a training batch per rank that
+  is not, at config time; a direct call raises ``ValueError`` naming ``ghost_batch_size``). Diagnostic passes that
+  evaluate with batch statistics on batches of any size (the validation's ``val/*_batchstats``, PreciseBN) set
+  ``allow_partial_ghost_group`` on the layer: then the last N mod k samples form one smaller group.
+* eval uses the running statistics, as BN (so eval-mode ghost BN is BN, and folds into a conv the same way);
+  with ``track_running_stats: false`` eval uses ghost-group batch statistics too.
+* ``k`` equal to the batch is exactly BN. ``sync: true`` (or ``trainer.sync_batchnorm``) is refused: a ghost
+  group is a part of one rank's batch, a synchronized BN pools every rank's batch; the two contradict.
+* speed: the ghost path computes its statistics with ``torch.var_mean`` per group and normalizes with autograd
+  ops (written by hand: neither PyTorch nor timm has a ghost BatchNorm); see README "Norms and backbones".
 """
 from __future__ import annotations
 
@@ -24,19 +53,76 @@ def check_batch_size(x: torch.Tensor, channel_dim: int, training: bool) -> None:
         )
 
 
+def check_ghost_batch_size(name: str, ghost_batch_size: int | None, sync: bool) -> int | None:
+    """``ghost_batch_size``: null (off) or an integer >= 1, and not with ``sync`` (see the module doc)."""
+    if ghost_batch_size is None:
+        return None
+    k = ghost_batch_size
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or int(k) != k or k < 1:
+        raise ValueError(f"{name}: ghost_batch_size must be null (off) or an integer >= 1 (samples per ghost group), "
+                         f"got {k!r}")
+    if sync:
+        raise ValueError(f"{name}: ghost_batch_size={int(k)} cannot be combined with sync: true: a ghost group is "
+                         f"part of one rank's batch, a synchronized BN pools every rank's batch; use one or the other")
+    return int(k)
+
+
+def ghost_batch_norm(x4: torch.Tensor, keep4: torch.Tensor | None, weight: torch.Tensor | None,
+                     bias: torch.Tensor | None, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode BatchNorm of each group of ``x4`` (G, R, C, S) over its dims 1 and 3 (R rows of S values per
+    channel), with gradient. ``keep4`` (G, R, 1, 1) bool: only those rows count (others output 0, get no gradient,
+    and a non-finite value there never leaks). Returns ``y`` (shape of x4), the per-group ``mean`` and biased
+    ``var`` (G, C) and the per-group count of values per channel ``n`` (G,), the last three without gradient.
+    Composed from autograd ops (exact gradients by construction); statistics in fp32 for fp16/bf16."""
+    g, _, c, _ = x4.shape
+    acc = x4.dtype if x4.dtype in (torch.float32, torch.float64) else torch.float32
+    xf = x4.to(acc)
+    if keep4 is None:
+        var, mean = torch.var_mean(xf, dim=(1, 3), correction=0, keepdim=True)  # (G, 1, C, 1)
+        xc = xf - mean
+        n = torch.full((g,), float(x4.shape[1] * x4.shape[3]), dtype=acc, device=x4.device)
+    else:
+        keep_f = keep4.to(acc)
+        cnt = keep_f.sum(dim=(1, 3), keepdim=True) * x4.shape[3]  # (G, 1, 1, 1)
+        denom = cnt.clamp(min=1)
+        xf = torch.where(keep4, xf, 0.0)  # where(), not *: a pad's inf/NaN must not leak (0 * inf = NaN)
+        mean = xf.sum(dim=(1, 3), keepdim=True) / denom
+        xc = xf - mean * keep_f  # exactly 0 at pads
+        var = (xc * xc).sum(dim=(1, 3), keepdim=True) / denom
+        n = cnt.view(g)
+    # centred values times the per-(group, channel) scale, as PyTorch's kernels: the parameter gradients are then
+    # sums of g * (x - mean), without the cancellation of sum(g * x) - mean * sum(g)
+    scale = torch.rsqrt(var + eps)  # (G, 1, C, 1)
+    if weight is not None:
+        scale = scale * weight.to(acc).view(1, 1, c, 1)
+    y = xc * scale if bias is None else torch.addcmul(bias.to(acc).view(1, 1, c, 1), xc, scale)
+    if keep4 is not None:
+        y = torch.where(keep4, y, 0.0)
+    return y.to(x4.dtype), mean.detach().view(g, c), var.detach().view(g, c), n.detach()
+
+
+def _weights_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float32 if t.device.type == "mps" else torch.float64  # MPS has no float64
+
+
 @register("bn")
 class BatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm over every dim but the channel; eval uses running statistics."""
+    """BatchNorm over every dim but the channel; eval uses running statistics. ``ghost_batch_size: k``: batch
+    statistics over consecutive groups of k samples in training (Ghost BN; module doc)."""
 
     is_normalization = True
+    norm_label = "bn"  # the registered name, for error messages
 
     def __init__(self, num_features: int, layout: str = "image", eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
-                 sync: bool = False) -> None:
+                 sync: bool = False, ghost_batch_size: int | None = None) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats)
         self.layout = layout
         self.sync = bool(sync)  # pool batch statistics over data-parallel ranks in training (norms/sync.py)
+        self.ghost_batch_size = check_ghost_batch_size(self.norm_label, ghost_batch_size, self.sync)  # None: off
+        self.allow_partial_ghost_group = False  # diagnostics on odd-size batches: the last group may be smaller
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -44,6 +130,8 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ARG002
         # Plain BN ignores the mask on purpose: padded tokens enter its statistics (that is the ablation).
+        if self.ghost_batch_size is not None and (self.training or not self.track_running_stats):
+            return self.ghost_forward(x)
         if self.layout == "tokens" and x.dim() > 2:
             # (N, T, C) -> (N*T, C): the same statistics as (N, C, T), but PyTorch's BN kernel for 2-D input reads
             # channels-last memory directly, where a transpose to (N, C, T) costs ~7x the norm itself on CPU.
@@ -59,8 +147,81 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         check_batch_size(x, 1, self.training or not self.track_running_stats)
         return super().forward(x)
 
+    def ghost_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Batch statistics over consecutive groups of ``ghost_batch_size`` samples of ``x`` (image (N, C, ...) or
+        tokens (N, ..., C)); ``mask`` (N, T) restricts each group's statistics to its real tokens. Updates the
+        running statistics group by group in training (module doc)."""
+        label = self.norm_label
+        if self.sync:
+            raise ValueError(f"{label}: ghost_batch_size={self.ghost_batch_size} cannot be combined with sync")
+        k, n = self.ghost_batch_size, x.shape[0]
+        rest = n % k
+        if rest and not self.allow_partial_ghost_group:
+            raise ValueError(
+                f"{label}: ghost_batch_size={k} needs a batch divisible by {k} in training; got {n} samples "
+                f"({n // k} group(s) of {k} and {rest} left over). Use a batch size that is a multiple of "
+                f"ghost_batch_size (per rank under data parallelism).")
+        if not rest:
+            return self._ghost_groups(x, mask, k)
+        cut = n - rest  # the last `rest` samples form one smaller group (diagnostic passes only)
+        parts = [(0, cut, k), (cut, n, rest)] if cut else [(0, n, rest)]
+        return torch.cat([self._ghost_groups(x[a:b], None if mask is None else mask[a:b], size)
+                          for a, b, size in parts])
+
+    def _ghost_groups(self, x: torch.Tensor, mask: torch.Tensor | None, k: int) -> torch.Tensor:
+        """``ghost_forward`` on a batch divisible by ``k``."""
+        g = x.shape[0] // k
+        tokens = self.layout == "tokens" and x.dim() > 2
+        nhwc = not tokens and x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last)
+        if tokens:  # (N, ..., C) -> (G, k*T, C, 1): a view
+            x4 = x.reshape(g, -1, x.shape[-1], 1)
+        elif nhwc:  # channels-last image: (N, H, W, C) memory -> (G, k*H*W, C, 1), a view; output channels-last
+            x4 = x.permute(0, 2, 3, 1).reshape(g, -1, x.shape[1], 1)
+        else:  # (N, C, ...) -> (G, k, C, S): a view
+            x4 = x.reshape(g, k, x.shape[1], -1)
+        if mask is None and x4.shape[1] * x4.shape[3] <= 1 and x.numel():
+            raise ValueError(
+                f"{self.norm_label}: ghost_batch_size={k} leaves one value per channel in "
+                f"each group (input of shape {tuple(x.shape)}); batch statistics need more: use a larger "
+                f"ghost_batch_size")
+        keep4 = None
+        if mask is not None:
+            keep4 = mask.bool().reshape(g, -1, 1, 1)
+            torch._assert_async(keep4.sum(dim=(1, 2, 3)).ne(1).all(),
+                                f"{self.norm_label}: ghost_batch_size={k}: a ghost group holds exactly one real "
+                                f"token; batch statistics need more than one per channel")
+        y4, mean, var, cnt = ghost_batch_norm(x4, keep4, self.weight, self.bias, self.eps)
+        if self.training and self.track_running_stats:
+            self._ghost_update_running(mean, var, cnt)
+        if nhwc:
+            return y4.view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
+        return y4.view(x.shape)
+
+    @torch.no_grad()
+    def _ghost_update_running(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
+        """PyTorch's running-stat update once per group, in group order (a group with n = 0 is skipped), in one
+        closed form: new = prod_g (1 - m_g) * running + sum_g m_g * prod_{h > g} (1 - m_h) * stat_g."""
+        if n.numel() == 0:
+            return
+        wd = _weights_dtype(self.running_mean)
+        counted = n > 0  # (G,)
+        if self.momentum is None:  # cumulative average over every group seen: the j-th counted group weighs 1/j
+            idx = self.num_batches_tracked.to(wd) + torch.cumsum(counted.to(wd), 0)
+            m = torch.where(counted, 1.0 / idx.clamp(min=1), 0.0)
+        else:
+            m = counted.to(wd) * self.momentum
+        self.num_batches_tracked.add_(counted.sum().to(self.num_batches_tracked.dtype))
+        nd = n.to(wd)
+        unbiased = var.to(wd) * torch.where(nd > 1, nd / (nd - 1).clamp(min=1), 1.0)[:, None]
+        keep_from = torch.cumprod((1.0 - m).flip(0), 0).flip(0)  # keep_from[g] = prod_{h >= g} (1 - m_h)
+        w = m * torch.cat([keep_from[1:], keep_from.new_ones(1)])  # (G,): weight of group g's statistics
+        for buf, stat in ((self.running_mean, mean.to(wd)), (self.running_var, unbiased)):
+            buf.copy_((keep_from[0] * buf.to(wd) + (w[:, None] * stat).sum(0)).to(buf.dtype))
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", layout={self.layout}"
+        ghost = "" if self.ghost_batch_size is None else f", ghost_batch_size={self.ghost_batch_size}"
+        return super().extra_repr() + f", layout={self.layout}" + ghost
 
 
 class _NoisyBatchNormFn(torch.autograd.Function):
@@ -170,10 +331,14 @@ class NoisyBatchNorm(BatchNorm):
     one the later layers were trained against on average.
     """
 
+    norm_label = "noisy_bn"
+
     def __init__(self, num_features: int, layout: str = "image", eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True, noise_mean: float = 0.5,
-                 noise_scale: float = 1.5, per_sample: bool = True, sync: bool = False) -> None:
-        super().__init__(num_features, layout=layout, eps=eps, momentum=momentum, affine=affine, sync=sync)
+                 noise_scale: float = 1.5, per_sample: bool = True, sync: bool = False,
+                 ghost_batch_size: int | None = None) -> None:
+        super().__init__(num_features, layout=layout, eps=eps, momentum=momentum, affine=affine, sync=sync,
+                         ghost_batch_size=ghost_batch_size)
         if noise_scale < 1.0 or noise_mean < 0.0:
             raise ValueError(f"noisy_bn needs noise_scale >= 1 and noise_mean >= 0, got {noise_scale}, {noise_mean}")
         self.noise_mean, self.noise_scale, self.per_sample = noise_mean, noise_scale, per_sample
@@ -214,7 +379,7 @@ class NoisyBatchNorm(BatchNorm):
             return False
         if self.track_running_stats and self.running_mean is not None and self.running_mean.dtype != x.dtype:
             return False
-        if self.sync and sync_active():
+        if (self.sync and sync_active()) or self.ghost_batch_size is not None:  # ghost: BN per group, then noise
             return False
         return not torch.compiler.is_compiling()
 

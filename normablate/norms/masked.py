@@ -128,6 +128,8 @@ class _MaskedBatchNormFn(torch.autograd.Function):
 
 @register("masked_bn")
 class MaskedBatchNorm(BatchNorm):
+    norm_label = "masked_bn"
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is None or self.layout == "image":
             if mask is not None:
@@ -138,6 +140,8 @@ class MaskedBatchNorm(BatchNorm):
         shape = x.shape
         keep = mask.bool().reshape(-1, 1)  # (N*T, 1)
         x2 = x.reshape(-1, shape[-1])  # (N*T, C)
+        if self.ghost_batch_size is not None and (self.training or not self.track_running_stats):
+            return self.ghost_forward(x, mask)  # each group of sequences over its own real tokens (norms/batch.py)
         if self.training or not self.track_running_stats:
             y = self.masked_batch_norm(x2, keep)
         else:  # running statistics: one affine map per channel, pads -> 0

@@ -167,9 +167,13 @@ def supports_sync(module: nn.Module) -> bool:
 
 def enable(model: nn.Module) -> int:
     """Turn on ``sync`` at every norm site that supports it; returns how many. Raises ``ValueError`` naming a
-    batch-statistics layer (a ``_BatchNorm``) that cannot synchronize, rather than silently leaving it local."""
+    batch-statistics layer (a ``_BatchNorm``) that cannot synchronize, rather than silently leaving it local, or
+    one with ghost groups (``ghost_batch_size``), which are per-rank by definition."""
     count = 0
     for name, m in model.named_modules():
+        if getattr(m, "ghost_batch_size", None) is not None:
+            raise ValueError(f"layer {name!r} ({type(m).__name__}) has ghost_batch_size={m.ghost_batch_size}: ghost "
+                             f"groups are parts of one rank's batch and cannot be synchronized across ranks")
         if supports_sync(m):
             m.sync = True
             count += 1
