@@ -377,6 +377,57 @@ def test_batch_renorm_rejects_bad_options(options, message):
         nb.norms.create("batch_renorm", 4, **options)
 
 
+def test_batch_renorm_masked_equals_batch_renorm_on_the_real_tokens():
+    """``masked: true``: outputs, input and parameter gradients, running statistics and the step count equal
+    batch_renorm applied to the real tokens alone, with r and d active (limits 2 and 1 from the first step); pads
+    output 0 and get 0 gradient even when they hold inf/NaN; an all-pad batch changes nothing. Default: the mask
+    is ignored, as bn ignores it."""
+    torch.manual_seed(0)
+    kw = dict(r_max=2.0, d_max=1.0, warmup_steps=0, r_max_steps=0, d_max_steps=0)
+    m = nb.norms.create("batch_renorm", 4, layout="tokens", masked=True, **kw).double()
+    ref = nb.norms.create("batch_renorm", 4, layout="tokens", **kw).double()
+    for mod in (m, ref):
+        with torch.no_grad():
+            mod.weight.copy_(torch.tensor([0.5, 1.0, 1.5, 2.0])), mod.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    mask = torch.arange(6)[None, :] < torch.tensor([6, 2, 4, 1, 5])[:, None]  # (N, T) True = real
+    r_seen = []
+    for step in range(3):
+        x = torch.randn(5, 6, 4, dtype=torch.float64) * (1 + step) + step
+        x[~mask] = float("inf")
+        x[1, 3, 0] = float("nan")
+        w = torch.randn_like(x)
+        xm = x.clone().requires_grad_(True)
+        y = m(xm, mask=mask)
+        (y * w).sum().backward()
+        xr = x[mask].clone().requires_grad_(True)  # (M, C): the real tokens alone
+        std = xr.detach().var(0, unbiased=False).add(1e-5).sqrt()
+        r_seen.append((std / ref.running_var.add(1e-5).sqrt()).clamp(0.5, 2.0))
+        yr = ref(xr)
+        (yr * w[mask]).sum().backward()
+        torch.testing.assert_close(y[mask], yr, **F64)
+        torch.testing.assert_close(xm.grad[mask], xr.grad, **F64)
+        assert (y[~mask] == 0).all() and (xm.grad[~mask] == 0).all()
+        for a, b in ((m.weight.grad, ref.weight.grad), (m.bias.grad, ref.bias.grad), (m.running_mean,
+                     ref.running_mean), (m.running_var, ref.running_var)):
+            torch.testing.assert_close(a, b, **F64)
+        assert int(m.renorm_step) == int(ref.renorm_step) == step + 1
+    assert any((r != 1).any() for r in r_seen)  # the renormalization was active, not plain BN
+    before = copy.deepcopy(m.state_dict())
+    m(torch.randn(5, 6, 4, dtype=torch.float64), mask=torch.zeros(5, 6, dtype=torch.bool))  # all padding
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+    m.eval(), ref.eval()
+    x = torch.randn(5, 6, 4, dtype=torch.float64)
+    y = m(x, mask=mask)
+    torch.testing.assert_close(y[mask], ref(x[mask]), **F64)
+    assert (y[~mask] == 0).all()
+    plain = nb.norms.create("batch_renorm", 4, layout="tokens", **kw).double()  # default: the mask is ignored
+    twin = copy.deepcopy(plain)
+    torch.testing.assert_close(plain(x, mask=mask), twin(x), **F64)
+    with pytest.raises(ValueError, match=r"batch_renorm \(masked\): a mask \(N, T\) needs tokens"):
+        nb.norms.create("batch_renorm", 4, masked=True)(torch.randn(2, 4, 3, 3), mask=torch.ones(2, 3, dtype=bool))
+
+
 def test_bad_norm_option_values_fail_at_config_time(tmp_path, capsys):
     from normablate.cli import main
 

@@ -27,6 +27,14 @@ continues exactly),
 (5000 / 40000 / 25000 steps): in a short run the layer is plain BN throughout, so scale the steps to the run.
 ``warmup_steps = r_max_steps = d_max_steps = 0`` gives constant limits from the first step.
 
+Padding (tokens ``(N, T, C)`` with ``mask (N, T)``, True = real): by default the mask is ignored, as ``bn``
+ignores it (padded positions enter the batch statistics). ``masked: true`` takes the batch statistics over the
+real tokens only, as ``masked_bn`` does: ``mu_B``, ``sigma_B`` and the running-stat update (with the real-token
+count) use real tokens, padded positions output 0 and get no gradient (also when they hold inf/NaN), a batch
+without a real token changes nothing (no running-stat update, no step counted) and one with exactly one real token
+is an error. On the real tokens it equals ``batch_renorm`` applied to ``x[mask]`` (tested). Eval: running
+statistics, pads output 0. That path is composed from autograd ops (the fused kernel below knows no mask).
+
 Written by hand: neither PyTorch nor timm has batch renormalization. Subclasses our ``BatchNorm`` (so the
 running buffers, eval path, layouts and every ``_BatchNorm`` check - conv bias, train/eval gap - carry over);
 the batch statistics are computed in one method, ``batch_stats``, for a synchronized variant to override.
@@ -58,10 +66,12 @@ _eager_under_compile = getattr(torch, "_disable_dynamo", None) or torch.compiler
 
 @register("batch_renorm")
 class BatchRenorm(BatchNorm):
+    norm_label = "batch_renorm"
+
     def __init__(self, num_features: int, layout: str = "image", eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True, r_max: float = 3.0, d_max: float = 5.0,
                  warmup_steps: int = 5000, r_max_steps: int = 40000, d_max_steps: int = 25000,
-                 sync: bool = False) -> None:
+                 sync: bool = False, masked: bool = False) -> None:
         if not r_max >= 1.0:
             raise ValueError(f"batch_renorm: r_max must be >= 1 (r is clipped to [1/r_max, r_max]), got {r_max}")
         if not d_max >= 0.0:
@@ -74,6 +84,7 @@ class BatchRenorm(BatchNorm):
                                  f"(the step at which the limit is fully relaxed)")
         super().__init__(num_features, layout=layout, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=True, sync=sync)
+        self.masked = bool(masked)  # statistics over real tokens only (module doc); False: the mask is ignored
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.warmup_steps, self.r_max_steps, self.d_max_steps = int(warmup_steps), int(r_max_steps), int(d_max_steps)
         self.register_buffer("renorm_step", torch.zeros((), dtype=torch.long))  # training forwards so far
@@ -99,9 +110,62 @@ class BatchRenorm(BatchNorm):
         return mean, var, x.numel() // x.shape[c_dim]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        keep = self._keep(x, mask) if self.masked and mask is not None else None
         if not self.training:
-            return super().forward(x, mask)  # BN with running statistics
+            y = super().forward(x, mask)  # BN with running statistics
+            return y if keep is None else torch.where(keep, y, 0.0)  # masked: pads output 0
+        if keep is not None:
+            return self._masked_train_forward(x, keep)
         return self._train_forward(x)
+
+    def _keep(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The mask as (N, T, 1) bool, checked against tokens (N, T, C)."""
+        if self.layout != "tokens" or x.dim() != 3 or mask.shape != x.shape[:2]:
+            raise ValueError(f"batch_renorm (masked): a mask (N, T) needs tokens (N, T, C) in the tokens layout; got "
+                             f"mask {tuple(mask.shape)} for input {tuple(x.shape)} in layout {self.layout!r}")
+        return mask.bool().unsqueeze(-1)
+
+    @_eager_under_compile  # as _train_forward
+    def _masked_train_forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Training forward with statistics over the real tokens only (``keep`` (N, T, 1)); composed autograd ops."""
+        acc = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        xf = torch.where(keep, x.to(acc), 0.0)  # where(), not *: a pad's inf/NaN must not leak (0 * inf = NaN)
+        keep_f = keep.to(acc)
+        if self.sync and sync_active():
+            mean, var, n = sync_moments(xf, 2, keep)  # real tokens of every rank
+        else:
+            n = keep_f.sum()
+            mean = xf.sum(dim=(0, 1)) / n.clamp(min=1)  # (C,)
+            xc0 = xf - mean * keep_f
+            var = (xc0 * xc0).sum(dim=(0, 1)) / n.clamp(min=1)
+        torch._assert_async(n != 1, "batch_renorm (masked) in training mode needs more than one real token per "
+                                    "channel to compute batch statistics; the batch holds exactly one")
+        std = torch.sqrt(var + self.eps)
+        with torch.no_grad():
+            r_max, d_max = self.limits()
+            running_std = torch.sqrt(self.running_var.to(acc) + self.eps)
+            r = (std / running_std).clamp(1.0 / r_max.to(acc), r_max.to(acc))
+            d = ((mean - self.running_mean.to(acc)) / running_std).clamp(-d_max.to(acc), d_max.to(acc))
+        y = (xf - mean) / std * r + d
+        if self.affine:
+            y = y * self.weight + self.bias
+        self._update_running_masked(mean.detach(), var.detach(), n.detach())
+        return torch.where(keep, y, 0.0).to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_masked(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
+        """``_update_running`` with the real-token count as a tensor (no host sync); n = 0 changes nothing."""
+        seen = n > 0
+        self.renorm_step.add_(seen.to(self.renorm_step.dtype))
+        self.num_batches_tracked.add_(seen.to(self.num_batches_tracked.dtype))
+        if self.momentum is None:
+            momentum = 1.0 / self.num_batches_tracked.clamp(min=1).to(mean.dtype)
+        else:
+            momentum = torch.full((), self.momentum, dtype=mean.dtype, device=mean.device)
+        momentum = torch.where(seen, momentum, 0.0)
+        unbiased = var * torch.where(n > 1, n / (n - 1).clamp(min=1), 1.0)
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum.to(self.running_mean.dtype))
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum.to(self.running_var.dtype))
 
     @_eager_under_compile  # see the module docstring (wrong compiled gradients)
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,7 +220,8 @@ class BatchRenorm(BatchNorm):
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}, warmup_steps="
-                f"{self.warmup_steps}, r_max_steps={self.r_max_steps}, d_max_steps={self.d_max_steps}")
+                f"{self.warmup_steps}, r_max_steps={self.r_max_steps}, d_max_steps={self.d_max_steps}"
+                + (", masked=True" if self.masked else ""))
 
 
 class _RenormFn(torch.autograd.Function):
