@@ -38,7 +38,8 @@ def test_start_postgres_script_and_three_workers_in_separate_sessions(tmp_path):
                              capture_output=True, text=True, timeout=180, env=env)
         assert out.returncode == 0, out.stderr
         url = out.stdout.strip().splitlines()[-1]
-        assert url == f"postgresql://postgres@127.0.0.1:{port}/optuna"
+        password = (data / "db.password").read_text().strip()  # generated, 0600 (scram-sha-256 authentication)
+        assert url == f"postgresql://postgres:{password}@127.0.0.1:{port}/optuna"
         again = subprocess.run(["bash", str(ROOT / "scripts" / "start_postgres.sh"), str(data / "db"), str(port)],
                                capture_output=True, text=True, timeout=180, env=env)
         assert again.returncode == 0 and again.stdout.strip() == url, again.stderr  # idempotent

@@ -444,3 +444,76 @@ def test_checkpoints_load_with_weights_only(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     loads = [w for f, w in calls if f.endswith("last.ckpt")]
     assert len(loads) >= 2 and all(w is True for w in loads), calls  # the pre-check and Lightning's restore
+
+
+# ------------------------------------------------------------------------------------------ 7. PostgreSQL script
+def _pg_script(data: Path, port: int, **env: str) -> subprocess.CompletedProcess:
+    import pg
+
+    return subprocess.run(["bash", str(ROOT / "scripts" / "start_postgres.sh"), str(data), str(port)],
+                          capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "NORMABLATE_PG_BIN": str(pg.pg_bin()), **env})
+
+
+def _pg_stop(data: Path) -> None:
+    import pg
+
+    ctl = [str(pg.pg_bin() / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]
+    if os.geteuid() == 0:
+        ctl = ["runuser", "-u", "postgres", "--", *ctl]
+    subprocess.run(ctl, capture_output=True, timeout=120)
+
+
+def _connects(url: str) -> bool:
+    import psycopg
+
+    try:
+        psycopg.connect(url, connect_timeout=10).close()
+        return True
+    except psycopg.OperationalError:
+        return False
+
+
+@pytest.mark.slow  # starts two PostgreSQL clusters (about 15 s)
+def test_start_postgres_needs_a_generated_password(tmp_path):
+    import tempfile
+
+    import pg
+    from test_multimachine import _free_port
+
+    reason = pg.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix="nb-pgpw-"))  # pytest's tmp dirs are private to root, not postgres
+    os.chmod(root, 0o755)
+    try:
+        port = _free_port()
+        r = _pg_script(root / "db", port)
+        assert r.returncode == 0, r.stderr
+        pwfile = root / "db.password"
+        password = pwfile.read_text().strip()
+        assert len(password) >= 32 and (pwfile.stat().st_mode & 0o777) == 0o600
+        assert pwfile.stat().st_uid == os.geteuid()
+        url = r.stdout.strip().splitlines()[-1]
+        assert url == f"postgresql://postgres:{password}@127.0.0.1:{port}/optuna"
+        hba = [ln.split() for ln in (root / "db" / "pg_hba.conf").read_text().splitlines()
+               if ln.strip() and not ln.lstrip().startswith("#")]
+        assert hba and all(ln[-1] == "scram-sha-256" for ln in hba), hba  # no trust line (local ones included)
+        assert _connects(url)
+        assert not _connects(f"postgresql://postgres@127.0.0.1:{port}/optuna")  # before: any local user, no password
+        assert not _connects(f"postgresql://postgres:wrong@127.0.0.1:{port}/optuna")
+        again = _pg_script(root / "db", port)
+        assert again.returncode == 0 and again.stdout.strip() == url, again.stderr  # same cluster, same password
+
+        port2 = _free_port()
+        r = _pg_script(root / "wide", port2, NORMABLATE_PG_ALLOW="10.99.0.0/16")
+        assert r.returncode == 0, r.stderr
+        lines = (root / "wide" / "pg_hba.conf").read_text().splitlines()
+        assert "host all all 10.99.0.0/16 scram-sha-256" in lines
+        assert not any(ln.split()[-1:] == ["trust"] for ln in lines if not ln.lstrip().startswith("#"))
+        password2 = (root / "wide.password").read_text().strip()
+        assert password2 != password and f"postgres:{password2}@" in r.stdout
+    finally:
+        _pg_stop(root / "db")
+        _pg_stop(root / "wide")
+        subprocess.run(["rm", "-rf", str(root)], timeout=60)
