@@ -193,3 +193,36 @@ def test_batchstat_probe_leaves_training_untouched(tmp_path, norm):
     b = torch.load(f"{on.run_dir}/last.ckpt", weights_only=False)
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+
+
+def test_report_table_from_histories(tmp_path):
+    """The report's batch-statistics table: layer mean of each run's step means, step CV, mean over seeds."""
+    import pandas as pd
+
+    from normablate.analysis.data import StudyData
+    from normablate.report import probes as rp
+
+    trials = pd.DataFrame({"trial": [0, 1, 2], "norm": ["masked_bn", "masked_bn", "ln"], "seed": [0, 1, 0],
+                           "diverged": [False, False, False], "state": ["complete"] * 3})
+
+    def hist(scale):  # two layers, steps 1 and 3
+        return {"probe/loss": [[1, 1.0], [3, 0.9]],
+                "probe/bstat_grad_mean/a": [[1, 1.0 * scale], [3, 3.0 * scale]],
+                "probe/bstat_grad_mean/b": [[1, 3.0 * scale], [3, 5.0 * scale]],
+                "probe/bstat_mean_dist/a": [[1, 0.2], [3, 0.4]]}
+
+    data = StudyData("s", "", None, trials, 3, histories={0: hist(1.0), 1: hist(2.0), 2: {"probe/loss": [[1, 1.0]]}},
+                     group_cols=["norm"])
+    sec = rp.section(data, tmp_path)
+    assert "Batch-statistics fluctuation" in sec.markdown and "Loss landscape" not in sec.markdown
+    t = sec.tables["probes_batchstats.csv"].set_index("norm")
+    # run 0: layer means 2 and 4 -> 3; run 1: 6; mean over seeds 4.5
+    assert t.loc["masked_bn", "grad_mean_mean"] == pytest.approx(4.5)
+    assert t.loc["masked_bn", "mean_dist_mean"] == pytest.approx(0.3)
+    # step series of the layer mean: [2, 4] (std 1.414.., mean 3) in both runs (scale cancels)
+    assert t.loc["masked_bn", "grad_mean_cv_mean"] == pytest.approx(2 ** 0.5 / 3)
+    assert math.isnan(t.loc["ln", "grad_mean_mean"])
+    per = sec.tables["probes_batchstats_per_run.csv"]
+    row = per[(per["trial"] == 1) & (per["layer"] == "b")].iloc[0]
+    assert row["grad_mean"] == pytest.approx(8.0)
+    assert rp.definitions(data) == [rp.BSTAT_DEFINITION]

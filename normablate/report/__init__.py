@@ -96,7 +96,7 @@ def write_report(study_name: str, storage: str | None = None, out_dir: str | Pat
                      f"numbers stated from {data.report_col.replace('_', ' ', 1).replace('_', '/', 1)} (test) "
                      f"unless a column says val/")
     definitions = [verdicts.DEFINITION, tables.DEFINITIONS, kind.definition] \
-        + ([probes.DEFINITION] if probe.markdown else [])
+        + (probes.definitions(data) if probe.markdown else [])
     lines += ["", "<details><summary>How the numbers are defined</summary>", "", "\n".join(d for d in definitions if d),
               "", "</details>", ""]
     if section.markdown:
