@@ -87,7 +87,7 @@ class BatchSize(StudyKind):
         from ..analysis.data import groups
         from ..analysis.tables import cell
 
-        metric = data.metric_col
+        metric = data.report_col  # test split where recorded (nothing is selected here)
         cols = [c for c in data.group_cols if c != "batch_size"]
         out = []
         for key, sub in groups(data.trials, cols):
@@ -108,8 +108,9 @@ class BatchSize(StudyKind):
         from ..analysis.tables import config_label
 
         df, spec = data.trials, data.spec
+        what = data.report_col.replace("_", " ", 1).replace("_", "/", 1)
         if not len(df):
-            return Comparison(f"{spec.metric_at} {spec.metric}", {}, spec.direction)
+            return Comparison(what, {}, spec.direction)
         smallest = min(int(b) for b in df["batch_size"])
         sub = df[df["batch_size"].astype(int) == smallest]
         cols = [c for c in data.group_cols if c != "batch_size"]
@@ -117,9 +118,8 @@ class BatchSize(StudyKind):
         for key, s in sub.groupby(cols, sort=False, dropna=False):
             key = key if isinstance(key, tuple) else (key,)
             ok = ok_rows(s)
-            values[config_label(key, cols)] = ok[data.metric_col].tolist() if data.metric_col in ok else []
-        return Comparison(f"{spec.metric_at} {spec.metric} at the smallest batch size ({smallest})", values,
-                          spec.direction)
+            values[config_label(key, cols)] = ok[data.report_col].tolist() if data.report_col in ok else []
+        return Comparison(f"{what} at the smallest batch size ({smallest})", values, spec.direction)
 
     def section(self, data, summ, out: Path) -> Section:
         from ..analysis.tables import conclusion, markdown_table
@@ -127,7 +127,8 @@ class BatchSize(StudyKind):
         spec, o = data.spec, data.spec.options
         bs = self.table(data)
         comp = self.comparison(data, summ)
-        md = (f"## Batch size ({spec.metric_at} {spec.metric}; LR rule {o['lr_scaling']}, base batch "
+        rep = data.report_col.replace("_", " ", 1).replace("_", "/", 1)
+        md = (f"## Batch size ({rep}; LR rule {o['lr_scaling']}, base batch "
               f"{o['base_batch_size']}, {budget_text(o['budget'])})\n\n" + markdown_table(bs) + "\n"
               + conclusion(comp.values, comp.direction, comp.what) + "\n")
         return Section(md, [("Batch size", self.plot(data, out))], {"batch_size.csv": bs} if len(bs) else {})
@@ -148,7 +149,8 @@ class BatchSize(StudyKind):
         fig, ax = plt.subplots(figsize=(7.2, 4.6))
         cols = [c for c in data.group_cols if c != "batch_size"]
         keys = list(dict.fromkeys(tuple(r[c] for c in cols) for _, r in df.iterrows()))
-        cmap = P.colors([config_label(k, cols) for k in keys])
+        look = P.styles([config_label(k, cols) for k in keys])
+        cmap = {n: st["color"] for n, st in look.items()}
         series = []
         for i, k in enumerate(keys):
             name = config_label(k, cols)
@@ -173,7 +175,8 @@ class BatchSize(StudyKind):
         if ch is not None and lo - 0.05 * (hi - lo) <= ch <= hi + 0.05 * (hi - lo):
             lo, hi = min(lo, ch - 0.02 * (hi - lo)), max(hi, ch)
         for name, xs, ys, es, dx in series:
-            P.errorbars(ax, xs, ys, es, cmap[name], name, bounds=(lo, hi), marker="o", lw=1.6)
+            P.errorbars(ax, xs, ys, es, cmap[name], name, bounds=(lo, hi), marker=look[name]["marker"], lw=1.6,
+                        ls=look[name]["ls"])
             if dx:
                 ax.plot(dx, [lo + 0.03 * (hi - lo)] * len(dx), "x", color=cmap[name], ms=10, mew=2.5)
         P.chance_line(ax, ch if ch is not None and lo <= ch <= hi else None)
@@ -186,8 +189,9 @@ class BatchSize(StudyKind):
         ax.set_xlabel("batch size (samples per step, log scale)")
         ax.set_ylabel(P.metric_label(spec.metric, spec.metric_at))
         o = spec.options
-        ax.set_title(f"{data.name}: metric vs batch size\nLR rule: {o.get('lr_scaling')} (base batch "
-                     f"{o.get('base_batch_size')}); budget: {budget_text(o.get('budget') or {'steps': 0})}")
+        P.suptitle(fig, P.figure_title(data, "metric vs batch size", f"LR rule: {o.get('lr_scaling')} (base batch "
+                                       f"{o.get('base_batch_size')}); budget: "
+                                       f"{budget_text(o.get('budget') or {'steps': 0})}; mean ± 95% CI over seeds"))
         ax.grid(alpha=0.3)
         ax.legend(title="norm", fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()

@@ -55,8 +55,12 @@ class Convergence(StudyKind):
         for _, r in summ.iterrows():
             row = {c: r[c] for c in data.group_cols}
             row["reached"] = f"{int(r.get('n_reached', 0) or 0)}/{int(r['n'])}"
-            for c in ("steps_to_target", "time_to_target", "train_loss_auc", data.metric_col):
-                row[c] = fmt_ci(r.get(f"{c}_mean", math.nan), r.get(f"{c}_ci95", math.nan))
+            # steps/time to target are measured on validation; the metric: test split first where recorded
+            for c in ("steps_to_target", "time_to_target", "train_loss_auc", *dict.fromkeys((data.report_col,
+                                                                                           data.metric_col))):
+                name = c if c in ("steps_to_target", "time_to_target", "train_loss_auc") else \
+                    c.replace("_", " ", 1).replace("_", "/", 1)
+                row[name] = fmt_ci(r.get(f"{c}_mean", math.nan), r.get(f"{c}_ci95", math.nan))
             rows.append(row)
         comp = self.comparison(data, summ)
         md = (f"## Convergence (target {t['metric']} {'>=' if t['metric'].endswith('acc') else '<='} "
