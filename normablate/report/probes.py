@@ -47,6 +47,15 @@ def layers_of(data: StudyData) -> list[str]:
 def section(data: StudyData, out: Path) -> Section:
     if not data.history_keys("probe/"):
         return Section()
+    bstats = batchstats_section(data)  # probes.batchstats: its own table (tables only, no figure)
+    if not data.history_keys("probe/loss_range") and not layers_of(data):
+        return bstats  # batch statistics probed alone (probes.landscape and probes.ics off)
+    sec = _landscape_section(data, out)
+    return Section(sec.markdown + ("\n" + bstats.markdown if bstats.markdown else ""), sec.figures,
+                   {**sec.tables, **bstats.tables})
+
+
+def _landscape_section(data: StudyData, out: Path) -> Section:
     import pandas as pd
 
     from ..analysis.tables import conclusion, markdown_table
@@ -209,3 +218,101 @@ def ics_figure(data: StudyData, out: Path, layers: list[str], max_layers: int = 
                     f"line: mean over seeds, band: seed range; cos = 1: no shift", fontsize=10)
     fig.tight_layout()
     return P.save(fig, out / "probe_ics.png")
+
+
+# ------------------------------------------------------------------------------------------ batch statistics
+BSTAT_COLUMNS = [("mean_dist", "|μ_B − μ| / σ"), ("var_dist", "|σ²_B − σ²| / σ²"), ("grad_mean", "‖∂L/∂μ_B‖"),
+                 ("grad_var", "‖∂L/∂σ²_B‖"), ("grad_mean_cv", "‖∂L/∂μ_B‖ step CV"),
+                 ("grad_var_cv", "‖∂L/∂σ²_B‖ step CV")]
+
+BSTAT_DEFINITION = """\
+* Batch statistics (runs with ``probes.batchstats``; Shen et al. 2020, Figs. 2-3; every ``probes.every`` steps on
+  the training batch, training unchanged), per BN-family layer: |μ_B − μ| / σ and |σ²_B − σ²| / σ² = the batch
+  mean's and variance's distance from the running ones (mean over channels; masked_bn: real tokens only;
+  powernorm: its quadratic mean ψ²_B against the running ψ², no mean statistic); ‖∂L/∂μ_B‖, ‖∂L/∂σ²_B‖ = the
+  gradient norms of the loss w.r.t. the batch statistics (powernorm: ∂L/∂ψ²_B, 0 after its warm-up, when its
+  forward uses the running ψ). Each run: the layer mean of each layer's mean over probed steps; *step CV* = the
+  standard deviation over probed steps of the layer-mean gradient norm divided by its mean (how much it
+  fluctuates from step to step). Table: mean ± 95% CI over seeds."""
+
+
+def definitions(data: StudyData) -> list[str]:
+    """The definitions of what the runs probed: landscape/ICS, batch statistics, or both."""
+    out = [DEFINITION] if data.history_keys("probe/loss_range") or layers_of(data) else []
+    return out + ([BSTAT_DEFINITION] if data.history_keys("probe/bstat_") else [])
+
+
+def _bstat_series(hist: dict, measure: str) -> dict[int, float]:
+    """Step -> the mean over layers of ``probe/bstat_<measure>/<layer>`` at that step."""
+    per_step: dict[int, list[float]] = {}
+    for k, pts in hist.items():
+        if k.startswith(f"probe/bstat_{measure}/"):
+            for step, v in pts:
+                if v is not None and math.isfinite(v):
+                    per_step.setdefault(int(step), []).append(float(v))
+    return {s: sum(v) / len(v) for s, v in sorted(per_step.items())}
+
+
+def _bstat_run(hist: dict) -> dict[str, float]:
+    out = {}
+    for key in ("mean_dist", "var_dist", "grad_mean", "grad_var"):
+        layers = [k for k in hist if k.startswith(f"probe/bstat_{key}/")]
+        out[key] = float(np.mean([_run_mean(hist, k) for k in layers])) if layers else math.nan
+    for key in ("grad_mean", "grad_var"):
+        vals = list(_bstat_series(hist, key).values())
+        m = float(np.mean(vals)) if vals else math.nan
+        out[f"{key}_cv"] = float(np.std(vals, ddof=1)) / m if len(vals) > 1 and m > 0 else math.nan
+    return out
+
+
+def batchstats_section(data: StudyData) -> Section:
+    """The batch-statistics table (``probes_batchstats.csv``) and each run's numbers, per layer too
+    (``probes_batchstats_per_run.csv``); empty when no run probed batch statistics."""
+    if not data.history_keys("probe/bstat_"):
+        return Section()
+    import pandas as pd
+
+    from ..analysis.stats import fmt_ci, mean_ci
+    from ..analysis.tables import markdown_table
+
+    df = data.trials
+    ok = (~df["diverged"].astype(bool)) & (df["state"] == "complete")
+    per_run = [_bstat_run(data.histories.get(i, {})) for i in range(len(df))]
+    cols = data.group_cols
+    rows, numeric = [], []
+    for key, sub in df.groupby(cols, sort=False, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        idx = [i for i in sub.index if ok.iloc[i]]
+        row = {**dict(zip(cols, key)), "n": len(idx)}
+        num = dict(row)
+        for c, name in BSTAT_COLUMNS:
+            m, ci, _ = mean_ci([per_run[i][c] for i in idx])
+            row[name] = fmt_ci(m, ci)
+            num[f"{c}_mean"], num[f"{c}_ci95"] = m, ci
+        rows.append(row)
+        numeric.append(num)
+    layer_keys = data.history_keys("probe/bstat_")
+    runs = []
+    for i in range(len(df)):
+        if not ok.iloc[i]:
+            continue
+        hist = data.histories.get(i, {})
+        base = {"trial": df["trial"].iloc[i], **{c: df[c].iloc[i] for c in cols}}
+        if "seed" in df and "seed" not in cols:
+            base["seed"] = df["seed"].iloc[i]
+        runs.append({**base, "layer": "(layer mean)", **per_run[i]})
+        for k in layer_keys:  # probe/bstat_<measure>/<layer>
+            if k in hist:
+                measure, layer = k[len("probe/bstat_"):].split("/", 1)
+                runs.append({**base, "layer": layer, measure: _run_mean(hist, k)})
+    per_layer = pd.DataFrame(runs)
+    if len(per_layer):  # one row per (run, layer)
+        keys = [c for c in per_layer.columns if c not in {m for m, _ in BSTAT_COLUMNS}]
+        per_layer = per_layer.groupby(keys, sort=False, dropna=False).first().reset_index()
+    md = ("## Batch-statistics fluctuation (probes, Shen et al. 2020)\n\n" + markdown_table(pd.DataFrame(rows))
+          + "\nLarger distances and gradient norms mean batch statistics that fluctuate more (their claim: BN on "
+          "text, more than on images; PowerNorm's forward uses running statistics instead). Norms without batch "
+          "statistics (ln, rms, dyt, none) have no row values. Numbers: `probes_batchstats.csv` (this table), "
+          "`probes_batchstats_per_run.csv` (each run, layer mean and per layer).\n")
+    return Section(md, [], {"probes_batchstats.csv": pd.DataFrame(numeric),
+                            "probes_batchstats_per_run.csv": per_layer})
