@@ -293,3 +293,23 @@ def test_changed_hypothesis_refused_for_an_existing_study(tmp_path):
     assert md.index("## Verdicts") < md.index("**Headline:** (exploratory)")
     (line,) = verdict_lines(out)
     assert re.match(r"verdict h: (SUPPORTED|CONTRADICTED|INCONCLUSIVE) \(superiority, alpha 0\.05\): A − B = ", line)
+
+
+def test_lr_width_ratio_with_seed_bootstrap_ci():
+    from normablate import studies
+    from normablate.studies.lr_sensitivity import width_ratios
+
+    grid = {"seed": [0, 1, 2, 3], "optim.lr": [0.01, 0.1, 1.0], "model.norm": ["bn", "none"]}
+    spec = load_spec(spec_dict(None, grid=grid, tolerance=0.05))
+    means = {("bn", 0.01): 0.80, ("bn", 0.1): 0.82, ("bn", 1.0): 0.79,  # bn: all three usable: 2 decades
+             ("none", 0.01): 0.60, ("none", 0.1): 0.45, ("none", 1.0): 0.40}  # none: its best LR alone
+    data = study(spec, means, sd=0.002, val_shift=0.01)
+    table = studies.get("lr_sensitivity").table(data)
+    assert table.set_index("norm")["width_decades"].to_dict() == pytest.approx({"bn": 2.0, "none": 0.0})
+    (r,) = width_ratios(data, table).to_dict("records")
+    assert (r["widest"], r["other"], r["ratio"], r["difference_decades"]) == ("bn", "none", math.inf, 2.0)
+    assert r["difference_95ci"] == "[2, 2]" and r["ratio_95ci"] == "[inf, inf]"
+    # a seed that diverged at bn's 1.0 cuts bn's range in the resamples that draw it: the CI shows it
+    data = study(spec, means, sd=0.002, diverged={("bn", 1.0, 0)})
+    (r,) = width_ratios(data, studies.get("lr_sensitivity").table(data)).to_dict("records")
+    assert r["difference_decades"] == 1.0 and r["difference_95ci"] == "[1, 2]"
