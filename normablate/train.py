@@ -37,6 +37,7 @@ from .precise_bn import PreciseBN
 from .probes.callback import summarize as summarize_probes
 from .result import RunResult
 from .runfolder import RunIdentity, check_checkpoint, check_writable, default_run_name, run_dir_of  # noqa: F401
+from .progress import plain_progress
 from .tblog import final_metrics, log_final, log_hparams, make_loggers, tensorboard_of
 
 log = logging.getLogger(__name__)
@@ -310,12 +311,15 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
         # last.ckpt must record this validation's best
         best_weights = BestWeights(run_dir, t.select_metric or default_select_metric(cfg.task))
         cbs = [best_weights, monitor, RunIdentity(cfg), *([probe] if probe else []), *(callbacks or [])]
-        if t.progress:
+        tty = sys.stdout.isatty()  # trainer.progress: a refreshed bar on a terminal, else a plain line every 30 s
+        if t.progress and tty:  # or tenth of the run (progress.py), never carriage-return frames in a log
             cbs.append(StepProgressBar(t.max_steps))
+        elif t.progress and is_zero:
+            cbs.append(plain_progress(cfg.run, "val/acc" if cfg.task == "classification" else "val/ppl"))
         trainer = _make_trainer(
             max_steps=t.max_steps, val_check_interval=t.val_every, check_val_every_n_epoch=None,
             limit_val_batches=t.val_batches if t.val_batches is not None else 1.0, num_sanity_val_steps=0,
-            logger=loggers or False, callbacks=cbs, enable_checkpointing=False, enable_progress_bar=t.progress,
+            logger=loggers or False, callbacks=cbs, enable_checkpointing=False, enable_progress_bar=t.progress and tty,
             enable_model_summary=False, deterministic=t.deterministic, accelerator=t.accelerator,
             devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
             use_distributed_sampler=False,  # the data module gives each rank its slice (data/common.py)

@@ -98,8 +98,8 @@ class ProbeCallback(L.Callback):
         values = self.measure(pl_module, batch, pre)
         for k, v in values.items():
             self.history.setdefault(k, []).append([step, v])
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(values, step=step)
+        for logger in trainer.loggers:  # (every one of trainer.loggers, as self.log does)
+            logger.log_metrics(values, step=step)
 
     # ------------------------------------------------------------------ the measurement
     def measure(self, pl_module, batch, pre: dict[str, Any]) -> dict[str, float]:

@@ -94,7 +94,7 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
                 if (v >= t.target_value) if t.target_metric.endswith("acc") else (v <= t.target_value):
                     steps_to_target, time_to_target = step, time.perf_counter() - t0
             fake = SimpleNamespace(callback_metrics=metrics, global_step=step, sanity_checking=False,
-                                   callbacks=[monitor])
+                                   callbacks=[monitor], max_steps=t.max_steps)
             for cb in callbacks or []:
                 cb.on_validation_end(fake, None)
             ckpt.write_text(json.dumps({"step": step, "history": history}))

@@ -92,12 +92,18 @@ class Sweep(QueueMixin, ReaperMixin, TrialMixin):
         self.done_at_start = 0
         self._rr = 0
         self.studies: list[tuple[optuna.Study, Point | None]] = []
+        # live progress (normablate/progress.py): where this process's log lines and its trials' progress events go
+        # (a Board in the sweep command, or a queue to it from a worker process); None: plain prints only
+        self.board: Any = None
 
     # ------------------------------------------------------------------ set-up
     def log(self, msg: str) -> None:
         if self.verbose:
             prefix = f"[{self.spec.study_name}{'/' + self.worker if self.worker else ''}]"
-            print(f"{prefix} {msg}", flush=True)
+            if self.board is not None:
+                self.board.update({"log": f"{prefix} {msg}"})
+            else:
+                print(f"{prefix} {msg}", flush=True)
 
     def progress(self, last: str = "") -> None:
         c = self.counts()
@@ -106,6 +112,15 @@ class Sweep(QueueMixin, ReaperMixin, TrialMixin):
         eta = (c.total - c.done) / rate if rate > 0 else None
         self.log(f"{c.line()} | elapsed {fmt_time(elapsed)} | ETA {fmt_time(eta) if c.done < c.total else '0:00'}"
                  + (f" | {last}" if last else ""))
+        self.tell_board(c, eta)
+
+    def tell_board(self, c: Counts, eta: float | None) -> None:
+        """The study's line of the live progress board: done/total, ETA (progress.Board refines it from the running
+        trials' own ETAs)."""
+        if self.board is not None and self.verbose:
+            self.board.update({"study": f"[{self.spec.study_name}] {c.done}/{c.total} trials done, {c.running} "
+                                        f"running", "remaining": c.total - c.done, "eta": eta,
+                               "done_since_start": c.done - self.done_at_start})
 
     def work(self, poll: float | None = None) -> int:
         """Claim and run trials until none is waiting or running. Returns 0, or 130 if interrupted.
@@ -140,6 +155,8 @@ class Sweep(QueueMixin, ReaperMixin, TrialMixin):
                 continue
             waiting_msg = False
             last = self.run_slot(slot, trainer_fn)
+            if self.board is not None:  # this worker's live line goes until its next trial starts
+                self.board.update({"worker": self.worker or "w0", "done": True})
             self.progress(last)
         if STOP.signum is not None and not self.interrupted:
             self.log(f"stopped by signal {STOP.signum}; run the same command again to continue")
@@ -182,14 +199,24 @@ def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, s
             sweep.log(line)
     code = 0
     STOP.signum = None
+    if verbose:  # live progress (progress.py): a line per worker's trial and the study's, refreshed on a terminal
+        from ..progress import Board
+
+        sweep.board = Board()
+        sweep.tell_board(c, None)
     with stop_on_signals():
-        if workers == 1:
-            try:
-                code = sweep.work()
-            except (KeyboardInterrupt, SystemExit):
-                code = 130
-        else:
-            code = run_workers(spec, sweep, runtime, workers)
+        try:
+            if workers == 1:
+                try:
+                    code = sweep.work()
+                except (KeyboardInterrupt, SystemExit):
+                    code = 130
+            else:
+                code = run_workers(spec, sweep, runtime, workers)
+        finally:
+            if sweep.board is not None:
+                sweep.board.close()
+                sweep.board = None
     counts = sweep.counts()
     if code == 0 and (counts.failed or counts.done < counts.total):
         code = 1  # the exit status is the study's: 0 only when every point is done

@@ -12,6 +12,7 @@ import ctypes
 import gc
 import multiprocessing as mp
 import os
+import queue
 import signal
 import sys
 import threading
@@ -96,8 +97,22 @@ def stop_on_signals():
             signal.signal(s, h)
 
 
+class QueueSink:
+    """A worker's progress board: its log lines and its trial's progress events go to the sweep command's ``Board``
+    (normablate/progress.py) through a queue. Progress only: what is still queued when the worker exits may be
+    dropped (the queue's feeder thread is not waited for)."""
+
+    def __init__(self, queue) -> None:
+        self.queue = queue
+        queue.cancel_join_thread()
+
+    def update(self, event: dict) -> None:
+        with contextlib.suppress(Exception):
+            self.queue.put_nowait(event)
+
+
 def worker_main(spec: "SweepSpec", url: str, runtime: dict, name: str, t0: float, done_at_start: int,
-                 parent: int) -> None:
+                parent: int, progress=None) -> None:
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before prctl took effect
         sys.exit(1)
@@ -109,6 +124,8 @@ def worker_main(spec: "SweepSpec", url: str, runtime: dict, name: str, t0: float
     with stop_on_signals():
         try:
             sweep = Sweep(spec, url, runtime=runtime, worker=name)
+            if progress is not None:
+                sweep.board = QueueSink(progress)
             sweep.setup(create=False)
             sweep.t0, sweep.done_at_start = t0, done_at_start
             code = sweep.work()
@@ -146,12 +163,21 @@ def run_workers(spec: "SweepSpec", sweep: "Sweep", runtime: dict, workers: int,
     kept dying beyond that budget, else 0: whether every point is done is the study's to say (``run_sweep``)."""
     ctx = mp.get_context("spawn")
     budget = 2 * workers if max_restarts is None else max_restarts
+    progress = ctx.Queue() if sweep.board is not None else None  # the workers' log lines and progress events
 
     def start(name: str):
         p = ctx.Process(target=worker_main, name=name,
-                        args=(spec, sweep.url, runtime, name, sweep.t0, sweep.done_at_start, os.getpid()))
+                        args=(spec, sweep.url, runtime, name, sweep.t0, sweep.done_at_start, os.getpid(), progress))
         p.start()
         return p
+
+    def drain() -> None:
+        while progress is not None:
+            try:
+                event = progress.get_nowait()
+            except (queue.Empty, OSError, EOFError, ValueError):
+                return
+            sweep.board.update(event)
 
     procs = {f"w{i}": start(f"w{i}") for i in range(workers)}
     forwarded = False
@@ -165,6 +191,7 @@ def run_workers(spec: "SweepSpec", sweep: "Sweep", runtime: dict, workers: int,
                 forwarded = True
             for name, p in list(procs.items()):
                 p.join(timeout=0.5)
+                drain()
                 code = p.exitcode
                 if code is None or code in (0, 130, REFUSED, -signal.SIGTERM, -signal.SIGINT) \
                         or STOP.signum is not None:
@@ -185,6 +212,7 @@ def run_workers(spec: "SweepSpec", sweep: "Sweep", runtime: dict, workers: int,
         for p in procs.values():
             p.join(timeout=60)
         return 130
+    drain()
     codes = [p.exitcode for p in procs.values()]
     if STOP.signum is not None or any(c in (130, -signal.SIGTERM, -signal.SIGINT) for c in codes):
         return 130

@@ -143,6 +143,11 @@ class TrialMixin:
 
             pruning = OptunaPruning(trial, spec.metric, prune=prune)
             callbacks = [pruning]
+            if getattr(self, "board", None) is not None:  # live progress: step/total, metric, ETA (progress.py)
+                from ..progress import step_reporter
+
+                callbacks.append(step_reporter(self.board.update, spec.metric, worker=self.worker or "w0",
+                                               trial=trial.number, label=label))
         t_start = time.time()
         with Heartbeat(self.storage, trial._trial_id, float(spec.heartbeat["interval"])):
             try:
