@@ -235,6 +235,10 @@ def test_lost_database_server_is_one_line_naming_it(tmp_path, capsys, monkeypatc
     line = one_line(err)
     assert "postgresql://nb:***@127.0.0.1:9/nb" in line and "secret" not in line, line
     assert "check that the server is running" in line
+    from normablate.sweep.storage import display_url  # (what sweep logs, errors and summary.md show)
+
+    assert display_url("postgresql://u:pw@h:5/db") == "postgresql://u:***@h:5/db"
+    assert display_url("journal:x.log") == "journal:x.log"
 
 
 # ------------------------------------------------------------------------------------------ 3. report files

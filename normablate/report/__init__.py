@@ -14,6 +14,7 @@ import datetime as dt
 from pathlib import Path
 
 from .. import studies
+from ..sweep.storage import display_url
 from . import outdir
 from ..analysis.data import StudyData
 from .data import load
@@ -82,7 +83,7 @@ def write_report(study_name: str, storage: str | None = None, out_dir: str | Pat
         + (f" — {spec.description}" if spec.description else ""),
         f"- trials counted: {len(data.trials)} of {data.total}; up to {n_seeds} "
         + ("seed(s) per configuration" if kind.seeds_are_replicates else "trials per group"),
-        f"- storage: `{data.storage}`; runs (TensorBoard): `{Path(spec.log_dir) / study_name}/`",
+        f"- storage: `{display_url(data.storage)}`; runs (TensorBoard): `{Path(spec.log_dir) / study_name}/`",
         f"- cost: {cost_line(data.trials)}",
         f"- written {dt.datetime.now().isoformat(timespec='seconds')}",
     ]

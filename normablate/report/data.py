@@ -18,7 +18,7 @@ from ..analysis.data import MEASURES, StudyData, col
 from ..errors import ConfigError
 from ..sweep.queue import read_meta
 from ..sweep.spec import SweepSpec, norm_label, value_label
-from ..sweep.storage import NoStorage, normalize_url, open_storage, retry
+from ..sweep.storage import NoStorage, display_url, normalize_url, open_storage, retry
 
 SCALAR = (int, float, str, bool)
 
@@ -34,10 +34,12 @@ def load(study_name: str, storage: str | None = None) -> StudyData:
     except KeyError:
         names = optuna.get_all_study_names(st)
         tops = sorted(n for n in names if "/" not in n)
-        raise ConfigError(f"no study {study_name!r} in {url}; studies there: {', '.join(tops) or 'none'}") from None
+        raise ConfigError(f"no study {study_name!r} in {display_url(url)}; studies there: "
+                          f"{', '.join(tops) or 'none'}") from None
     meta = read_meta(st, main)  # (the spec: a system attribute; older studies: the user attribute)
     if meta is None:
-        raise ConfigError(f"study {study_name!r} in {url} was not made by `normablate sweep` (no spec attribute)")
+        raise ConfigError(f"study {study_name!r} in {display_url(url)} was not made by `normablate sweep` (no spec "
+                          f"attribute)")
     spec = SweepSpec.from_json(meta["spec"])
     kind = studies.get(spec.kind)
     notes: list[str] = []

@@ -35,7 +35,7 @@ from optuna.trial import TrialState
 from ..errors import ConfigError
 from .liveness import HOST
 from .spec import Point, make_pruner
-from .storage import retry
+from .storage import display_url, retry
 
 ATTR = "normablate"  # study user attr: compact {"kind", "metric", "direction", "total", "fingerprint"}
 SPEC_ATTR = "normablate:spec"  # study system attr: {"spec", "fingerprint", "total", "groups", "kind"}
@@ -134,7 +134,7 @@ class QueueMixin:
             if run_root.exists() and any(p.is_dir() and _is_sweep_run(p.name) for p in run_root.iterdir()):
                 # trial runs of a sweep whose study is gone (plain `normablate train` runs there are no obstacle)
                 raise ConfigError(f"{str(run_root)!r} already holds runs of an earlier sweep named "
-                                  f"{spec.study_name!r} (its study is not in {self.url}); delete that folder or "
+                                  f"{spec.study_name!r} (its study is not in {display_url(self.url)}); delete that folder or "
                                   f"choose another --study-name")
             try:
                 main = retry(lambda: optuna.create_study(study_name=spec.study_name, storage=self.storage,
@@ -144,7 +144,7 @@ class QueueMixin:
                 pass
         if created:
             write_meta(self.storage, main, meta)
-            self.log(f"new study in {self.url}: {spec.kind}, {spec.total} trials")
+            self.log(f"new study in {display_url(self.url)}: {spec.kind}, {spec.total} trials")
             for name in meta["groups"]:
                 retry(lambda n=name: optuna.create_study(study_name=n, storage=self.storage, direction=spec.direction,
                                                          load_if_exists=True))
@@ -177,20 +177,20 @@ class QueueMixin:
         try:
             main = retry(lambda: optuna.load_study(study_name=spec.study_name, storage=self.storage))
         except KeyError:
-            raise ConfigError(f"no study {spec.study_name!r} in {self.url}") from None
+            raise ConfigError(f"no study {spec.study_name!r} in {display_url(self.url)}") from None
         deadline = time.time() + 10  # its creator writes the spec right after creating it
         while ATTR not in main.user_attrs and time.time() < deadline:
             time.sleep(0.5)
             main = retry(lambda: optuna.load_study(study_name=spec.study_name, storage=self.storage))
         old = read_meta(self.storage, main)
         if old is None:
-            raise ConfigError(f"study {spec.study_name!r} in {self.url} was not made by `normablate sweep` (no spec "
+            raise ConfigError(f"study {spec.study_name!r} in {display_url(self.url)} was not made by `normablate sweep` (no spec "
                               f"attribute); choose another --study-name, or delete it: optuna delete-study "
-                              f"--study-name {spec.study_name} --storage {self.url}")
+                              f"--study-name {spec.study_name} --storage {display_url(self.url)}")
         deadline = time.time() + timeout
         if old["fingerprint"] != meta["fingerprint"] and old["spec"].get("hypotheses") \
                 and adds_seeds(old["spec"], meta["spec"]):
-            raise ConfigError(f"study {spec.study_name!r} in {self.url} has pre-registered hypotheses: adding seeds "
+            raise ConfigError(f"study {spec.study_name!r} in {display_url(self.url)} has pre-registered hypotheses: adding seeds "
                               f"after results exist is optional stopping, which the verdicts' error rates do not "
                               f"allow for; pass --study-name NEW to run the larger study from scratch")
         if old["fingerprint"] != meta["fingerprint"] and not self.kind.grouped \
@@ -205,7 +205,7 @@ class QueueMixin:
             diff = _spec_diff(old["spec"], meta["spec"])
             why = ("; its hypotheses were fixed before its first trial, and a changed hypothesis is a new study"
                    if any(d.startswith("hypotheses") for d in diff) else "")
-            raise ConfigError(f"study {spec.study_name!r} in {self.url} was started from a different sweep spec "
+            raise ConfigError(f"study {spec.study_name!r} in {display_url(self.url)} was started from a different sweep spec "
                               f"(differs in: {', '.join(diff) or '?'}){why}; re-run with the original spec, or pass "
                               f"--study-name NEW to start a new study")
         while not main.user_attrs.get(READY) and time.time() < deadline:  # its creator is still enqueueing
