@@ -144,7 +144,10 @@ class Search(StudyKind):
                     best = r
             row: dict[str, Any] = {"group": g, "n": len(sub), "n_diverged": int(sub["diverged"].astype(bool).sum()),
                                    "n_pruned": int((sub["state"] == "pruned").sum())}
-            row["best_value"] = best["value"] if best is not None else None
+            row["best_value"] = best["value"] if best is not None else None  # the objective: validation
+            if data.reports_test:  # the chosen trial's test-split number (never used to choose)
+                rep = best.get(data.report_col) if best is not None else None
+                row["best_" + data.report_col] = rep if rep is not None and math.isfinite(rep) else None
             row["best_trial"] = int(best["trial"]) if best is not None else None
             for c in [c for c in df.columns if c.startswith("param_")]:
                 row[c[len("param_"):]] = best[c] if best is not None else None
@@ -156,15 +159,20 @@ class Search(StudyKind):
         """Each group's best trial (one value each: a search's trials are different hyperparameters, not seeds,
         so there is no CI of the best; the headline says so)."""
         sb = self.table(data)
-        values = {r["group"]: ([r["best_value"]] if r["best_value"] is not None else []) for _, r in sb.iterrows()}
-        return Comparison(f"{data.spec.metric_at} {data.spec.metric} of its best trial", values, data.spec.direction)
+        c = "best_" + data.report_col if data.reports_test else "best_value"
+        values = {r["group"]: ([r[c]] if r[c] is not None and r[c] == r[c] else []) for _, r in sb.iterrows()}
+        what = data.report_col.replace("_", " ", 1).replace("_", "/", 1)
+        return Comparison(f"{what} of its best trial (chosen on {data.spec.metric_at} {data.spec.metric})", values,
+                          data.spec.direction)
 
     def section(self, data, summ, out: Path) -> Section:
         from ..analysis.tables import markdown_table
 
         spec = data.spec
         sb = self.table(data)
-        md = (f"## Best hyperparameters per group ({spec.metric_at} {spec.metric}, {spec.direction})\n\n"
+        md = (f"## Best hyperparameters per group (chosen on {spec.metric_at} {spec.metric}, {spec.direction}"
+              + (f"; best_{data.report_col}: the chosen trial on the test split" if data.reports_test else "")
+              + ")\n\n"
               + markdown_table(sb) + "\n**Conclusion:** each group's best trial is one run of one hyperparameter "
               "setting, so these values carry no CI; re-run the best settings over seeds (a grid study) to test "
               "whether the groups differ.\n")
@@ -181,7 +189,8 @@ class Search(StudyKind):
             return None
         fig, ax = plt.subplots(figsize=(7.2, 4.4))
         groups = list(dict.fromkeys(df["group"]))
-        cmap = P.colors(groups)
+        look = P.styles(groups)
+        cmap = {g: st["color"] for g, st in look.items()}
         sign = 1 if spec.direction == "maximize" else -1
         for g in groups:
             sub = df[(df["group"] == g) & (df["state"] == "complete")].sort_values("trial")
@@ -192,7 +201,8 @@ class Search(StudyKind):
                     run = max(run, sign * v)
                 best.append(sign * run if math.isfinite(run) else math.nan)
             ax.plot(sub["trial"], vals, "o", color=cmap[g], alpha=0.4, ms=4)
-            ax.step(sub["trial"], best, where="post", color=cmap[g], lw=1.8, label=f"{g} (best so far)")
+            ax.step(sub["trial"], best, where="post", color=cmap[g], lw=1.8, ls=look[g]["ls"],
+                    label=f"{g} (best so far, {len(sub)} trials)")
         ch = P.chance(data, spec.metric)
         ys = [v for v in df["value"] if v is not None and math.isfinite(v)]
         if ch is not None and ys and min(ys) - (max(ys) - min(ys)) <= ch <= max(ys):  # near the data: worth a line
@@ -200,7 +210,8 @@ class Search(StudyKind):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("trial number (within the group's study)")
         ax.set_ylabel(P.metric_label(spec.metric, spec.metric_at))
-        ax.set_title(f"{data.name}: search progress per group (dots: trials; diverged not shown)")
+        P.suptitle(fig, f"{P.headline(data)} — search progress per group\ndots: trials (diverged not shown), "
+                        f"line: best so far; n per group in the legend (one seed per trial)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
