@@ -121,6 +121,25 @@ def test_malformed_storage_is_refused(tmp_path, capsys, storage, message):
     assert len(err.strip().splitlines()) == 1, err
 
 
+ALIAS_BOMB = "[&l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1], " + ", ".join(
+    f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 30)) + "]"  # 10**30 values once expanded
+
+
+@pytest.mark.parametrize("argv,message", [  # issue 25's hostile inputs: refused at once, nothing created
+    (["train", f"model.width={ALIAS_BOMB}", "--print-config"], r"aliases expand to more than"),
+    (["sweep", "--config", str(ROOT / "configs/sweeps/quick.yaml"), "--workers", "100000", "--dry-run"],
+     r"--workers 100000 is more than this machine can run at once: \d+ usable CPU core"),
+    (["report", "--study", "nonexistent"], r"no study 'nonexistent': no database .*optuna\.db'?, so no studies there"),
+    (["report", "--study", "x", "--storage", "journal:{tmp}/missing.log"], r"no journal .*missing\.log"),
+])
+def test_hostile_inputs_of_issue_25_are_one_line_and_create_nothing(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(capsys, *(a.replace("{tmp}", str(tmp_path)) for a in argv))
+    assert code == 2 and re.search(message, err), err
+    assert len(err.strip().splitlines()) == 1 and "unexpected" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unexpected_errors_are_one_line_unless_debugging(tmp_path, capsys, monkeypatch):
     import normablate.cli as cli
 

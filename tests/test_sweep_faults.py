@@ -127,3 +127,31 @@ def test_transient_storage_errors_are_told_from_logical_ones():
     assert not transient(dup)
     assert not transient(wrapped(dup, optuna.exceptions.StorageInternalError("An exception is raised")))
     assert not transient(ValueError("bad value"))
+    from sqlalchemy.exc import DatabaseError
+
+    full = OperationalError("INSERT", {}, Exception("database or disk is full"))  # waiting does not free the disk
+    assert not transient(full) and not transient(wrapped(full, optuna.exceptions.StorageInternalError("commit")))
+    assert not transient(DatabaseError("SELECT", {}, Exception("file is not a database")))
+    assert not transient(OSError(28, "No space left on device"))
+
+
+@pytest.mark.slow  # three small sweeps and a report (about 25 s on a busy 2-core machine)
+def test_torn_journal_of_a_finished_sweep_is_repaired_and_the_sweep_and_report_go_on(tmp_path, capsys):
+    """Issue 25's reproduction: a journal whose last 40 bytes are gone (a crash or a full disk mid-append). Before,
+    the re-run appended after the torn bytes and every later `sweep` and `report` failed for good."""
+    from normablate.cli import main
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(make_spec(tmp_path, grid={"model.norm": ["bn", "ln"], "optim.lr": [0.1, 1.0]})))
+    journal = tmp_path / "j.log"
+    assert main(["sweep", "-c", str(spec), "--storage", f"journal:{journal}", "--no-report"]) == 0
+    os.truncate(journal, journal.stat().st_size - 40)
+    capsys.readouterr()
+    assert main(["sweep", "-c", str(spec), "--storage", f"journal:{journal}", "--no-report"]) == 0
+    err = capsys.readouterr().err
+    assert f"journal {str(journal)!r}: dropped" in err and list(tmp_path.glob("j.log.bak-*")), err
+    assert main(["sweep", "-c", str(spec), "--storage", f"journal:{journal}", "--no-report"]) == 0  # readable now
+    assert "dropped" not in capsys.readouterr().err
+    one_complete_per_point(trials_of(f"journal:{journal}"), 4)
+    assert main(["report", "--study", "t", "--storage", f"journal:{journal}", "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "summary.md").exists() and "Headline" in (tmp_path / "rep" / "summary.md").read_text()
