@@ -228,7 +228,8 @@ def compare(old: dict, new: dict) -> Diff:
         if key in FREE_KEYS:
             diff.allowed[key] = (va, vb)
         elif key in BUDGET_KEYS:
-            if vb is None or va is None:  # max_steps null: the budget is in max_epochs (compared itself)
+            if vb is None or va is None:  # a budget in epochs given for one in steps, or back: recorded
+                diff.allowed[key] = (va, vb)
                 continue
             (diff.allowed if isinstance(va, int) and isinstance(vb, int) and vb > va else diff.refused)[key] = (va, vb)
         else:
@@ -258,11 +259,12 @@ class RunFolder:
     identity: str = ""  # "checked" | "unchecked (...)" when resuming
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # allowed differences, old -> new
     threads: dict[str, Any] = field(default_factory=dict)  # the thread record of a resume
+    unknown: list[str] = field(default_factory=list)  # stored keys this code no longer has (not compared)
 
     def resume_record(self) -> dict[str, Any]:
         return {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "step": self.step,
                 "identity": self.identity, "changed": {k: [o, n] for k, (o, n) in self.changes.items()},
-                "threads": self.threads}
+                "threads": self.threads, **({"unknown_keys": self.unknown} if self.unknown else {})}
 
 
 def prepare(cfg: RunConfig, resume: bool, is_zero: bool = True) -> RunFolder:
@@ -308,7 +310,7 @@ def prepare(cfg: RunConfig, resume: bool, is_zero: bool = True) -> RunFolder:
                           f"{_listing(diff.refused)}. Resume with the run's own config (its config is stored in the "
                           f"checkpoint), or start a new run under another name (run=...)")
     folder.identity = "checked"
-    folder.changes = diff.allowed
+    folder.changes, folder.unknown = diff.allowed, diff.dropped
     folder.threads = _thread_rule(cfg, ident, run_dir)
     return folder
 
