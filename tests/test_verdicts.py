@@ -313,3 +313,19 @@ def test_lr_width_ratio_with_seed_bootstrap_ci():
     data = study(spec, means, sd=0.002, diverged={("bn", 1.0, 0)})
     (r,) = width_ratios(data, studies.get("lr_sensitivity").table(data)).to_dict("records")
     assert r["difference_decades"] == 1.0 and r["difference_95ci"] == "[1, 2]"
+
+
+@pytest.mark.slow
+def test_main_job_ends_with_its_verdict(tmp_path, capsys):
+    """`normablate sweep --config configs/sweeps/quick.yaml` (here with the dry-run trainer): the last line printed is
+    the pre-registered hypothesis's verdict, on test data."""
+    from normablate.cli import main
+
+    code = main(["sweep", "--config", str(ROOT / "configs/sweeps/quick.yaml"), "--dry-run",
+                 f"--storage=sqlite:///{tmp_path / 'o.db'}", f"trainer.log_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    last = out.strip().splitlines()[-1]
+    assert re.match(r"verdict bn_beats_none: (SUPPORTED|CONTRADICTED|INCONCLUSIVE) \(superiority, alpha 0\.05\): "
+                    r"A − B = [-+]\d.* on test data, 90% CI \[", last), last
+    assert "headline: (exploratory)" in out
