@@ -484,8 +484,13 @@ class Verdict:
         t = self.test
         ci = (f"{t.level:.0%} CI [{t.lo:+.3g}, {t.hi:+.3g}]" if math.isfinite(t.lo) else "no CI (too few seeds)")
         return (f"verdict {self.id}: {self.word.upper()} ({self.type_label()}, alpha {self.alpha:g}): "
-                f"A − B = {t.estimate:+.3g} on {self.split} data, {ci}, Holm-adjusted p = {self.p_adj:.3g} — "
-                f"{self.what}")
+                f"A − B = {t.estimate:+.3g} on {self.split} data, {ci}, {self.p_text()} — {self.what}")
+
+    def p_text(self) -> str:
+        """The Holm-adjusted p the word rests on (for a contradiction: the test against the claim's)."""
+        if self.word == "contradicted":
+            return f"Holm-adjusted p = {self.p_adj:.3g} (against the claim: {self.p_counter_adj:.3g})"
+        return f"Holm-adjusted p = {self.p_adj:.3g}"
 
 
 def _label(v: Any) -> str:
@@ -540,14 +545,14 @@ def _per_seed(rows, column: str) -> tuple[dict, int]:
     return vals, int(rows["diverged"].astype(bool).sum())
 
 
-def _side(rows, vcol: str, tcol: str) -> Side:
+def _side(rows, vcol: str, tcol: str, lr_col: str = "lr") -> Side:
     seeds = sorted(set(_seed_col(rows).tolist()), key=str)
-    lrs = sorted({float(x) for x in rows["lr"]})
+    lrs = sorted({float(x) for x in rows[lr_col]})
     n, L = len(seeds), len(lrs)
     val, test, div = np.full((n, L), np.nan), np.full((n, L), np.nan), np.zeros((n, L), bool)
     si, li = {s: i for i, s in enumerate(seeds)}, {x: j for j, x in enumerate(lrs)}
     for s, r in zip(_seed_col(rows).tolist(), rows.to_dict("records")):
-        i, j = si[s], li[float(r["lr"])]
+        i, j = si[s], li[float(r[lr_col])]
         if bool(r["diverged"]):
             div[i, j] = True
         elif r["state"] == "complete":
@@ -580,7 +585,9 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
             what = f"{metric}: no finished trials"
         elif at == "best_lr":
             ra, rb = _match(df, names, c["a"]), _match(df, names, c["b"])
-            dist = selection_bootstrap(_side(ra, vcol, tcol), _side(rb, vcol, tcol), direction, samples, seed=k)
+            lr_col = names.get("optim.lr", "lr")
+            dist = selection_bootstrap(_side(ra, vcol, tcol, lr_col), _side(rb, vcol, tcol, lr_col), direction,
+                                       samples, seed=k)
             test = judge(dist, h["type"], h.get("margin"), h["alpha"], direction)
             what = f"{_pretty(tcol)} at each side's best LR (chosen on {_pretty(vcol)})"
             if dist.n_failed:
@@ -649,7 +656,7 @@ def markdown(verdicts: list[Verdict]) -> str:
         ci = (f"[{_fmt(t.lo)}, {_fmt(t.hi)}] ({t.level:.0%})" if math.isfinite(t.lo) else "no CI (< 2 seeds)")
         body.append("| " + " | ".join(x.replace("|", "\\|").replace("\n", " ") for x in (
             v.id, v.claim, v.type_label(), f"{_fmt(t.estimate)} ({v.split}) {ci}, n = {t.n_a} vs {t.n_b}",
-            f"{v.p_adj:.3g}", f"**{v.word}**")) + " |")
+            v.p_text().replace("Holm-adjusted p = ", ""), f"**{v.word}**")) + " |")
     lines = [f"## Verdicts (pre-registered hypotheses; Holm across {len(verdicts)}, alpha {alpha:g})", "",
              head + "\n".join(body), ""]
     for v in verdicts:
