@@ -35,9 +35,26 @@ def metric_label(m: str, at: str = "final") -> str:
     return f"{'final' if at == 'final' else 'best'} {METRIC_LABELS.get(m, m)}"
 
 
-def colors(names: list[str]) -> dict[str, tuple]:
+LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D")
+HATCHES = ("", "//", "..", "xx")
+
+
+def styles(names: list[str]) -> dict[str, dict]:
+    """A distinct look per name: ``{"color", "ls", "marker", "hatch"}``. The first ten names get tab10's colours
+    with solid lines (circles, plain bars), the next ten the same colours dashed (squares, hatched bars), then
+    dotted and dash-dotted: 40 distinct (colour, style) pairs. Not tab20: its light/dark pairs of one hue are
+    hard to tell apart in a legend, a dash is not."""
     cmap = plt.get_cmap("tab10")
-    return {n: cmap(i % 10) for i, n in enumerate(names)}
+    out = {}
+    for i, n in enumerate(names):
+        k = (i // 10) % len(LINESTYLES)
+        out[n] = {"color": cmap(i % 10), "ls": LINESTYLES[k], "marker": MARKERS[k], "hatch": HATCHES[k]}
+    return out
+
+
+def colors(names: list[str]) -> dict[str, tuple]:
+    return {n: s["color"] for n, s in styles(names).items()}
 
 
 def fmt(v) -> str:
@@ -49,7 +66,112 @@ def suptitle(fig, text: str, fontsize: float = 10.5) -> None:
     import textwrap
 
     width = max(40, int(fig.get_figwidth() * 72 / (0.55 * fontsize)))
-    fig.suptitle(textwrap.fill(text, width), fontsize=fontsize)
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in text.split("\n")), fontsize=fontsize)
+
+
+# ------------------------------------------------------------------------------------------ titles
+BACKBONES = {"vit": "ViT", "transformer_lm": "Transformer LM", "resnet18": "ResNet-18 (timm)"}
+SOURCES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "mnist": "MNIST", "fashion_mnist": "Fashion-MNIST",
+           "tiny_shakespeare": "Tiny Shakespeare", "shakespeare": "Shakespeare", "ptb": "PTB"}
+NORMS = {"bn": "BN", "ln": "LN", "gn": "GN", "rms": "RMSNorm", "noisy_bn": "noisy BN", "masked_bn": "masked BN",
+         "dyt": "DyT", "powernorm": "PowerNorm", "batch_renorm": "Batch Renorm", "none": "none"}
+
+
+def pretty_backbone(name: str) -> str:
+    import re
+
+    m = re.fullmatch(r"(resnet|vgg)(\d+)", str(name))
+    if m:
+        return {"resnet": "ResNet", "vgg": "VGG"}[m.group(1)] + "-" + m.group(2)
+    return BACKBONES.get(str(name), str(name))
+
+
+def pretty_source(source, task: str | None) -> str:
+    if source in (None, "synthetic"):
+        return "synthetic " + ("text" if task == "lm" else "images")
+    base = Path(str(source).rstrip("/")).name
+    return SOURCES.get(base.lower(), base)
+
+
+def pretty_norm(label: str) -> str:
+    """``bn`` -> ``BN``, ``bn(momentum=0.01)`` -> ``BN(momentum=0.01)``."""
+    head, paren, rest = str(label).partition("(")
+    return NORMS.get(head, head) + paren + rest
+
+
+def spec_values(spec, key: str) -> list:
+    """The values of run-config key ``key`` (dotted) across a sweep: its grid axis, else the overrides, else the
+    base config, else the run-config default."""
+    for a in getattr(spec, "axes", []) or []:
+        if getattr(a, "key", None) == key:
+            return list(a.values)
+    overrides = getattr(spec, "overrides", None) or {}
+    if key in overrides:
+        return [overrides[key]]
+    cur = getattr(spec, "base", None) or {}
+    for part in key.split("."):
+        cur = cur.get(part) if isinstance(cur, dict) else None
+    if cur is not None:
+        return [cur]
+    if key == "model.backbone":
+        from ..config import ModelConfig
+
+        return [ModelConfig().backbone]
+    return []
+
+
+def headline(data: StudyData) -> str:
+    """What a study is, in words: the spec's ``description``, else "<backbone> on <data>: <norm> vs <norm>"
+    (e.g. "VGG-11 on CIFAR-10: BN vs none"), never the internal study name alone."""
+    desc = str(getattr(data.spec, "description", "") or "").strip()
+    if desc:
+        return desc
+    df = data.trials
+    backbones = [pretty_backbone(b) for b in dict.fromkeys(spec_values(data.spec, "model.backbone"))]
+    task = df["task"].iloc[0] if len(df) and "task" in df else None
+    sources = [pretty_source(s, task) for s in dict.fromkeys(df["source"] if "source" in df and len(df)
+                                                                 else spec_values(data.spec, "data.source"))]
+    norms = [pretty_norm(n) for n in dict.fromkeys(df["norm"])] if "norm" in df and len(df) else []
+    text = f"{' / '.join(backbones) or 'model'} on {' / '.join(sources) or 'data'}"
+    if 0 < len(norms) <= 4:
+        text += ": " + " vs ".join(norms)
+    elif norms:  # e.g. 20 momenta of BN: "20 norm settings (BN)"
+        text += f": {len(norms)} norm settings ({', '.join(dict.fromkeys(n.partition('(')[0] for n in norms))})"
+    return text
+
+
+def seeds_text(data: StudyData) -> str:
+    """n per point: "n = 3 seeds per point" (finished, non-diverged runs of each configuration), or a range."""
+    from .data import groups, ok_rows
+
+    df = data.trials
+    cols = [c for c in data.group_cols if c in df] if len(df) else []
+    sizes = [len(ok_rows(sub)) for _, sub in groups(df, cols)] if cols else []
+    if not sizes:
+        return "n = 0 seeds per point"
+    lo, hi = min(sizes), max(sizes)
+    return f"n = {lo}{'' if lo == hi else f'–{hi}'} seed{'s' if hi != 1 else ''} per point"
+
+
+def figure_title(data: StudyData, what: str, how: str = "") -> str:
+    """A figure title: the study in words, what the figure shows, then how to read it with n per point."""
+    return f"{headline(data)} — {what}\n" + (f"{how}; " if how else "") + seeds_text(data)
+
+
+def mark_clipped(ax, x, lo_vals, hi_vals, color, bounds: tuple[float, float]) -> bool:
+    """Triangles at the axis edge where a band or line leaves the y range ``bounds`` (▲ above, ▼ below), the
+    marks ``errorbars`` uses for a cut CI. Returns whether anything was cut."""
+    lo, hi = bounds
+    x, lo_vals, hi_vals = np.asarray(x, float), np.asarray(lo_vals, float), np.asarray(hi_vals, float)
+    up, down = hi_vals > hi, lo_vals < lo
+    if up.any():
+        ax.plot(x[up], np.full(int(up.sum()), hi), "^", color=color, ms=5, clip_on=False, ls="")
+    if down.any():
+        ax.plot(x[down], np.full(int(down.sum()), lo), "v", color=color, ms=5, clip_on=False, ls="")
+    return bool(up.any() or down.any())
+
+
+CLIP_HANDLE = ("^", "beyond the axis (cut; ▲ above, ▼ below)")
 
 
 def save(fig, path: Path) -> Path:
@@ -115,12 +237,12 @@ def robust_range(values: list[np.ndarray], lo_q: float = 1.0, hi_q: float = 99.0
     return float(lo), float(hi)
 
 
-def line_with_band(ax, curves, color, label, x_scale: float = 1.0, lw: float = 1.7):
+def line_with_band(ax, curves, color, label, x_scale: float = 1.0, lw: float = 1.7, ls: str = "-"):
     steps, mean, lo, hi = seed_band(curves)
     if not len(steps):
         return None
     x = steps * x_scale
-    ax.plot(x, mean, color=color, label=label, lw=lw)
+    ax.plot(x, mean, color=color, label=label, lw=lw, ls=ls)
     if len(curves) > 1:
         ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
     return x, mean, lo, hi
@@ -164,7 +286,8 @@ def loss_curves(data: StudyData, out: Path, per_sample: bool = False) -> Path | 
     line_key = data.line_key
     panel_cols, panels = panels_of(data, (line_key,))
     names = list(dict.fromkeys(df[line_key]))
-    cmap = colors(names)
+    look = styles(names)
+    cmap = {n: s["color"] for n, s in look.items()}
     fig, axes = grid(len(panels))
     ch = chance(data, "train/loss")
     bulk: list[np.ndarray] = []
@@ -178,7 +301,7 @@ def loss_curves(data: StudyData, out: Path, per_sample: bool = False) -> Path | 
             if not curves:
                 continue
             scale = float(df.loc[rows[0], "batch_size_used"]) if per_sample and "batch_size_used" in df else 1.0
-            res = line_with_band(ax, curves, cmap[name], name, scale)
+            res = line_with_band(ax, curves, cmap[name], name, scale, ls=look[name]["ls"])
             if res is None:
                 continue
             drew = True
@@ -208,9 +331,8 @@ def loss_curves(data: StudyData, out: Path, per_sample: bool = False) -> Path | 
         ax.set_ylabel("training loss (nats)")
     extra = [(plt.Line2D([], [], color="gray", marker="x", ls="", ms=8, mew=2), "run(s) diverged")] if ends else []
     shared_legend(fig, axes, line_key, extra)
-    seeds = int(df.groupby(data.group_cols, dropna=False).size().max())
-    suptitle(fig, f"{data.name}: training loss per {line_key} (line: mean over {seeds} seed(s); band: seed range)"
-             + ("; y range: 1st–99th percentile" if rng else ""))
+    suptitle(fig, figure_title(data, f"training loss per {line_key}", "line: mean over seeds, band: seed range"
+                        + ("; y range: 1st–99th percentile" if rng else "")))
     fig.tight_layout()
     return save(fig, out / "loss_curves.png")
 
@@ -264,7 +386,7 @@ def bars(data: StudyData, summ, out: Path, what: list[tuple[str, str]], name: st
         return None
     labels = [config_label([r[c] for c in data.group_cols], data.group_cols) for _, r in summ.iterrows()]
     first = data.group_cols[0]
-    cmap = colors(list(dict.fromkeys(summ[first])))
+    look = styles(list(dict.fromkeys(summ[first])))
     n = len(labels)
     fig, axes = plt.subplots(1, len(what), figsize=(4.6 * len(what) + 1.0, 0.42 * n + 1.6), squeeze=False)
     y = np.arange(n)[::-1]  # first configuration on top
@@ -273,8 +395,11 @@ def bars(data: StudyData, summ, out: Path, what: list[tuple[str, str]], name: st
         cis = np.nan_to_num(summ[f"{c}_ci95"].astype(float).to_numpy())
         positive = c in POSITIVE
         lower = np.minimum(cis, np.nan_to_num(means)) if positive else cis
-        ax.barh(y, np.nan_to_num(means), xerr=[lower, cis], capsize=3, height=0.65,
-                color=[cmap[v] for v in summ[first]], edgecolor="black", lw=0.5, error_kw={"lw": 1.1})
+        bars_ = ax.barh(y, np.nan_to_num(means), xerr=[lower, cis], capsize=3, height=0.65,
+                        color=[look[v]["color"] for v in summ[first]], edgecolor="black", lw=0.5,
+                        error_kw={"lw": 1.1})
+        for bar, v in zip(bars_, summ[first]):
+            bar.set_hatch(look[v]["hatch"])
         right = np.nanmax(np.where(np.isfinite(means), means + cis, 0)) if n else 1.0
         for i, (_, r) in enumerate(summ.iterrows()):
             if c in ("steps_to_target", "time_to_target"):
@@ -297,7 +422,7 @@ def bars(data: StudyData, summ, out: Path, what: list[tuple[str, str]], name: st
                     right=right * 1.25 if right > 0 else 1.0)
         ax.grid(alpha=0.3, axis="x")
     axes[0][0].set_ylabel(" / ".join(data.group_cols))
-    suptitle(fig, f"{data.name}: {title} (mean ± 95% CI over seeds)")
+    suptitle(fig, figure_title(data, title, "mean ± 95% CI over seeds; n at each bar: its finished seeds"))
     fig.tight_layout()
     return save(fig, out / name)
 

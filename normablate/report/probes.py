@@ -1,9 +1,10 @@
 """The report's landscape and ICS views (Santurkar et al. 2018, Figs. 4 and 5) for studies whose runs probed.
 
 Per norm over training steps, one row of panels per value of the other configuration columns (e.g. per LR):
-loss variation (the band between the lowest and highest loss along the gradient over the step-size grid,
-averaged over seeds), gradient predictiveness and effective beta-smoothness (line: mean over seeds; band: seed
-range, log scale), and ICS per layer (l2 distance and cosine of G and G', mean over seeds, band: seed range).
+loss variation (the range of the loss along the gradient over the step-size grid), gradient predictiveness and
+effective beta-smoothness (log scale), and ICS per layer (l2 distance and cosine of G and G'). In every panel the
+line is the mean over seeds and the band the seed range (one meaning per figure); where the loss-variation
+panel's robust y range cuts a band, triangles at the edge mark it, as on the report's other figures.
 """
 from __future__ import annotations
 
@@ -124,24 +125,23 @@ def landscape_figure(data: StudyData, out: Path) -> Path | None:
     df = data.trials
     panel_cols, panels = _panels(data)
     names = list(dict.fromkeys(df[data.line_key]))
-    cmap = P.colors(names)
+    look = P.styles(names)
     fig, axes = plt.subplots(len(panels), 3, figsize=(13.5, 3.3 * len(panels) + 0.8), squeeze=False)
+    any_cut = False
     for r, panel in enumerate(panels):
         m = mask_for(df, panel_cols, panel)
+        drawn = []  # (x, band low, band high, colour) of the loss-variation panel, for the cut marks
         for name in names:
             rows = [i for i in df.index[m & (df[data.line_key] == name).to_numpy()]]
-            lo_s, lo, _, _ = P.seed_band(data.curves(rows, "probe/loss_min"))
-            hi_s, hi, _, _ = P.seed_band(data.curves(rows, "probe/loss_max"))
-            if len(lo_s) and len(hi_s) == len(lo_s):
-                ax = axes[r][0]
-                ax.fill_between(lo_s, lo, hi, color=cmap[name], alpha=0.35, lw=0, label=name)
-                ax.plot(lo_s, lo, color=cmap[name], lw=0.8)
-                ax.plot(hi_s, hi, color=cmap[name], lw=0.8)
-            for c, (key, _, _) in enumerate(MEASURES[1:], start=1):
-                P.line_with_band(axes[r][c], data.curves(rows, key), cmap[name], name)
+            for c, (key, _, _) in enumerate(MEASURES):
+                res = P.line_with_band(axes[r][c], data.curves(rows, key), look[name]["color"], name,
+                                       ls=look[name]["ls"])
+                if c == 0 and res is not None:
+                    drawn.append((res[0], res[2], res[3], look[name]["color"]))
         where = ", ".join(f"{c}={P.fmt(v)}" for c, v in zip(panel_cols, panel))
         titles = ["loss variation along −∇L", "gradient predictiveness", "effective β-smoothness"]
-        ylabels = ["training loss L(x − ηg) (nats)", "max ||∇L(x) − ∇L(x − ηg)|| (log)", "max ||Δ∇L|| / ||ηg|| (log)"]
+        ylabels = ["max − min of L(x − ηg) over η (nats)", "max ||∇L(x) − ∇L(x − ηg)|| (log)",
+                   "max ||Δ∇L|| / ||ηg|| (log)"]
         for c in range(3):
             ax = axes[r][c]
             ax.set_title(titles[c] + (f" ({where})" if where else ""))
@@ -150,14 +150,17 @@ def landscape_figure(data: StudyData, out: Path) -> Path | None:
             ax.grid(alpha=0.3)
             if c and ax.has_data():
                 ax.set_yscale("log")
-        lim = P.robust_range([np.concatenate([ln.get_ydata() for ln in axes[r][0].get_lines()])]
-                             if axes[r][0].get_lines() else [], floor=0.0)
+        lim = P.robust_range([v for x, lo, hi, _ in drawn for v in (lo, hi)], floor=0.0)
         if lim:
             axes[r][0].set_ylim(*lim)
-    P.shared_legend(fig, axes, data.line_key)
-    P.suptitle(fig, f"{data.name}: loss landscape along the gradient (step sizes {_grid_text(data)}; "
-                    f"lines: mean over seeds, band: seed range; left: band between the lowest and highest loss over "
-                    f"the step sizes, mean over seeds)", fontsize=10)
+            for x, lo, hi, color in drawn:
+                any_cut |= P.mark_clipped(axes[r][0], x, lo, hi, color, lim)
+    extra = [(plt.Line2D([], [], color="gray", marker=P.CLIP_HANDLE[0], ls="", ms=6), P.CLIP_HANDLE[1])] \
+        if any_cut else []
+    P.shared_legend(fig, axes, data.line_key, extra)
+    P.suptitle(fig, P.figure_title(data, f"loss landscape along the gradient (step sizes {_grid_text(data)})",
+                                   "line: mean over seeds, band: seed range (every panel); left: y range 1st–99th "
+                                   "percentile"), fontsize=10)
     fig.tight_layout()
     return P.save(fig, out / "probe_landscape.png")
 
@@ -186,7 +189,7 @@ def ics_figure(data: StudyData, out: Path, layers: list[str], max_layers: int = 
     df = data.trials
     panel_cols, panels = _panels(data)
     names = list(dict.fromkeys(df[data.line_key]))
-    cmap = P.colors(names)
+    look = P.styles(names)
     nrow = 2 * len(panels)
     fig, axes = plt.subplots(nrow, len(shown), figsize=(3.1 * len(shown) + 1.4, 2.6 * nrow + 0.9), squeeze=False,
                              sharex=True)
@@ -196,8 +199,9 @@ def ics_figure(data: StudyData, out: Path, layers: list[str], max_layers: int = 
         for j, layer in enumerate(shown):
             for name in names:
                 rows = [i for i in df.index[m & (df[data.line_key] == name).to_numpy()]]
-                P.line_with_band(axes[2 * p][j], data.curves(rows, f"probe/ics_l2/{layer}"), cmap[name], name)
-                P.line_with_band(axes[2 * p + 1][j], data.curves(rows, f"probe/ics_cos/{layer}"), cmap[name], name)
+                for ax, key in ((axes[2 * p][j], "ics_l2"), (axes[2 * p + 1][j], "ics_cos")):
+                    P.line_with_band(ax, data.curves(rows, f"probe/{key}/{layer}"), look[name]["color"], name,
+                                     ls=look[name]["ls"])
             axes[2 * p][j].set_title(f"{layer}" + (f"\n{where}" if where else ""), fontsize=9)
             cos_ax = axes[2 * p + 1][j]
             lows = [float(np.nanmin(ln.get_ydata())) for ln in cos_ax.get_lines()] + \
@@ -214,8 +218,8 @@ def ics_figure(data: StudyData, out: Path, layers: list[str], max_layers: int = 
     note = f" (layers {', '.join(shown)} of {len(layers)} probed)" if len(shown) < len(layers) else ""
     if trivial:
         note += f"; {', '.join(trivial)}: no earlier layer, ICS 0 by definition (not drawn)"
-    P.suptitle(fig, f"{data.name}: internal covariate shift per layer (Santurkar et al. Def. 2.1){note}; "
-                    f"line: mean over seeds, band: seed range; cos = 1: no shift", fontsize=10)
+    P.suptitle(fig, P.figure_title(data, f"internal covariate shift per layer (Santurkar et al. Def. 2.1){note}",
+                                   "line: mean over seeds, band: seed range; cos = 1: no shift"), fontsize=10)
     fig.tight_layout()
     return P.save(fig, out / "probe_ics.png")
 
