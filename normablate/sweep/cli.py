@@ -39,7 +39,9 @@ def run_command(args: argparse.Namespace) -> tuple[int, SweepResult | None]:
         spec.overrides["plugins"] = have + [p for p in extra if p not in have]
     if args.check:
         n = spec.validate_all()
-        print(f"sweep {spec.study_name!r} ({spec.kind}): {spec.total} trials; {n} run configs valid")
+        hyps = len(spec.hypotheses)
+        print(f"sweep {spec.study_name!r} ({spec.kind}): {spec.total} trials; {n} run configs valid"
+              + (f"; {hyps} pre-registered hypothes{'is' if hyps == 1 else 'es'} valid" if hyps else ""))
         from ..errors import ConfigError
         from .ddp_trial import check_resources
 

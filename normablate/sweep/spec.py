@@ -14,6 +14,7 @@ an hour of training. Example (``configs/sweeps/quick.yaml``)::
       optim.lr: {logspace: [0.01, 1.0, 3]}
       seed: [0, 1]
     tolerance: 0.05                 # lr_sensitivity: LRs within 0.05 of the best count as usable
+    hypotheses: [...]               # pre-registered claims and their tests (normablate.sweep.hypotheses)
 """
 from __future__ import annotations
 
