@@ -11,6 +11,9 @@ command and the load average, and these sections:
 - **framework**: training-step time of ``train()`` against a hand-written PyTorch loop on the same model, data,
   optimizer and seed (losses compared), for ResNet-20, the ViT and the LM.
 - **inference**: eval-mode throughput of a ResNet-20 per norm, BN also folded into its convs (``fold.py``).
+- **vit_inference** (``--only vit_inference``; not in the default run): claim 7 (Yao et al. 2021) is inference
+  speed: the vit_norms study's ViT in eval mode at batch 128 and 1, 1 thread, LN against BN everywhere,
+  LN + BN-in-FFN and BN + BN-in-FFN, each BN variant unfolded and folded into its adjacent Linears (``fold.py``).
 - **models**: training-step time (forward, backward, clipping, optimizer step) of every model variant of the
   findings studies, at the studies' sizes (``configs/studies/santurkar_vgg.yaml``: VGG-11 with bn / noisy_bn /
   none; ``vit_norms.yaml``: block norm x BN in the FFN; ``lm_norms.yaml``: 7 norms on padded samples), all
@@ -114,6 +117,9 @@ class Settings:
     tiny_models: bool = False  # framework: tiny backbones (quick and test runs)
     model_studies: tuple[str, ...] = ("santurkar_vgg", "vit_norms", "lm_norms")  # models: configs/studies/<name>.yaml
     model_repeats: int = 20  # models: interleaved steps per variant (after 2 warm-up steps)
+    vit_batches: tuple[int, int] = (128, 1)  # vit_inference: the two batch sizes (study batch, one image)
+    vit_repeats: int = 30  # vit_inference: interleaved repeats per variant and batch
+    vit_inner_b1: int = 20  # vit_inference: calls per timed repeat at the second batch (a single image is ~1 ms)
 
     @classmethod
     def make(cls, quick: bool = False, tiny: bool = False, compile: bool = False) -> Settings:
@@ -122,11 +128,11 @@ class Settings:
                        startup_runs=1, backbones=("resnet20", "transformer_lm"), compile=compile, tiny_models=True,
                        data_steps=4, cifar10="synthetic", sweep_rounds=1, sweep_lrs=(0.001, 0.003),
                        sweep_norms=("bn",), sweep_overrides=("trainer.max_steps=4", "trainer.val_every=2"),
-                       model_repeats=2)
+                       model_repeats=2, vit_batches=(4, 1), vit_repeats=2, vit_inner_b1=1)
         if quick:
             return cls(image=(32, 32, 16, 16), tokens=(16, 128, 192), repeats=7, steps=12, runs=1,
                        infer_batch=64, startup_runs=2, compile=compile, tiny_models=True, data_steps=8,
-                       sweep_rounds=1, model_repeats=3)
+                       sweep_rounds=1, model_repeats=3, vit_repeats=7, vit_inner_b1=5)
         return cls(compile=compile)
 
 
@@ -376,6 +382,70 @@ def bench_inference(s: Settings) -> list[Row]:
                         len(x) / statistics.median(ref), "images/s", paired_ratio(v, ref),
                         note=f"{count} conv+BN pairs folded" if k == "bn folded" else ""))
     return rows
+
+
+def bench_vit_inference(s: Settings) -> list[Row]:
+    """Yao et al. (2021)'s claim 7 is inference speed: eval-mode ViT images/s at the vit_norms study's size
+    (configs/studies/vit_norms.yaml's model), 1 thread, batches 128 and 1, interleaved; BN folded into the
+    adjacent Linear layers (normablate.fold: pre-norm BN -> qkv/fc1, BN-in-FFN fc1 -> BN) against LN, which
+    cannot fold. Ratio: the median of per-repeat time ratios against LN (< 1 = faster than LN)."""
+    from .fold import fold_norms
+    from .models import create as create_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = {("ln", None): "ln", ("bn", None): "bn", ("ln", "bn"): "ln + BN-in-FFN", ("bn", "bn"): "bn + BN-in-FFN"}
+        models: dict[str, dict] = {}
+        for _, cfg in study_variants("vit_norms", tempfile.gettempdir(), tiny=s.tiny_models):
+            m = dict(cfg["model"])
+            key = (m.get("norm"), m.get("ffn_norm"))
+            if key in want:
+                models[want[key]] = m
+        torch.manual_seed(0)
+        warm = torch.randn(64, 3, 32, 32)
+        nets: dict[str, nn.Module] = {}
+        notes: dict[str, str] = {}
+        size = ""
+        for label, m in models.items():
+            m = dict(m)
+            backbone, norm = m.pop("backbone"), m.pop("norm")
+            net = create_model(backbone, norm=norm, num_classes=10, **m)
+            size = f"embed_dim {m.get('embed_dim')}, depth {m.get('depth')}, heads {m.get('num_heads')}"
+            if label != "ln":  # every other variant has BNs
+                with torch.no_grad():  # running statistics away from their init values
+                    net.train()
+                    for _ in range(3):
+                        net(warm * 1.5 + 0.3)
+                net.eval()
+                nets[label + " (unfolded)"] = net
+                folded, rep = fold_norms(net)
+                nets[label + " folded"] = folded
+                notes[label + " folded"] = (f"{len(rep.folded)} BN folded"
+                                            + (f"; left: {', '.join(n for n, _ in rep.left)}" if rep.left else ""))
+            else:
+                nets[label] = net.eval()
+        rows = []
+        for batch, inner in ((s.vit_batches[0], 1), (s.vit_batches[1], s.vit_inner_b1)):
+            x = torch.randn(batch, 3, 32, 32)
+
+            def call(net: nn.Module, x: torch.Tensor = x, inner: int = inner) -> None:
+                for _ in range(inner):
+                    net(x)
+            fns = {k: (lambda net=net: call(net)) for k, net in nets.items()}
+            with torch.inference_mode():
+                t = interleaved(fns, s.vit_repeats, warmup=2)
+            ref = t["ln"]
+            for k, v in t.items():
+                ips = batch * inner / statistics.median(v)
+                ratio = paired_ratio(v, ref)
+                rows.append(Row("vit_inference", f"vit {k} b{batch}", "tokens", "eval", k, "ln", ips,
+                                batch * inner / statistics.median(ref), "images/s", ratio,
+                                note="; ".join(x for x in (notes.get(k, ""), f"{size}; {1 / ratio:.2f}x LN's speed")
+                                               if x)))
+        return rows
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------ framework
@@ -1276,6 +1346,9 @@ def _sizes(section: str, s: Settings) -> str:
                  + ("; eager and torch.compile" if s.compile else ""),
         "allocator": f"tokens x {s.tokens}, eval batch {s.infer_batch}, {max(3, s.repeats // 2)} repeats per mode",
         "inference": f"batch {s.infer_batch}, {s.repeats} interleaved repeats",
+        "vit_inference": f"vit_norms study model, batches {s.vit_batches[0]} and {s.vit_batches[1]} "
+                         f"({s.vit_inner_b1} calls per timed repeat), {s.vit_repeats} interleaved repeats, 1 thread"
+                         + (", tiny models" if s.tiny_models else ""),
         "framework": f"{s.steps} steps x {s.runs} run(s) per side" + (", tiny backbones" if s.tiny_models else ""),
         "models": f"studies {', '.join(s.model_studies)} at their sizes on synthetic data of the same shapes, "
                   f"{s.model_repeats} interleaved steps per variant" + (", tiny models" if s.tiny_models else ""),
@@ -1404,7 +1477,7 @@ def run_bench(out: Path | str = "docs", quick: bool = False, tiny: bool = False,
     runtimes: dict[str, str] = {}
     steps: dict[str, Callable[[], list[Row]]] = {
         "norms": lambda: bench_norms(s), "allocator": lambda: bench_allocator(s),
-        "inference": lambda: bench_inference(s), "framework": lambda: bench_framework(s, tiny),
+        "inference": lambda: bench_inference(s), "vit_inference": lambda: bench_vit_inference(s), "framework": lambda: bench_framework(s, tiny),
         "models": lambda: bench_models(s),
         "startup": lambda: bench_startup(s, tiny), "data": lambda: bench_data(s), "sweep": lambda: bench_sweep(s)}
     for name in s.sections:
@@ -1419,7 +1492,7 @@ def run_bench(out: Path | str = "docs", quick: bool = False, tiny: bool = False,
     return write(report, Path(out), provenance, runtimes, keep=keep)
 
 
-SECTIONS = ("norms", "allocator", "inference", "framework", "models", "startup", "data", "sweep")
+SECTIONS = ("norms", "allocator", "inference", "vit_inference", "framework", "models", "startup", "data", "sweep")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -16,7 +16,8 @@ from .errors import NormablateError
 
 # ``normablate bench --only`` choices: bench.SECTIONS, repeated here so that ``--help`` does not import torch
 # (tests/test_bench.py checks that the two are equal)
-BENCH_SECTIONS = ("norms", "allocator", "inference", "framework", "models", "startup", "data", "sweep")
+BENCH_SECTIONS = ("norms", "allocator", "inference", "vit_inference", "framework", "models", "startup", "data",
+                  "sweep")
 # run-config sections: config.SECTIONS, repeated here for the same reason (tests/test_cli_habits.py checks them)
 CONFIG_SECTIONS = ("model", "data", "optim", "trainer", "probes")
 # LightningCLI's other subcommands, and what a normablate user runs instead (``fit`` is an alias of ``train``)
