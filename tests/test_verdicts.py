@@ -152,6 +152,15 @@ def test_best_lr_skips_lrs_where_a_seed_diverged_and_falls_back_to_val():
     assert md.startswith("## Verdicts") and "no test-split metrics" in md
 
 
+def test_a_partial_study_is_inconclusive_not_an_error():
+    spec = load_spec(spec_dict([hyp("h"), hyp("f", at={"fixed": {"optim.lr": 0.1}})]))
+    data = study(spec, {("bn", 0.01): 0.6, ("bn", 0.1): 0.6, ("none", 0.01): 0.5, ("none", 0.1): 0.5})
+    data.trials = data.trials[data.trials["norm"] == "bn"].reset_index(drop=True)  # none has not run yet
+    assert [v.word for v in V.evaluate(data, samples=200)] == ["inconclusive", "inconclusive"]
+    data.trials = data.trials.iloc[:0]
+    assert [v.word for v in V.evaluate(data, samples=200)] == ["inconclusive", "inconclusive"]
+
+
 def test_selection_uses_validation_not_test():
     """Poisoned test data cannot move the choice: test prefers lr 0.1, validation 0.01 -> 0.01 is used."""
     spec = load_spec(spec_dict([hyp("h")]))

@@ -360,6 +360,9 @@ def selection_bootstrap(a: Side, b: Side, direction: str, samples: int = 4000, s
     same seeds."""
     if paired is None:
         paired = set(a.seeds) == set(b.seeds) and len(a.seeds) >= 2
+    if not (a.seeds and b.seeds and a.lrs and b.lrs):  # a side with no trials yet (a study still running)
+        return BootDist(math.nan, np.array([]), 0, "selection-aware bootstrap (a side has no finished trials)",
+                        len(a.seeds), len(b.seeds), paired)
     rng = np.random.default_rng(seed)
     if paired:
         seeds = sorted(set(a.seeds) | set(b.seeds), key=str)
