@@ -11,7 +11,7 @@ command and the load average, and these sections:
 - **framework**: training-step time of ``train()`` against a hand-written PyTorch loop on the same model, data,
   optimizer and seed (losses compared), for ResNet-20, the ViT and the LM.
 - **inference**: eval-mode throughput of a ResNet-20 per norm, BN also folded into its convs (``fold.py``).
-- **vit_inference** (``--only vit_inference``; not in the default run): claim 7 (Yao et al. 2021) is inference
+- **vit_inference** (alone: ``--only vit_inference``): claim 7 (Yao et al. 2021) is inference
   speed: the vit_norms study's ViT in eval mode at batch 128 and 1, 1 thread, LN against BN everywhere,
   LN + BN-in-FFN and BN + BN-in-FFN, each BN variant unfolded and folded into its adjacent Linears (``fold.py``).
 - **models**: training-step time (forward, backward, clipping, optimizer step) of every model variant of the
@@ -101,7 +101,8 @@ class Settings:
     infer_batch: int = 256
     startup_runs: int = 5
     backbones: tuple[str, ...] = ("resnet20", "vit", "transformer_lm")
-    sections: tuple[str, ...] = ("norms", "allocator", "inference", "framework", "models", "startup", "data")
+    sections: tuple[str, ...] = ("norms", "allocator", "inference", "vit_inference", "framework", "models", "startup",
+                                 "data")
     data_steps: int = 20  # data: training steps per config (the first few are warm-up)
     cifar10: str = field(default_factory=lambda: os.environ.get("NORMABLATE_BENCH_CIFAR10", "cifar10"))
     # sweep: the quick sweep (configs/sweeps/quick.yaml) on part of its grid (None: the spec's own values), so that

@@ -338,3 +338,28 @@ def test_main_job_ends_with_its_verdict(tmp_path, capsys):
     assert re.match(r"verdict bn_beats_none: (SUPPORTED|CONTRADICTED|INCONCLUSIVE) \(superiority, alpha 0\.05\): "
                     r"A − B = [-+]\d.* on test data, 90% CI \[", last), last
     assert "headline: (exploratory)" in out
+
+
+@pytest.mark.slow
+def test_error_rates_at_the_boundary_of_each_claim():
+    """Simulated studies (6 paired seeds) whose true effect sits exactly on the boundary of the claim: a claim is
+    supported (or, for superiority, contradicted) at most ~alpha of the time."""
+    rng = np.random.default_rng(3)
+    S, n, alpha = 1000, 6, 0.05
+    cases = [("superiority", None, 0.0, "p"), ("superiority", None, 0.0, "p_counter"),
+             ("non_inferiority", 0.02, -0.02, "p"), ("equivalence", 0.02, 0.02, "p"),
+             ("equivalence", 0.02, 0.0, "p")]  # last: TOST when the truth is inside: power, not size
+    for kind, margin, truth, which in cases:
+        b = rng.normal(0.6, 0.02, (S, n))
+        a = b + truth + rng.normal(0, 0.01, (S, n))
+        hits = 0
+        for i in range(S):
+            t = V.judge(V.t_contrast(dict(enumerate(a[i])), dict(enumerate(b[i]))), kind, margin, alpha, "maximize")
+            hits += getattr(t, which) <= alpha
+        rate = hits / S
+        if truth == 0.0 and kind == "equivalence":
+            assert rate > 0.5, (kind, rate)  # |truth| well inside the margin: usually supported
+        else:
+            assert rate <= alpha + 0.02, (kind, which, rate)  # alpha plus ~3 SE of a rate near 0.05 (S = 1000)
+            if kind != "equivalence":
+                assert rate >= 0.02, (kind, which, rate)  # the test is not vacuous either
