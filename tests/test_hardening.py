@@ -131,6 +131,13 @@ ALIAS_BOMB = "[&l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1], " + ", ".join(
      r"--workers 100000 is more than this machine can run at once: \d+ usable CPU core"),
     (["report", "--study", "nonexistent"], r"no study 'nonexistent': no database .*optuna\.db'?, so no studies there"),
     (["report", "--study", "x", "--storage", "journal:{tmp}/missing.log"], r"no journal .*missing\.log"),
+    (["train", "trainer.threads=-1"], r"trainer.threads=-1 must be >= 1 \(allowed: 1 to 1024, or null\)"),
+    (["train", "trainer.threads=0"], r"trainer.threads=0 must be >= 1"),
+    (["train", "seed=-1"], r"seed=-1 must be >= 0"),
+    (["train", "seed=99999999999999999999"], r"seed=99999999999999999999 must be <= 4294967295"),
+    (["train", "model.width=-3"], r"model.width=-3 must be > 0"),
+    (["train", "model.width=100000000"], r"model.width=100000000 must be <= 65536"),
+    (["train", "model.width=60000"], r"has [\d,]+ parameters: .* GB is available"),  # the memory estimate
 ])
 def test_hostile_inputs_of_issue_25_are_one_line_and_create_nothing(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
