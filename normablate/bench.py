@@ -1271,12 +1271,41 @@ def summary(rows: list[Row]) -> list[str]:
     for r in rows:
         if r.section == "startup" and r.name in ("normablate --help", "normablate --version", "normablate list") \
                 and r.ours_value:
-            lines.append(f"- `{r.name}` under 1.5 s: {r.ours_value:.2f} s — {'met' if r.ours_value < 1.5 else 'NOT met'}")
+            met = r.ours_value < 1.5
+            why = "" if met or r.name != "normablate list" else f" ({WHY_NOT[('list', '')]})"
+            lines.append(f"- `{r.name}` under 1.5 s: {r.ours_value:.2f} s — {'met' if met else 'NOT met'}{why}")
         if r.section == "startup" and r.name == "process start -> first training step" and r.ours_value:
             met = r.ours_value < 2.5
             lines.append(f"- process start -> first training step under 2.5 s: {r.ours_value:.2f} s — "
                          f"{'met' if met else 'NOT met (' + WHY_NOT[('startup', '')] + ')'}")
     return lines + models_summary(rows)
+
+
+# Measured and rejected (or measured and already so): written into benchmarks.md so that nobody tries them again
+# blind. Each says who measured it, where and how; none is re-measured by `normablate bench`.
+DEAD_ENDS = [
+    "Seeds as a batch dimension (several seeds' models trained as one: `torch.func.vmap` over stacked parameters, "
+    "or grouped convolutions holding each seed's CNN as a group): 1.24-1.35x (vmap) and 1.05-1.21x (grouped convs) "
+    "the time of running the seeds one after another. Measured by issue 29's author on a 2-core AMD EPYC with "
+    "AVX-512 (Zen 4), 1 thread, interleaved; not re-measured here. Rejected: not a lever on CPU.",
+    "`torch.compile` as part of `trainer.speed: auto`: issue 29 measured VGG bn 0.82x, VGG none 1.26x, LM powernorm "
+    "0.79x, LM masked_bn 0.94x, LM ln/dyt and ViT ~1.0x, at 9-30 s of compiling per process (and recompiles for "
+    "variable lengths; a C++ compiler needed). At the studies' 1,000-step runs it does not pay reliably: auto never "
+    "compiles; `trainer.compile: true` still does.",
+    "SDPA's math path instead of CPU flash attention at the studies' shapes (forward + backward, 1 thread, 15 "
+    "interleaved repeats, AVX2 EPYC under load ~10): math 1.53x (ViT, 128 x 2 heads x 65 tokens x 32), 2.13x (LM, "
+    "32 x 4 x 128 x 16 with the padding mask), 2.83x (LM shape, causal only). Flash (PyTorch's default) kept.",
+    "Causal-only attention (no padding mask) for right-padded LM samples: a real token never sees a later pad under "
+    "a causal mask, and flash with `is_causal` took 0.75x the masked time; but the pads' own outputs change, and "
+    "plain BN's statistics include them: not math-preserving for `bn`. Not taken.",
+    "Fused QKV: both Transformers already project q, k, v with one Linear (`CausalSelfAttention.qkv`, timm's "
+    "`Attention.qkv`); nothing to fuse, no checkpoint conversion needed.",
+    "AdamW `fused=True` on CPU: the optimizer step 0.26-0.31x the default loop at the LM/ViT study sizes, but not "
+    "bit-identical (2e-8 after one step): left off so that new runs of a study stay bitwise comparable with its "
+    "earlier seeds. `foreach=True` (bitwise equal, 0.82-0.97x) is on (tasks/optim.py).",
+    "channels-last for `batch_renorm` (image): VGG-11 w0.25 b128 step 1.31x NCHW (1 thread, 8 interleaved pairs, "
+    "AVX2 EPYC under load): `trainer.speed: auto` leaves it NCHW.",
+]
 
 
 MODEL_STEP_LIMIT = 1.10  # issue 29: every study variant's step <= 1.10x its reference variant at the same settings
@@ -1334,8 +1363,17 @@ WHY_NOT = {
                        "formulation found (one vector_norm + two elementwise passes forward, LayerNorm's fused "
                        "backward with mean 0 + one correction) is still slower than the fused LayerNorm kernel, and "
                        "torch.compile does not give a faster one: see the compiled rows (--compile)",
-    ("startup", ""): "floor: import torch ~1.5 s + Lightning ~2.4 s (torchmetrics imports torchvision and dynamo); "
-                     "a sweep worker pays it once, later trials start in the time of the 'second run' row",
+    ("startup", ""): "floor, shown by `python -X importtime -c 'import normablate.train'`: import torch (~1.5 s) + "
+                     "Lightning, which imports torchmetrics at import time (lightning.fabric.utilities.imports: "
+                     "compare_version imports a package to read its version); torchmetrics imports torchvision "
+                     "whenever it is installed (functional.image.arniqa) and torchvision.ops imports torch._dynamo "
+                     "(~2.4 s together on the issue's Zen 4). No run needs them, but they cannot be skipped without "
+                     "patching those libraries' imports, which we do not do; timm is not imported unless a timm "
+                     "model (vit, resnet18) is built. A sweep worker pays it once, later trials start in the time "
+                     "of the 'second run' row",
+    ("list", ""): "floor: `normablate list` reads the norm and backbone registries, which are torch modules: it "
+                  "imports torch (~1.5 s, `python -X importtime -m normablate list`) and nothing heavier (no "
+                  "Lightning, no timm)",
 }
 
 
@@ -1443,6 +1481,7 @@ def write(report: Report, out: Path, provenance: dict[str, str], runtimes: dict[
     goals = summary(rows)
     if goals:
         lines += ["## Goals (issues 11 and 29), from the rows below", "", *goals, ""]
+    lines += ["## Measured and rejected (dead ends)", "", *[f"- {x}" for x in DEAD_ENDS], ""]
     lines += ["Section run times: " + ", ".join(f"{k}: {times[k]}" for k in sorted(times, key=lambda k: order.get(k, 99)))]
     for section in sorted({r.section for r in rows}, key=lambda k: order.get(k, len(order))):
         srows = [r for r in rows if r.section == section]
