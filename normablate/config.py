@@ -207,6 +207,20 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+BUDGET_KEYS = ("trainer.max_steps", "trainer.max_epochs")
+
+
+def budget_layer(layer: dict[str, Any]) -> dict[str, Any]:
+    """A layer of dotted overrides (CLI, sweep overrides, a grid point) that sets one budget key to a value and
+    not the other also clears the other: ``trainer.max_epochs=3`` over a config file with ``max_steps: 6000``
+    means "train 3 epochs", not a contradiction. Both set in one layer stays an error (from_dict)."""
+    out = dict(layer)
+    for a, b in (BUDGET_KEYS, BUDGET_KEYS[::-1]):
+        if out.get(a) is not None and b not in out:
+            out[b] = None
+    return out
+
+
 def deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -658,7 +672,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     d = load_yaml(path) if path is not None else {}
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    for key, value in (overrides or {}).items():
+    for key, value in budget_layer(overrides or {}).items():
         set_dotted(d, key, value)
     if plugins:
         have = d.get("plugins") or []

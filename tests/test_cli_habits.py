@@ -223,6 +223,30 @@ def test_max_epochs_and_max_steps_exclusive():
     assert cfg.trainer.max_steps == 7
 
 
+def test_a_later_layer_switches_the_budget(tmp_path):
+    """max_epochs on the command line over a config file (or sweep spec) with max_steps means epochs."""
+    from normablate.sweep.spec import load_spec
+
+    path = tmp_path / "run.yaml"
+    path.write_text("trainer: {max_steps: 6000}\n")
+    cfg = load_config(path, ["trainer.max_epochs=3"])
+    assert (cfg.trainer.max_steps, cfg.trainer.max_epochs) == (None, 3)
+    path.write_text("trainer: {max_epochs: 3}\n")
+    cfg = load_config(path, ["trainer.max_steps=7"])
+    assert (cfg.trainer.max_steps, cfg.trainer.max_epochs) == (7, None)
+    spec = {"kind": "grid", "study_name": "b", "metric": "val/acc", "base": {"trainer": {"max_steps": 6000}},
+            "overrides": {"trainer.val_every": 5}, "grid": {"model.norm": ["bn"]}}
+    s = load_spec(spec, overrides=["trainer.max_epochs=2"])
+    c = s.trial_config(s.points()[0], run="x")
+    assert (c.trainer.max_steps, c.trainer.max_epochs, c.trainer.val_every) == (None, 2, 5)
+    s = load_spec({**spec, "overrides": {"trainer.max_epochs": 4}})  # the spec's overrides over its base
+    c = s.trial_config(s.points()[0], run="x")
+    assert (c.trainer.max_steps, c.trainer.max_epochs) == (None, 4)
+    s = load_spec({**spec, "overrides": {"trainer.max_epochs": 4}}, overrides=["trainer.max_steps=9"])
+    c = s.trial_config(s.points()[0], run="x")
+    assert (c.trainer.max_steps, c.trainer.max_epochs) == (9, None)
+
+
 @pytest.mark.slow  # a real (13-step) run
 def test_max_epochs_resolves_in_train_and_is_recorded(tmp_path):
     from normablate.train import train

@@ -31,7 +31,7 @@ import yaml
 
 from .. import studies
 from .. import yamlsafe
-from ..config import RunConfig, check_path_name, from_dict, load_yaml, parse_overrides, set_dotted
+from ..config import RunConfig, budget_layer, check_path_name, from_dict, load_yaml, parse_overrides, set_dotted
 from ..errors import ConfigError, closest
 from ..studies.base import SpecContext, StudyKind, decode, encode  # noqa: F401  (decode: re-exported)
 from ..studies.search import make_sampler  # noqa: F401  (re-exported)
@@ -166,9 +166,9 @@ class SweepSpec:
         for key, value in (runtime or {}).items():  # e.g. threads per worker, only where the spec says nothing
             if _get_dotted(d, key) is None and key not in self.overrides:
                 set_dotted(d, key, value)
-        for key, value in self.overrides.items():
+        for key, value in budget_layer(self.overrides).items():  # max_epochs here clears the base's max_steps
             set_dotted(d, key, copy.deepcopy(value))
-        for key, value in point.values.items():
+        for key, value in budget_layer(point.values).items():
             set_dotted(d, key, copy.deepcopy(value))
         for key, value in (params or {}).items():
             set_dotted(d, key, value)
@@ -329,6 +329,9 @@ def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | dict[str
     ov = dict(ov)
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
+    for key in budget_layer(overrides or {}):  # a budget key on the command line replaces the spec's other one
+        if key not in (overrides or {}):
+            ov.pop(key, None)
     ov.update(overrides or {})
 
     grid_raw = raw.get("grid") or {}
