@@ -29,26 +29,16 @@ WORKER_MEMORY = 1 << 30  # bytes one worker needs at least: an interpreter with 
 #                          imported (0.83 GB peak RSS measured) plus a small run
 
 
-def _memory_available() -> int | None:
-    """``MemAvailable`` from /proc/meminfo (bytes), or None where there is none."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def check_workers(workers: int) -> None:
     """Refuse (``ConfigError``, before anything is spawned) more workers than this machine can run at once: one per
     usable CPU core, and ``WORKER_MEMORY`` each out of the memory available now."""
     from ..errors import ConfigError
+    from ..footprint import available_memory  # (MemAvailable, or the cgroup's limit when lower)
 
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    avail = _memory_available()
+    avail, _ = available_memory()
     by_memory = max(1, avail // WORKER_MEMORY) if avail is not None else cores
     limit = min(cores, by_memory)
     if workers > limit:
