@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from . import __version__, footprint, models, runfolder
 from .callbacks import RunInterrupted, RunMonitor, StopRequest
 from .config import RunConfig, check_hardware, epochs_to_steps, from_dict, to_dict, to_yaml, validated
-from .errors import ConfigError, RunFileError
+from .errors import ConfigError
 from .evaluate import BestWeights, default_select_metric, test_at_end
 from .norms import sync
 from .precise_bn import PreciseBN
@@ -38,7 +38,7 @@ from .probes.callback import summarize as summarize_probes
 from .result import RunResult
 from .runfolder import RunIdentity, check_checkpoint, check_writable, default_run_name, run_dir_of  # noqa: F401
 from .progress import plain_progress
-from .tblog import final_metrics, log_final, log_hparams, make_loggers, tensorboard_of
+from .tblog import final_metrics, finish, log_final, log_hparams, make_loggers, tensorboard_of
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +367,5 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
             log_final(loggers, final_metrics(result, cfg.task), tb.hp_step(result.steps) if tb else result.steps)
         if is_zero:
             result.save(result_file)
-    for lg in loggers:
-        lg.finalize("success" if status != "interrupted" else "interrupted")
+    finish(loggers, "success" if status != "interrupted" else "interrupted")  # (tblog.py)
     return result
