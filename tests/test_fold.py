@@ -158,3 +158,21 @@ def test_a_linear_called_twice_is_not_changed():
     folded, rep = fold_norms(net)
     assert rep.folded == []
     _same(folded, net, x)
+
+
+def test_vit_inference_bench_section_runs(tmp_path):
+    """`normablate bench --only vit_inference` (tiny): LN and the three BN variants, unfolded and folded, at both
+    batch sizes, each with its ratio to LN; the folded rows say how many BNs folded."""
+    import csv
+
+    from normablate.bench import run_bench
+
+    _, csv_path = run_bench(tmp_path, tiny=True, sections=["vit_inference"], command="test")
+    rows = [r for r in csv.DictReader(open(csv_path)) if r["section"] == "vit_inference"]
+    variants = {r["ours"] for r in rows}
+    assert variants == {"ln", "bn (unfolded)", "bn folded", "ln + BN-in-FFN (unfolded)", "ln + BN-in-FFN folded",
+                        "bn + BN-in-FFN (unfolded)", "bn + BN-in-FFN folded"}
+    assert len(rows) == 2 * len(variants) and all(float(r["ratio"]) > 0 for r in rows)
+    assert all(r["ratio"] == "1" for r in rows if r["ours"] == "ln")
+    notes = {r["ours"]: r["note"] for r in rows}
+    assert notes["bn + BN-in-FFN folded"].startswith("3 BN folded; left: norm")  # tiny: depth 1
