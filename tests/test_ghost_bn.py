@@ -306,3 +306,32 @@ def test_fold_keeps_ghost_bn_eval_outputs():
     assert count == 1
     x = torch.randn(5, 3, 6, 6)
     torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["image", "tokens"])
+def test_without_affine_parameters(layout):
+    """affine: false (no gamma/beta): both the fused image path and the composed path."""
+    torch.manual_seed(10)
+    m = nb.norms.create("bn", 3, layout=layout, affine=False, ghost_batch_size=2).double()
+    ref = (nn.BatchNorm2d if layout == "image" else nn.BatchNorm1d)(3, affine=False).double()
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64) if layout == "image" else torch.randn(6, 5, 3, dtype=torch.float64)
+    w = torch.randn_like(x)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (m(xa) * w).sum().backward()
+    to_bn = (lambda t: t) if layout == "image" else (lambda t: t.reshape(-1, 3))  # noqa: E731
+    yb = torch.cat([ref(to_bn(xb[i:i + 2])).view(xb[i:i + 2].shape) for i in range(0, 6, 2)])
+    (yb * w).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, **F64)
+    _assert_running(m, ref, F64)
+
+
+def test_inplace_activation_after_ghost_bn():
+    """The fused image path's output takes an inplace ReLU (as in VGG/ResNet), with BN-per-group gradients."""
+    torch.manual_seed(11)
+    m = nb.norms.create("bn", 3, ghost_batch_size=2).double()
+    ref = nn.BatchNorm2d(3).double()
+    x = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    torch.relu_(m(xa)).sum().backward()
+    torch.cat([torch.relu(ref(xb[i:i + 2])) for i in (0, 2)]).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, **F64)
