@@ -116,6 +116,15 @@ def test_equivalence_that_holds_by_construction():
     assert -0.05 < v.test.lo < v.test.hi < 0.05 and v.test.n_a == 6
 
 
+def test_a_diverged_seed_drops_from_its_pair_and_is_counted():
+    spec = load_spec(spec_dict([hyp("f", at={"fixed": {"optim.lr": 0.1}})]))
+    data = study(spec, {("bn", 0.01): 0.5, ("bn", 0.1): 0.8, ("none", 0.01): 0.5, ("none", 0.1): 0.7}, sd=0.005,
+                 diverged={("none", 0.1, 2)})
+    (v,) = V.evaluate(data)
+    assert v.test.method == "paired t" and (v.test.n_a, v.test.n_b) == (5, 5) and v.word == "supported"
+    assert "diverged runs left out (A 0, B 1)" in v.notes
+
+
 def test_equivalence_that_does_not_hold():
     spec = load_spec(spec_dict([hyp("eq", "equivalence", at={"fixed": {"optim.lr": 0.1}}, margin=0.02)]))
     data = study(spec, {("bn", 0.01): 0.5, ("bn", 0.1): 0.8, ("none", 0.01): 0.5, ("none", 0.1): 0.7}, sd=0.005)

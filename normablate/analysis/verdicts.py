@@ -540,12 +540,13 @@ def _seed_col(df) -> Any:
     return df["seed"] if "seed" in df else np.zeros(len(df), int)
 
 
-def _per_seed(rows, column: str) -> tuple[dict, int]:
+def _per_seed(rows, column: str) -> tuple[dict, int, set]:
+    """{seed: value} of the finished, non-diverged runs, the number that diverged, and every seed that ran."""
     from .data import ok_rows
 
     ok = ok_rows(rows)
     vals = dict(zip(_seed_col(ok).tolist(), ok[column].tolist())) if column in ok else {}
-    return vals, int(rows["diverged"].astype(bool).sum())
+    return vals, int(rows["diverged"].astype(bool).sum()), set(_seed_col(rows).tolist())
 
 
 def _side(rows, vcol: str, tcol: str, lr_col: str = "lr") -> Side:
@@ -603,9 +604,10 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
             tests = []
             for v in values:
                 where = dict(fixed, **({over: v} if over else {}))
-                va, na = _per_seed(_match(df, names, {**c["a"], **where}), tcol)
-                vb, nb = _per_seed(_match(df, names, {**c["b"], **where}), tcol)
-                t = judge(t_contrast(va, vb), h["type"], h.get("margin"), h["alpha"], direction)
+                va, na, sa = _per_seed(_match(df, names, {**c["a"], **where}), tcol)
+                vb, nb, sb = _per_seed(_match(df, names, {**c["b"], **where}), tcol)
+                paired = sa == sb and len(sa) >= 2  # the same seeds ran (a diverged one drops from its pair)
+                t = judge(t_contrast(va, vb, paired), h["type"], h.get("margin"), h["alpha"], direction)
                 tests.append(t)
                 if na or nb:
                     notes.append(f"{'at ' + names[over] + '=' + _label(v) + ': ' if over else ''}diverged runs left "
