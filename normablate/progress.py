@@ -166,7 +166,8 @@ class Board:
 
     def study_line(self) -> str:
         s = self.study or {}
-        return f"{s.get('study', '')} | ETA {fmt_time(self.study_eta()) if s.get('remaining') else '0:00'}"
+        running = f", {len(self.rows)} running" if self.rows else ""
+        return f"{s.get('study', '')}{running} | ETA {fmt_time(self.study_eta()) if s.get('remaining') else '0:00'}"
 
     def _plain_line(self, w: str, e: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -203,9 +204,10 @@ def _width(out: TextIO) -> int:
     import os
 
     try:
-        return os.get_terminal_size(out.fileno()).columns
+        columns = os.get_terminal_size(out.fileno()).columns
     except (OSError, ValueError, AttributeError):
-        return 120
+        columns = 0
+    return columns if columns > 20 else 160  # (a pseudo-terminal may report 0 columns)
 
 
 def plain_progress(label: str, metric: str, out: TextIO | None = None, every: float = 30.0):

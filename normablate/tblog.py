@@ -27,7 +27,9 @@ Hand-written because Lightning has no switch for it; the protos are built by ``t
 **Other loggers** are Lightning's own (``CSVLogger``, ``MLFlowLogger``, ``WandbLogger``); each gets the flattened
 config as its hyperparameters and the final metrics above, the way its users look for them: CSV ``hparams.yaml`` +
 ``metrics.csv`` in the run folder; MLflow params + metrics (store: ``$MLFLOW_TRACKING_URI``, else the local file
-store ``<log_dir>/mlruns``); W&B config + summary (``$WANDB_MODE=offline`` for no account; files under the run folder).
+store ``<log_dir>/mlruns``); W&B config + summary (``$WANDB_MODE=offline`` for no account; files under the run
+folder). A resumed run continues the same MLflow / W&B run (its id is kept in the run folder); ``finish`` ends
+each logger's run when ``train`` returns (a sweep worker runs many trials in one process).
 """
 from __future__ import annotations
 
@@ -39,7 +41,6 @@ from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-
 
 HPARAMS_DIR = "hparams"  # the run's sub-folder holding its HPARAMS session and final metrics (module doc)
 
@@ -151,8 +152,8 @@ def _mlflow_class():
         @property
         def experiment(self):
             client = super().experiment
-            if self.id_file is not None and self.run_id and not self.id_file.exists():
-                self.id_file.write_text(self.run_id)
+            if self.id_file is not None and self._run_id and not self.id_file.exists():
+                self.id_file.write_text(self._run_id)
             return client
 
     return MLFlow
@@ -229,3 +230,13 @@ def log_final(loggers: list[Logger], metrics: dict[str, float], step: int) -> No
         lg.log_metrics(metrics, step=step)
         if type(lg).__name__ == "WandbLogger":
             lg.experiment.summary.update(metrics)
+
+
+def finish(loggers: list[Logger], status: str) -> None:
+    """Close every logger at the run's end (``status``: Lightning's "success" / "interrupted"). A W&B run is also
+    finished (Lightning leaves it open until the process exits; a sweep worker runs many trials in one process,
+    and an offline run writes its config and summary files only when finished)."""
+    for lg in loggers:
+        lg.finalize(status)
+        if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
+            lg.experiment.finish(exit_code=0 if status == "success" else 1)

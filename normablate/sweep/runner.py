@@ -118,8 +118,8 @@ class Sweep(QueueMixin, ReaperMixin, TrialMixin):
         """The study's line of the live progress board: done/total, ETA (progress.Board refines it from the running
         trials' own ETAs)."""
         if self.board is not None and self.verbose:
-            self.board.update({"study": f"[{self.spec.study_name}] {c.done}/{c.total} trials done, {c.running} "
-                                        f"running", "remaining": c.total - c.done, "eta": eta,
+            self.board.update({"study": f"[{self.spec.study_name}] {c.done}/{c.total} trials done",
+                               "remaining": c.total - c.done, "eta": eta,
                                "done_since_start": c.done - self.done_at_start})
 
     def work(self, poll: float | None = None) -> int:
