@@ -521,3 +521,16 @@ def test_start_postgres_needs_a_generated_password(tmp_path):
         _pg_stop(root / "db")
         _pg_stop(root / "wide")
         subprocess.run(["rm", "-rf", str(root)], timeout=60)
+
+
+def test_full_disk_under_a_journal_names_the_journal(tmp_path, monkeypatch):
+    j = tmp_path / "j.log"
+    st = open_storage(f"journal:{j}")
+    optuna.create_study(study_name="s", storage=st)
+
+    def full(self, logs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(JournalFileBackend, "append_logs", full)
+    with pytest.raises(StorageError, match=f"no space left on the disk holding {str(j)!r}; free some space"):
+        optuna.create_study(study_name="s2", storage=st)

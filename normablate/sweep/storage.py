@@ -224,8 +224,8 @@ def open_storage(url: str | None, log_dir: str | Path = "lightning_logs", *, cre
                             f"--storage")
         path.parent.mkdir(parents=True, exist_ok=True)
         check_journal(path)
-        try:
-            return JournalStorage(JournalFileBackend(str(path)))
+        try:  # (wrapped for its errors only: a full disk names the journal; nothing there is retried)
+            return retrying(JournalStorage(JournalFileBackend(str(path))), url)
         except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError: changed since check_journal read it)
             raise StorageError(f"journal {str(path)!r} cannot be read ({type(e).__name__}: {e}); restore it from a "
                                f"backup or move it aside") from None
@@ -323,7 +323,7 @@ def failure(e: BaseException, where: str) -> StorageError | None:
         return e
     shown = display_url(where)
     if _disk_full(e):
-        db = where.split(":///", 1)[-1] if where.startswith("sqlite") else where
+        db = where.split(":///", 1)[-1] if where.startswith("sqlite") else where.removeprefix("journal:")
         return StorageError(disk_full_message(e, db))
     if _corrupt(e):
         db = where.split(":///", 1)[-1]
