@@ -95,7 +95,7 @@ class TrainerConfig:
     #                                   evaluated on test (RunResult.test_at_best); None: val/acc, LM val/loss
     target_metric: str | None = None  # e.g. "val/acc": record the first step and time it reaches target_value
     target_value: float | None = None
-    progress: bool = True  # show a progress bar
+    progress: bool = True  # a progress bar on a terminal; elsewhere a plain line every 30 s or tenth of the run
     # BN family: also validate with batch statistics (val/loss_batchstats, val/train_eval_gap) at every validation,
     # at the final one only (the curve is lost, the end point kept; ~half the validation time), or never (README)
     batchstat_gap: Literal["every", "final", "off"] = "every"
