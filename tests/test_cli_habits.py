@@ -247,17 +247,17 @@ def test_a_later_layer_switches_the_budget(tmp_path):
     assert (c.trainer.max_steps, c.trainer.max_epochs) == (9, None)
 
 
-@pytest.mark.slow  # a real (13-step) run
+@pytest.mark.slow  # a real (7-step) run
 def test_max_epochs_resolves_in_train_and_is_recorded(tmp_path):
     from normablate.train import train
 
-    result = train(load_config(None, [*TINY, f"trainer.log_dir={tmp_path}", "trainer.max_epochs=2",
+    result = train(load_config(None, [*TINY, f"trainer.log_dir={tmp_path}", "trainer.max_epochs=1",
                                       "trainer.val_every=100"]))
-    want = math.ceil(2 * 200 / 32)  # 13
+    want = math.ceil(200 / 32)  # 7
     assert result.status == "completed" and result.steps == want
-    assert result.config["trainer"]["max_steps"] == want and result.config["trainer"]["max_epochs"] == 2
+    assert result.config["trainer"]["max_steps"] == want and result.config["trainer"]["max_epochs"] == 1
     recorded = yaml.safe_load((tmp_path / "default" / result.run_dir.rsplit("/", 1)[1] / "config.yaml").read_text())
-    assert recorded["trainer"]["max_steps"] == want and recorded["trainer"]["max_epochs"] == 2
+    assert recorded["trainer"]["max_steps"] == want and recorded["trainer"]["max_epochs"] == 1
 
 
 def test_batch_size_study_budget_in_epochs():
