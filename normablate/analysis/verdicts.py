@@ -13,23 +13,24 @@ directional, so every test is one-sided at level ``alpha`` (α), and the interva
 (1 − 2α) confidence interval (90% at α = 0.05) that reads the same decision off its ends. (α = 0.025 gives the
 regulatory convention: one-sided 2.5%, 95% intervals.) With margin δ ≥ 0:
 
-===============  ========================  ==============================  ======================================
-type             claim                     supported (claim p ≤ α)          contradicted (counter p ≤ α)
-===============  ========================  ==============================  ======================================
-superiority      g > δ  (δ optional, 0)    CI lower end above δ             CI upper end below δ: A is not better
-                                                                             by δ (with δ = 0: B is better)
-non_inferiority  g > −δ (δ required)       CI lower end above −δ            CI upper end below −δ: A is worse by
-                                                                             more than δ
-equivalence      −δ < g < δ (δ required)   CI inside (−δ, δ): both one-     the 1 − α CI lies wholly outside
-                                           sided tests (TOST) reject        [−δ, δ]: they differ by more than δ
-===============  ========================  ==============================  ======================================
+===============  ========================  ============================  ===================================
+type             claim                     supported (claim p ≤ α)       contradicted (counter p ≤ α)
+===============  ========================  ============================  ===================================
+superiority      g > δ  (δ optional, 0)    CI lower end above δ          CI upper end below δ: A is not
+                                                                         better by δ (δ = 0: B is better)
+non_inferiority  g > −δ (δ required)       CI lower end above −δ         CI upper end below −δ: A is worse
+                                                                         by more than δ
+equivalence      −δ < g < δ (δ required)   CI inside (−δ, δ): both one-  the 1 − α CI lies wholly outside
+                                           sided tests (TOST) reject     [−δ, δ]: they differ by more than δ
+===============  ========================  ============================  ===================================
 
 Otherwise the verdict is *inconclusive* (also when a side has fewer than 2 seeds). The claim p of an
 equivalence is the larger of its two one-sided p-values (TOST); its counter p is twice the smaller of the two
 "differs by more than δ" p-values (Bonferroni over the two directions, so a false "contradicted" has
 probability at most α even when δ is tiny against the noise; hence the 1 − α interval in that row).
-A superiority that is never contradicted with δ = 0 is the honest outcome of "no difference detected": set a
-δ (the smallest effect the claim cares about) to let the data contradict "A is meaningfully better".
+With δ = 0 a superiority claim is contradicted only by the opposite effect, and "no difference detected" stays
+inconclusive; a δ > 0 (the smallest effect the claim cares about) lets the data contradict "A is meaningfully
+better" when the effect is shown to be smaller than δ.
 
 Multiplicity: the claim p-values of a spec's hypotheses are adjusted by Holm's step-down method (family-wise
 error ≤ α over the spec's hypotheses, whatever their dependence), the counter p-values likewise as a second
@@ -48,8 +49,8 @@ Contrasts
   that the choice was made from noisy seeds, so the CI comes from a bootstrap over seeds that repeats the choice
   inside every resample (``selection_bootstrap``; paired resampling when the sides share seeds). The interval is
   the percentile interval with each tail's spread about the bootstrap median M widened by a small-sample factor:
-  [M − (M − Q(a))·k, M + (Q(1−a) − M)·k], k = √(n/(n−1))·t(1−a, n−1)/z(1−a), with Q the bootstrap quantiles
-  and n the seeds (paired) or the smaller side's. For a mean of normal data k turns the percentile interval
+  [M − (M − Q(a))·k, M + (Q(1−a) − M)·k], k = √(n/(n−1))·t(1−a, n−1)/z(1−a), with Q the bootstrap
+  quantiles and n the seeds (paired) or the smaller side's. For a mean of normal data k turns the percentile interval
   into the t interval: the bootstrap's spread is √((n−1)/n) too small and its tails are normal, not t (the
   same correction as Hesterberg's expanded percentile interval, Hesterberg 2015, "What teachers should know
   about the bootstrap", Sec. 4.5). Keeping each tail's own length keeps the skew and the bimodality that

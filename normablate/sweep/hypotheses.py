@@ -100,8 +100,9 @@ def check(raw: Any, axes: dict[str, list], task: str, grouped: bool, where: str)
                                    or not math.isfinite(margin) or margin < 0):
             raise ConfigError(f"{w}: margin={margin!r} must be a number >= 0 (in the metric's units)")
         if kind != "superiority" and not margin:
+            what = "no worse" if kind == "non_inferiority" else "equal"
             raise ConfigError(f"{w}: type {kind} needs a margin > 0 (δ in the metric's units: the largest "
-                              f"difference that still counts as {'no worse' if kind == 'non_inferiority' else 'equal'})")
+                              f"difference that still counts as {what})")
         alpha = h.get("alpha", 0.05)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 0.5:
             raise ConfigError(f"{w}: alpha={alpha!r} must be a number in (0, 0.5)")
