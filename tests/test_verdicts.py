@@ -145,6 +145,22 @@ def test_superiority_contradicted_at_best_lr_and_holm_across_hypotheses():
     assert [v.p_adj for v in vs] == pytest.approx(V.holm([v.test.p for v in vs]))
     assert vs[1].p_adj >= vs[1].test.p
     assert V.evaluate(data, samples=2000)[0].test.lo == vs[0].test.lo  # deterministic
+    assert "(A 0.1, B 0.01; chosen on final val/acc)" in vs[0].what  # the LRs the contrast is at
+    assert "A's best LR 0.1 is the grid's highest: its optimum may lie outside the grid" in vs[0].notes
+
+
+def test_an_inconclusive_verdict_says_what_budget_would_decide_it():
+    t = V.Test(0.01, -0.01, 0.03, 0.9, 0.2, 0.8)
+    v = V.Verdict("h", "claim", "superiority", None, 0.05, "", "test", t, word="inconclusive")
+    assert "half-width is 0.02; if the estimate were the truth, about 4.0x the seeds" in v.seeds_needed()
+    v = V.Verdict("h", "claim", "equivalence", 0.05, 0.05, "", "test", V.Test(0.01, -0.04, 0.06, 0.9, 0.2, 0.8),
+                  word="inconclusive")
+    assert "about 1.6x the seeds" in v.seeds_needed()  # half-width 0.05 vs 0.05 - |0.01| = 0.04: (0.05/0.04)^2
+    v = V.Verdict("h", "claim", "superiority", None, 0.05, "", "test", V.Test(0.03, 0.01, 0.05, 0.9, 0.04, 0.96),
+                  word="inconclusive")  # supported alone, not after Holm
+    assert "Holm's adjustment" in v.seeds_needed()
+    v.word = "supported"
+    assert v.seeds_needed() == ""
 
 
 def test_best_lr_skips_lrs_where_a_seed_diverged_and_falls_back_to_val():

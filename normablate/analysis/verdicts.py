@@ -181,6 +181,8 @@ class BootDist(Dist):
     n_b: int
     paired: bool = False
     n_failed: int = 0  # resamples where a side had no candidate LR (left out)
+    chosen: tuple = ()  # (A's best LR, B's best LR) on the full sample; None for a side with no candidate
+    stability: tuple = ()  # fraction of resamples that chose that same LR, per side
 
     def __post_init__(self) -> None:
         s = np.asarray(self.samples, float)
@@ -373,17 +375,19 @@ def selection_bootstrap(a: Side, b: Side, direction: str, samples: int = 4000, s
     else:
         ia = rng.integers(0, len(a.seeds), size=(samples, len(a.seeds)))
         ib = rng.integers(0, len(b.seeds), size=(samples, len(b.seeds)))
-    ta, _ = select_and_report(a.val, a.diverged, a.test, np.arange(len(a.seeds))[None], direction)
-    tb, _ = select_and_report(b.val, b.diverged, b.test, np.arange(len(b.seeds))[None], direction)
+    ta, ca = select_and_report(a.val, a.diverged, a.test, np.arange(len(a.seeds))[None], direction)
+    tb, cb = select_and_report(b.val, b.diverged, b.test, np.arange(len(b.seeds))[None], direction)
     est = float(ta[0] - tb[0])
-    sa, _ = select_and_report(a.val, a.diverged, a.test, ia, direction)
-    sb, _ = select_and_report(b.val, b.diverged, b.test, ib, direction)
+    sa, ra = select_and_report(a.val, a.diverged, a.test, ia, direction)
+    sb, rb = select_and_report(b.val, b.diverged, b.test, ib, direction)
     diff = sa - sb
+    chosen = tuple(side.lrs[int(c[0])] if math.isfinite(t[0]) else None for side, c, t in ((a, ca, ta), (b, cb, tb)))
+    stability = (float(np.mean(ra == ca[0])), float(np.mean(rb == cb[0])))
     n_eff = len(a.seeds) if paired else min(len(a.seeds), len(b.seeds))
     how = "paired" if paired else "independent"
     return BootDist(est, diff, n_eff, f"selection-aware bootstrap ({samples} {how} seed resamples, best LR "
                                       f"re-chosen on val in each)", len(a.seeds), len(b.seeds), paired,
-                    n_failed=int((~np.isfinite(diff)).sum()))
+                    n_failed=int((~np.isfinite(diff)).sum()), chosen=chosen, stability=stability)
 
 
 # ------------------------------------------------------------------------------------------ tests and Holm
@@ -479,6 +483,7 @@ class Verdict:
     word: str = "inconclusive"
     details: list[dict[str, Any]] = field(default_factory=list)  # over: one row per axis value
     notes: list[str] = field(default_factory=list)
+    direction: str = "maximize"  # of the metric
 
     def type_label(self) -> str:
         return self.type.replace("_", "-") + (f", δ = {self.margin:g}" if self.margin else "")
@@ -489,6 +494,24 @@ class Verdict:
         ci = (f"{t.level:.0%} CI [{t.lo:+.3g}, {t.hi:+.3g}]" if math.isfinite(t.lo) else "no CI (too few seeds)")
         return (f"verdict {self.id}: {self.word.upper()} ({self.type_label()}, alpha {self.alpha:g}): "
                 f"A − B = {t.estimate:+.3g} on {self.split} data, {ci}, {self.p_text()} — {self.what}")
+
+    def seeds_needed(self) -> str:
+        """For an inconclusive verdict: roughly how many times the seeds would decide it, if the estimate were the
+        truth (the interval shrinks as 1/√n; Holm and the bootstrap's small-sample factor ignored)."""
+        t = self.test
+        if self.word != "inconclusive" or not (math.isfinite(t.lo) and math.isfinite(t.hi)):
+            return ""
+        sign = 1.0 if self.direction == "maximize" else -1.0
+        g, m = sign * t.estimate, float(self.margin or 0.0)
+        bound = {"superiority": m, "non_inferiority": -m}.get(self.type, math.copysign(m, g))
+        gap = abs(g - bound) if self.type != "equivalence" else m - abs(g)
+        if gap <= 0:
+            return f"untestable at this budget as estimated: the estimate sits on the claim's boundary ({bound:+.3g})"
+        factor = ((t.hi - t.lo) / 2.0 / gap) ** 2
+        if factor <= 1.0:
+            return "the unadjusted interval decides it; Holm's adjustment across the hypotheses keeps it open"
+        return (f"at this budget the {t.level:.0%} CI's half-width is {(t.hi - t.lo) / 2:.3g}; if the estimate were "
+                f"the truth, about {factor:.1f}x the seeds would decide it")
 
     def p_text(self) -> str:
         """The Holm-adjusted p the word rests on (for a contradiction: the test against the claim's)."""
@@ -591,10 +614,17 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
         elif at == "best_lr":
             ra, rb = _match(df, names, c["a"]), _match(df, names, c["b"])
             lr_col = names.get("optim.lr", "lr")
-            dist = selection_bootstrap(_side(ra, vcol, tcol, lr_col), _side(rb, vcol, tcol, lr_col), direction,
-                                       samples, seed=k)
+            sa, sb = _side(ra, vcol, tcol, lr_col), _side(rb, vcol, tcol, lr_col)
+            dist = selection_bootstrap(sa, sb, direction, samples, seed=k)
             test = judge(dist, h["type"], h.get("margin"), h["alpha"], direction)
-            what = f"{_pretty(tcol)} at each side's best LR (chosen on {_pretty(vcol)})"
+            lrs = ", ".join(f"{s} {x:g}" if x is not None else f"{s} none" for s, x in zip("AB", dist.chosen))
+            what = f"{_pretty(tcol)} at each side's best LR ({lrs}; chosen on {_pretty(vcol)})"
+            for s, x, grid, st in zip("AB", dist.chosen, (sa.lrs, sb.lrs), dist.stability):
+                if x is not None and len(grid) > 1 and x in (grid[0], grid[-1]):
+                    notes.append(f"{s}'s best LR {x:g} is the grid's {'lowest' if x == grid[0] else 'highest'}: its "
+                                 f"optimum may lie outside the grid")
+                if x is not None and st < 0.8:
+                    notes.append(f"{s}'s best LR {x:g} is chosen in only {st:.0%} of the seed resamples")
             if dist.n_failed:
                 notes.append(f"{dist.n_failed} of {samples} resamples left out: a side had no LR without a "
                              f"diverged seed")
@@ -623,11 +653,14 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
         side = lambda s: ", ".join(f"{names.get(kk, kk)}={_label(x)}" for kk, x in s.items())  # noqa: E731
         what = f"A = {side(c['a'])} vs B = {side(c['b'])}: {what}; {test.method}"
         out.append(Verdict(h["id"], h["claim"], h["type"], h.get("margin"), h["alpha"], what, split, test,
-                           details=details, notes=notes))
+                           details=details, notes=notes, direction=direction))
     alpha = out[0].alpha
     ws, adj, adjk = words([v.test for v in out], alpha)
     for v, w, a, kk in zip(out, ws, adj, adjk):
         v.word, v.p_adj, v.p_counter_adj = w, a, kk
+        need = v.seeds_needed()
+        if need:
+            v.notes.append(need)
     return out
 
 
