@@ -295,7 +295,7 @@ def test_a_model_too_big_for_memory_is_refused_with_the_numbers(tmp_path, capsys
 
 
 # ------------------------------------------------------------------------------------------ sweep preflight
-@pytest.mark.parametrize("what", ["missing", "columns"])
+@pytest.mark.parametrize("what", ["missing", "columns", "second source"])
 def test_sweep_preflight_stops_a_bad_source_in_one_line(tmp_path, capsys, what):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -308,11 +308,13 @@ def test_sweep_preflight_stops_a_bad_source_in_one_line(tmp_path, capsys, what):
     spec = {"kind": "grid", "study_name": "pf", "log_dir": str(tmp_path / "logs"), "metric": "val/acc",
             "base": {"model": {"backbone": "resnet20", "width": 4}, "data": {"source": str(source)},
                      "trainer": {"max_steps": 2, "val_every": 2}}, "grid": {"seed": [0, 1]}}
+    if what == "second source":  # a grid over sources: each distinct data config is checked, not only the first
+        spec["grid"] = {"data.source": ["synthetic", str(source)], "seed": [0]}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
     rc = main(["sweep", "-c", str(tmp_path / "s.yaml"), "--no-report"])
     out = capsys.readouterr()
     assert rc == 2
     (line,) = [x for x in out.err.splitlines() if x.strip()]
-    assert "preflight" in line and ("does not exist" if what == "missing" else "columns: a, b") in line
+    assert "preflight" in line and ("columns: a, b" if what == "columns" else "does not exist") in line
     assert "Traceback" not in out.err + out.out
     assert not any(p.is_dir() for p in (tmp_path / "logs" / "pf").glob("*"))  # no trial started a run folder

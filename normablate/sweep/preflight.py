@@ -1,6 +1,6 @@
-"""Sweep preflight: before the first trial, build one trial's data and model, so a bad ``data.source``, a missing
-split or column, or a model that cannot take the data's shape ends the sweep at once (``ConfigError``, exit 2, one
-line) instead of every trial starting and crashing the same way.
+"""Sweep preflight: before the first trial, build one trial's data and model (the first grid point of each distinct
+data config), so a bad ``data.source``, a missing split or column, or a model that cannot take the data's shape ends
+the sweep at once (``ConfigError``, exit 2, one line) instead of every trial starting and crashing the same way.
 
 The data is set up as the first trial would set it up (``prepare_data`` + ``setup``): decoded once and cached, so
 the trials that follow read the cache and nothing is wasted. The model is built on the meta device and run
@@ -10,19 +10,34 @@ custom ``trainer_fn`` or ``--dry-run`` may use other data).
 """
 from __future__ import annotations
 
+import json
+
 from ..errors import ConfigError, NormablateError
 from .spec import DEFAULT_TRAINER, SweepSpec
 
 
+def _data_key(d: dict) -> str:
+    """Grid points with the same data (batch sizes aside: they do not change what is read) share one check."""
+    data = {k: v for k, v in (d.get("data") or {}).items() if k not in ("batch_size", "val_batch_size")}
+    return json.dumps({"data": data, "task": d.get("task"), "backbone": (d.get("model") or {}).get("backbone")},
+                      sort_keys=True, default=str)
+
+
 def preflight(spec: SweepSpec) -> str | None:
-    """Check the first grid point's data and model; returns a one-line summary, or None when skipped."""
+    """Check the data of every distinct data config of the grid (usually one) and, for the first grid point of
+    each, the model; returns a one-line summary, or None when skipped."""
     if spec.trainer_fn != DEFAULT_TRAINER:
         return None
-    points = spec.points()
-    if not points:
-        return None
-    point = points[0]
     params = spec.search_params_for_validation()[0]
+    firsts: dict[str, object] = {}
+    for point in spec.points():  # (raw dicts: no validation per point, so a large grid costs nothing here)
+        firsts.setdefault(_data_key(spec.trial_dict(point, params, run="preflight")), point)
+    lines = [_check_point(spec, point, params) for point in firsts.values()]
+    return lines[0] if len(lines) == 1 else f"preflight: {len(lines)} data sets and their models are fine" \
+        if lines else None
+
+
+def _check_point(spec: SweepSpec, point, params) -> str:
     where = f"sweep {spec.study_name!r}, preflight of grid point [{point.label(spec.axes)}]"
     cfg = spec.trial_config(point, params, run="preflight")
     from .. import footprint
