@@ -58,7 +58,8 @@ def lightning_habits(argv: list[str], parser: argparse.ArgumentParser) -> list[s
         instead = LIGHTNING_COMMANDS[command]
         if "evaluate" in sub.choices and command in ("test", "validate"):
             split = "test" if command == "test" else "val"
-            instead = f"evaluate a trained run with: normablate evaluate RUN_DIR --split {split} (train: normablate train)"
+            instead = (f"evaluate a trained run with: normablate evaluate RUN_DIR --split {split} "
+                       f"(train: normablate train)")
         raise HabitError(f"normablate has no {command!r} subcommand (LightningCLI's); {instead}")
     known = _options_of(parser, command)
     out: list[str] = []
@@ -79,7 +80,7 @@ def lightning_habits(argv: list[str], parser: argparse.ArgumentParser) -> list[s
             out.append(f"{key}={value}")
         elif arg.startswith("--") and "_" in name and name not in known and name.replace("_", "-") in known:
             out.append(name.replace("_", "-") + eq + value)
-        elif arg == "--print_config" or arg == "--print-config" and command == "sweep":
+        elif arg in ("--print_config", "--print-config") and "--print-config" not in known:
             raise HabitError(f"normablate {command or '<command>'} has no --print-config; "
                              + ("check a sweep spec with: normablate sweep --config SPEC --check" if command == "sweep"
                                 else "print a run's resolved config with: normablate train ... --print-config"))

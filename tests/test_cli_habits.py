@@ -58,6 +58,7 @@ def test_dotted_option_takes_yaml_values(capsys):
     (["validate"], r"no 'validate' subcommand .*normablate evaluate RUN_DIR --split val"),
     (["predict"], r"no 'predict' subcommand"),
     (["sweep", "--config", "configs/sweeps/quick.yaml", "--print_config"], r"normablate sweep --config SPEC --check"),
+    (["list", "--print-config"], r"normablate list has no --print-config; .*normablate train ... --print-config"),
 ])
 def test_unmappable_habit_is_one_line_hint(capsys, tmp_path, monkeypatch, argv, hint):
     monkeypatch.chdir(cli.__file__.rsplit("/normablate/", 1)[0])
@@ -186,7 +187,8 @@ def test_lion_without_its_package_is_a_config_error(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lion_pytorch" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "lion_pytorch" else real(name, *a))
     with pytest.raises(ConfigError, match=r"optim.name='lion' needs the lion-pytorch package.*normablate\[lion\]"):
         load_config(None, ["optim.name=lion"])
 

@@ -92,10 +92,9 @@ def test_single_lr_sweep_has_no_lr_axis(tmp_path, captured):
 
 def test_landscape_bands_are_seed_ranges_and_cut_bands_are_marked(tmp_path, captured):
     def hist(scale, spike=False):
-        h = {"probe/loss_range": [[k, scale * (1 + 0.01 * k) + (100.0 if spike and k == 10 else 0.0)]
-                                  for k in range(0, 50, 5)],
-             "probe/grad_pred": [[k, scale] for k in range(0, 50, 5)], "probe/beta": [[k, scale] for k in range(0, 50, 5)]}
-        return h
+        steps = range(0, 50, 5)
+        return {"probe/loss_range": [[k, scale * (1 + 0.01 * k) + (100.0 if spike and k == 10 else 0.0)] for k in steps],
+                "probe/grad_pred": [[k, scale] for k in steps], "probe/beta": [[k, scale] for k in steps]}
 
     histories = {0: hist(1.0), 1: hist(1.2, spike=True), 2: hist(0.3), 3: hist(0.35)}  # bn seeds 0,1; none 0,1
     d = study(["bn", "none"], [0.1], histories=histories)
