@@ -217,6 +217,7 @@ def test_an_old_study_with_the_whole_spec_in_its_user_attribute_still_loads(tmp_
 
 
 # ------------------------------------------------------------------------------------------ loggers
+@pytest.mark.slow
 def test_csv_logger_writes_hparams_and_metrics_into_the_run_folder(tmp_path):
     import csv
 
@@ -234,6 +235,7 @@ def test_csv_logger_writes_hparams_and_metrics_into_the_run_folder(tmp_path):
     assert (run_dir / HPARAMS_DIR).is_dir()  # TensorBoard too
 
 
+@pytest.mark.slow
 def test_unknown_or_missing_logger_is_a_config_error(tmp_path, monkeypatch):
     import importlib.util
 
