@@ -623,27 +623,20 @@ def study_variants(study: str, log_dir: str, tiny: bool = False) -> list[tuple[s
     return out
 
 
-def matmul_peak(n: int = 1024, repeats: int = 5) -> float:
-    """GFLOP/s of a square fp32 ``torch.mm`` (n x n by n x n) at the current thread count: the best of ``repeats``
-    (a peak: load only slows it down)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n ** 3 / best / 1e9
+PEAK_N = 1024  # the matmul peak: torch.mm of two PEAK_N x PEAK_N fp32 matrices
 
 
-def gemm_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
-    """GFLOP/s of one (m, k) @ (k, n) fp32 GEMM (best of ``repeats``): what a model's GEMMs of that shape can reach."""
+def _peak_fn() -> Callable[[], object]:
+    a, b = torch.randn(PEAK_N, PEAK_N), torch.randn(PEAK_N, PEAK_N)
+    return lambda: a @ b
+
+
+def gemm_share(m: int, k: int, n: int, repeats: int = 7) -> float:
+    """Share of the matmul peak one (m, k) @ (k, n) fp32 GEMM reaches: the two timed in turn, median of the
+    per-repeat ratios (what a model's GEMMs of that shape can reach at best)."""
     a, b = torch.randn(m, k), torch.randn(k, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * m * k * n / best / 1e9
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    t = interleaved({"gemm": lambda: a @ b, "peak": _peak_fn()}, repeats)
+    return statistics.median((2 * m * k * n / g) / (2 * PEAK_N ** 3 / p) for g, p in zip(t["gemm"], t["peak"]))
 
 
 def step_flops(step: Callable[[], object]) -> tuple[float, float]:
@@ -730,11 +723,11 @@ def bench_models(s: Settings) -> list[Row]:
     from . import speed
 
     rows = []
-    peaks = [matmul_peak()]
+    peaks = []
     with tempfile.TemporaryDirectory() as tmp:
         for study in s.model_studies:
             variants = study_variants(study, tmp, s.tiny_models)
-            fns, info, autos = {}, {}, {}
+            fns, info, autos = {"matmul peak": _peak_fn()}, {}, {}
             for label, cfg in variants:
                 c, dm, model, opt = _hand_setup(cfg)
                 batch = dm.train_batch(0)
@@ -752,8 +745,9 @@ def bench_models(s: Settings) -> list[Row]:
                     opt2 = build_optimizer(c2.optim, model2)
                     fns[f"{label} [auto]"] = (lambda c=c2, m=model2, o=opt2, b=batch: _hand_step(c, m, o, b))
                     autos[label] = (f"{label} [auto]", speed.setting(types.SimpleNamespace(**chosen)), why)
-            t = interleaved(fns, s.model_repeats, warmup=2)
-            peaks.append(matmul_peak())
+            t = interleaved(fns, s.model_repeats, warmup=2)  # the matmul peak timed in turn with the steps
+            peak_t = t.pop("matmul peak")
+            peaks += [2 * PEAK_N ** 3 / x / 1e9 for x in peak_t]
             ref = variants[0][0]
             shares, opt_share = step_profile(fns[ref], steps=2 if s.tiny_models else 3)
             order = sorted(shares.items(), key=lambda kv: -kv[1])
@@ -770,13 +764,17 @@ def bench_models(s: Settings) -> list[Row]:
                                 paired_ratio(times, t[ref]),
                                 note=f"{backbone}, {n_params / 1e6:.3f} M params, {units:.0f} {unit}/step, "
                                      f"{units / med:,.0f} {unit}/s"))
+                # share of the peak per repeat (step i against the matmul timed right after it), then the median
+                share = statistics.median((flops / x) / (2 * PEAK_N ** 3 / p) for x, p in zip(times, peak_t))
+                peak = statistics.median(2 * PEAK_N ** 3 / p / 1e9 for p in peak_t)
                 rows.append(Row("models", f"{study}: {label}", "", "GFLOP/s", "achieved", "matmul peak",
-                                flops / med / 1e9, None, "GFLOP/s", None,
-                                note=f"{flops / 1e9:.3f} GFLOP per step (FlopCounterMode"
+                                flops / med / 1e9, peak, "GFLOP/s", 1 / share,
+                                note=f"{share:.0%} of the matmul peak (median of per-repeat shares); "
+                                     f"{flops / 1e9:.3f} GFLOP per step (FlopCounterMode"
                                      + (f"; attention {by_hand / 1e9:.3f} GFLOP added by hand: CPU flash attention "
                                         f"is not counted" if by_hand else "") + ")"
-                                     + (f"; its FFN GEMM {gemm[0]}x{gemm[1]} @ {gemm[1]}x{gemm[2]} alone runs at "
-                                        f"{gemm_rate(*gemm):.1f} GFLOP/s" if gemm else "")))
+                                     + (f"; its FFN GEMM {gemm[0]}x{gemm[1]} @ {gemm[1]}x{gemm[2]} alone reaches "
+                                        f"{gemm_share(*gemm):.0%} of the peak" if gemm and label == ref else "")))
                 if label in autos:
                     name, setting, why = autos[label]
                     a = t[name]
@@ -787,15 +785,11 @@ def bench_models(s: Settings) -> list[Row]:
                     rows.append(Row("models", f"{study}: {label}", "", "auto vs eager", "auto (eager)", "eager",
                                     note=f"auto = eager here ({speed.rule(_hand_config(variants, label))[1]}): "
                                          f"not timed"))
-    peak = max(peaks)
-    for r in rows:  # the share of the peak, once the peak of the whole section is known
-        if r.variant == "GFLOP/s":
-            r.reference_value = peak
-            r.ratio = peak / r.ours_value if r.ours_value else None
-            r.note = f"{r.ours_value / peak:.0%} of the matmul peak; " + r.note
-    rows.append(Row("models", "matmul peak", "", "GFLOP/s", "torch.mm 1024x1024 fp32", "", peak, None, "GFLOP/s",
-                    note=f"best of 5 at {torch.get_num_threads()} thread(s), measured before each study and at the "
-                         f"end: {', '.join(f'{p:.1f}' for p in peaks)}"))
+    rows.append(Row("models", "matmul peak", "", "GFLOP/s", f"torch.mm {PEAK_N}x{PEAK_N} fp32", "",
+                    statistics.median(peaks), None, "GFLOP/s",
+                    note=f"timed in turn with every step of every variant at {torch.get_num_threads()} thread(s): "
+                         f"median; min {min(peaks):.1f}, max {max(peaks):.1f} over {len(peaks)} calls (the spread "
+                         f"is the load: the shares above are taken per repeat)"))
     return rows
 
 
@@ -1214,8 +1208,9 @@ SECTION_TEXT = {
               "variant: eager = step time, ratio against the study's first variant (> 1 = slower); GFLOP/s = "
               "FLOPs per step (FlopCounterMode; the CPU flash-attention kernel is not counted by it, so attention "
               "FLOPs are added by hand, 12·B·h·T²·d per step, causal mask not discounted) / step time, ratio = matmul "
-              "peak / achieved (the peak: best torch.mm 1024² fp32, measured before each study and at the end of "
-              "this section); auto vs eager = the same model with trainer.speed=auto's setting, interleaved, ratio = "
+              "peak / achieved (the peak: a torch.mm of 1024² fp32 timed in turn with every step, so that both see "
+              "the same load; the share is taken per repeat, median); profile = self CPU time of the study's first "
+              "variant by op group (torch.profiler); auto vs eager = the same model with trainer.speed=auto's setting, interleaved, ratio = "
               "auto / eager (timed only where auto differs from eager).",
     "data": "Real CIFAR-10, the shipped VGG-11 and ResNet-20 configs (configs/runs/*_cifar10.yaml): time producing "
             "each training batch (indices, crop + flip, normalization: the batch builder train() runs on the "
@@ -1328,8 +1323,7 @@ def models_summary(rows: list[Row]) -> list[str]:
         study, label = r.name.split(": ", 1)
         why = MODEL_WHY_NOT.get((study, label), "")
         lines.append(f"  - {r.name}: **{r.ratio:.2f}×** — NOT met" + (f" ({why})" if why else ""))
-    share = [(r.name, r.ours_value / r.reference_value) for r in rows if r.section == "models"
-             and r.variant == "GFLOP/s" and r.reference_value and r.ours_value and r.name != "matmul peak"]
+    share = [(r.name, 1 / r.ratio) for r in rows if r.section == "models" and r.variant == "GFLOP/s" and r.ratio]
     if share:
         lo, hi = min(share, key=lambda x: x[1]), max(share, key=lambda x: x[1])
         lines.append(f"- model steps reach {lo[1]:.0%} ({lo[0]}) to {hi[1]:.0%} ({hi[0]}) of the matmul peak "
