@@ -182,11 +182,12 @@ CALLS: list[tuple] = []
 
 
 def fake_train(cfg, callbacks=None, resume=False):
-    """A trainer_fn: the first call leaves a checkpoint and reports an interruption; the retry completes."""
-    CALLS.append((cfg.trainer.threads, resume))
+    """A trainer_fn: seed 0's first call leaves a checkpoint and reports an interruption; the rest complete."""
+    CALLS.append((cfg.trainer.threads, resume, torch.get_num_threads()))
+    torch.set_num_threads(cfg.trainer.threads or 7)  # as train() does (7: a count restored from a checkpoint)
     run_dir = Path(cfg.trainer.log_dir) / cfg.experiment / cfg.run
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume and cfg.seed == 0:
         (run_dir / "last.ckpt").write_bytes(b"checkpoint")
         return RunResult(run_dir=str(run_dir), status="interrupted", steps=1)
     return RunResult(run_dir=str(run_dir), status="completed", steps=2, final={"val/acc": 0.5}, config=to_dict(cfg))
@@ -198,17 +199,24 @@ def test_a_resumed_sweep_trial_restores_its_threads_not_the_workers_share(tmp_pa
 
     spec = load_spec({"kind": "grid", "study_name": "th", "log_dir": str(tmp_path / "logs"), "metric": "val/acc",
                       "base": {"model": {"backbone": "resnet20", "width": 4}, "trainer": {"max_steps": 2}},
-                      "trainer_fn": "test_reliability_resume:fake_train", "grid": {"seed": [0]}})
+                      "trainer_fn": "test_reliability_resume:fake_train", "grid": {"seed": [0, 1]}})
     url = f"sqlite:///{tmp_path / 'logs' / 'optuna.db'}"
     CALLS.clear()
     STOP.signum = None
-    first = Sweep(spec, url, verbose=False, runtime={"trainer.threads": 1})  # as a worker of --workers N
-    first.setup(create=True)
-    assert first.work(poll=0.1) == 130  # interrupted, re-queued
-    again = Sweep(spec, url, verbose=False, runtime={"trainer.threads": 2})  # --workers changed meanwhile
-    again.setup(create=False)
-    assert again.work(poll=0.1) == 0
-    assert CALLS == [(1, False), (None, True)]  # the retry leaves threads to the run's own record
+    base = torch.get_num_threads()
+    try:
+        first = Sweep(spec, url, verbose=False, runtime={"trainer.threads": base + 1})  # a worker of --workers N
+        first.setup(create=True)
+        assert first.work(poll=0.1) == 130  # interrupted, re-queued
+        again = Sweep(spec, url, verbose=False, runtime={"trainer.threads": base + 2})  # --workers changed
+        again.setup(create=False)
+        assert again.work(poll=0.1) == 0
+    finally:
+        torch.set_num_threads(base)
+    # the retry leaves threads to the run's own record; every trial starts from the worker's own count, not the
+    # count the trial before it set
+    assert [c for c in CALLS if c[1]] == [(None, True, base)]
+    assert len(CALLS) == 3 and all(c[2] == base for c in CALLS), CALLS
 
 
 # ------------------------------------------------------------------------------------------ ranges

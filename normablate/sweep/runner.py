@@ -130,13 +130,19 @@ class Sweep(QueueMixin, ReaperMixin, TrialMixin):
         again; dropped when the loop ends."""
         from ..data import cache as data_cache  # (imports torch: only a process that runs trials gets here)
 
+        import torch
+
         previous = data_cache.keep_in_memory(DATA_MEMO)
-        try:
-            return self._work(poll)
+        threads = torch.get_num_threads()  # each trial starts from this process's own count: a trial that set or
+        try:  # restored another (a resumed one: runfolder.py) does not leak it to the next trial or the caller
+            return self._work(poll, threads)
         finally:
             data_cache.keep_in_memory(previous)
+            torch.set_num_threads(threads)
 
-    def _work(self, poll: float | None) -> int:
+    def _work(self, poll: float | None, threads: int) -> int:
+        import torch
+
         trainer_fn = load_trainer(self.spec.trainer_fn)
         poll = poll if poll is not None else min(2.0, float(self.spec.heartbeat["interval"]) / 2)
         waiting_msg = False
@@ -154,6 +160,7 @@ class Sweep(QueueMixin, ReaperMixin, TrialMixin):
                 time.sleep(poll)
                 continue
             waiting_msg = False
+            torch.set_num_threads(threads)
             last = self.run_slot(slot, trainer_fn)
             if self.board is not None:  # this worker's live line goes until its next trial starts
                 self.board.update({"worker": self.worker or "w0", "done": True})
