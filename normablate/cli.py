@@ -304,9 +304,9 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     except Exception as e:  # a bug of ours or a library's: one line, and how to see the traceback
         if debug:
             raise
-        from .sweep.storage import _disk_full, disk_full_message
+        from .sweep.storage import disk_full_message, is_disk_full
 
-        if _disk_full(e):  # (e.g. torch's writer reports ENOSPC as a RuntimeError)
+        if is_disk_full(e):  # (e.g. torch's writer reports ENOSPC as a RuntimeError)
             print(f"error: {disk_full_message(e)}", file=sys.stderr)
             return 2
         print(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with "

@@ -273,8 +273,8 @@ def transient(e: BaseException) -> bool:
     from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, PendingRollbackError
 
     conn = (OperationalError, InterfaceError, DisconnectionError, ConnectionError, PendingRollbackError)
-    if isinstance(e, StorageError) or _disk_full(e) or _corrupt(e):  # waiting does not fix these (a StorageError
-        return False                                                  # is a failure already waited for)
+    if isinstance(e, StorageError) or is_disk_full(e) or _corrupt(e):  # waiting does not fix these (a
+        return False  # StorageError is a failure already waited for)
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -296,7 +296,7 @@ def _chain(e: BaseException | None):
         e = e.__cause__ or e.__context__
 
 
-def _disk_full(e: BaseException) -> bool:
+def is_disk_full(e: BaseException) -> bool:
     """A full disk anywhere in the cause chain: ``ENOSPC``/``EDQUOT``, or SQLite's "database or disk is full"."""
     return any((isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT))
                or "disk is full" in str(x).lower() for x in _chain(e))
@@ -322,7 +322,7 @@ def failure(e: BaseException, where: str) -> StorageError | None:
     if isinstance(e, StorageError):
         return e
     shown = display_url(where)
-    if _disk_full(e):
+    if is_disk_full(e):
         db = where.split(":///", 1)[-1] if where.startswith("sqlite") else where.removeprefix("journal:")
         return StorageError(disk_full_message(e, db))
     if _corrupt(e):

@@ -32,7 +32,7 @@ from ..result import RunResult
 from .ddp_trial import TrialProcess, needs_process, threads_per_rank, world_of
 from .liveness import Heartbeat
 from .queue import Slot
-from .storage import StorageError, _disk_full, disk_full_message, retry
+from .storage import StorageError, disk_full_message, is_disk_full, retry
 
 HISTORY_POINTS = 256  # curves kept per metric in the trial record (downsampled by averaging)
 
@@ -162,7 +162,7 @@ class TrialMixin:
             except Exception as e:  # noqa: BLE001  a crashed run is recorded, and the sweep goes on
                 line = getattr(e, "child_error", None) or "".join(traceback.format_exception_only(type(e), e))
                 tb = getattr(e, "child_traceback", None) or traceback.format_exc()  # a DDP trial's: the child's
-                full = _disk_full(e) or "No space left on device" in line
+                full = is_disk_full(e) or "No space left on device" in line
                 try:
                     trial.set_user_attr("error", line.strip()[-2000:])
                     trial.set_user_attr("traceback", tb[-8000:])
