@@ -8,7 +8,7 @@ contributes its ``normablate`` part), its trailing ``# comment`` removed, and ru
 * ``sweep``: ``--check`` (the spec and every trial config are validated, nothing runs);
 * ``bench`` and ``evaluate``: ``--help`` after the command's own options (argparse checks those options and
   their choices first; a bench takes minutes, evaluate needs a trained run folder);
-* ``report``: as written, on a study the test makes first with a dry-run sweep of the same name;
+* ``report``: as written, on a study of that name the test makes first (4 instant fake trials);
 * ``list``: as written.
 
 The commands run in a temporary copy of the repository's layout (``main/configs`` and ``shared`` linked), so
@@ -134,10 +134,14 @@ def workdir(tmp_path_factory):
     (main / "my_norms.py").write_text(python_block_after(README.read_text(), "### Adding a norm"))
     (main / "my_sweep.yaml").write_text("kind: grid\nstudy_name: my_sweep\nmetric: val/acc\n"
                                         "base: {trainer: {max_steps: 2}}\ngrid:\n  model.norm: [scale_only, bn]\n")
-    env = shell_env()
-    subprocess.run([str(Path(sys.executable).parent / "normablate"), "sweep", "--config", "configs/sweeps/quick.yaml",
-                    "--dry-run", "--study-name", "quick", "--no-report"], cwd=main, env=env, check=True,
-                   capture_output=True, timeout=600)
+    # the study `normablate report --study quick` reads: 4 instant fake trials of that name (the README's quick
+    # sweep itself is 18 trials; the report command is what is tested here)
+    (base / "quick_tiny.yaml").write_text("kind: grid\nstudy_name: quick\nmetric: val/acc\n"
+                                          "trainer_fn: normablate.sweep.dryrun:train\n"
+                                          "base: {trainer: {max_steps: 10, val_every: 5}}\n"
+                                          "grid: {seed: [0, 1], model.norm: [bn, none]}\n")
+    subprocess.run([str(Path(sys.executable).parent / "normablate"), "sweep", "--config", str(base / "quick_tiny.yaml"),
+                    "--no-report"], cwd=main, env=shell_env(), check=True, capture_output=True, timeout=600)
     return main
 
 
