@@ -422,7 +422,7 @@ def bars(data: StudyData, summ, out: Path, what: list[tuple[str, str]], name: st
                     right=right * 1.25 if right > 0 else 1.0)
         ax.grid(alpha=0.3, axis="x")
     axes[0][0].set_ylabel(" / ".join(data.group_cols))
-    suptitle(fig, figure_title(data, title, "mean ± 95% CI over seeds; n at each bar: its finished seeds"))
+    suptitle(fig, figure_title(data, title, "mean ± 95% CI over seeds (n at each bar)"))
     fig.tight_layout()
     return save(fig, out / name)
 
