@@ -176,3 +176,14 @@ def test_vit_inference_bench_section_runs(tmp_path):
     assert all(r["ratio"] == "1" for r in rows if r["ours"] == "ln")
     notes = {r["ours"]: r["note"] for r in rows}
     assert notes["bn + BN-in-FFN folded"].startswith("3 BN folded; left: norm")  # tiny: depth 1
+
+
+def test_ratio_ci_brackets_the_paired_ratio():
+    from normablate.bench import paired_ratio, ratio_ci
+
+    torch.manual_seed(0)
+    b = (torch.rand(40) + 1.0).tolist()
+    a = [x * 0.8 * (1 + 0.05 * float(e)) for x, e in zip(b, torch.randn(40))]
+    lo, hi = ratio_ci(a, b)
+    assert lo <= paired_ratio(a, b) <= hi and 0.75 < lo < hi < 0.85
+    assert ratio_ci([1.0] * 5, [2.0] * 5) == (0.5, 0.5)
