@@ -78,7 +78,7 @@ class OptimConfig:
 class TrainerConfig:
     max_steps: int | None = 500  # optimizer steps; the budget of one run (null when max_epochs is set)
     # the budget in epochs instead: resolved to max_steps = ceil(max_epochs * N_train / data.batch_size) once the data
-    # is loaded (an epoch is N_train examples; the run record holds both). Setting it unsets the default max_steps.
+    # is loaded (an epoch is N_train examples; hparams and result.json hold both). Setting it unsets max_steps.
     max_epochs: int | None = None
     val_every: int = 100  # validate (and checkpoint) every N steps, and at the end
     val_batches: int | None = None  # limit validation to N batches (None: the whole split)
@@ -344,8 +344,8 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
             values = dict(values)  # max_steps; both given is a contradiction (which budget?)
             if values.get("max_steps") is not None:
                 raise ConfigError(f"trainer.max_steps={values['max_steps']!r} and trainer.max_epochs="
-                                  f"{values['max_epochs']!r} are both set; set exactly one of them (a run's recorded "
-                                  f"config.yaml holds both: max_steps is what max_epochs resolved to)")
+                                  f"{values['max_epochs']!r} are both set; set exactly one of them (a run's result.json "
+                                  f"config holds both: there max_steps is what max_epochs resolved to)")
             values["max_steps"] = None
         sections[name] = _build_section(cls, values, f"{name}.")
     top = _build_section(RunConfig, {k: v for k, v in d.items()}, "")

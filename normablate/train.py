@@ -275,10 +275,9 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
     datamodule = build_datamodule(cfg.data, cfg.task, cfg.seed)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    if t.max_epochs is not None:  # the budget in epochs becomes steps now that the training set's size is known
+    if t.max_epochs is not None:  # the budget in epochs becomes steps now that the training set's size is known;
+        # recorded in the hparams and result.json (config.yaml keeps max_epochs alone: it reloads as it was asked)
         t.max_steps = epochs_to_steps(t.max_epochs, datamodule.num_train, cfg.data.batch_size)
-        if is_zero:  # the record holds the resolved steps (and max_epochs)
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
     footprint.check_fits(cfg, datamodule)  # and one batch's activations (meta-device forward), before the real build
     model = speed_options(build_model(cfg, datamodule), cfg.trainer)
     if t.sync_batchnorm:

@@ -3,8 +3,10 @@ optimizers (``optim.name``), and ``trainer.max_epochs`` as a budget that resolve
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,8 +260,11 @@ def test_max_epochs_resolves_in_train_and_is_recorded(tmp_path):
     want = math.ceil(200 / 32)  # 7
     assert result.status == "completed" and result.steps == want
     assert result.config["trainer"]["max_steps"] == want and result.config["trainer"]["max_epochs"] == 1
-    recorded = yaml.safe_load((tmp_path / "default" / result.run_dir.rsplit("/", 1)[1] / "config.yaml").read_text())
-    assert recorded["trainer"]["max_steps"] == want and recorded["trainer"]["max_epochs"] == 1
+    # config.yaml keeps the budget as asked, so it reloads (normablate train -c <run>/config.yaml, evaluate)
+    recorded = Path(result.run_dir) / "config.yaml"
+    assert load_config(recorded).trainer.max_epochs == 1
+    stored = json.loads((Path(result.run_dir) / "result.json").read_text())  # result.json: the resolved steps
+    assert stored["config"]["trainer"]["max_steps"] == want and stored["config"]["trainer"]["max_epochs"] == 1
 
 
 def test_batch_size_study_budget_in_epochs():
