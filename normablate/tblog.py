@@ -237,6 +237,7 @@ def finish(loggers: list[Logger], status: str) -> None:
     finished (Lightning leaves it open until the process exits; a sweep worker runs many trials in one process,
     and an offline run writes its config and summary files only when finished)."""
     for lg in loggers:
-        lg.finalize(status)
+        # MLflow knows FINISHED / FAILED / KILLED only (Lightning maps "success" and passes anything else through)
+        lg.finalize("KILLED" if status == "interrupted" and type(lg).__name__ == "MLFlow" else status)
         if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
             lg.experiment.finish(exit_code=0 if status == "success" else 1)

@@ -374,3 +374,21 @@ def test_sweep_workers_send_progress_and_log_lines_to_the_command(tmp_path, caps
     assert {int(t) for _, t, _ in progress} == {0, 1, 2, 3}, out  # every trial showed its progress
     assert re.search(r"^\[v/w[01]\] trial \d+ started", out, re.M), out  # the workers' own log lines
     assert "finished: 4/4 trials done" in out
+
+
+def test_finish_maps_an_interrupted_run_to_each_loggers_vocabulary():
+    """MLflow refuses a run status it does not know: an interrupted run ends its MLflow run as KILLED."""
+    from normablate import tblog
+
+    class Logger:
+        def __init__(self):
+            self.statuses = []
+
+        def finalize(self, status):
+            self.statuses.append(status)
+
+    MLFlow = type("MLFlow", (Logger,), {})  # the class name tblog's MLflow logger has
+    tb, ml = Logger(), MLFlow()
+    tblog.finish([tb, ml], "interrupted")
+    tblog.finish([tb, ml], "success")
+    assert tb.statuses == ["interrupted", "success"] and ml.statuses == ["KILLED", "success"]
