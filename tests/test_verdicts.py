@@ -125,6 +125,24 @@ def test_a_diverged_seed_drops_from_its_pair_and_is_counted():
     assert "diverged runs left out (A 0, B 1)" in v.notes
 
 
+def test_diverged_runs_with_a_test_value_count_at_a_fixed_configuration():
+    """train() tests a diverged run as it stopped: at a fixed LR, failing to train is the outcome measured, so those
+    runs count (B at chance in every seed: A is clearly better); without test columns (old trials) they stay out."""
+    spec = load_spec(spec_dict([hyp("f", at={"fixed": {"optim.lr": 0.1}})]))
+    means = {("bn", 0.01): 0.5, ("bn", 0.1): 0.6, ("none", 0.01): 0.5, ("none", 0.1): 0.6}
+    seeds = spec_dict([])["grid"]["seed"]
+    every = {("none", 0.1, s) for s in seeds}
+    data = study(spec, means, sd=0.005, diverged=every)
+    rows = (data.trials["norm"] == "none") & (data.trials["lr"] == 0.1)
+    data.trials.loc[rows, "final_test_acc"] = 0.1
+    (v,) = V.evaluate(data)
+    assert (v.test.n_a, v.test.n_b) == (len(seeds), len(seeds)) and v.word == "supported"
+    assert v.test.estimate == pytest.approx(0.6 - 0.1, abs=0.01)
+    assert not any("left out" in n for n in v.notes) and any("diverged runs counted" in n for n in v.notes)
+    (old,) = V.evaluate(study(spec, means, sd=0.005, diverged=every, test=False))  # validation fallback
+    assert old.test.n_b == 0 and old.word == "inconclusive"
+
+
 def test_equivalence_that_does_not_hold():
     spec = load_spec(spec_dict([hyp("eq", "equivalence", at={"fixed": {"optim.lr": 0.1}}, margin=0.02)]))
     data = study(spec, {("bn", 0.01): 0.5, ("bn", 0.1): 0.8, ("none", 0.01): 0.5, ("none", 0.1): 0.7}, sd=0.005)

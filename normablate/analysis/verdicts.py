@@ -83,7 +83,7 @@ DEFINITION = """\
   (1 − alpha) CI lies wholly outside [−δ, δ]. Otherwise (or with fewer than 2 seeds a side) *inconclusive*.
   The p-values are Holm-adjusted across the spec's hypotheses (claims one family, contradictions another)
   and the words use the adjusted ones. Fixed-configuration contrasts: paired t over shared seeds, else
-  Welch. *At each side's best LR*: the best LR is chosen on the validation metric (the ``lr_sensitivity`` rule:
+  Welch; a run stopped as diverged counts there with its test value (the model as it stopped). *At each side's best LR*: the best LR is chosen on the validation metric (the ``lr_sensitivity`` rule:
   best mean among LRs at which no seed diverged), the contrast taken on test there, and the CI is a bootstrap
   over seeds that re-chooses the best LR in every resample (its percentile interval, each tail's spread about
   the bootstrap median widened by √(n/(n−1))·t(n−1)/z, a small-sample correction). *over an axis*: supported
@@ -564,13 +564,30 @@ def _seed_col(df) -> Any:
     return df["seed"] if "seed" in df else np.zeros(len(df), int)
 
 
-def _per_seed(rows, column: str) -> tuple[dict, int, set]:
-    """{seed: value} of the finished, non-diverged runs, the number that diverged, and every seed that ran."""
+def _per_seed(rows, column: str, with_diverged: bool = False) -> tuple[dict, int, set]:
+    """{seed: value} of the runs a fixed-configuration contrast counts, the number of diverged runs left out, and
+    every seed that ran. ``with_diverged`` (test-split metrics): a run stopped as diverged counts with its test
+    value, which is the model as it stopped (``train`` tests diverged runs): at a fixed configuration, failing to
+    train is the outcome measured, and leaving such runs out would judge only the survivors. Only a diverged run
+    without a finite value (a non-finite loss) is left out. Without it (validation columns of runs from before
+    the test split, whose last value predates the divergence) diverged runs are left out, as every mean does."""
     from .data import ok_rows
 
-    ok = ok_rows(rows)
-    vals = dict(zip(_seed_col(ok).tolist(), ok[column].tolist())) if column in ok else {}
-    return vals, int(rows["diverged"].astype(bool).sum()), set(_seed_col(rows).tolist())
+    ended = rows[rows["state"] == "complete"] if with_diverged else ok_rows(rows)
+    vals = {}
+    if column in ended:
+        for seed, v in zip(_seed_col(ended).tolist(), ended[column].tolist()):
+            if v is not None and np.isfinite(v):
+                vals[seed] = float(v)
+    div = rows["diverged"].astype(bool)
+    kept = set(vals)
+    left_out = int(sum(1 for seed, d in zip(_seed_col(rows).tolist(), div.tolist()) if d and seed not in kept))
+    return vals, left_out, set(_seed_col(rows).tolist())
+
+
+def _n_diverged_counted(rows, vals: dict) -> int:
+    div = rows["diverged"].astype(bool).tolist()
+    return sum(1 for seed, d in zip(_seed_col(rows).tolist(), div) if d and seed in vals)
 
 
 def _side(rows, vcol: str, tcol: str, lr_col: str = "lr") -> Side:
@@ -635,14 +652,19 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
             tests = []
             for v in values:
                 where = dict(fixed, **({over: v} if over else {}))
-                va, na, sa = _per_seed(_match(df, names, {**c["a"], **where}), tcol)
-                vb, nb, sb = _per_seed(_match(df, names, {**c["b"], **where}), tcol)
+                va, na, sa = _per_seed(_match(df, names, {**c["a"], **where}), tcol, split == "test")
+                vb, nb, sb = _per_seed(_match(df, names, {**c["b"], **where}), tcol, split == "test")
                 paired = sa == sb and len(sa) >= 2  # the same seeds ran (a diverged one drops from its pair)
                 t = judge(t_contrast(va, vb, paired), h["type"], h.get("margin"), h["alpha"], direction)
                 tests.append(t)
+                at_v = f"at {names[over]}={_label(v)}: " if over else ""
                 if na or nb:
-                    notes.append(f"{'at ' + names[over] + '=' + _label(v) + ': ' if over else ''}diverged runs left "
-                                 f"out (A {na}, B {nb})")
+                    notes.append(f"{at_v}diverged runs left out (A {na}, B {nb})")
+                ca, cb = (_n_diverged_counted(_match(df, names, {**side, **where}), vals)
+                          for side, vals in ((c["a"], va), (c["b"], vb)))
+                if ca or cb:
+                    notes.append(f"{at_v}diverged runs counted with their test values, the model as it stopped "
+                                 f"(A {ca}, B {cb})")
                 if over:
                     details.append({names[over]: _label(v), "estimate": t.estimate, "lo": t.lo, "hi": t.hi,
                                     "p": t.p, "n": f"{t.n_a} vs {t.n_b}"})
