@@ -68,9 +68,13 @@ class OptimConfig:
     nesterov: bool = False  # SGD: Nesterov momentum instead of heavy ball (needs momentum > 0)
     betas: tuple[float, float] = (0.9, 0.95)  # Adam, AdamW and Lion (Lion's paper uses (0.9, 0.99))
     weight_decay: float = 5e-4  # applied only to tensors with dim >= 2: norm gains and biases never decayed
-    schedule: Literal["cosine", "constant", "linear"] = "cosine"  # after warmup, over trainer.max_steps
+    schedule: Literal["cosine", "constant", "linear", "step"] = "cosine"  # after warmup, over trainer.max_steps
     warmup_steps: int = 0  # linear warmup from 0
     min_lr_ratio: float = 0.0  # cosine/linear decay ends at lr * min_lr_ratio
+    # schedule step: the LR is multiplied by gamma at each milestone, a fraction of trainer.max_steps in (0, 1),
+    # increasing (e.g. [0.5, 0.75]: x0.1 at 50% and 75% of the run, the CIFAR ResNet recipe of He et al. 2016)
+    milestones: list = field(default_factory=list)
+    gamma: float = 0.1
     grad_clip: float | None = None  # clip the global gradient norm to this value (None: no clipping)
 
 
@@ -524,6 +528,16 @@ def validate(cfg: RunConfig) -> None:
     _check(all(0 <= b < 1 for b in o.betas), f"optim.betas={list(o.betas)} must each be in [0, 1)")
     _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    ms = o.milestones
+    _check(isinstance(ms, list) and all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 < m < 1
+                                        for m in ms) and all(a < b for a, b in zip(ms, ms[1:])),
+           f"optim.milestones={ms!r} must be an increasing list of fractions of trainer.max_steps, each in (0, 1), "
+           f"e.g. [0.5, 0.75]")
+    _check(o.schedule == "step" or not ms, f"optim.milestones={ms!r} applies to optim.schedule='step' only (got "
+                                           f"optim.schedule={o.schedule!r})")
+    _check(o.schedule != "step" or bool(ms), "optim.schedule='step' needs optim.milestones, e.g. [0.5, 0.75] "
+                                             "(fractions of trainer.max_steps)")
+    _check(0 < o.gamma <= 1, f"optim.gamma={o.gamma} must be in (0, 1] (the LR factor at each milestone)")
     _check(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip={o.grad_clip} must be > 0 or null")
     _check(t.max_steps is None or t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1")
     _check(t.max_epochs is None or t.max_epochs >= 1, f"trainer.max_epochs={t.max_epochs} must be >= 1 or null")

@@ -63,11 +63,18 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Multiplier of the peak LR at ``step``: linear warmup, then cosine / linear decay or constant."""
+    """Multiplier of the peak LR at ``step``: linear warmup, then cosine / linear decay, constant, or step.
+
+    ``step`` (multi-step decay, ``torch.optim.lr_scheduler.MultiStepLR``'s rule): ``gamma ** k`` where k counts the
+    milestones already reached, a milestone f being step ``round(f * max_steps)`` (fractions, so the same spec means
+    the same schedule at any budget, ``trainer.max_epochs`` included). Written as a factor of LambdaLR rather than
+    MultiStepLR so that warmup and resume share the one scheduler every other schedule uses."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
+    if cfg.schedule == "step":
+        return cfg.gamma ** sum(step >= round(m * max_steps) for m in cfg.milestones)
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
     shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
