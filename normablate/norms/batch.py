@@ -25,7 +25,8 @@ count. Precisely:
 * remainder: in training the batch must be divisible by k (``normablate`` refuses a training batch per rank that
   is not, at config time; a direct call raises ``ValueError`` naming ``ghost_batch_size``). Diagnostic passes that
   evaluate with batch statistics on batches of any size (the validation's ``val/*_batchstats``, PreciseBN) set
-  ``allow_partial_ghost_group`` on the layer: then the last N mod k samples form one smaller group.
+  ``allow_partial_ghost_group`` on the layer: then the last N mod k samples form one smaller group (as they do in
+  eval mode with ``track_running_stats: false``, where batches of any size are evaluated).
 * eval uses the running statistics, as BN (so eval-mode ghost BN is BN, and folds into a conv the same way);
   with ``track_running_stats: false`` eval uses ghost-group batch statistics too.
 * ``k`` equal to the batch is exactly BN. ``sync: true`` (or ``trainer.sync_batchnorm``) is refused: a ghost
@@ -157,7 +158,7 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"{label}: ghost_batch_size={self.ghost_batch_size} cannot be combined with sync")
         k, n = self.ghost_batch_size, x.shape[0]
         rest = n % k
-        if rest and not self.allow_partial_ghost_group:
+        if rest and self.training and not self.allow_partial_ghost_group:
             raise ValueError(
                 f"{label}: ghost_batch_size={k} needs a batch divisible by {k} in training; got {n} samples "
                 f"({n // k} group(s) of {k} and {rest} left over). Use a batch size that is a multiple of "
