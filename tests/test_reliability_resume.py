@@ -78,6 +78,14 @@ def test_compare_classifies_keys():
     changed = json.loads(json.dumps(base))
     changed["optim"]["min_lr_ratio"] = 0.5
     assert set(runfolder.compare(older, changed).refused) == {"optim.min_lr_ratio"}
+    # a budget in epochs: the stored config holds the steps it resolved to, the new one leaves them null
+    stored = to_dict(load_config(None, [*TINY, "trainer.max_steps=null", "trainer.max_epochs=2"]))
+    asked = json.loads(json.dumps(stored))
+    stored["trainer"]["max_steps"] = 32
+    d = runfolder.compare(stored, asked)
+    assert d.refused == {} and d.allowed == {}
+    asked["trainer"]["max_epochs"] = 3
+    assert runfolder.compare(stored, asked).allowed == {"trainer.max_epochs": (2, 3)}
     # a model option given on one side only counts as the backbone's default
     explicit = json.loads(json.dumps(base))
     explicit["model"]["in_chans"] = 3
