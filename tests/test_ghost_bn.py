@@ -255,7 +255,6 @@ def test_sweep_grid_with_ghost_groups():
         load_spec({"kind": "lr_sensitivity", "study_name": "ghost", "base": base, "grid": grid})
 
 
-@pytest.mark.slow
 def test_train_with_ghost_groups_and_odd_validation_batches(tmp_path):
     """`normablate train` end to end: ghost groups of 4 in a batch of 16; validation batches of 30 (and a last one
     of 10) in the batch-statistics pass get a smaller last group; PreciseBN runs on the ghost model."""
@@ -337,3 +336,23 @@ def test_inplace_activation_after_ghost_bn():
     torch.relu_(m(xa)).sum().backward()
     torch.cat([torch.relu(ref(xb[i:i + 2])) for i in (0, 2)]).sum().backward()
     torch.testing.assert_close(xa.grad, xb.grad, **F64)
+
+
+def test_lm_with_masked_ghost_groups_of_sequences():
+    """Through the LM (every norm site, qk_norm included, gets the padding mask): groups of 2 sequences; a
+    sequence's outputs depend only on its own group (changing another group's tokens leaves them unchanged)."""
+    torch.manual_seed(12)
+    norm = {"name": "masked_bn", "ghost_batch_size": 2}
+    lm = nb.models.create("transformer_lm", norm=norm, qk_norm=norm, n_layer=1, n_embd=16, n_head=2,
+                          block_size=8).double()
+    idx = torch.randint(0, 256, (4, 8))
+    mask = torch.arange(8)[None, :] < torch.tensor([8, 5, 6, 3])[:, None]
+    out = lm(idx, mask=mask)
+    logits = out[0] if isinstance(out, tuple) else out
+    logits[mask].sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in lm.parameters() if p.grad is not None)
+    other = idx.clone()
+    other[2:] = torch.randint(0, 256, (2, 8))  # the second group only
+    out2 = lm(other, mask=mask)
+    logits2 = out2[0] if isinstance(out2, tuple) else out2
+    torch.testing.assert_close(logits2[:2][mask[:2]], logits[:2][mask[:2]].detach(), **F64)
