@@ -90,10 +90,28 @@ def resnet56(norm_layer, num_classes: int = 10, width: int = 16, in_chans: int =
     return CifarResNet(56, norm_layer, num_classes, width, in_chans, norm_position, shortcut, bias)
 
 
+RESNET18_STEMS = ("imagenet", "cifar")
+
+
 @register("resnet18", layout="image")
-def resnet18(norm_layer, num_classes: int = 10, in_chans: int = 3) -> nn.Module:
-    """timm's ResNet-18 (ImageNet stem: 7x7/2 conv + max-pool), our norm in every site via ``norm_layer``."""
+def resnet18(norm_layer, num_classes: int = 10, in_chans: int = 3, stem: str = "imagenet") -> nn.Module:
+    """timm's ResNet-18, our norm in every site via ``norm_layer``.
+
+    ``stem``: ``imagenet`` (timm's: 7x7 stride-2 conv + 3x3 stride-2 max-pool, a 32x32 image reaches the first
+    stage at 8x8) or ``cifar`` (the CIFAR variant of github.com/kuangliu/pytorch-cifar, whose ResNet18 reports
+    93.02% on CIFAR-10: one 3x3 stride-1 conv, no max-pool, the first stage at 32x32; 11,173,962 parameters with
+    10 classes, theirs exactly). The cifar stem replaces timm's ``conv1`` (He init, fan_out, as timm's) and its
+    ``maxpool`` by an identity; its norm ``bn1`` and every block stay timm's."""
     import timm  # lazy: timm imports torchvision, seconds of start-up for every other command
 
-    return timm.create_model("resnet18", pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                             norm_layer=norm_layer)
+    check_choice("stem", stem, RESNET18_STEMS)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                              norm_layer=norm_layer)
+    if stem == "cifar":
+        old = model.conv1
+        model.conv1 = nn.Conv2d(in_chans, old.out_channels, 3, stride=1, padding=1, bias=False,
+                                device=old.weight.device)
+        if not model.conv1.weight.is_meta:
+            nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    return model
