@@ -129,8 +129,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", stats: str = "running
     """Evaluate a run folder's checkpoint (``last``: ``last.ckpt``; ``best``: ``best.pt``) on ``split`` with
     ``stats`` statistics. Returns (and writes to ``eval/<checkpoint>-<split>-<stats>.json``) a record with the
     metrics, the step of the weights and, for runs written before the three splits, a note of what that means."""
-    import yaml
-
+    from . import yamlsafe
     from .config import from_dict
     from .data import build_datamodule
     from .train import _quiet_lightning, build_model, build_task
@@ -146,7 +145,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", stats: str = "running
     if not cfg_file.exists():
         raise ConfigError(f"{str(run_dir)!r} is no run folder (no config.yaml)")
     _quiet_lightning()
-    raw = yaml.safe_load(cfg_file.read_text()) or {}
+    raw = yamlsafe.load(cfg_file.read_text(), str(cfg_file)) or {}
     data = raw.setdefault("data", {})
     note = None
     if "test_split" not in data:  # written before the three splits: it validated (and selected) on val_split
