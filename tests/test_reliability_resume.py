@@ -327,7 +327,8 @@ def test_sweep_preflight_stops_a_bad_source_in_one_line(tmp_path, capsys, what):
     if what == "second source":  # a grid over sources: each distinct data config is checked, not only the first
         spec["grid"] = {"data.source": ["synthetic", str(source)], "seed": [0]}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
-    rc = main(["sweep", "-c", str(tmp_path / "s.yaml"), "--no-report"])
+    workers = ["--workers", "2"] if what == "columns" else []  # 2 workers: the preflight runs in a child process
+    rc = main(["sweep", "-c", str(tmp_path / "s.yaml"), "--no-report", *workers])
     out = capsys.readouterr()
     assert rc == 2
     (line,) = [x for x in out.err.splitlines() if x.strip()]

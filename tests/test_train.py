@@ -49,7 +49,9 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
 def test_image_run_learns_and_logs(tmp_path):
     result = train(cfg_for(tmp_path, TINY_IMAGE, "model.norm=bn"))
     assert result.status == "completed" and result.steps == 60
-    assert result.final["val/acc"] > 0.2, result.final  # chance is 0.1 (+-0.013 at 500 samples)
+    # chance is 0.1 (+-0.013 at 500 samples): 0.15 is ~4 standard errors above it (held-out validation images)
+    assert result.final["val/acc"] > 0.15, result.final
+    assert result.test["test/acc"] > 0.15, result.test  # the test split, evaluated once at the end
     tags = scalars(Path(result.run_dir))
     for tag in ("train/loss", "val/loss", "val/acc", "lr", "grad_norm", "throughput",
                 "val/loss_batchstats", "val/train_eval_gap"):

@@ -58,3 +58,40 @@ def _check_point(spec: SweepSpec, point, params) -> str:
     shape = getattr(dm, "image_size", None) or cfg.data.block_size
     return (f"preflight: {cfg.data.source} ({dm.num_train:,} training examples, shape {shape}) and "
             f"{cfg.model.backbone} ({fp.params:,} parameters) are fine")
+
+
+def preflight_isolated(spec: SweepSpec) -> str | None:
+    """``preflight`` in a spawned child process: with several workers the sweep's own process only supervises and
+    never imports Lightning (the data modules do); the child's decoded data lands in the cache the workers read."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(spec, send), name="preflight")
+    child.start()
+    send.close()
+    try:
+        kind, text = receive.recv()
+    except EOFError:
+        child.join()
+        raise ConfigError(f"sweep {spec.study_name!r}: the preflight process ended without an answer (exit code "
+                          f"{child.exitcode}: killed or out of memory?); run the command again, or with --workers 1 "
+                          f"to see the error") from None
+    finally:
+        receive.close()
+    child.join()
+    if kind == "error":
+        raise ConfigError(text)
+    return text
+
+
+def _child(spec: SweepSpec, send) -> None:
+    try:
+        send.send(("ok", preflight(spec)))
+    except ConfigError as e:
+        send.send(("error", str(e)))
+    except Exception as e:  # noqa: BLE001  one line for the parent, as preflight's own errors
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        send.send(("error", f"sweep {spec.study_name!r}, preflight: {type(e).__name__}: {first}"))
+    finally:
+        send.close()

@@ -32,7 +32,7 @@ from .ddp_trial import check_resources
 from .liveness import HOST, Heartbeat, host_id, pid_alive
 from .queue import ATTR, READY, Counts, QueueMixin, Slot
 from .reaper import ReaperMixin
-from .preflight import preflight
+from .preflight import preflight, preflight_isolated
 from .spec import Point, SweepSpec, load_spec
 from .storage import display_url, normalize_url, open_storage
 from .supervise import STOP, check_workers, run_workers, stop_on_signals
@@ -201,7 +201,7 @@ def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, s
     sweep.log(f"storage {display_url(sweep.url)}; {c.done}/{c.total} done, {c.waiting} queued; {workers} worker(s); "
               f"runs under {Path(spec.log_dir) / spec.study_name}")
     if c.done < c.total:  # trials left: one trial's data and model first, so a bad source is one line, not N crashes
-        line = preflight(spec)
+        line = preflight(spec) if workers == 1 else preflight_isolated(spec)  # (no Lightning in a supervisor)
         if line:
             sweep.log(line)
     code = 0
