@@ -214,4 +214,13 @@ def plain_progress(label: str, metric: str, out: TextIO | None = None, every: fl
     """``normablate train``'s progress when stdout is not a terminal: a plain line every ``every`` s or tenth of the
     run (a terminal gets the refreshed bar, ``train.StepProgressBar``)."""
     board = Board(out=out, tty=False, plain_every=every)
-    return step_reporter(board.update, metric, label=label)
+    reporter = step_reporter(board.update, metric, label=label)
+    start = reporter.on_train_start
+
+    def on_train_start(trainer, pl_module) -> None:  # as the terminal's bar does: say where a resumed run goes on
+        if trainer.global_step > 0:
+            print(f"resuming from step {trainer.global_step} of {trainer.max_steps}", file=sys.stderr, flush=True)
+        start(trainer, pl_module)
+
+    reporter.on_train_start = on_train_start
+    return reporter

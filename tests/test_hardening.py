@@ -433,8 +433,8 @@ def test_offline_hub_source_fails_at_once_with_a_hint(tmp_path, capsys, monkeypa
 
 
 def test_resumed_run_says_where_it_resumes(tmp_path):
-    """A resumed run prints 'resuming from step N' and its bar starts at N of max_steps; no Lightning 'Epoch 0' or
-    'Validation' bar is printed."""
+    """A resumed run prints 'resuming from step N' and its progress starts at N of max_steps; no Lightning 'Epoch 0'
+    or 'Validation' bar is printed. (stdout is a pipe here: plain progress lines, not the terminal's bar.)"""
     args = [*TINY, f"trainer.log_dir={tmp_path}", "run=r", "trainer.progress=true"]
     first = cli(tmp_path, "train", *args)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -443,7 +443,8 @@ def test_resumed_run_says_where_it_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from step 4 of 6" in again.stderr and "loading data: synthetic" in again.stderr
     both = first.stdout + first.stderr + again.stdout + again.stderr
-    assert "train r:  67%" in both.replace("\r", "\n") and "Epoch 0" not in both and "Validation" not in both
+    assert "r: step 6/6 (100%)" in both and "Epoch 0" not in both and "Validation" not in both
+    assert "\r" not in again.stdout  # plain lines in a log, no carriage-return frames
 
 
 def test_plain_run_named_like_a_sweep_does_not_block_the_sweep(tmp_path, capsys):
