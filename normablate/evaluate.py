@@ -132,7 +132,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", stats: str = "running
     from . import yamlsafe
     from .config import from_dict
     from .data import build_datamodule
-    from .train import _quiet_lightning, build_model, build_task
+    from .build import build_model, build_task, quiet_lightning
 
     if split not in SPLITS:
         raise ConfigError(f"--split {split!r}; valid: {', '.join(SPLITS)}")
@@ -144,7 +144,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", stats: str = "running
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.exists():
         raise ConfigError(f"{str(run_dir)!r} is no run folder (no config.yaml)")
-    _quiet_lightning()
+    quiet_lightning()
     raw = yamlsafe.load(cfg_file.read_text(), str(cfg_file)) or {}
     data = raw.setdefault("data", {})
     note = None

@@ -81,7 +81,7 @@ def _meta_model(cfg: RunConfig, datamodule=None) -> torch.nn.Module:
     with torch.device("meta"):
         if datamodule is None:
             return models.create(cfg.model.backbone, norm=cfg.model.norm, **dict(cfg.model.options))
-        from .train import build_model
+        from .build import build_model
 
         return build_model(cfg, datamodule)
 

@@ -17,20 +17,19 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from . import __version__, footprint, models, runfolder
+from . import __version__, footprint, runfolder
 from .callbacks import RunInterrupted, RunMonitor, StopRequest
-from .config import RunConfig, check_hardware, epochs_to_steps, from_dict, to_dict, to_yaml, validated
+from .config import RunConfig, check_hardware, epochs_to_steps, from_dict, to_dict, validated
 from .errors import ConfigError
+from .build import build_model, build_task, quiet_lightning as _quiet_lightning  # noqa: F401  (older imports)
 from .evaluate import BestWeights, default_select_metric, test_at_end
 from .norms import sync
 from .precise_bn import PreciseBN
@@ -176,43 +175,6 @@ def _flat(d: dict, prefix: str = "") -> dict[str, object]:
         else:
             out[key] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
     return out
-
-
-def _quiet_lightning() -> None:
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__`.*")
-    warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
-    # DDP: validation metrics are torchmetrics objects, already reduced over ranks when computed
-    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
-
-
-def build_model(cfg: RunConfig, datamodule) -> torch.nn.Module:
-    options = dict(cfg.model.options)
-    if cfg.task == "classification":
-        options.setdefault("num_classes", datamodule.num_classes)
-        if options["num_classes"] < datamodule.num_classes:
-            raise ConfigError(f"model.num_classes={options['num_classes']} is smaller than the "
-                              f"{datamodule.num_classes} classes of data.source={cfg.data.source!r}")
-        if "in_chans" in models.options(cfg.model.backbone):
-            options.setdefault("in_chans", datamodule.in_chans)
-        if cfg.model.backbone == "vit":
-            options.setdefault("img_size", datamodule.image_size)
-    else:
-        options.setdefault("vocab_size", datamodule.vocab_size)
-        options.setdefault("block_size", cfg.data.block_size)
-    return models.create(cfg.model.backbone, norm=cfg.model.norm, **options)
-
-
-def build_task(cfg: RunConfig, model: torch.nn.Module, datamodule):
-    """The LightningModule of ``cfg.task`` around ``model``."""
-    from .tasks import ClassificationTask, LanguageModelTask
-
-    t = cfg.trainer
-    if cfg.task == "classification":
-        return ClassificationTask(model, cfg.optim, t.max_steps, datamodule.num_classes, t.batchstat_gap)
-    return LanguageModelTask(model, cfg.optim, t.max_steps, t.batchstat_gap)
 
 
 def speed_options(model: torch.nn.Module, t) -> torch.nn.Module:
