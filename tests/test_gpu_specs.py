@@ -129,3 +129,29 @@ def test_gpu_specs_check_without_network_or_data(monkeypatch, capsys):
     assert (cfg.data.source, cfg.data.hub_config) == ("Salesforce/wikitext", "wikitext-103-raw-v1")
     model = nb.models.create("transformer_lm", norm="ln", **{**cfg.model.options, "block_size": cfg.data.block_size})
     assert sum(p.numel() for p in model.parameters()) >= 10_000_000
+
+
+def test_wikitext_spec_data_keys_train_on_a_local_copy(tmp_path):
+    """The WikiText-103 spec's data settings (its own train / validation / test splits, column text, one padded
+    paragraph per sample) train end to end on a save_to_disk copy shaped like the hub's (rows of paragraphs, empty
+    rows and headings between them), as its header tells a machine without the hub to do. Tiny model, 2 CPU steps."""
+    import datasets
+
+    from normablate.config import from_dict
+    from normablate.train import train
+
+    paragraph = " The game was released in 2011 . It received generally positive reviews from critics . \n"
+    rows = ["", " = Valkyria Chronicles = \n", "", paragraph * 3, "", paragraph, " = = Gameplay = = \n", paragraph * 2]
+    datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": rows * n}) for s, n in
+                          (("train", 20), ("validation", 3), ("test", 3))}).save_to_disk(str(tmp_path / "wikitext"))
+    spec = load_spec(GPU / "lm_wikitext103.yaml")
+    d = spec.trial_dict(spec.points()[0], run="smoke")
+    d["data"].update(source=str(tmp_path / "wikitext"), hub_config=None, block_size=64, batch_size=4,
+                     val_batch_size=4, cache_dir=str(tmp_path / "cache"))
+    d["model"].update(n_layer=1, n_embd=16, n_head=2, norm="masked_bn")
+    d["trainer"].update(max_steps=2, val_every=2, val_batches=1, accelerator="cpu", log_dir=str(tmp_path / "logs"),
+                        progress=False, loggers=[])
+    d["optim"]["warmup_steps"] = 1
+    res = train(from_dict(d))
+    assert res.status == "completed" and res.steps == 2
+    assert torch.isfinite(torch.tensor(res.test["test/ppl"])) and res.test["test/ppl"] > 1
