@@ -12,7 +12,8 @@ eager", and ``docs/benchmarks.md``), measured interleaved on the machines named 
 - channels-last memory for CNNs (image-layout backbones) on CPU: the same math, not the same bits (tests compare
   it with the default within float tolerance). VGG-11 (width 0.25, batch 128, 1 thread, 2-core AVX2 EPYC) steps
   take 0.64-0.94x the NCHW time with every image norm but ``batch_renorm``, which measured 1.31x (its
-  per-channel corrections are elementwise ops that PyTorch runs slower on NHWC): it stays NCHW.
+  per-channel corrections are elementwise ops that PyTorch runs slower on NHWC): it stays NCHW. So does ghost BN
+  (``ghost_batch_size``): its fused kernel is NCHW-only, channels-last runs composed ops at 2-2.7x.
 - ``torch.compile``: never chosen. It costs 9-30 s per process (and recompiles for variable lengths), needs a C++
   compiler, and measured both faster and slower by model and norm (issue 29: VGG bn 0.82x, VGG none 1.26x,
   Transformers ~1.0x): at the studies' 1,000-step runs it does not pay reliably. ``trainer.compile: true`` still
@@ -65,7 +66,9 @@ def rule(cfg) -> tuple[dict[str, bool], str]:
     if t.accelerator not in ("cpu",):
         return {"channels_last": False, "compile": False}, f"rules v{RULES_VERSION}: not CPU, eager"
     cnn = models.layout(cfg.model.backbone) == "image"
-    slower = norm_name(cfg.model.norm) in CHANNELS_LAST_SLOWER
+    # ghost BN's fused image kernel takes NCHW only; in channels-last it runs composed ops (2-2.7x, norms/batch.py)
+    ghost = isinstance(cfg.model.norm, dict) and bool(cfg.model.norm.get("ghost_batch_size"))
+    slower = norm_name(cfg.model.norm) in CHANNELS_LAST_SLOWER or ghost
     why = ("CNN: channels-last" if cnn and not slower else
            "CNN, but this norm measured slower in channels-last: NCHW" if cnn else "not a CNN: eager")
     return {"channels_last": cnn and not slower, "compile": False}, f"rules v{RULES_VERSION}: {why}, no compile"

@@ -130,6 +130,7 @@ def test_auto_rule_table_and_overrides(tmp_path):
 
     assert resolved("model.norm=bn")[:2] == (True, False)
     assert resolved("model.norm=batch_renorm")[:2] == (False, False)  # measured slower in NHWC
+    assert resolved("model.norm={name: bn, ghost_batch_size: 4}")[:2] == (False, False)  # fused ghost kernel: NCHW
     assert resolved("model.norm=bn", "trainer.speed=eager")[:2] == (False, False)
     assert resolved("model.norm=bn", "trainer.channels_last=false")[:2] == (False, False)  # explicit wins
     assert resolved("model.norm=bn", "trainer.speed=eager", "trainer.channels_last=true")[:2] == (True, False)
