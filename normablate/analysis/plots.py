@@ -31,7 +31,12 @@ plt.rcParams.update({"font.size": 10, "axes.titlesize": 10.5, "axes.spines.top":
                      "axes.spines.right": False, "legend.frameon": False})
 
 
-def metric_label(m: str, at: str = "final") -> str:
+def metric_label(m: str, at: str = "final", test: bool = False) -> str:
+    """Axis label of a study metric; ``test``: the numbers shown are its test-split counterpart (the report's), at
+    the final weights or at the weights the best validation picked (never a maximum over test)."""
+    if test:
+        what = METRIC_LABELS.get(m, m).replace("validation ", "", 1)
+        return f"test {what}, {'final weights' if at == 'final' else 'best-validation weights'}"
     return f"{'final' if at == 'final' else 'best'} {METRIC_LABELS.get(m, m)}"
 
 

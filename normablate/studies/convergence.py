@@ -74,6 +74,6 @@ class Convergence(StudyKind):
                               ("train_loss_auc", "train-loss AUC (nats)")],
             "steps_to_target.png", "convergence speed")),
             (f"{data.spec.metric} per configuration", P.bars(
-                data, summ, out, [(data.metric_col, P.metric_label(data.spec.metric, data.spec.metric_at))],
+                data, summ, out, [(data.report_col, P.metric_label(data.spec.metric, data.spec.metric_at, test=data.reports_test))],
                 "metric_bars.png", f"{data.spec.metric_at} {data.spec.metric}"))]
         return Section(md, figs)

@@ -15,6 +15,6 @@ class Grid(StudyKind):
         from ..analysis import plots as P
 
         spec = data.spec
+        label = P.metric_label(spec.metric, spec.metric_at, test=data.reports_test)  # the report's (test) numbers
         return Section("", [(f"{spec.metric} per configuration", P.bars(
-            data, summ, out, [(data.metric_col, P.metric_label(spec.metric, spec.metric_at))], "metric_bars.png",
-            f"{spec.metric_at} {spec.metric}"))])
+            data, summ, out, [(data.report_col, label)], "metric_bars.png", f"{spec.metric_at} {spec.metric}"))])

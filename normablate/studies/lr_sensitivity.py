@@ -205,7 +205,7 @@ class LRSensitivity(StudyKind):
             ax.set_xticks(lrs)
             ax.set_xticklabels([f"{x:g}" for x in lrs])
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ylabel = P.metric_label(spec.metric, spec.metric_at)
+        ylabel = P.metric_label(spec.metric, spec.metric_at, test=data.reports_test)  # (best LR: on validation)
         if spec.metric.endswith("ppl"):  # perplexity = exp(loss): a log axis reads as loss, ratios as distances
             lo = max(lo, 1.0)
             ax.set_yscale("log")
