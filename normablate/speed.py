@@ -27,7 +27,9 @@ The choice never changes under a run or a study:
 - every run under ``<log_dir>/<experiment>/`` (a sweep study's folder) with the same model signature (backbone,
   norm, accelerator) takes the setting the experiment's first such run pinned in
   ``<log_dir>/<experiment>/.speed/<signature hash>.json``: seeds appended to a study later, even by a newer version
-  of this table, run exactly as the first ones.
+  of this table, run exactly as the first ones. Without a pin (a study run before trainer.speed existed), the
+  setting recorded in the config.yaml of an earlier run of the same signature there is adopted and pinned (runs from
+  before recorded channels_last/compile false: NCHW, no compile).
 The resolved values are written back into the config (so ``config.yaml``, ``RunResult.config`` and HPARAMS show
 ``trainer.channels_last`` / ``trainer.compile``), and ``RunResult.versions["speed"]`` says where they came from.
 """
@@ -94,6 +96,9 @@ def _pin(cfg, chosen: dict[str, bool], why: str, write: bool) -> tuple[dict[str,
     pinned = _read_json(path)
     if pinned is not None:
         return {k: pinned[k] for k in KNOBS}, f"pinned by {path} ({pinned.get('why', '')})"
+    earlier = _earlier_run(cfg)  # a study run before pins existed: its runs' recorded setting is the pin
+    if earlier is not None:
+        chosen, why = earlier
     if write:
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +114,25 @@ def _pin(cfg, chosen: dict[str, bool], why: str, write: bool) -> tuple[dict[str,
             if pinned is not None:
                 return {k: pinned[k] for k in KNOBS}, f"pinned by {path} ({pinned.get('why', '')})"
     return chosen, why
+
+
+def _earlier_run(cfg) -> tuple[dict[str, bool], str] | None:
+    """The setting recorded by a run of the same signature already in the experiment folder (its config.yaml; runs
+    from before trainer.speed recorded false/false), or None."""
+    import yaml
+
+    root = Path(cfg.trainer.log_dir) / cfg.experiment
+    want = json.loads(signature(cfg))
+    with contextlib.suppress(OSError):
+        for conf in sorted(root.glob("*/config.yaml")):
+            with contextlib.suppress(OSError, ValueError, AttributeError, yaml.YAMLError):
+                d = yaml.safe_load(conf.read_text()) or {}
+                m, t = d.get("model", {}) or {}, d.get("trainer", {}) or {}
+                got = {"backbone": m.get("backbone"), "norm": m.get("norm"), "accelerator": t.get("accelerator", "cpu")}
+                if json.loads(json.dumps(got, sort_keys=True, default=str)) == want and all(
+                        t.get(k) is None or isinstance(t.get(k), bool) for k in KNOBS):
+                    return {k: bool(t.get(k)) for k in KNOBS}, f"as the experiment's earlier run {conf.parent.name}"
+    return None
 
 
 def resolve(cfg, run_dir: Path, resuming: bool, write: bool = True) -> str:

@@ -153,6 +153,18 @@ def test_experiment_pin_keeps_the_choice_for_later_runs(tmp_path, monkeypatch):
     later = _cfg(tmp_path, "model.norm=bn", "seed=3")
     why = speed.resolve(later, tmp_path / "r3", resuming=False)
     assert later.trainer.channels_last is True and "pinned by" in why
+    import yaml  # a study run before pins existed (config.yaml says channels_last false): later seeds follow it
+
+    old_run = tmp_path / "speed" / "t0000-gn"
+    old_run.mkdir(parents=True)
+    d = yaml.safe_load(__import__("normablate.config", fromlist=["to_yaml"]).to_yaml(_cfg(tmp_path, "model.norm=gn")))
+    d["trainer"].update(channels_last=False, compile=False)
+    (old_run / "config.yaml").write_text(yaml.safe_dump(d))
+    monkeypatch.undo()
+    appended = _cfg(tmp_path, "model.norm=gn", "seed=5")
+    why = speed.resolve(appended, tmp_path / "r5", resuming=False)
+    assert appended.trainer.channels_last is False and "earlier run t0000-gn" in why
+    monkeypatch.setattr(speed, "rule", lambda cfg: ({"channels_last": False, "compile": False}, "new table"))
     other = _cfg(tmp_path, "model.norm=ln", "seed=3")  # another signature: the (new) rule decides
     speed.resolve(other, tmp_path / "r4", resuming=False)
     assert other.trainer.channels_last is False
