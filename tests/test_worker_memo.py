@@ -104,7 +104,7 @@ def test_second_setup_reads_no_file_and_gives_the_same_data(images, tmp_path, co
     reads, stats = counted["load"], counted["stats"]
     again = dm_for(cfg, seed=3)
     assert (counted["load"], counted["stats"]) == (reads, stats)  # no file read, no statistics computed
-    assert again.cache_hits == {"train": True, "val": True}
+    assert again.cache_hits == {"train": True, "val": True, "test": True}
     assert again.train_x is first.train_x  # the same tensors, shared
     assert torch.equal(again.mean, off.mean) and torch.equal(again.std, off.std) and again.mean is not first.mean
     assert torch.equal(again.train_x, off.train_x) and torch.equal(again.val_y, off.val_y)
@@ -124,8 +124,9 @@ def test_holdout_and_synthetic_limits_are_kept_per_subset(one_split, tmp_path, c
     assert (counted["load"], counted["stats"]) == (reads, stats) and again.train_x is first.train_x
     assert torch.equal(again.train_x, off.train_x) and torch.equal(again.val_x, off.val_x)
     assert torch.equal(again.mean, off.mean) and same_batches(again, off)
-    limited = dm_for(replace(cfg, train_limit=20))  # another subset of the same file: its own gather and stats
-    assert counted["load"] == reads and counted["stats"] == stats + 1
+    # another subset of the training rows: its own cache entry (only those rows are decoded) and statistics
+    limited = dm_for(replace(cfg, train_limit=20))
+    assert counted["load"] == reads + 1 and counted["stats"] == stats + 1
     assert torch.equal(limited.train_x, off.train_x[:20])
     assert torch.equal(limited.mean, vision.channel_stats(off.train_x[:20])[0])
 
@@ -136,12 +137,12 @@ def test_memory_is_bounded_by_data_setups(images, tmp_path, counted):
     cache.keep_in_memory(1)
     dm_for(cfgs[0])
     files_0 = set(cache.memo_files())
-    assert len(files_0) == 3  # split sizes, train rows, test rows
+    assert len(files_0) == 4  # split sizes, train rows, validation rows (held out of train), test rows
     dm_for(cfgs[1])
-    assert len(cache.memo_files()) == 3 and files_0 - set(cache.memo_files())  # the first train file dropped
+    assert len(cache.memo_files()) == 4 and files_0 - set(cache.memo_files())  # the first train file dropped
     cache.keep_in_memory(2)
     dm_for(cfgs[2])
-    assert len(cache.memo_files()) == 4  # the last two set-ups: 2 train files + the shared test and split files
+    assert len(cache.memo_files()) == 5  # the last two set-ups: 2 train files + the shared val, test and split files
     reads = counted["load"]
     dm_for(cfgs[1])
     assert counted["load"] == reads  # still kept
