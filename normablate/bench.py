@@ -1066,6 +1066,7 @@ def sweep_spec(s: Settings, workers: int, rnd: int, tmp: Path) -> Path:
         raw["grid"]["optim.lr"] = list(s.sweep_lrs)
     if s.sweep_norms is not None:
         raw["grid"]["model.norm"] = list(s.sweep_norms)
+    raw.pop("hypotheses", None)  # timing trials, not judging them (a tiny grid leaves a contrast side without runs)
     raw["trainer_fn"] = "normablate.bench:timed_train"
     raw["study_name"] = f"bench-w{workers}-r{rnd}"
     raw["log_dir"] = str(tmp / "logs")
