@@ -71,6 +71,7 @@ from typing import Any
 
 import numpy as np
 
+from ..labels import value_label as _label
 from .stats import t_quantile, t_sf2
 
 DEFINITION = """\
@@ -518,18 +519,6 @@ class Verdict:
         if self.word == "contradicted":
             return f"Holm-adjusted p = {self.p_adj:.3g} (against the claim: {self.p_counter_adj:.3g})"
         return f"Holm-adjusted p = {self.p_adj:.3g}"
-
-
-def _label(v: Any) -> str:
-    if isinstance(v, dict):
-        v = dict(v)
-        name = v.pop("name", "?")
-        return f"{name}(" + ",".join(f"{k}={_label(x)}" for k, x in sorted(v.items())) + ")" if v else str(name)
-    if isinstance(v, float):
-        return f"{v:g}"
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_label(x) for x in v) + "]"
-    return str(v)
 
 
 def _match(df, names: dict[str, str], values: dict[str, Any]):

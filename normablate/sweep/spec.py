@@ -33,6 +33,7 @@ from .. import studies
 from .. import yamlsafe
 from ..config import RunConfig, budget_layer, check_path_name, from_dict, load_yaml, parse_overrides, set_dotted
 from ..errors import ConfigError, closest
+from ..labels import value_label  # noqa: F401  (spec.value_label: older imports)
 from ..studies.base import SpecContext, StudyKind, decode, encode  # noqa: F401  (decode: re-exported)
 from ..studies.search import make_sampler  # noqa: F401  (re-exported)
 from . import hypotheses
@@ -52,19 +53,6 @@ SHORT_NAMES = {"model.norm": "norm", "optim.lr": "lr", "data.batch_size": "batch
 
 def short_name(key: str) -> str:
     return SHORT_NAMES.get(key, key.split(".")[-1])
-
-
-def value_label(v: Any) -> str:
-    """Readable label of an axis value: ``bn``, ``0.1``, ``bn(momentum=0.01)``."""
-    if isinstance(v, dict):
-        v = dict(v)
-        name = v.pop("name", "?")
-        return f"{name}(" + ",".join(f"{k}={value_label(x)}" for k, x in sorted(v.items())) + ")" if v else str(name)
-    if isinstance(v, float):
-        return f"{v:g}"
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(value_label(x) for x in v) + "]"
-    return str(v)
 
 
 def norm_label(norm: Any) -> str:
