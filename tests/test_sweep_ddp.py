@@ -113,8 +113,9 @@ def test_ddp_trial_equals_normablate_train_on_two_devices_and_one_process(tmp_pa
     # and one process on the global batches (synchronized BN): equal to float tolerance (as in test_ddp)
     one = train(from_dict({**cfg, "run": "one", "trainer": {**cfg["trainer"], "devices": 1, "strategy": "auto"}}))
     assert one.steps == 4 and set(one.final) == set(ua["final"])
-    for k, v in one.final.items():
-        assert ua["final"][k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+    loss = abs(one.final["val/loss"])
+    for k, v in one.final.items():  # (a gap: the difference of two losses, so its error scales with the loss)
+        assert ua["final"][k] == pytest.approx(v, rel=1e-4, abs=max(1e-5, 1e-4 * loss) if "gap" in k else 1e-5), k
 
 
 @pytest.mark.slow
