@@ -109,6 +109,15 @@ class BatchRenorm(BatchNorm):
         var, mean = torch.var_mean(x, dim=tuple(d for d in range(x.dim()) if d != c_dim), unbiased=False)
         return mean, var, x.numel() // x.shape[c_dim]
 
+    def corrections(self, mean: torch.Tensor, std: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """r = clip(sigma_B / sigma, 1/r_max, r_max), d = clip((mu_B - mu) / sigma, -d_max, d_max), no gradient."""
+        with torch.no_grad():
+            r_max, d_max = self.limits()
+            running_std = torch.sqrt(self.running_var.to(acc) + self.eps)
+            r = (std / running_std).clamp(1.0 / r_max.to(acc), r_max.to(acc))
+            d = ((mean - self.running_mean.to(acc)) / running_std).clamp(-d_max.to(acc), d_max.to(acc))
+        return r, d
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         keep = self._keep(x, mask) if self.masked and mask is not None else None
         if not self.training:
@@ -141,11 +150,7 @@ class BatchRenorm(BatchNorm):
         torch._assert_async(n != 1, "batch_renorm (masked) in training mode needs more than one real token per "
                                     "channel to compute batch statistics; the batch holds exactly one")
         std = torch.sqrt(var + self.eps)
-        with torch.no_grad():
-            r_max, d_max = self.limits()
-            running_std = torch.sqrt(self.running_var.to(acc) + self.eps)
-            r = (std / running_std).clamp(1.0 / r_max.to(acc), r_max.to(acc))
-            d = ((mean - self.running_mean.to(acc)) / running_std).clamp(-d_max.to(acc), d_max.to(acc))
+        r, d = self.corrections(mean, std, acc)
         y = (xf - mean) / std * r + d
         if self.affine:
             y = y * self.weight + self.bias
@@ -180,11 +185,7 @@ class BatchRenorm(BatchNorm):
         xf = x.to(acc)
         mean, var, n = self.batch_stats(xf, c_dim)  # (C,), (C,)
         std = torch.sqrt(var + self.eps)
-        with torch.no_grad():
-            r_max, d_max = self.limits()
-            running_std = torch.sqrt(self.running_var.to(acc) + self.eps)
-            r = (std / running_std).clamp(1.0 / r_max.to(acc), r_max.to(acc))
-            d = ((mean - self.running_mean.to(acc)) / running_std).clamp(-d_max.to(acc), d_max.to(acc))
+        r, d = self.corrections(mean, std, acc)
         y = (xf - mean.view(shape)) / std.view(shape) * r.view(shape) + d.view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
