@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from . import yamlsafe
-from .errors import ConfigError, closest
+from .errors import ConfigError, did_you_mean
 
 
 @dataclass
@@ -300,17 +300,15 @@ def _build_section(cls: type, values: dict, prefix: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            hint = closest(key, names)
             raise ConfigError(
                 f"unknown config key '{prefix}{key}'; valid keys in {prefix.rstrip('.') or 'the top level'}: "
-                f"{', '.join(names)}" + (f" (did you mean {prefix}{hint}?)" if hint else "")
+                f"{', '.join(names)}" + did_you_mean(key, names, lambda h: prefix + h)
             )
         ok, coerced = _type_ok(value, hints[key])
         if not ok and typing.get_origin(hints[key]) is Literal:
             allowed = [str(a) for a in typing.get_args(hints[key])]
-            hint = closest(str(value), allowed)
             raise ConfigError(f"config key {prefix}{key}={value!r} is not allowed; valid: {', '.join(allowed)}"
-                              + (f" (did you mean {hint!r}?)" if hint else ""))
+                              + did_you_mean(value, allowed))
         if not ok:
             raise ConfigError(f"config key {prefix}{key}={value!r} has the wrong type; expected {_describe(hints[key])}")
         if isinstance(coerced, float) and not math.isfinite(coerced):
@@ -331,9 +329,8 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
     top_fields = [f.name for f in dataclasses.fields(RunConfig)]
     for key in d:
         if key not in top_fields:
-            hint = closest(key, top_fields)
             raise ConfigError(f"unknown config key {key!r}; valid top-level keys: {', '.join(top_fields)}"
-                              + (f" (did you mean {hint!r}?)" if hint else ""))
+                              + did_you_mean(key, top_fields))
     sections = {}
     for name, cls in SECTIONS.items():
         values = d.pop(name, None) or {}
@@ -592,8 +589,7 @@ def validate(cfg: RunConfig) -> None:
            f"trainer.accelerator={t.accelerator!r} is not allowed; valid: cpu, gpu, cuda, mps, auto")
     _check(str(t.precision) in PRECISIONS,
            f"trainer.precision={t.precision!r} is not allowed; valid (Lightning): {', '.join(PRECISIONS[:6])}"
-           + (f" (did you mean {closest(str(t.precision), PRECISIONS)!r}?)" if closest(str(t.precision), PRECISIONS)
-              else ""))
+           + did_you_mean(t.precision, PRECISIONS))
     _check(not (t.accelerator == "cpu" and str(t.precision) in ("16-mixed", "16")),
            f"trainer.precision={t.precision!r} needs a GPU; on trainer.accelerator='cpu' use bf16-mixed or 32-true")
     metrics = ("val/acc", "val/loss") if cfg.task == "classification" else ("val/ppl", "val/loss")

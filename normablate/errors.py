@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class NormablateError(ValueError):
@@ -24,11 +24,14 @@ def closest(name: str, choices: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
+def did_you_mean(name: object, choices: Iterable[str], show: Callable[[str], str] = repr) -> str:
+    """The one 'did you mean' suffix: `` (did you mean 'x'?)`` for the closest of ``choices``, else ``""``.
+    ``show`` spells the suggestion (default: quoted; e.g. ``lambda h: prefix + h`` for a dotted key)."""
+    hint = closest(str(name), choices)
+    return f" (did you mean {show(hint)}?)" if hint is not None else ""
+
+
 def unknown(kind: str, name: object, choices: Iterable[str]) -> ConfigError:
     """Build the standard 'unknown X' error: names the bad value, lists the valid ones, suggests one."""
     choices = sorted(str(c) for c in choices)
-    hint = closest(str(name), choices)
-    msg = f"unknown {kind} {name!r}; valid: {', '.join(choices)}"
-    if hint is not None:
-        msg += f" (did you mean {hint!r}?)"
-    return ConfigError(msg)
+    return ConfigError(f"unknown {kind} {name!r}; valid: {', '.join(choices)}" + did_you_mean(name, choices))

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import ConfigError, closest
+from ..errors import ConfigError, did_you_mean
 from .cache import cache_root, fingerprint
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -57,9 +57,9 @@ def missing_path(source: str) -> ConfigError:
     parent = p.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    hint = closest(p.name, [c.name for c in parent.iterdir()]) if parent.is_dir() else None
+    names = [c.name for c in parent.iterdir()] if parent.is_dir() else []
     return ConfigError(f"data.source path {source!r} does not exist; {str(parent)!r} holds: {listing(parent)}"
-                       + (f" (did you mean {str(parent / hint)!r}?)" if hint else ""))
+                       + did_you_mean(p.name, names, lambda h: repr(str(parent / h))))
 
 
 # ------------------------------------------------------------------------------------------ splits
@@ -153,9 +153,8 @@ class Source:
     def split(self, name: str, role: str) -> Split:
         splits = self.splits()
         if name not in splits:
-            hint = closest(name, splits)
             raise ConfigError(f"data.{role}={name!r}: source {self.name!r} has no split {name!r}; "
-                              f"available splits: {', '.join(splits)}" + (f" (did you mean {hint!r}?)" if hint else ""))
+                              f"available splits: {', '.join(splits)}" + did_you_mean(name, splits))
         return splits[name]
 
     def _open(self) -> dict[str, Split]:
@@ -248,9 +247,8 @@ def guess_column(split: Split, given: str | None, candidates: tuple[str, ...], w
     cols = split.columns
     if given is not None:
         if given not in cols:
-            hint = closest(given, cols)
             raise ConfigError(f"data.{cfg_key}={given!r}: no column {given!r} in split {split.name!r} of {source!r}; "
-                              f"columns: {', '.join(cols)}" + (f" (did you mean {hint!r}?)" if hint else ""))
+                              f"columns: {', '.join(cols)}" + did_you_mean(given, cols))
         return given
     for c in candidates:
         if c in cols:
@@ -284,9 +282,8 @@ def plan_splits(name: str, rows: dict[str, int], cfg) -> dict[str, tuple[str, in
       split (just before a held-out test part), so selection never sees the test set.
     A role that would share rows with another is refused, naming the keys."""
     def no_split(key: str, value: str) -> ConfigError:
-        hint = closest(value, rows)
         return ConfigError(f"data.{key}={value!r}: source {name!r} has no split {value!r}; available splits: "
-                           f"{', '.join(rows)}" + (f" (did you mean {hint!r}?)" if hint else ""))
+                           f"{', '.join(rows)}" + did_you_mean(value, rows))
 
     train, val, test = cfg.train_split, cfg.val_split, cfg.test_split
     if train not in rows:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, closest
+from ..errors import ConfigError, did_you_mean
 
 
 @dataclass
@@ -45,9 +45,8 @@ class SpecContext:
 
     def choice(self, key: str, value: Any, allowed: tuple[str, ...]) -> Any:
         if value not in allowed:
-            hint = closest(str(value), allowed)
             raise ConfigError(f"{self.where}: {key}={value!r}; valid: {', '.join(allowed)}"
-                              + (f" (did you mean {hint!r}?)" if hint else ""))
+                              + did_you_mean(value, allowed))
         return value
 
 

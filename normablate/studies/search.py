@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, closest
+from ..errors import ConfigError, did_you_mean
 from . import register
 from .base import Comparison, Section, SpecContext, StudyKind, decode, encode
 
@@ -36,9 +36,8 @@ def _check_dist(key: str, s: Any, where: str) -> dict[str, Any]:
     for k in s:
         if k not in allowed:
             valid = sorted(allowed | {"choices"})
-            hint = closest(k, valid)
             raise ConfigError(f"unknown key {k!r} in {where} search_space.{key}; valid: {', '.join(valid)}"
-                              + (f" (did you mean {hint!r}?)" if hint else ""))
+                              + did_you_mean(k, valid))
     if "low" not in s or "high" not in s:
         raise ConfigError(f"{where}: search_space.{key} needs low and high")
     typ = s.get("type", "int" if isinstance(s["low"], int) and isinstance(s["high"], int) and not s.get("log")

@@ -26,7 +26,7 @@ import math
 import re
 from typing import Any
 
-from ..errors import ConfigError, closest
+from ..errors import ConfigError, did_you_mean
 
 TYPES = ("superiority", "non_inferiority", "equivalence")  # (= analysis.verdicts.TYPES; no import: no numpy here)
 KEYS = ("id", "claim", "contrast", "type", "margin", "alpha")
@@ -42,9 +42,8 @@ def _label(v: Any) -> str:
 def _in_axis(key: str, value: Any, axes: dict[str, list], where: str) -> Any:
     """``value`` as the grid spells it (an int 1 for 1.0 and so on), or an error listing the axis's values."""
     if key not in axes:
-        hint = closest(key, list(axes))
         raise ConfigError(f"{where}: {key!r} is not a grid axis; a contrast names grid-axis values (axes: "
-                          f"{', '.join(axes) or 'none'})" + (f" (did you mean {hint!r}?)" if hint else ""))
+                          f"{', '.join(axes) or 'none'})" + did_you_mean(key, axes))
     for v in axes[key]:
         if _label(v) == _label(value) or (isinstance(v, (int, float)) and isinstance(value, (int, float))
                                           and not isinstance(v, bool) and not isinstance(value, bool)
@@ -76,9 +75,7 @@ def check(raw: Any, axes: dict[str, list], task: str, grouped: bool, where: str)
             raise ConfigError(f"{w} must be a mapping with keys {', '.join(KEYS)}")
         for k in h:
             if k not in KEYS:
-                hint = closest(str(k), KEYS)
-                raise ConfigError(f"{w}: unknown key {k!r}; valid: {', '.join(KEYS)}"
-                                  + (f" (did you mean {hint!r}?)" if hint else ""))
+                raise ConfigError(f"{w}: unknown key {k!r}; valid: {', '.join(KEYS)}" + did_you_mean(k, KEYS))
         hid = h.get("id")
         if not isinstance(hid, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", hid):
             raise ConfigError(f"{w}.id={hid!r} must be a name of letters, digits, '_', '.', '-'")
@@ -92,9 +89,7 @@ def check(raw: Any, axes: dict[str, list], task: str, grouped: bool, where: str)
                               f"Sec. 3)'), got {claim!r}")
         kind = h.get("type")
         if kind not in TYPES:
-            hint = closest(str(kind), TYPES)
-            raise ConfigError(f"{w}: type={kind!r}; valid: {', '.join(TYPES)}"
-                              + (f" (did you mean {hint!r}?)" if hint else ""))
+            raise ConfigError(f"{w}: type={kind!r}; valid: {', '.join(TYPES)}" + did_you_mean(kind, TYPES))
         margin = h.get("margin")
         if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
                                    or not math.isfinite(margin) or margin < 0):
@@ -121,9 +116,8 @@ def _contrast(c: Any, axes: dict[str, list], task: str, w: str) -> dict[str, Any
         raise ConfigError(f"{w} must be a mapping with keys {', '.join(CONTRAST_KEYS)}")
     for k in c:
         if k not in CONTRAST_KEYS:
-            hint = closest(str(k), CONTRAST_KEYS)
             raise ConfigError(f"{w}: unknown key {k!r}; valid: {', '.join(CONTRAST_KEYS)}"
-                              + (f" (did you mean {hint!r}?)" if hint else ""))
+                              + did_you_mean(k, CONTRAST_KEYS))
     for k in ("a", "b", "at"):
         if k not in c:
             raise ConfigError(f"{w}.{k} is missing")
