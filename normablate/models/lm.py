@@ -144,7 +144,7 @@ class TransformerLM(nn.Module):
         return self.head(x)  # (B, T, vocab)
 
 
-@register("transformer_lm", layout="tokens")
+@register("transformer_lm", layout="tokens", task="lm")
 def transformer_lm(norm_layer, vocab_size: int = 256, block_size: int = 256, n_layer: int = 4, n_head: int = 4,
                    n_embd: int = 128, dropout: float = 0.0, bias: bool = True,
                    norm_placement: str = "pre", qk_norm: Any = None, embed_scale: Any = None,

@@ -78,13 +78,13 @@ class CifarResNet(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
-@register("resnet20", layout="image")
+@register("resnet20", layout="image", task="classification")
 def resnet20(norm_layer, num_classes: int = 10, width: int = 16, in_chans: int = 3,
              norm_position: str = "before_act", shortcut: str = "A", bias: bool | None = None) -> nn.Module:
     return CifarResNet(20, norm_layer, num_classes, width, in_chans, norm_position, shortcut, bias)
 
 
-@register("resnet56", layout="image")
+@register("resnet56", layout="image", task="classification")
 def resnet56(norm_layer, num_classes: int = 10, width: int = 16, in_chans: int = 3,
              norm_position: str = "before_act", shortcut: str = "A", bias: bool | None = None) -> nn.Module:
     return CifarResNet(56, norm_layer, num_classes, width, in_chans, norm_position, shortcut, bias)
@@ -93,7 +93,7 @@ def resnet56(norm_layer, num_classes: int = 10, width: int = 16, in_chans: int =
 RESNET18_STEMS = ("imagenet", "cifar")
 
 
-@register("resnet18", layout="image")
+@register("resnet18", layout="image", task="classification")
 def resnet18(norm_layer, num_classes: int = 10, in_chans: int = 3, stem: str = "imagenet") -> nn.Module:
     """timm's ResNet-18, our norm in every site via ``norm_layer``.
 

@@ -44,7 +44,7 @@ class VGG(nn.Module):
 
 
 def _vgg(name: str):
-    @register(name, layout="image")
+    @register(name, layout="image", task="classification")
     def build(norm_layer, num_classes: int = 10, width: float = 1.0, in_chans: int = 3,
               norm_position: str = "before_act", bias: bool | None = None) -> nn.Module:
         return VGG(CFGS[name], norm_layer, num_classes, width, in_chans, norm_position, bias)

@@ -47,7 +47,7 @@ class FFN(nn.Module):
         return self.drop(self.fc2(self.drop(x)))
 
 
-@register("vit", layout="tokens")
+@register("vit", layout="tokens", task="classification", inputs={"img_size": "image_size"})
 def vit(norm_layer, num_classes: int = 10, img_size: int = 32, patch_size: int = 4, in_chans: int = 3,
         embed_dim: int = 192, depth: int = 6, num_heads: int = 3, mlp_ratio: float = 2.0,
         ffn_norm: Any = None, ffn_norm_position: str = "before_act", drop_path_rate: float = 0.0,
