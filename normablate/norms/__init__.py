@@ -200,6 +200,7 @@ def resolve(spec: Any, layout: str, where: str | None = None) -> Callable[[int],
                 raise ConfigError(f"{where}: {e}") from None
 
         named_layer.norm_name, named_layer.layout = inner.norm_name, inner.layout  # type: ignore[attr-defined]
+        named_layer.spec = spec  # type: ignore[attr-defined]
         return named_layer
     if isinstance(spec, str):
         name, kwargs, entry = spec, {}, REGISTRY.get(spec)
@@ -226,6 +227,7 @@ def resolve(spec: Any, layout: str, where: str | None = None) -> Callable[[int],
 
     norm_layer.norm_name = name  # type: ignore[attr-defined]
     norm_layer.layout = layout  # type: ignore[attr-defined]
+    norm_layer.spec = spec  # type: ignore[attr-defined]  (re-resolved for another layout: surgery.norm_layers)
     return norm_layer
 
 

@@ -1,0 +1,138 @@
+"""Any timm model by name: ``model.backbone: timm/<name>`` (e.g. ``timm/resnet18``, ``timm/convnext_atto``,
+``timm/vit_tiny_patch16_224`` with ``img_size: 32``), with the run's norm in every normalization site.
+
+Options are ``timm.create_model``'s keyword arguments: the model class's constructor arguments (``depth``,
+``embed_dim``, ``drop_path_rate``, ``conv_mlp``, ...; the named model's own settings apply where the config gives
+none) and ``pretrained``, which must stay false: normablate builds timm models from scratch (no hub download on
+these machines, and the norms being ablated would not match pretrained weights anyway). ``num_classes`` and
+``in_chans`` come from the data, and ``img_size`` from its image size where the class takes one.
+
+How the norm gets in (``build``): the model is first built on the meta device with timm's own norms, to find
+its norm sites and the layout each sees (``surgery.find_sites``). Where the class takes ``norm_layer``, every
+site sees one layout and none carries an activation, the norm goes in through ``norm_layer`` (so timm's own init
+of norm weights, e.g. ResNet's zero-init of each block's last norm, applies) and must land in exactly the sites
+of the timm-norm build; otherwise (e.g. a ConvNeXt with ``conv_mlp: false``, whose blocks run LayerNorm on
+channels-last NHWC while the stem and downsamples run LayerNorm2d on NCHW) every site is swapped by
+``surgery.swap_norms``. Either way the built model is checked to hold no timm or PyTorch norm, and a model with a
+norm that cannot be swapped (e.g. ConvNeXt-V2's GlobalResponseNorm) is refused, naming each such module.
+
+timm is imported only inside these functions (it takes seconds to import).
+"""
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache, partial
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError, did_you_mean
+
+PREFIX = "timm/"
+_NOT_OPTIONS = {"self", "norm_layer", "device", "dtype", "pretrained_cfg", "pretrained_cfg_overlay"}
+
+
+def _timm():
+    import timm  # lazy: seconds of start-up (torchvision) for every command that does not build a timm model
+
+    return timm
+
+
+def _arch(name: str) -> str:
+    arch = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    timm = _timm()
+    if not timm.is_model(arch):
+        raise ConfigError(f"unknown timm model {arch!r} (backbone {PREFIX + arch!r})" + did_you_mean(
+            arch, timm.list_models()) + "; the names: python -c 'import timm; print(timm.list_models())'")
+    return arch
+
+
+def _probe(arch: str, options: dict[str, Any]) -> nn.Module:
+    """The model with timm's own norms, on the meta device (no memory, no init cost): its sites and class."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return _timm().create_model(arch, pretrained=False, **options)
+    except (TypeError, ValueError, AssertionError, KeyError) as e:  # a bad option value: the user's mistake
+        if isinstance(e, ConfigError):
+            raise
+        opts = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "no options"
+        raise ConfigError(f"timm model {arch!r} cannot be built with {opts}: {type(e).__name__}: {e}") from None
+
+
+def _class_options(cls: type) -> tuple[dict[str, Any], bool]:
+    """Constructor options of a timm model class with their defaults (None where it has none); whether it takes
+    ``norm_layer``."""
+    params = inspect.signature(cls.__init__).parameters
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    opts = {k: (None if p.default is inspect.Parameter.empty else p.default)
+            for k, p in params.items() if p.kind in kinds and k not in _NOT_OPTIONS}
+    return opts, "norm_layer" in params
+
+
+@lru_cache(maxsize=None)
+def info(name: str):
+    """The ``BackboneInfo`` of ``timm/<name>``: an image classifier; layout ``tokens`` when every norm of the
+    default model sees tokens (a ViT), else ``image``; options from the model class (module docstring)."""
+    from . import BackboneInfo
+    from ..surgery import find_sites
+
+    arch = _arch(name)
+    probe = _probe(arch, {})
+    opts, _ = _class_options(type(probe))
+    opts["pretrained"] = False
+    kinds = {kind for kind, _ in find_sites(probe)[0].values()}
+    layout = "tokens" if kinds == {"tokens"} else "image"
+    inputs = {"img_size": "image_size"} if "img_size" in opts else {}
+    return BackboneInfo(PREFIX + arch, partial(build, arch), layout, "classification", inputs, opts)
+
+
+def build(arch: str, norm_layer: Any, **options: Any) -> nn.Module:
+    """timm's ``arch`` with ``norm_layer``'s norm (a ``norms.resolve`` result or any spec) in every norm site."""
+    from .. import surgery
+
+    if options.get("pretrained"):
+        raise ConfigError(f"timm model {arch!r}: pretrained={options['pretrained']!r} is refused: normablate builds "
+                          "timm models from scratch (no hub download here; pretrained weights would not match the "
+                          "norms being ablated); leave pretrained unset or false")
+    options.pop("pretrained", None)
+    probe = _probe(arch, options)
+    sites, refused = surgery.find_sites(probe)
+    if refused:
+        raise surgery.refusal(refused, f"timm model {arch!r}")
+    layer_for = surgery.norm_layers(norm_layer)
+    kinds = {kind for kind, _ in sites.values()}
+    with_act = any(hasattr(m, "act") for _, m in sites.values())
+    model = None
+    if _class_options(type(probe))[1] and len(kinds) == 1 and kinds <= {"image", "tokens"} and not with_act:
+        model = _through_norm_layer(arch, options, layer_for(kinds.pop()), set(sites))
+    if model is None:
+        model = _timm().create_model(arch, pretrained=False, **options)
+        surgery.swap_norms(model, norm_layer)
+    left = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+            if surgery.looks_like_norm(m) and type(m).__module__.startswith(("torch.nn.", "timm.", "torchvision."))]
+    if left:  # the check: no timm or PyTorch norm is left in place
+        raise surgery.refusal(left, f"timm model {arch!r}")
+    return model
+
+
+def _through_norm_layer(arch: str, options: dict[str, Any], layer, site_names: set[str]) -> nn.Module | None:
+    """timm's model built with ``norm_layer=layer``, or None when that does not put our norm in exactly the sites of
+    the timm-norm build (the class calls it with arguments ours does not take, asserts on it, or uses it elsewhere)."""
+    made: list[nn.Module] = []
+
+    def recording(num_features: int, device: Any = None, dtype: Any = None) -> nn.Module:
+        made.append(layer(num_features, device=device, dtype=dtype))
+        return made[-1]
+
+    try:
+        model = _timm().create_model(arch, pretrained=False, norm_layer=recording, **options)
+    except (TypeError, AssertionError):
+        return None
+    ours = {id(m) for m in made}
+    placed = {n for n, m in model.named_modules() if id(m) in ours}
+    return model if placed == site_names else None
+
+
+__all__ = ["PREFIX", "build", "info"]
