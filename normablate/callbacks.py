@@ -18,6 +18,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from .signals import StopRequest  # noqa: F401  (the flag RunMonitor reads; callbacks.StopRequest: older imports)
+
 
 class RunInterrupted(Exception):
     """Raised (after saving a checkpoint) when the run received SIGINT/SIGTERM."""
@@ -25,18 +27,6 @@ class RunInterrupted(Exception):
     def __init__(self, signum: int, step: int) -> None:
         super().__init__(f"interrupted by signal {signum} at step {step}; resume with --resume")
         self.signum, self.step = signum, step
-
-
-class StopRequest:
-    """Set from a signal handler; read at the next step boundary (so the checkpoint is consistent)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def __call__(self, signum, frame) -> None:  # noqa: ARG002
-        if self.signum is not None and signum == 2:  # a second Ctrl-C: give up waiting
-            raise KeyboardInterrupt
-        self.signum = signum
 
 
 def save_checkpoint_atomic(trainer: L.Trainer, path: Path) -> None:

@@ -26,6 +26,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from .errors import ConfigError
 
@@ -54,6 +55,27 @@ def import_module(name: str) -> ModuleType:
             raise
     _with_cwd()
     return importlib.import_module(name)
+
+
+def import_object(path: str, what: str = "import path") -> Any:
+    """The object a ``"package.module:attr"`` path names (``attr`` may be dotted: ``mod:Class.method``), imported
+    as ``import_module`` does (the working directory counts). Every dotted import path of a config goes through
+    here: ``model.norm: pkg.mod:Class``, a backbone, a study kind, a sweep's ``trainer_fn``. ``what`` names the
+    key in the ``ConfigError`` that a missing module or attribute raises."""
+    module_name, sep, attr = path.partition(":") if isinstance(path, str) else ("", "", "")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{what} {path!r} must be 'package.module:name'")
+    try:
+        module = import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"{what} {path!r}: cannot import module {module_name!r} ({e})") from e
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as e:
+            raise ConfigError(f"{what} {path!r}: module {module_name!r} has no attribute {attr!r}") from e
+    return obj
 
 
 def _load_file(entry: str) -> ModuleType:

@@ -5,7 +5,6 @@ path ``package.module:Object``, so a user's own class works without registering 
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -42,17 +41,9 @@ class Registry:
         raise unknown(self.kind, name, self._items)
 
     def _import(self, path: str) -> Any:
-        module_name, _, attr = path.partition(":")
-        from .plugins import import_module
+        from .plugins import import_object
 
-        try:
-            module = import_module(module_name)  # the working directory counts, as with `python -m`
-        except ImportError as e:
-            raise ConfigError(f"{self.kind} {path!r}: cannot import module {module_name!r} ({e})") from e
-        try:
-            return getattr(module, attr)
-        except AttributeError as e:
-            raise ConfigError(f"{self.kind} {path!r}: module {module_name!r} has no attribute {attr!r}") from e
+        return import_object(path, self.kind)  # the working directory counts, as with `python -m`
 
     def available(self) -> list[str]:
         return sorted(self._items)

@@ -12,12 +12,9 @@ import logging
 import math
 import os
 import platform
-import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +23,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from . import __version__, footprint, runfolder
-from .callbacks import RunInterrupted, RunMonitor, StopRequest
+from .callbacks import RunInterrupted, RunMonitor
 from .config import RunConfig, check_hardware, epochs_to_steps, from_dict, to_dict, validated
 from .errors import ConfigError
 from .build import build_model, build_task, quiet_lightning as _quiet_lightning  # noqa: F401  (older imports)
@@ -35,6 +32,7 @@ from .norms import sync
 from .precise_bn import PreciseBN
 from .probes.callback import summarize as summarize_probes
 from .result import RunResult
+from .signals import stop_on_signals
 from .runfolder import RunIdentity, check_checkpoint, check_writable, default_run_name, run_dir_of  # noqa: F401
 from .progress import plain_progress
 from .tblog import final_metrics, finish, log_final, log_hparams, make_loggers, tensorboard_of
@@ -144,26 +142,6 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_epoch_start(self, trainer, *args) -> None:
         pass  # Lightning's resets the bar to "Epoch 0", 0/?: ours is one endless epoch, set up in init_train_tqdm
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[StopRequest]:
-    """SIGINT/SIGTERM set a flag that the run checks at the next step boundary (then checkpoints and stops)."""
-    request = StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield request
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, request)
-    for h in previous.values():  # a stop already requested of the caller (a sweep worker signalled while it was
-        if request.signum is None and getattr(h, "signum", None) is not None:  # setting this run up) stops
-            request.signum = h.signum  # the run at its first step boundary, not after the whole run
-    try:
-        yield request
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, object]:

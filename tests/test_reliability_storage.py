@@ -364,7 +364,7 @@ def test_workers_are_capped_at_the_trials_waiting(tmp_path, monkeypatch):
 
     started = []
     monkeypatch.setattr(runner, "check_workers", lambda n: None)  # (this machine may have fewer cores than asked)
-    monkeypatch.setattr(runner, "run_workers", lambda spec, sweep, runtime, n: started.append(n) or 0)
+    monkeypatch.setattr(runner, "run_workers", lambda spec, sweep, runtime, n, **kw: started.append(n) or 0)
     runner.run_sweep(make_spec(tmp_path, grid={"optim.lr": [0.1, 0.2, 0.3]}), workers=8, verbose=False)
     assert started == [3]
 

@@ -17,7 +17,7 @@ from normablate.sweep import runner, load_spec
 
 seen = {}
 
-def fake_run_workers(spec, sweep, runtime, workers, max_restarts=None):
+def fake_run_workers(spec, sweep, runtime, workers, max_restarts=None, target=None):
     seen["modules"] = sorted(m for m in ("lightning", "torchmetrics", "torchvision", "torch") if m in sys.modules)
     seen["workers"] = workers
     return 0

@@ -199,10 +199,9 @@ def test_sigterm_during_validation_stops_after_it(tmp_path):
 def test_a_stop_requested_before_the_run_started_is_not_lost(tmp_path):
     """A sweep worker signalled while it sets its next trial up (its stop flag set, the run's own handler not yet
     installed) stops that run at its first step boundary, checkpointed, instead of after the whole run."""
-    from normablate.sweep.supervise import STOP
-    from normablate.sweep.supervise import stop_on_signals as worker_stop_on_signals
+    from normablate.signals import STOP, stop_on_signals
 
-    with worker_stop_on_signals():
+    with stop_on_signals(STOP):
         STOP.signum = signal.SIGTERM
         try:
             cut = train(cfg_for(tmp_path, TINY_IMAGE, "run=cut", "trainer.max_steps=12", "trainer.val_every=4"))

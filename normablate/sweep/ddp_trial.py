@@ -12,7 +12,7 @@ outcome (the ``RunResult``, or "pruned" with the step and curves, or the error w
 out file, and the worker records it in Optuna exactly as a one-process trial (``trial.py``).
 
 Around the child, the worker keeps its duties: its heartbeat thread keeps the trial alive in the storage; a
-SIGINT/SIGTERM it receives (``supervise.STOP``) is passed to rank 0 as SIGTERM, which (like ``normablate train``
+SIGINT/SIGTERM it receives (``normablate.signals.STOP``) is passed to rank 0 as SIGTERM, which (like ``normablate train``
 under DDP) reduces the stop flag over the ranks, saves ``last.ckpt`` and exits 130, and the trial is re-queued;
 a second Ctrl-C kills the child's process group at once. The child and its ranks are started in their own session
 and die with their parent (``PR_SET_PDEATHSIG`` = SIGKILL): ``kill -9`` of the worker leaves no rank behind,
@@ -45,7 +45,10 @@ import optuna
 
 from ..config import RunConfig, check_hardware, to_dict
 from ..errors import ConfigError
+from ..plugins import import_object
 from ..result import RunResult
+from ..signals import STOP
+from .pruners import make_pruner
 from .spec import DRYRUN_TRAINER, SweepSpec
 
 ENTRY = "normablate.sweep.ddp_rank"  # runs main() below
@@ -137,8 +140,6 @@ class TrialProcess:
     def __call__(self, cfg: RunConfig, callbacks: list | None = None, resume: bool = False) -> RunResult:
         if callbacks:
             raise ValueError("TrialProcess: callbacks cannot cross into the trial's processes (use pruning=...)")
-        from .supervise import STOP
-
         with tempfile.TemporaryDirectory(prefix="normablate-trial-") as tmp:
             job, out = Path(tmp) / "job.json", Path(tmp) / "outcome.json"
             job.write_text(json.dumps({"config": to_dict(cfg), "resume": resume, "trainer_fn": self.trainer_fn,
@@ -189,7 +190,6 @@ def _die_with_parent() -> None:
 
 
 def _open_trial(p: dict[str, Any]) -> optuna.Trial:
-    from .spec import make_pruner
     from .storage import open_storage, retry
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -226,8 +226,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1  # the worker died before prctl took effect
     from lightning.pytorch.utilities import rank_zero_only
 
-    from .trial import load_trainer
-
     out = Path(job["out"])
 
     def write(d: dict) -> None:
@@ -238,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
     callbacks = [_pruning_callback(job["pruning"])] if job["pruning"] else None
     try:
-        trainer_fn = load_trainer(job["trainer_fn"])
+        trainer_fn = import_object(job["trainer_fn"], "trainer_fn")
         result = trainer_fn(job["config"], callbacks=callbacks, resume=job["resume"])
     except optuna.TrialPruned as e:
         cb = callbacks[0] if callbacks else None

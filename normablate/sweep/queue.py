@@ -34,7 +34,8 @@ from optuna.trial import TrialState
 
 from ..errors import ConfigError
 from .liveness import HOST
-from .spec import Point, make_pruner
+from .pruners import make_pruner
+from .spec import Point
 from .storage import display_url, retry
 
 ATTR = "normablate"  # study user attr: compact {"kind", "metric", "direction", "total", "fingerprint"}

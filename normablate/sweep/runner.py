@@ -6,7 +6,7 @@ The concerns live in their own modules; ``Sweep`` (one process's handle on a swe
     queue.py      creating/loading the studies, enqueueing every trial, claiming one, counting progress
     reaper.py     failing the trials of dead or silent workers and re-queueing them (they resume)
     trial.py      running one claimed trial and recording it in the trial's attributes
-    supervise.py  worker processes, signals, dying with the parent
+    supervise.py  worker processes, dying with the parent (signals: normablate/signals.py)
 
 Study kinds (``normablate.studies``) decide what a trial's config is and, for grouped kinds (``search``), how its
 hyperparameters are drawn; nothing here knows a kind by name.
@@ -16,8 +16,11 @@ enqueued again once at start-up, and a worker stops when no trial is waiting or 
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +29,8 @@ from typing import Any
 
 import optuna
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NormablateError
+from ..signals import REFUSED, STOP, stop_on_signals
 from ..studies import StudyKind
 from .ddp_trial import check_resources
 from .liveness import HOST, Heartbeat, host_id, pid_alive
@@ -35,7 +39,7 @@ from .reaper import ReaperMixin
 from .preflight import preflight, preflight_isolated
 from .spec import Point, SweepSpec, load_spec
 from .storage import display_url, normalize_url, open_storage
-from .supervise import STOP, check_workers, run_workers, stop_on_signals
+from .supervise import QueueSink, check_workers, die_with_parent, run_workers
 from .trial import HISTORY_POINTS, TrialMixin, compact_history, load_trainer
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -170,6 +174,45 @@ class Sweep(QueueMixin, ReaperMixin, TrialMixin):
         return 130 if self.interrupted or STOP.signum is not None else 0
 
 
+def worker_main(spec: SweepSpec, url: str, runtime: dict, name: str, t0: float, done_at_start: int,
+                parent: int, progress=None) -> None:
+    """A worker process of a multi-worker sweep (``supervise.run_workers``' target): claim and run trials until
+    none is left or a signal asks it to stop."""
+    die_with_parent()
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        sys.exit(1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with stop_on_signals(STOP):
+        try:
+            sweep = Sweep(spec, url, runtime=runtime, worker=name)
+            if progress is not None:
+                sweep.board = QueueSink(progress)
+            sweep.setup(create=False)
+            sweep.t0, sweep.done_at_start = t0, done_at_start
+            code = sweep.work()
+        except NormablateError as e:  # full disk, corrupt or lost storage: one line, and no restart (exit 2)
+            if os.environ.get("NORMABLATE_DEBUG", "") not in ("", "0"):
+                raise
+            print(f"error: [{name}] {e}", file=sys.stderr, flush=True)
+            sys.exit(REFUSED)
+    _cheap_exit(sweep)
+    sys.exit(code)
+
+
+def _cheap_exit(sweep: Sweep) -> None:
+    """Make the worker's exit cheap (the sweep command waits for its last worker): close the storage's database
+    connections now, then ``gc.freeze()`` so that the interpreter's final garbage collections do not walk the
+    millions of objects torch and Lightning created (1.5-2 s per worker on a loaded 2-core machine, measured: ~0.4 s
+    after). Everything else exit does is unchanged (atexit handlers, flushing stdout/stderr, objects freed by
+    reference counting); only objects in reference cycles are left to the OS, as after ``kill``, which a worker
+    must survive anyway: its trials are all recorded by now."""
+    with contextlib.suppress(Exception):
+        sweep.storage.remove_session()  # (RDB storages; a journal file storage holds no open connection)
+    with contextlib.suppress(Exception):
+        sweep.storage.engine.dispose()
+    gc.freeze()
+
+
 def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, study_name: str | None = None,
               workers: int = 1, overrides: list[str] | dict[str, Any] | None = None, *, dry_run: bool = False,
               verbose: bool = True) -> SweepResult:
@@ -211,7 +254,7 @@ def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, s
 
         sweep.board = Board()
         sweep.tell_board(c, None)
-    with stop_on_signals():
+    with stop_on_signals(STOP):
         try:
             if workers == 1:
                 try:
@@ -219,7 +262,7 @@ def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, s
                 except (KeyboardInterrupt, SystemExit):
                     code = 130
             else:
-                code = run_workers(spec, sweep, runtime, workers)
+                code = run_workers(spec, sweep, runtime, workers, target=worker_main)
         finally:
             if sweep.board is not None:
                 sweep.board.close()

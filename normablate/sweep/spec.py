@@ -37,12 +37,12 @@ from ..labels import value_label  # noqa: F401  (spec.value_label: older imports
 from ..studies.base import SpecContext, StudyKind, decode, encode  # noqa: F401  (decode: re-exported)
 from ..studies.search import make_sampler  # noqa: F401  (re-exported)
 from . import hypotheses
+from .pruners import check_pruner
 
 KINDS = tuple(studies.available())  # the built-in study kinds (more can be registered: normablate.studies)
 
 COMMON_KEYS = ("kind", "base", "study_name", "metric", "direction", "metric_at", "overrides", "grid",
                "pruner", "log_dir", "storage", "trainer_fn", "heartbeat", "description", "hypotheses")
-PRUNERS = ("none", "median", "percentile", "hyperband", "successive_halving", "threshold")
 DEFAULT_TRAINER = "normablate.train:train"
 DRYRUN_TRAINER = "normablate.sweep.dryrun:train"
 
@@ -359,7 +359,7 @@ def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | dict[str
     if not isinstance(trainer_fn, str) or ":" not in trainer_fn:
         raise ConfigError(f"{where}: trainer_fn={trainer_fn!r} must be 'package.module:function'")
 
-    pruner = _check_pruner(raw.get("pruner"), where)
+    pruner = check_pruner(raw.get("pruner"), where)
     heartbeat = {"interval": 10, "grace": 120, "max_retry": 3}
     hb = raw.get("heartbeat") or {}
     if not isinstance(hb, dict):
@@ -384,48 +384,6 @@ def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | dict[str
     yamlsafe.check_strings(spec_obj.to_json(), where)  # it is stored in the study: every string is bounded
     spec_obj.validate_all()
     return spec_obj
-
-
-def _check_pruner(p: Any, where: str) -> dict[str, Any]:
-    if p is None:
-        return {"name": "none"}
-    if isinstance(p, str):
-        p = {"name": p}
-    if not isinstance(p, dict) or p.get("name") not in PRUNERS:
-        name = p.get("name") if isinstance(p, dict) else p
-        hint = closest(str(name), PRUNERS)
-        raise ConfigError(f"{where}: pruner {name!r} is not known; valid: {', '.join(PRUNERS)}"
-                          + (f" (did you mean {hint!r}?)" if hint else ""))
-    try:
-        make_pruner(p, max_steps=100)
-    except TypeError as e:
-        raise ConfigError(f"{where}: pruner {p}: {e}") from None
-    return dict(p)
-
-
-def make_pruner(p: dict[str, Any], max_steps: int):
-    """An Optuna pruner from ``{name: median, n_startup_trials: 5, n_warmup_steps: 100, ...}``.
-
-    Pruners compare a trial's validation metric with other trials *at the same step* (steps = optimizer steps).
-    """
-    import optuna
-
-    kw = {k: v for k, v in p.items() if k != "name"}
-    name = p["name"]
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    if name == "median":
-        return optuna.pruners.MedianPruner(**kw)
-    if name == "percentile":
-        return optuna.pruners.PercentilePruner(**kw)
-    if name == "hyperband":
-        kw.setdefault("max_resource", max_steps or "auto")  # None: trainer.max_epochs (steps known only at run time)
-        return optuna.pruners.HyperbandPruner(**kw)
-    if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(**kw)
-    if name == "threshold":  # stop a trial whose metric leaves [lower, upper] (e.g. loss above a bound at a step)
-        return optuna.pruners.ThresholdPruner(**kw)
-    raise ConfigError(f"unknown pruner {name!r}")
 
 
 def spec_yaml(spec: SweepSpec) -> str:

@@ -1,27 +1,26 @@
-"""Process supervision: worker processes on this machine, signals, and dying with the parent.
+"""Process supervision: worker processes on this machine and dying with the parent.
 
 ``run_workers`` starts N spawned processes on the shared storage and waits for them; SIGINT/SIGTERM between
-runs make every worker stop claiming and exit once its current trial is recorded (a run in progress handles the
-signal itself: it checkpoints, stops, and its trial is re-queued); a second Ctrl-C aborts at once. On Linux a
-worker gets SIGTERM when its parent dies, so ``kill -9`` of the sweep command does not leave workers behind.
+runs (``normablate.signals.STOP``) make every worker stop claiming and exit once its current trial is recorded (a
+run in progress handles the signal itself: it checkpoints, stops, and its trial is re-queued); a second Ctrl-C
+aborts at once. On Linux a worker gets SIGTERM when its parent dies, so ``kill -9`` of the sweep command does not
+leave workers behind. The worker's own code (``runner.worker_main``) is handed in as ``target``: supervision
+imports nothing of the sweep above it.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import multiprocessing as mp
 import os
 import queue
 import signal
-import sys
-import threading
-
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import optuna
+from ..signals import REFUSED, STOP
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (types only: not imported at run time)
     from .runner import Sweep
     from .spec import SweepSpec
 
@@ -48,43 +47,13 @@ def check_workers(workers: int) -> None:
                           f"--workers {limit} or fewer (other machines can join with the same command and --storage)")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: get SIGTERM when the parent dies (so `kill -9` of the sweep command does not leave workers)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM between runs: claim nothing new and exit once the current trial is recorded (a run in progress
-    handles the signal itself: it checkpoints, stops, and its trial is re-queued). A second Ctrl-C aborts at once."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def __call__(self, signum, frame) -> None:  # noqa: ARG002
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-
-STOP = _StopFlag()
-REFUSED = 2  # a worker's exit status for an error the user must act on (not restarted; the sweep exits 2)
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, STOP) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 class QueueSink:
@@ -101,62 +70,23 @@ class QueueSink:
             self.queue.put_nowait(event)
 
 
-def worker_main(spec: "SweepSpec", url: str, runtime: dict, name: str, t0: float, done_at_start: int,
-                parent: int, progress=None) -> None:
-    _die_with_parent()
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        sys.exit(1)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from .runner import Sweep
-
-    from ..errors import NormablateError
-
-    with stop_on_signals():
-        try:
-            sweep = Sweep(spec, url, runtime=runtime, worker=name)
-            if progress is not None:
-                sweep.board = QueueSink(progress)
-            sweep.setup(create=False)
-            sweep.t0, sweep.done_at_start = t0, done_at_start
-            code = sweep.work()
-        except NormablateError as e:  # full disk, corrupt or lost storage: one line, and no restart (exit 2)
-            if os.environ.get("NORMABLATE_DEBUG", "") not in ("", "0"):
-                raise
-            print(f"error: [{name}] {e}", file=sys.stderr, flush=True)
-            sys.exit(REFUSED)
-    _cheap_exit(sweep)
-    sys.exit(code)
-
-
-def _cheap_exit(sweep: "Sweep") -> None:
-    """Make the worker's exit cheap (the sweep command waits for its last worker): close the storage's database
-    connections now, then ``gc.freeze()`` so that the interpreter's final garbage collections do not walk the
-    millions of objects torch and Lightning created (1.5-2 s per worker on a loaded 2-core machine, measured: ~0.4 s
-    after). Everything else exit does is unchanged (atexit handlers, flushing stdout/stderr, objects freed by
-    reference counting); only objects in reference cycles are left to the OS, as after ``kill``, which a worker
-    must survive anyway: its trials are all recorded by now."""
-    with contextlib.suppress(Exception):
-        sweep.storage.remove_session()  # (RDB storages; a journal file storage holds no open connection)
-    with contextlib.suppress(Exception):
-        sweep.storage.engine.dispose()
-    gc.freeze()
-
-
 def run_workers(spec: "SweepSpec", sweep: "Sweep", runtime: dict, workers: int,
-                max_restarts: int | None = None) -> int:
+                max_restarts: int | None = None, *, target: Callable[..., None]) -> int:
     """Start ``workers`` processes on the shared storage and wait for them. A SIGTERM to this process is passed on
     (Ctrl-C in a terminal reaches them directly); each stops after recording its current trial.
 
     A worker that dies (killed, out of memory, a crash) while the sweep is not being stopped is replaced by a new
     one under the same name (its trial is failed and re-queued by the reaper, then resumed from ``last.ckpt``), at
     most ``max_restarts`` times in all (default 2 per worker). Returns 130 when stopped by a signal, 1 when workers
-    kept dying beyond that budget, else 0: whether every point is done is the study's to say (``run_sweep``)."""
+    kept dying beyond that budget, else 0: whether every point is done is the study's to say (``run_sweep``).
+    ``target``: a worker's entry point (a module-level function, so spawn can pickle it), called with ``(spec, url,
+    runtime, name, t0, done_at_start, parent pid, progress queue)``."""
     ctx = mp.get_context("spawn")
     budget = 2 * workers if max_restarts is None else max_restarts
     progress = ctx.Queue() if sweep.board is not None else None  # the workers' log lines and progress events
 
     def start(name: str):
-        p = ctx.Process(target=worker_main, name=name,
+        p = ctx.Process(target=target, name=name,
                         args=(spec, sweep.url, runtime, name, sweep.t0, sweep.done_at_start, os.getpid(), progress))
         p.start()
         return p

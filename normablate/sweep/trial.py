@@ -13,7 +13,6 @@ them): ``run``, ``run_dir``, ``config``, ``params``, ``resumed``, ``status``, ``
 """
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import sys
@@ -27,7 +26,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..config import to_dict
-from ..errors import ConfigError
+from ..plugins import import_object
 from ..result import RunResult
 from .ddp_trial import TrialProcess, needs_process, threads_per_rank, world_of
 from .liveness import Heartbeat
@@ -43,11 +42,8 @@ def debugging() -> bool:
 
 
 def load_trainer(path: str) -> Callable[..., RunResult]:
-    mod, _, attr = path.partition(":")
-    try:
-        return getattr(importlib.import_module(mod), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"trainer_fn {path!r} cannot be imported: {e}") from None
+    """The spec's ``trainer_fn`` (``package.module:function``)."""
+    return import_object(path, "trainer_fn")
 
 
 def compact_history(history: dict[str, list], max_steps: int, points: int = HISTORY_POINTS) -> dict[str, list]:

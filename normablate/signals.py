@@ -1,0 +1,56 @@
+"""SIGINT/SIGTERM as a stop request: one flag class and one context manager, for ``train`` and the sweep.
+
+A handler only sets a flag; the run reads it at its next step boundary (so its checkpoint is consistent) and a
+sweep worker between trials. A second Ctrl-C raises ``KeyboardInterrupt`` (give up waiting). The sweep's
+process-wide flag is ``STOP`` (its workers and the sweep command install it; a run started inside a worker
+inherits a stop already requested of it). Ground floor: imports nothing of normablate.
+
+Hand-written: ``signal.signal`` does the work; what is ours is the flag and the restore-on-exit.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+REFUSED = 2  # a sweep worker's exit status for an error the user must act on (not restarted; the sweep exits 2)
+
+
+class StopRequest:
+    """Set from a signal handler; read at the next step boundary (runs) or between trials (sweep workers)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum, frame) -> None:  # noqa: ARG002
+        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: give up waiting
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+STOP = StopRequest()  # the sweep's flag: the sweep command and each worker process install it
+
+
+@contextlib.contextmanager
+def stop_on_signals(request: StopRequest | None = None) -> Iterator[StopRequest]:
+    """Install ``request`` (default: a new ``StopRequest``) for SIGINT and SIGTERM; restore the previous handlers on
+    exit. A stop already requested of the caller's handler (a sweep worker signalled while it was setting this run
+    up) carries over, so the run stops at its first step boundary, not after the whole run. Outside the main thread
+    (where Python allows no handler) it installs nothing and yields the request unset."""
+    request = StopRequest() if request is None else request
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    for s in previous:
+        signal.signal(s, request)
+    for h in previous.values():
+        if request.signum is None and h is not request and getattr(h, "signum", None) is not None:
+            request.signum = h.signum
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
