@@ -485,6 +485,7 @@ class Verdict:
     details: list[dict[str, Any]] = field(default_factory=list)  # over: one row per axis value
     notes: list[str] = field(default_factory=list)
     direction: str = "maximize"  # of the metric
+    dist: Any = None  # the Dist the test was read from (None for an ``over`` contrast, combined over its values)
 
     def type_label(self) -> str:
         return self.type.replace("_", "-") + (f", δ = {self.margin:g}" if self.margin else "")
@@ -614,6 +615,7 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
         notes = [] if split == "test" else [f"the trials have no {metric}: the verdict uses {_pretty(vcol)} "
                                             f"(runs from before the test split)"]
         details: list[dict[str, Any]] = []
+        vdist: Dist | None = None
         if not len(df):
             test = Test(math.nan, math.nan, math.nan, 1 - 2 * h["alpha"], math.nan, math.nan, "no finished trials")
             what = f"{metric}: no finished trials"
@@ -621,7 +623,7 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
             ra, rb = _match(df, names, c["a"]), _match(df, names, c["b"])
             lr_col = names.get("optim.lr", "lr")
             sa, sb = _side(ra, vcol, tcol, lr_col), _side(rb, vcol, tcol, lr_col)
-            dist = selection_bootstrap(sa, sb, direction, samples, seed=k)
+            dist = vdist = selection_bootstrap(sa, sb, direction, samples, seed=k)
             test = judge(dist, h["type"], h.get("margin"), h["alpha"], direction)
             lrs = ", ".join(f"{s} {x:g}" if x is not None else f"{s} none" for s, x in zip("AB", dist.chosen))
             what = f"{_pretty(tcol)} at each side's best LR ({lrs}; chosen on {_pretty(vcol)})"
@@ -644,7 +646,8 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
                 va, na, sa = _per_seed(_match(df, names, {**c["a"], **where}), tcol, split == "test")
                 vb, nb, sb = _per_seed(_match(df, names, {**c["b"], **where}), tcol, split == "test")
                 paired = sa == sb and len(sa) >= 2  # the same seeds ran (a diverged one drops from its pair)
-                t = judge(t_contrast(va, vb, paired), h["type"], h.get("margin"), h["alpha"], direction)
+                dist_fixed = t_contrast(va, vb, paired)
+                t = judge(dist_fixed, h["type"], h.get("margin"), h["alpha"], direction)
                 tests.append(t)
                 at_v = f"at {names[over]}={_label(v)}: " if over else ""
                 if na or nb:
@@ -658,13 +661,15 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
                     details.append({names[over]: _label(v), "estimate": t.estimate, "lo": t.lo, "hi": t.hi,
                                     "p": t.p, "n": f"{t.n_a} vs {t.n_b}"})
             test = tests[0] if over is None else combine_over(tests)
+            vdist = dist_fixed if over is None else None
             where_s = ", ".join(f"{names.get(kk, kk)}={_label(x)}" for kk, x in fixed.items())
             what = (_pretty(tcol) + (f" at {where_s}" if where_s else "")
                     + (f" at every {names[over]} (least favourable shown)" if over else ""))
         side = lambda s: ", ".join(f"{names.get(kk, kk)}={_label(x)}" for kk, x in s.items())  # noqa: E731
         what = f"A = {side(c['a'])} vs B = {side(c['b'])}: {what}; {test.method}"
         out.append(Verdict(h["id"], h["claim"], h["type"], h.get("margin"), h["alpha"], what, split, test,
-                           details=details, notes=notes, direction=direction))
+                           details=details, notes=notes, direction=direction,
+                           dist=vdist))
     alpha = out[0].alpha
     ws, adj, adjk = words([v.test for v in out], alpha)
     for v, w, a, kk in zip(out, ws, adj, adjk):

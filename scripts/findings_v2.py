@@ -1,0 +1,194 @@
+"""The v2 findings table, computed from the committed journals: every verdict word comes from the tool.
+
+    python scripts/findings_v2.py            # print the table (docs/findings/v2/table.md is its copy)
+    python scripts/findings_v2.py --write    # also write table.md and replace the table in docs/findings.md
+
+For every pre-registered v2 study (``configs/studies/v2/<study>.yaml`` at budget 1, ``<study>_3x.yaml`` at
+budget 2) and its journal (``docs/findings/v2/<study>.journal``):
+
+* a study whose journal is missing is *queued*; a study with fewer finished trials than its grid is *running*:
+  its hypotheses are not evaluated at all (no verdict is read before a study completes: the table shows the count
+  only, and this script computes nothing else from an unfinished study);
+* a finished study's hypotheses are judged as ``normablate report`` judges them (``analysis.verdicts.evaluate``);
+* the verdict words apply Holm across the document's whole family: every primary hypothesis at both budgets,
+  the unfinished ones at p = 1 (``analysis.budgets.family``: an interim word can only get stronger later);
+* where both budgets are finished, the change of the effect between them with its interval
+  (``analysis.budgets.change``).
+
+"untestable at this budget" is never computed: it is a reader's judgement, written in ``NOTES`` below with the
+budget that could test the claim, and shown beside the computed word.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from normablate.analysis import budgets, verdicts  # noqa: E402
+from normablate.report.data import load  # noqa: E402
+from normablate.sweep.spec import load_spec  # noqa: E402
+
+SPECS = ROOT / "configs" / "studies" / "v2"
+JOURNALS = ROOT / "docs" / "findings" / "v2"
+FINDINGS = ROOT / "docs" / "findings.md"
+BEGIN, END = "<!-- v2-table:begin (scripts/findings_v2.py --write) -->", "<!-- v2-table:end -->"
+
+# the running order (docs/findings.md: by how much the v1 reading doubted the claims), then the claim numbers
+ORDER = ["santurkar_lr_range", "shen_powernorm", "yao_vit_bn", "wuhe_ghost_bn", "santurkar_noisy_bn",
+         "ioffe_bn_placement", "lm_rms_dyt", "vit_dyt"]
+CLAIM = {"santurkar_lr0.5": "1b", "santurkar_lr0.1": "1b", "santurkar_best_lr": "1c",
+         "shen_bn_trails_ln": "6", "shen_pn_beats_ln": "6", "shen_pn_beats_masked_bn": "6",
+         "yao_ffn_bn_matches_ln": "7", "yao_all_bn_worse": "7",
+         "santurkar_noisy_bn_matches_bn": "2", "ioffe_before_beats_after": "4", "affine_helps_before": "11",
+         "affine_helps_after": "11", "zhang_rms_matches_ln": "8q", "zhu_dyt_matches_ln_lm": "12",
+         "zhu_dyt_matches_ln_vit": "12"}
+# the reader's notes (e.g. "untestable at this budget: ..."), by hypothesis id; written by hand, never computed
+NOTES: dict[str, str] = {
+    "zhang_rms_matches_ln": "about this 0.1M-parameter LM only (the source: machine translation and larger models)",
+    "zhu_dyt_matches_ln_lm": "about this 0.1M-parameter LM only; the source's LMs are 7B-70B LLaMAs with tuned "
+                             "alpha_init: untestable at this machine's budget",
+    "zhu_dyt_matches_ln_vit": "about a tiny ViT on CIFAR-10 only (the source: ViT-B/L on ImageNet-1k)",
+}
+
+
+@dataclass
+class Study:
+    name: str
+    spec_path: Path
+    journal: Path
+    total: int
+    hypotheses: list[dict]
+    state: str = "queued"  # queued | running | complete
+    done: int = 0
+    judged: dict[str, verdicts.Verdict] = field(default_factory=dict)
+    cpu_hours: float = math.nan
+
+
+def read_study(spec_path: Path, journal_dir: Path) -> Study:
+    spec = load_spec(spec_path)
+    name = spec_path.stem
+    st = Study(name, spec_path, journal_dir / f"{name}.journal", spec.total, list(spec.hypotheses))
+    if not st.journal.exists():
+        return st
+    data = load(spec.study_name, f"journal:{st.journal}")
+    st.done = len(data.trials)
+    if st.done < st.total:
+        st.state = "running"  # nothing else is read from an unfinished study
+        return st
+    st.state = "complete"
+    st.judged = {v.id: v for v in verdicts.evaluate(data)}
+    if "cpu_time" in data.trials and data.trials["cpu_time"].notna().any():
+        st.cpu_hours = float(data.trials["cpu_time"].dropna().sum()) / 3600.0
+    return st
+
+
+def studies(spec_dir: Path, journal_dir: Path, order: list[str] | None = None) -> list[tuple[Study, Study | None]]:
+    """(budget 1, budget 2) per study, in ``order`` (then by name)."""
+    names = sorted(p.stem for p in spec_dir.glob("*.yaml") if not p.stem.endswith("_3x"))
+    rank = {n: i for i, n in enumerate(order or [])}
+    names.sort(key=lambda n: (rank.get(n, len(rank)), n))
+    out = []
+    for n in names:
+        long = spec_dir / f"{n}_3x.yaml"
+        out.append((read_study(spec_dir / f"{n}.yaml", journal_dir),
+                    read_study(long, journal_dir) if long.exists() else None))
+    return out
+
+
+def _num(x: float) -> str:
+    return f"{x:+.3g}" if math.isfinite(x) else "–"
+
+
+def build(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[str] | None = ORDER,
+          claims: dict[str, str] | None = None, notes: dict[str, str] | None = None) -> tuple[str, list[dict]]:
+    """The markdown table and its rows (one per hypothesis; Holm across all hypotheses at both budgets)."""
+    claims = CLAIM if claims is None else claims
+    notes = NOTES if notes is None else notes
+    pairs = studies(spec_dir, journal_dir, order)
+    entries = []  # (study pair, hypothesis, budget index, Verdict or None)
+    alphas = set()
+    for short, long in pairs:
+        for h in short.hypotheses:
+            alphas.add(h["alpha"])
+            for b, st in enumerate((short, long)):
+                entries.append((short, long, h, b, st.judged.get(h["id"]) if st is not None else None))
+    if len(alphas) > 1:
+        raise SystemExit(f"the document's hypotheses use alpha {sorted(alphas)}: one Holm family needs one alpha")
+    alpha = alphas.pop() if alphas else 0.05
+    ws, adj, adjk = budgets.family([v.test if v is not None else None for *_, v in entries], alpha)
+    judged = {(s.name, h["id"], b): (v, w, a, k) for (s, _, h, b, v), w, a, k in zip(entries, ws, adj, adjk)}
+    m = len(entries)
+    rows, lines = [], []
+    head = ("| # | hypothesis | type | budget 1 (1x steps) | budget 2 (3x steps) | change, budget 2 − 1 | "
+            "cost (CPU-h, 1x / 3x) | note |\n|---|---|---|---|---|---|---|---|")
+    for short, long in pairs:
+        for h in short.hypotheses:
+            cells, row = [], {"id": h["id"], "claim": claims.get(h["id"], ""), "study": short.name}
+            for b, st in enumerate((short, long)):
+                if st is None:
+                    cells.append("no spec")
+                    continue
+                if st.state != "complete":
+                    cells.append(st.state if st.state == "queued" else f"running ({st.done}/{st.total})")
+                    row[f"state_{b + 1}"] = st.state
+                    continue
+                v, w, a, k = judged[(short.name, h["id"], b)]
+                t = v.test
+                p = f"Holm p = {k:.2g} against" if w == "contradicted" else f"Holm p = {a:.2g}"
+                cells.append(f"**{w}**: {_num(t.estimate)} [{_num(t.lo)}, {_num(t.hi)}], {p}")
+                row.update({f"state_{b + 1}": "complete", f"verdict_{b + 1}": w, f"estimate_{b + 1}": t.estimate,
+                            f"lo_{b + 1}": t.lo, f"hi_{b + 1}": t.hi, f"p_holm_{b + 1}": a,
+                            f"p_counter_holm_{b + 1}": k})
+            v1 = judged[(short.name, h["id"], 0)][0]
+            v2 = judged[(short.name, h["id"], 1)][0] if long is not None else None
+            if v1 is not None and v2 is not None:
+                c = budgets.change(v1.dist, v1.test, v2.dist, v2.test, v1.test.level)
+                change = f"{_num(c.estimate)} [{_num(c.lo)}, {_num(c.hi)}]"
+                row.update({"change": c.estimate, "change_lo": c.lo, "change_hi": c.hi, "change_method": c.method})
+            else:
+                change = "–"
+            cost = " / ".join(f"{s.cpu_hours:.1f}" if s is not None and math.isfinite(s.cpu_hours) else "–"
+                              for s in (short, long))
+            type_ = h["type"].replace("_", "-") + (f", δ {h['margin']:g}" if h.get("margin") else "")
+            metric = h["contrast"]["metric"]
+            lines.append(f"| {claims.get(h['id'], '')} | `{h['id']}` ({metric}, {short.name}) | {type_} | "
+                         + " | ".join(cells) + f" | {change} | {cost} | {notes.get(h['id'], '')} |")
+            rows.append(row)
+    level = 1.0 - 2.0 * alpha
+    text = "\n".join([
+        f"Verdicts computed by `python scripts/findings_v2.py` from the committed journals; Holm across all {m} "
+        f"entries (every primary hypothesis at both budgets; unfinished ones counted at p = 1, so an interim word "
+        f"can only get stronger), one-sided alpha {alpha:g}; estimates are A − B in the metric's units (test "
+        f"split) with {level:.0%} intervals; the change between budgets is budget 2 − budget 1 with its "
+        f"{level:.0%} interval.", "", head, *lines, ""])
+    return text, rows
+
+
+def write(text: str, findings: Path = FINDINGS, table: Path = JOURNALS / "table.md") -> None:
+    table.write_text(text)
+    doc = findings.read_text()
+    pat = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    if not pat.search(doc):
+        raise SystemExit(f"{findings}: no {BEGIN} ... {END} block to replace")
+    findings.write_text(pat.sub(lambda _: f"{BEGIN}\n{text}{END}", doc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--write", action="store_true", help="write docs/findings/v2/table.md and docs/findings.md")
+    args = ap.parse_args(argv)
+    text, _ = build()
+    print(text)
+    if args.write:
+        write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
