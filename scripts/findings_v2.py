@@ -47,7 +47,8 @@ CLAIM = {"santurkar_lr0.5": "1b", "santurkar_lr0.1": "1b", "santurkar_best_lr": 
          "yao_ffn_bn_matches_ln": "7", "yao_all_bn_worse": "7",
          "santurkar_noisy_bn_matches_bn": "2", "ioffe_before_beats_after": "4", "affine_helps_before": "11",
          "affine_helps_after": "11", "zhang_rms_matches_ln": "8q", "zhu_dyt_matches_ln_lm": "12",
-         "zhu_dyt_matches_ln_vit": "12"}
+         "zhu_dyt_matches_ln_vit": "12", "wuhe_gn_beats_bn_at_2": "5", "wuhe_bn_degrades_at_2": "5",
+         "wuhe_gn_comparable_typical": "5"}
 # the reader's notes (e.g. "untestable at this budget: ..."), by hypothesis id; written by hand, never computed
 NOTES: dict[str, str] = {
     "zhang_rms_matches_ln": "about this 0.1M-parameter LM only (the source: machine translation and larger models)",
