@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -22,6 +23,7 @@ import torch
 import yaml
 
 from . import yamlsafe
+from .dotted import set_dotted
 from .errors import ConfigError, did_you_mean
 
 
@@ -156,7 +158,7 @@ class RunConfig:
     experiment: str = "default"  # folder under log_dir grouping runs (a sweep uses its study name)
     run: str | None = None  # run folder name (None: derived from backbone, norm, lr, batch size and seed)
     seed: int = 0  # seeds model init, data order and augmentation
-    task: Literal["classification", "lm"] | None = None  # None: derived from the backbone
+    task: str | None = None  # a name in normablate.tasks ("classification", "lm"); None: the backbone's own task
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -187,18 +189,6 @@ def parse_value(text: str) -> Any:
         return yamlsafe.load(text, what=f"override value {text[:40]!r}")  # (alias expansion bounded)
     except yaml.YAMLError:
         return text
-
-
-def set_dotted(d: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    cur = d
-    for p in parts[:-1]:
-        nxt = cur.get(p)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            cur[p] = nxt
-        cur = nxt
-    cur[parts[-1]] = value
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -470,22 +460,24 @@ def _check_loggers(names: Any) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Values and cross-field rules; backbone/norm options against the registries."""
-    from . import models, norms
+    from . import models, tasks
 
     m, dc, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
     check_ranges(cfg)  # sizes, counts and seeds first: nothing below may allocate with a typo
-    models.REGISTRY.get(m.backbone)  # unknown backbone -> lists valid
+    backbone = models.info(m.backbone)  # unknown backbone -> lists valid
     models.check_options(m.backbone, m.options)
-    layout = models.layout(m.backbone)
-    norms.resolve(m.norm, layout)  # unknown norm or norm option -> lists valid
+    if cfg.task is None:  # the backbone's own task (models.register(..., task=...))
+        cfg.task = backbone.task
+    _check(cfg.task in tasks.REGISTRY, f"config key task={cfg.task!r} is not allowed; valid: "
+           f"{', '.join(tasks.available())}" + did_you_mean(cfg.task, tasks.available()))
+    _check(cfg.task == backbone.task,
+           f"task={cfg.task!r} does not fit backbone {m.backbone!r}; use task={backbone.task!r}")
+    task = tasks.get(cfg.task)
     opts = dict(m.options)
-    if m.backbone == "transformer_lm":
-        _check(opts.get("block_size", dc.block_size) >= dc.block_size,
-               f"model.block_size={opts.get('block_size')} is smaller than data.block_size={dc.block_size}; "
-               f"the model cannot read the sequences the data produces")
-        _check(opts.get("vocab_size", 256) >= 256,
-               f"model.vocab_size={opts.get('vocab_size')} must be >= 256 (byte-level tokens)")
-    try:  # build once on the meta device (no memory, no init cost): bad option values fail here, not mid-run
+    # a capacity the config's data already fixes (the LM's context and byte vocabulary); the rest once data is read
+    task.check_capacity(backbone.input_options(task.facts), opts, task.config_facts(dc))
+    try:  # build once on the meta device (no memory, no init cost): bad option values, unknown norms or norm
+        # options fail here, not mid-run
         with torch.device("meta"):
             net = models.create(m.backbone, norm=m.norm, **opts)
     except ConfigError:
@@ -498,10 +490,6 @@ def validate(cfg: RunConfig) -> None:
         known = [n for n, _ in weight_layers(net)]
         bad = [n for n in cfg.probes.layers if n not in known]
         _check(not bad, f"probes.layers: {bad} are not weight layers of {m.backbone!r}; valid: {', '.join(known)}")
-    want_task = "lm" if m.backbone == "transformer_lm" else "classification"
-    if cfg.task is None:
-        cfg.task = want_task
-    _check(cfg.task == want_task, f"task={cfg.task!r} does not fit backbone {m.backbone!r}; use task={want_task!r}")
     _check(dc.batch_size >= 1, f"data.batch_size={dc.batch_size} must be >= 1")
     _check(dc.val_batch_size >= 1, f"data.val_batch_size={dc.val_batch_size} must be >= 1")
     _check(dc.block_size >= 2, f"data.block_size={dc.block_size} must be >= 2")
@@ -592,7 +580,7 @@ def validate(cfg: RunConfig) -> None:
            + did_you_mean(t.precision, PRECISIONS))
     _check(not (t.accelerator == "cpu" and str(t.precision) in ("16-mixed", "16")),
            f"trainer.precision={t.precision!r} needs a GPU; on trainer.accelerator='cpu' use bf16-mixed or 32-true")
-    metrics = ("val/acc", "val/loss") if cfg.task == "classification" else ("val/ppl", "val/loss")
+    metrics = task.metrics
     _check((t.target_metric is None) == (t.target_value is None),
            "trainer.target_metric and trainer.target_value must be given together")
     _check(t.target_metric is None or t.target_metric in metrics,
@@ -613,6 +601,35 @@ def validate(cfg: RunConfig) -> None:
     check_path_name("experiment", cfg.experiment, nested=True)
     if cfg.run is not None:
         check_path_name("run", cfg.run)
+    _remember_valid(cfg, net)
+
+
+_VALID = "_normablate_valid"  # a validated RunConfig's record: (values' fingerprint, model's fingerprint, params)
+
+
+def _fingerprint(d: Any) -> str:
+    return json.dumps(d, sort_keys=True, default=repr)
+
+
+def _remember_valid(cfg: RunConfig, net: torch.nn.Module) -> None:
+    """Record on ``cfg`` that it passed ``validate`` with its values as they are now, and the parameter count of
+    the model validate built on the meta device, so ``train`` neither validates nor builds it again to learn either.
+    Any later change to the config's values voids the record (``is_validated``, ``validated_params``)."""
+    d = to_dict(cfg)
+    setattr(cfg, _VALID, (_fingerprint(d), _fingerprint(d["model"]), sum(p.numel() for p in net.parameters())))
+
+
+def is_validated(cfg: RunConfig) -> bool:
+    """Did ``cfg`` pass ``validate`` with the values it holds now?"""
+    record = getattr(cfg, _VALID, None)
+    return record is not None and record[0] == _fingerprint(to_dict(cfg))
+
+
+def validated_params(cfg: RunConfig) -> int | None:
+    """The parameter count of ``cfg``'s model (config options, before data facts fill any) found by ``validate``;
+    None when cfg was not validated or its model section changed since."""
+    record = getattr(cfg, _VALID, None)
+    return record[2] if record is not None and record[1] == _fingerprint(to_dict(cfg)["model"]) else None
 
 
 def check_path_name(key: str, value: str, nested: bool = False) -> None:
@@ -643,11 +660,13 @@ def check_hardware(cfg: RunConfig) -> None:
 
 
 def validated(cfg: RunConfig) -> RunConfig:
-    """A checked copy of a RunConfig (what ``train`` does with a config object: no dict round trip)."""
+    """A checked copy of a RunConfig (what ``train`` does with a config object: no dict round trip). A config
+    validated before and unchanged since is not validated again (``is_validated``)."""
     if not isinstance(cfg, RunConfig):
         raise ConfigError(f"a run config must be a RunConfig or a mapping, got {type(cfg).__name__}")
     cfg = copy.deepcopy(cfg)
-    validate(cfg)
+    if not is_validated(cfg):
+        validate(cfg)
     return cfg
 
 

@@ -113,9 +113,9 @@ def spec_values(spec, key: str) -> list:
     overrides = getattr(spec, "overrides", None) or {}
     if key in overrides:
         return [overrides[key]]
-    cur = getattr(spec, "base", None) or {}
-    for part in key.split("."):
-        cur = cur.get(part) if isinstance(cur, dict) else None
+    from ..dotted import get_dotted
+
+    cur = get_dotted(getattr(spec, "base", None) or {}, key)
     if cur is not None:
         return [cur]
     if key == "model.backbone":

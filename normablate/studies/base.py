@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..dotted import get_dotted
 from ..errors import ConfigError, did_you_mean
 
 
@@ -32,12 +33,7 @@ class SpecContext:
         """A run-config value before the grid: the overrides, else the base config, else ``default``."""
         if key in self.overrides:
             return self.overrides[key]
-        cur: Any = self.base
-        for part in key.split("."):
-            if not isinstance(cur, dict) or part not in cur:
-                return default
-            cur = cur[part]
-        return cur
+        return get_dotted(self.base, key, default)
 
     def need_axis(self, kind: str, key: str, example: str) -> None:
         if key not in self.axis_keys:

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..config import set_dotted
+from ..dotted import get_dotted, set_dotted
 from ..errors import ConfigError
 from . import register
 from .base import Comparison, Section, SpecContext, StudyKind
@@ -17,13 +17,8 @@ def _get(d: dict, key: str) -> Any:
     """``key`` from a raw trial config, else the run config's default for it."""
     from ..config import RunConfig, to_dict
 
-    for src in (d, to_dict(RunConfig())):
-        cur: Any = src
-        for part in key.split("."):
-            cur = cur.get(part) if isinstance(cur, dict) else None
-        if cur is not None:
-            return cur
-    return None
+    value = get_dotted(d, key)
+    return value if value is not None else get_dotted(to_dict(RunConfig()), key)
 
 
 def budget_text(budget: dict[str, int]) -> str:
@@ -124,7 +119,7 @@ class BatchSize(StudyKind):
     def section(self, data, summ, out: Path) -> Section:
         from ..analysis.tables import conclusion, markdown_table
 
-        spec, o = data.spec, data.spec.options
+        o = data.spec.options
         bs = self.table(data)
         comp = self.comparison(data, summ)
         rep = data.report_col.replace("_", " ", 1).replace("_", "/", 1)

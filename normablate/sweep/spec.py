@@ -31,7 +31,8 @@ import yaml
 
 from .. import studies
 from .. import yamlsafe
-from ..config import RunConfig, budget_layer, check_path_name, from_dict, load_yaml, parse_overrides, set_dotted
+from ..config import RunConfig, budget_layer, check_path_name, from_dict, load_yaml, parse_overrides
+from ..dotted import get_dotted, set_dotted
 from ..errors import ConfigError, closest
 from ..labels import value_label  # noqa: F401  (spec.value_label: older imports)
 from ..studies.base import SpecContext, StudyKind, decode, encode  # noqa: F401  (decode: re-exported)
@@ -152,7 +153,7 @@ class SweepSpec:
         trainer = d.setdefault("trainer", {})
         trainer.setdefault("progress", False)  # one line per trial instead of bars from every worker
         for key, value in (runtime or {}).items():  # e.g. threads per worker, only where the spec says nothing
-            if _get_dotted(d, key) is None and key not in self.overrides:
+            if get_dotted(d, key) is None and key not in self.overrides:
                 set_dotted(d, key, value)
         for key, value in budget_layer(self.overrides).items():  # max_epochs here clears the base's max_steps
             set_dotted(d, key, copy.deepcopy(value))
@@ -216,15 +217,6 @@ class SweepSpec:
 
 
 # ---------------------------------------------------------------------- loading and checking
-def _get_dotted(d: dict, key: str) -> Any:
-    cur: Any = d
-    for p in key.split("."):
-        if not isinstance(cur, dict) or p not in cur:
-            return None
-        cur = cur[p]
-    return cur
-
-
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
     hint = closest(key, valid)
     return ConfigError(f"unknown key {key!r} in {where}; valid: {', '.join(valid)}"
