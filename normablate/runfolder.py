@@ -91,7 +91,8 @@ def default_run_name(cfg: RunConfig) -> str:
         else:
             digest = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest()[:8]
             part += "_h" + digest
-    return f"{cfg.model.backbone}-{part}-lr{cfg.optim.lr:g}-bs{cfg.data.batch_size}-s{cfg.seed}"
+    backbone = cfg.model.backbone.replace("/", "_")  # timm/resnet18 -> timm_resnet18: one folder, not two
+    return f"{backbone}-{part}-lr{cfg.optim.lr:g}-bs{cfg.data.batch_size}-s{cfg.seed}"
 
 
 def run_dir_of(cfg: RunConfig) -> Path:

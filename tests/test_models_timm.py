@@ -234,3 +234,40 @@ def test_package_import_stays_light():
     code = ("import sys, normablate; assert 'timm' not in sys.modules and 'normablate.surgery' not in sys.modules;"
             "normablate.swap_norms; assert 'normablate.surgery' in sys.modules and 'timm' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# --- through a config ---------------------------------------------------------------------------------------------
+
+TINY_TIMM = [
+    "model.backbone=timm/resnet10t", "model.channels=[8,16,32,64]", "model.stem_width=8", "data.source=synthetic",
+    "data.batch_size=16", "data.train_limit=64", "data.val_limit=32", "data.test_limit=32", "data.val_batch_size=32",
+    "data.augment=false", "trainer.max_steps=2", "trainer.val_every=2", "trainer.progress=false", "experiment=t",
+]
+
+
+def test_train_a_timm_backbone_from_a_config(tmp_path):
+    from normablate.config import load_config
+    from normablate.train import train
+
+    result = train(load_config(None, [*TINY_TIMM, "model.norm=gn", f"trainer.log_dir={tmp_path}"]))
+    assert result.status == "completed" and result.steps == 2
+    assert (tmp_path / "t" / "timm_resnet10t-gn-lr0.1-bs16-s0" / "result.json").exists()  # one folder, no "timm/"
+    assert 0.0 <= result.test["test/acc"] <= 1.0
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model.backbone=timm/convnextv2_atto"], r"cannot swap 12 normalization.*stages\.0\.blocks\.0\.mlp\.grn "
+                                               r"\(GlobalResponseNorm\)"),
+    (["model.backbone=timm/resnet10t", "model.pretrained=true"], r"pretrained=True is refused"),
+    (["model.backbone=timm/resnet10tt"], r"unknown timm model 'resnet10tt'.*did you mean 'resnet10t'"),
+    (["model.backbone=timm/resnet10t", "model.norm_layer=bn"], r"has no option 'norm_layer'"),
+])
+def test_bad_timm_config_is_refused_before_anything_runs(tmp_path, capsys, overrides, message):
+    import re
+
+    from normablate.cli import main
+
+    code = main(["train", f"trainer.log_dir={tmp_path}", "data.source=synthetic", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(message, err), err
+    assert not any(tmp_path.iterdir())  # nothing was built or written
