@@ -21,6 +21,16 @@ from ._common import check_choice
 from ._transformer import PLACEMENTS, HeadNorm, norm_option
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True = may attend) as SDPA's additive float mask: 0 where allowed, -inf elsewhere.
+
+    SDPA turns a boolean mask into exactly this tensor on every call (``where(mask, 0, -inf)``); built once per
+    forward and shared by every layer, the attention is the same bit for bit (tests/test_models_fast_paths.py) and
+    the per-layer conversion is gone: 0.87x the attention's forward+backward at the LM studies' size
+    (scripts/transformer_step.py). Every row keeps at least one 0 (a token always sees itself): no NaN."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
 class CausalSelfAttention(nn.Module):
     """Causal multi-head attention; ``qk_norm_layer`` (optional) normalizes q and k per head over head_dim."""
 
@@ -132,7 +142,7 @@ class TransformerLM(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
             # Keys must be real; a padded query may also see itself so its row is never empty (no NaN).
             keys = mask[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=idx.device)
-            attn_mask = causal & keys  # (B, 1, T, T), True = may attend
+            attn_mask = additive_mask(causal & keys, self.tok.weight.dtype)  # (B, 1, T, T), 0 = may attend
         x = self.tok(idx) + self.pos(torch.arange(T, device=idx.device))  # (B, T, C)
         if self.embed_scale is not None:
             x = x * self.embed_scale
