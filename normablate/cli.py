@@ -101,6 +101,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name in models.available():
         opts = ", ".join(f"{k}={v!r}" for k, v in models.options(name).items())
         print(f"  {name:<15} [{models.layout(name)}] {opts}")
+    print(f"  {'timm/<name>':<15} any timm model, e.g. timm/convnext_atto (names: timm.list_models()); options: "
+          "timm.create_model's")
     return 0
 
 
