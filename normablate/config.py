@@ -284,25 +284,31 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _build_section(cls: type, values: dict, prefix: str) -> Any:
+def build_section(cls: type, values: dict, prefix: str = "", where: str = "") -> Any:
+    """The dataclass ``cls`` from a mapping, every key checked against its fields' annotations (``_type_ok``):
+    an unknown key, a wrong type, a value outside a ``Literal`` or a non-finite number is a ``ConfigError`` naming
+    the key (``prefix`` + key) and what is allowed. The one typed loader of run-config sections and sweep specs
+    (``sweep.spec.SpecKeys``); ``where`` (e.g. "sweep spec 'x.yaml'") starts every message."""
+    head = f"{where}: " if where else ""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
         if key not in names:
             raise ConfigError(
-                f"unknown config key '{prefix}{key}'; valid keys in {prefix.rstrip('.') or 'the top level'}: "
-                f"{', '.join(names)}" + did_you_mean(key, names, lambda h: prefix + h)
+                f"{head}unknown config key '{prefix}{key}'; valid keys in {prefix.rstrip('.') or 'the top level'}: "
+                f"{', '.join(names)}" + did_you_mean(key, names, (lambda h: prefix + h) if prefix else repr)
             )
         ok, coerced = _type_ok(value, hints[key])
         if not ok and typing.get_origin(hints[key]) is Literal:
             allowed = [str(a) for a in typing.get_args(hints[key])]
-            raise ConfigError(f"config key {prefix}{key}={value!r} is not allowed; valid: {', '.join(allowed)}"
+            raise ConfigError(f"{head}config key {prefix}{key}={value!r} is not allowed; valid: {', '.join(allowed)}"
                               + did_you_mean(value, allowed))
         if not ok:
-            raise ConfigError(f"config key {prefix}{key}={value!r} has the wrong type; expected {_describe(hints[key])}")
+            raise ConfigError(f"{head}config key {prefix}{key}={value!r} has the wrong type; expected "
+                              f"{_describe(hints[key])}")
         if isinstance(coerced, float) and not math.isfinite(coerced):
-            raise ConfigError(f"config key {prefix}{key}={value!r} must be a finite number")
+            raise ConfigError(f"{head}config key {prefix}{key}={value!r} must be a finite number")
         kwargs[key] = coerced
     return cls(**kwargs)
 
@@ -338,8 +344,8 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
                                   f"{values['max_epochs']!r} are both set; set exactly one of them (a run's result.json "
                                   f"config holds both: there max_steps is what max_epochs resolved to)")
             values["max_steps"] = None
-        sections[name] = _build_section(cls, values, f"{name}.")
-    top = _build_section(RunConfig, {k: v for k, v in d.items()}, "")
+        sections[name] = build_section(cls, values, f"{name}.")
+    top = build_section(RunConfig, {k: v for k, v in d.items()}, "")
     cfg = dataclasses.replace(top, **sections)
     validate(cfg)
     return cfg
@@ -475,7 +481,7 @@ def validate(cfg: RunConfig) -> None:
     task = tasks.get(cfg.task)
     opts = dict(m.options)
     # a capacity the config's data already fixes (the LM's context and byte vocabulary); the rest once data is read
-    task.check_capacity(backbone.input_options(task.facts), opts, task.config_facts(dc))
+    task.check_inputs(backbone.input_options(task.facts), opts, task.config_facts(dc))
     try:  # build once on the meta device (no memory, no init cost): bad option values, unknown norms or norm
         # options fail here, not mid-run
         with torch.device("meta"):

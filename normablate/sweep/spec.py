@@ -19,21 +19,22 @@ an hour of training. Example (``configs/sweeps/quick.yaml``)::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from .. import studies
+from .. import studies, tasks
 from .. import yamlsafe
-from ..config import RunConfig, budget_layer, check_path_name, from_dict, load_yaml, parse_overrides
+from ..config import RunConfig, budget_layer, build_section, check_path_name, from_dict, load_yaml, parse_overrides
 from ..dotted import get_dotted, set_dotted
-from ..errors import ConfigError, closest
+from ..errors import ConfigError, did_you_mean
 from ..labels import value_label  # noqa: F401  (spec.value_label: older imports)
 from ..studies.base import SpecContext, StudyKind, decode, encode  # noqa: F401  (decode: re-exported)
 from ..studies.search import make_sampler  # noqa: F401  (re-exported)
@@ -42,8 +43,6 @@ from .pruners import check_pruner
 
 KINDS = tuple(studies.available())  # the built-in study kinds (more can be registered: normablate.studies)
 
-COMMON_KEYS = ("kind", "base", "study_name", "metric", "direction", "metric_at", "overrides", "grid",
-               "pruner", "log_dir", "storage", "trainer_fn", "heartbeat", "description", "hypotheses")
 DEFAULT_TRAINER = "normablate.train:train"
 DRYRUN_TRAINER = "normablate.sweep.dryrun:train"
 
@@ -217,10 +216,36 @@ class SweepSpec:
 
 
 # ---------------------------------------------------------------------- loading and checking
-def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
-    hint = closest(key, valid)
-    return ConfigError(f"unknown key {key!r} in {where}; valid: {', '.join(valid)}"
-                       + (f" (did you mean {hint!r}?)" if hint else ""))
+@dataclass
+class SpecKeys:
+    """The keys every sweep spec may have, typed; checked by ``config.build_section``, the run config's own checker
+    (a study kind adds keys of its own: ``StudyKind.keys``, checked by its ``check``)."""
+
+    kind: str = ""  # the study kind (normablate.studies): lr_sensitivity, batch_size, convergence, search, grid, ...
+    base: str | dict = field(default_factory=dict)  # the trials' run config: a path (relative to the spec) or a mapping
+    study_name: str | None = None  # default: the spec file's stem; runs go to <log_dir>/<study_name>/
+    metric: str | None = None  # the objective, a validation metric (default: the task's primary one)
+    direction: Literal["maximize", "minimize"] | None = None  # default: maximize accuracy, minimize loss/ppl
+    metric_at: Literal["final", "best"] = "final"  # the metric's final value or its best over the run's validations
+    overrides: dict | None = None  # dotted run-config keys -> values, for every trial
+    grid: dict | None = None  # crossed axes: dotted key -> list of values, or {logspace|linspace: [low, high, num]}
+    pruner: str | dict | None = None  # a name in sweep.pruners.PRUNERS, or {name: ..., **that class's arguments}
+    log_dir: str | None = None  # default: the base config's trainer.log_dir
+    storage: str | None = None  # an Optuna storage URL (default: sqlite:///<log_dir>/optuna.db)
+    trainer_fn: str = DEFAULT_TRAINER  # package.module:function with the contract of normablate.train:train
+    heartbeat: dict | None = None  # liveness of running trials: HeartbeatKeys
+    description: Any = ""  # free text, shown in the report
+    hypotheses: list | None = None  # pre-registered claims and their tests (normablate.sweep.hypotheses)
+
+
+@dataclass
+class HeartbeatKeys:
+    interval: float = 10  # seconds between a running trial's heartbeats (>= 1)
+    grace: float = 120  # seconds without a heartbeat after which a trial's worker counts as dead (> interval)
+    max_retry: int = 3  # re-runs of a trial whose worker died before it is left failed (>= 0)
+
+
+COMMON_KEYS = tuple(f.name for f in fields(SpecKeys))
 
 
 def _axis_values(key: str, raw: Any) -> list:
@@ -252,27 +277,19 @@ def _axis_values(key: str, raw: Any) -> list:
     return list(raw)
 
 
-def _metric_default(task: str) -> str:
-    return "val/acc" if task == "classification" else "val/ppl"
-
-
-def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | dict[str, Any] | None = None,
-              study_name: str | None = None, dry_run: bool = False) -> SweepSpec:
-    """Read and check a sweep spec (a YAML path or a mapping); validate every grid point's run config.
-
-    ``overrides`` (``["trainer.max_steps=20", ...]`` or a dict) apply to every trial, after the spec's own.
-    ``dry_run`` swaps the trainer for ``normablate.sweep.dryrun:train`` (instant fake runs; study name + "-dryrun").
-    """
-    source = None
+def _read(spec: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Path | None, str]:
+    """The raw spec mapping, the file it came from (or None) and how messages name it."""
     if isinstance(spec, (str, Path)):
         source = Path(spec)
-        raw = load_yaml(source)
-    elif isinstance(spec, dict):
-        raw = copy.deepcopy(spec)
-    else:
-        raise ConfigError(f"a sweep spec must be a YAML path or a mapping, got {type(spec).__name__}")
-    where = f"sweep spec {str(source)!r}" if source else "sweep spec"
+        return load_yaml(source), source, f"sweep spec {str(source)!r}"
+    if isinstance(spec, dict):
+        return copy.deepcopy(spec), None, "sweep spec"
+    raise ConfigError(f"a sweep spec must be a YAML path or a mapping, got {type(spec).__name__}")
 
+
+def _study_and_keys(raw: dict[str, Any], where: str) -> tuple[StudyKind, SpecKeys]:
+    """The study kind, and the common keys typed; a key neither common nor the kind's is refused (naming the kind
+    it belongs to, or the closest valid key)."""
     kind = raw.get("kind")
     if not isinstance(kind, str):
         raise ConfigError(f"{where}: kind={kind!r} is not a study kind; valid: {', '.join(studies.available())}")
@@ -286,38 +303,34 @@ def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | dict[str
             other = studies.owner_of(key)
             if other:
                 raise ConfigError(f"{where}: key {key!r} belongs to kind {other!r}, not {kind!r}")
-            raise _unknown_key(key, valid, where)
+            raise ConfigError(f"unknown key {key!r} in {where}; valid: {', '.join(valid)}" + did_you_mean(key, valid))
+    return study, build_section(SpecKeys, {k: v for k, v in raw.items() if k in COMMON_KEYS}, where=where)
 
-    # base run config
-    base_raw = raw.get("base", {})
-    if isinstance(base_raw, str):  # relative to the spec file (else to the working directory)
-        base_path = Path(base_raw)
-        if not base_path.is_absolute() and source is not None and (source.parent / base_path).exists():
-            base_path = source.parent / base_path
-        base = load_yaml(base_path)
-    elif isinstance(base_raw, dict):
-        base = copy.deepcopy(base_raw)
-    else:
-        raise ConfigError(f"{where}: base must be a run-config path or a mapping, got {base_raw!r}")
-    base_cfg = from_dict(base)  # a bad base config fails here, with the key named
-    task = base_cfg.task or "classification"
 
-    # overrides for every trial
-    ov = raw.get("overrides") or {}
-    if not isinstance(ov, dict):
-        raise ConfigError(f"{where}: overrides must be a mapping of dotted config keys to values")
-    ov = dict(ov)
-    if isinstance(overrides, list):
-        overrides = parse_overrides(overrides)
-    for key in budget_layer(overrides or {}):  # a budget key on the command line replaces the spec's other one
-        if key not in (overrides or {}):
+def _base(keys: SpecKeys, source: Path | None) -> dict[str, Any]:
+    """The base run config as a mapping: a path is read relative to the spec file (else the working directory)."""
+    if isinstance(keys.base, dict):
+        return copy.deepcopy(keys.base)
+    base_path = Path(keys.base)
+    if not base_path.is_absolute() and source is not None and (source.parent / base_path).exists():
+        base_path = source.parent / base_path
+    return load_yaml(base_path)
+
+
+def _overrides(keys: SpecKeys, cli: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """The spec's overrides, then the command line's; a budget key on the command line replaces the spec's other
+    one (``trainer.max_epochs=3`` clears a spec's ``trainer.max_steps``)."""
+    ov = dict(keys.overrides or {})
+    cli = parse_overrides(cli) if isinstance(cli, list) else (cli or {})
+    for key in budget_layer(cli):
+        if key not in cli:
             ov.pop(key, None)
-    ov.update(overrides or {})
+    ov.update(cli)
+    return ov
 
-    grid_raw = raw.get("grid") or {}
-    if not isinstance(grid_raw, dict):
-        raise ConfigError(f"{where}: grid must be a mapping of dotted config keys to lists of values")
-    axes = [Axis(str(k), _axis_values(str(k), v)) for k, v in grid_raw.items()]
+
+def _axes(grid: dict[str, Any], where: str) -> list[Axis]:
+    axes = [Axis(str(k), _axis_values(str(k), v)) for k, v in grid.items()]
     names = [a.name for a in axes]
     for a in axes:  # ambiguous short names fall back to the full key
         if names.count(a.name) > 1:
@@ -325,53 +338,66 @@ def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | dict[str
     for a in axes:
         if a.key in ("experiment", "run") or a.key.startswith("trainer.log_dir"):
             raise ConfigError(f"{where}: grid axis {a.key!r} is set by the sweep itself and cannot be swept")
+    return axes
 
-    metric = raw.get("metric") or _metric_default(task)
-    allowed = ("val/acc", "val/loss") if task == "classification" else ("val/ppl", "val/loss")
-    if metric not in allowed:
-        raise ConfigError(f"{where}: metric={metric!r} is not allowed for task {task!r}; valid: {', '.join(allowed)}")
-    direction = raw.get("direction") or ("maximize" if metric.endswith("acc") else "minimize")
-    if direction not in ("maximize", "minimize"):
-        raise ConfigError(f"{where}: direction={direction!r}; valid: maximize, minimize")
-    metric_at = raw.get("metric_at", "final")
-    if metric_at not in ("final", "best"):
-        raise ConfigError(f"{where}: metric_at={metric_at!r}; valid: final, best")
 
-    log_dir = str(ov.pop("trainer.log_dir", None) or raw.get("log_dir") or base.get("trainer", {}).get("log_dir")
+def _objective(keys: SpecKeys, task: str, where: str) -> tuple[str, str]:
+    """(metric, direction): the metric must be one the task's runs record on validation (``tasks.get(task)``:
+    its primary metric by default, and that metric's direction)."""
+    info = tasks.get(task)
+    metric = keys.metric or info.primary
+    if metric not in info.metrics:
+        raise ConfigError(f"{where}: metric={metric!r} is not allowed for task {task!r}; valid: "
+                          f"{', '.join(info.metrics)}")
+    return metric, keys.direction or info.direction(metric)
+
+
+def _heartbeat(raw: dict | None, where: str) -> dict[str, float]:
+    hb = build_section(HeartbeatKeys, raw or {}, "heartbeat.", where)
+    for k in ("interval", "grace", "max_retry"):
+        low = 0 if k == "max_retry" else 1
+        if getattr(hb, k) < low:
+            raise ConfigError(f"{where}: heartbeat.{k}={getattr(hb, k)!r} must be a number >= {low}")
+    if hb.grace <= hb.interval:
+        raise ConfigError(f"{where}: heartbeat.grace ({hb.grace}) must exceed heartbeat.interval ({hb.interval})")
+    return dataclasses.asdict(hb)
+
+
+def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | dict[str, Any] | None = None,
+              study_name: str | None = None, dry_run: bool = False) -> SweepSpec:
+    """Read and check a sweep spec (a YAML path or a mapping); validate every grid point's run config.
+
+    ``overrides`` (``["trainer.max_steps=20", ...]`` or a dict) apply to every trial, after the spec's own.
+    ``dry_run`` swaps the trainer for ``normablate.sweep.dryrun:train`` (instant fake runs; study name + "-dryrun").
+    """
+    raw, source, where = _read(spec)
+    study, keys = _study_and_keys(raw, where)
+    base = _base(keys, source)
+    task = from_dict(base).task  # a bad base config fails here, with the key named (validation sets the task)
+    ov = _overrides(keys, overrides)
+    axes = _axes(keys.grid or {}, where)
+    metric, direction = _objective(keys, task, where)
+    log_dir = str(ov.pop("trainer.log_dir", None) or keys.log_dir or base.get("trainer", {}).get("log_dir")
                   or "lightning_logs")
-    name = study_name or raw.get("study_name") or (source.stem if source else None)
+    name = study_name or keys.study_name or (source.stem if source else None)
     if not name:
         raise ConfigError(f"{where}: no study name; give study_name in the spec or --study-name")
     check_path_name("study name", str(name), nested=True)  # becomes <log_dir>/<study>/: must stay inside it
-    trainer_fn = raw.get("trainer_fn", DEFAULT_TRAINER)
+    trainer_fn = keys.trainer_fn
     if dry_run:
         trainer_fn = DRYRUN_TRAINER
         if not study_name:
             name = f"{name}-dryrun"
-    if not isinstance(trainer_fn, str) or ":" not in trainer_fn:
+    if ":" not in trainer_fn:
         raise ConfigError(f"{where}: trainer_fn={trainer_fn!r} must be 'package.module:function'")
 
-    pruner = check_pruner(raw.get("pruner"), where)
-    heartbeat = {"interval": 10, "grace": 120, "max_retry": 3}
-    hb = raw.get("heartbeat") or {}
-    if not isinstance(hb, dict):
-        raise ConfigError(f"{where}: heartbeat must be a mapping (interval, grace, max_retry)")
-    for k, v in hb.items():
-        if k not in heartbeat:
-            raise _unknown_key(k, list(heartbeat), f"{where} heartbeat")
-        if not isinstance(v, (int, float)) or v < (0 if k == "max_retry" else 1):
-            raise ConfigError(f"{where}: heartbeat.{k}={v!r} must be a number >= {0 if k == 'max_retry' else 1}")
-        heartbeat[k] = v
-    if heartbeat["grace"] <= heartbeat["interval"]:
-        raise ConfigError(f"{where}: heartbeat.grace ({heartbeat['grace']}) must exceed heartbeat.interval "
-                          f"({heartbeat['interval']})")
-
+    pruner, heartbeat = check_pruner(keys.pruner, where), _heartbeat(keys.heartbeat, where)
     options = study.check(raw, SpecContext(where, task, [a.key for a in axes], base, ov))
-    hyps = hypotheses.check(raw.get("hypotheses"), {a.key: a.values for a in axes}, task, study.grouped, where)
-    spec_obj = SweepSpec(kind=kind, study_name=str(name), base=base, overrides=ov, axes=axes, metric=metric,
-                         direction=direction, metric_at=metric_at, log_dir=log_dir, storage=raw.get("storage"),
+    hyps = hypotheses.check(keys.hypotheses, {a.key: a.values for a in axes}, task, study.grouped, where)
+    spec_obj = SweepSpec(kind=keys.kind, study_name=str(name), base=base, overrides=ov, axes=axes, metric=metric,
+                         direction=direction, metric_at=keys.metric_at, log_dir=log_dir, storage=keys.storage,
                          trainer_fn=trainer_fn, pruner=pruner, heartbeat=heartbeat, options=options,
-                         description=str(raw.get("description", "")), source=str(source) if source else None,
+                         description=str(keys.description), source=str(source) if source else None,
                          hypotheses=hyps)
     yamlsafe.check_strings(spec_obj.to_json(), where)  # it is stored in the study: every string is bounded
     spec_obj.validate_all()
