@@ -6,7 +6,9 @@ report CSVs (docs/findings/<study>/trials.csv, probes_per_run.csv) and skips a s
     python scripts/findings_numbers.py > docs/findings/cross_study.md
 
 Statistics as in the reports: mean ± half-width of the 95% t-interval over seeds; differences by Welch's t-test
-(independent runs) or, for two measurements of the same run, the t-interval of the per-run differences.
+(independent runs) or, for two measurements of the same run, the t-interval of the per-run differences; each
+variant at its best LR by the reports' rule. All of it is normablate.analysis (stats, verdicts): this script keeps
+only the joins and the wording of each claim.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from normablate.analysis.stats import fmt_ci, mean_ci, t_quantile, t_sf2, welch
+from normablate.analysis.stats import diff_of_diffs, fmt_ci, mean_ci, paired_ci, welch
+from normablate.analysis.verdicts import best_lr_runs
+from normablate.analysis.verdicts import best_lr as _best_lr
 
 FINDINGS = Path(__file__).resolve().parents[1] / "docs" / "findings"
 
@@ -59,8 +63,7 @@ def diff(a, b, digits: int = 3) -> str:
 
 def paired(a, b, digits: int = 3) -> str:
     """Mean of the per-run differences a - b with its 95% t-interval (a and b measured on the same runs)."""
-    d = [x - y for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
-    m, ci, n = mean_ci(d)
+    m, ci, n = paired_ci(a, b)
     if not math.isfinite(ci):
         return f"{m:+.{digits}g} (n={n}, too few runs for a CI)"
     verdict = "clear" if (m - ci > 0 or m + ci < 0) else "CI covers 0"
@@ -181,9 +184,8 @@ def save_figure(fig, name: str) -> None:
 
 
 def best_lr(df: pd.DataFrame, metric: str = "final_val_acc") -> float:
-    """The LR with the highest mean over seeds of the runs in df (for a study without diverged runs, bn_affine,
-    the report's rule; variant_best handles divergence)."""
-    return float(df.groupby("lr")[metric].mean().idxmax())
+    """The LR with the highest mean over seeds of the runs in df (the reports' rule: analysis.verdicts.best_lr)."""
+    return float(_best_lr(df, metric, "maximize"))
 
 
 def claim11() -> None:
@@ -207,19 +209,8 @@ def claim11() -> None:
 
 def variant_best(df: pd.DataFrame, keys: list[str], metric: str, maximize: bool) -> dict[tuple, pd.DataFrame]:
     """For each variant (a value of every key column), its runs at its own best LR: the best mean over seeds among
-    the LRs where no seed diverged (the reports' rule), when df has a ``diverged`` column (load(keep_diverged=
-    True)); without one, the diverged runs are already gone and an LR is judged on the rest."""
-    out = {}
-    for variant, g in df.groupby(keys, dropna=False, sort=False):
-        if "diverged" in g:
-            bad = g.loc[g["diverged"].astype(bool), "lr"].unique()
-            g = g[~g["lr"].isin(bad)]
-            if g.empty:
-                continue
-        means = g.groupby("lr")[metric].mean()
-        lr = means.idxmax() if maximize else means.idxmin()
-        out[variant if isinstance(variant, tuple) else (variant,)] = g[g["lr"] == lr]
-    return out
+    the LRs where no seed diverged (the reports' rule; load(keep_diverged=True) keeps the runs that say so)."""
+    return best_lr_runs(df, keys, metric, "maximize" if maximize else "minimize")
 
 
 def label(variant: tuple) -> str:
@@ -400,18 +391,11 @@ def claims_7_12() -> None:
 
 def drop_ci(hi: pd.Series, lo: pd.Series, hi2: pd.Series, lo2: pd.Series) -> str:
     """(hi - lo) - (hi2 - lo2) of four independent groups of runs, with a Welch-Satterthwaite 95% CI."""
-    groups = [list(g.dropna()) for g in (hi, lo, hi2, lo2)]
-    if min(len(g) for g in groups) < 2:
+    d = diff_of_diffs(hi, lo, hi2, lo2)
+    if not math.isfinite(d.ci95):
         return "(too few runs for a CI)"
-    means = [sum(g) / len(g) for g in groups]
-    v = [sum((x - m) ** 2 for x in g) / (len(g) - 1) / len(g) for g, m in zip(groups, means)]
-    d = (means[0] - means[1]) - (means[2] - means[3])
-    se = math.sqrt(sum(v))
-    dof = sum(v) ** 2 / sum(vi ** 2 / (len(g) - 1) for vi, g in zip(v, groups))
-    h = t_quantile(0.975, dof) * se
-    p = t_sf2(abs(d) / se, dof) if se > 0 else 0.0
-    verdict = "clear" if (d - h > 0 or d + h < 0) else "CI covers 0"
-    return f"{d:+.3g} [95% CI {d - h:+.3g}, {d + h:+.3g}], p={p:.2g} ({verdict})"
+    verdict = "clear" if d.clear else "CI covers 0"
+    return f"{d.diff:+.3g} [95% CI {d.lo:+.3g}, {d.hi:+.3g}], p={d.p:.2g} ({verdict})"
 
 
 def claim5() -> None:
@@ -520,18 +504,16 @@ def gn_lr_check(tiny: pd.DataFrame, gn_lrs: pd.DataFrame, bcol: str) -> None:
     runs["diverged"] = runs["diverged"].astype(bool)
     print(f"GN at batch {b} with other LRs (batch_size_gn_lr_check), against batch_size_tiny_check's batch-{b} runs "
           f"(BN at LR {bn['lr_used'].iloc[0]:g}):\n")
-    best, best_mean = None, -math.inf
     for lr, g in sorted(runs.groupby("lr_used"), key=lambda kv: kv[0]):
         n_div = int(g["diverged"].sum())
         ok = g[~g["diverged"]]
         print(f"- gn at LR {lr:g} (base {lr * 128 / b:g} at batch 128): final val acc {stat(ok['final_val_acc'])}"
               + (f", {n_div} diverged (left out)" if n_div else "")
               + f"; - bn {diff(ok['final_val_acc'], bn['final_val_acc'])}")
-        if not n_div and len(ok) and ok["final_val_acc"].mean() > best_mean:
-            best, best_mean = (lr, ok), ok["final_val_acc"].mean()
+    best = _best_lr(runs, "final_val_acc", "maximize", lr="lr_used")
     if best is not None:
-        print(f"- gn at its best LR of these ({best[0]:g}) - bn at {bn['lr_used'].iloc[0]:g}: "
-              + diff(best[1]["final_val_acc"], bn["final_val_acc"]))
+        print(f"- gn at its best LR of these ({best:g}) - bn at {bn['lr_used'].iloc[0]:g}: "
+              + diff(runs[runs["lr_used"] == best]["final_val_acc"], bn["final_val_acc"]))
     print()
 
 

@@ -173,3 +173,29 @@ def welch(a: Iterable[float | None], b: Iterable[float | None]) -> Difference:
     df = se2 ** 2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1))
     se = math.sqrt(se2)
     return Difference(ma - mb, t_quantile(0.975, df) * se, df, t_sf2((ma - mb) / se, df), na, nb)
+
+
+def paired_ci(a: Iterable[float | None], b: Iterable[float | None]) -> tuple[float, float, int]:
+    """Two measurements of the same runs (``a[i]`` and ``b[i]`` from run i): ``mean_ci`` of the per-run differences
+    a - b over the pairs where both are finite."""
+    return mean_ci([x - y for x, y in zip(a, b) if len(finite([x, y])) == 2])
+
+
+def diff_of_diffs(hi: Iterable[float | None], lo: Iterable[float | None], hi2: Iterable[float | None],
+                  lo2: Iterable[float | None]) -> Difference:
+    """(mean(hi) - mean(lo)) - (mean(hi2) - mean(lo2)) of four independent groups of runs (e.g. BN's accuracy drop
+    from the large to the small batch minus GN's), with its Welch-Satterthwaite 95% CI and two-sided p. NaN CI and p
+    when a group has fewer than 2 finite values; ``n_a``, ``n_b``: the runs of the first and of the second
+    difference."""
+    groups = [finite(g) for g in (hi, lo, hi2, lo2)]
+    n_a, n_b = len(groups[0]) + len(groups[1]), len(groups[2]) + len(groups[3])
+    if min(len(g) for g in groups) < 2:
+        return Difference(math.nan, math.nan, math.nan, math.nan, n_a, n_b)
+    means = [sum(g) / len(g) for g in groups]
+    v = [sum((x - m) ** 2 for x in g) / (len(g) - 1) / len(g) for g, m in zip(groups, means)]
+    d = (means[0] - means[1]) - (means[2] - means[3])
+    se = math.sqrt(sum(v))
+    if se == 0:  # every group constant: the difference is exact
+        return Difference(d, 0.0, math.inf, 1.0 if d == 0 else 0.0, n_a, n_b)
+    dof = sum(v) ** 2 / sum(vi ** 2 / (len(g) - 1) for vi, g in zip(v, groups))
+    return Difference(d, t_quantile(0.975, dof) * se, dof, t_sf2(abs(d) / se, dof), n_a, n_b)

@@ -313,6 +313,30 @@ def best_index(means: np.ndarray, candidate: np.ndarray, direction: str) -> tupl
     return idx, ~cand.any(axis=-1)
 
 
+def best_lr(runs, metric: str, direction: str, lr: str = "lr", diverged: str = "diverged") -> Any:
+    """``best_index`` on a table of runs (a DataFrame, one row per run): per LR (column ``lr``) the mean of
+    ``metric`` over its runs; an LR is a candidate when none of its runs diverged (column ``diverged``, where the
+    table has one) and some value is finite. Returns the best candidate LR (ties: the lowest), or None. The rule
+    of the ``lr_sensitivity`` report, for scripts that join studies (``scripts/findings_numbers.py``)."""
+    lrs = sorted(runs[lr].unique())
+    at = [runs[runs[lr] == x] for x in lrs]
+    means = np.array([g[metric].mean() for g in at], float)
+    cand = np.array([not (diverged in g and g[diverged].astype(bool).any()) for g in at], bool)
+    i, none = best_index(means, cand, direction) if lrs else (0, True)
+    return None if none else lrs[int(i)]
+
+
+def best_lr_runs(runs, keys: list[str], metric: str, direction: str, lr: str = "lr") -> dict[tuple, Any]:
+    """For each variant (a value of every ``keys`` column; missing values included), its runs at its own
+    ``best_lr``, in the table's order of variants; a variant without a candidate LR is left out."""
+    out = {}
+    for variant, g in runs.groupby(keys, dropna=False, sort=False):
+        x = best_lr(g, metric, direction, lr)
+        if x is not None:
+            out[variant if isinstance(variant, tuple) else (variant,)] = g[g[lr] == x]
+    return out
+
+
 @dataclass
 class Side:
     """One side of a best-LR contrast: per seed (rows) and LR (columns, ascending) the validation metric, whether
@@ -448,6 +472,16 @@ def holm(pvalues: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * p[i]))
         adj[i] = running
     return adj
+
+
+def holm_pairs(pairs: Sequence[tuple[str, float]]) -> list[tuple[str, float, float]]:
+    """Holm across a document's primary hypotheses: ``[(hypothesis, p), ...]`` -> ``[(hypothesis, p, adjusted p),
+    ...]`` in the same order (e.g. the p of every primary hypothesis of docs/findings.md, one family)."""
+    names = [h for h, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"holm_pairs: a hypothesis is listed twice: {sorted(h for h in set(names) if names.count(h) > 1)}")
+    ps = [p for _, p in pairs]
+    return list(zip(names, ps, holm(ps)))
 
 
 def words(tests: Sequence[Test], alpha: float) -> tuple[list[str], list[float], list[float]]:
