@@ -56,10 +56,6 @@ def cell(s: pd.DataFrame, metric: str) -> tuple[float, float, int, int, str]:
     return m, ci, n, nd, text
 
 
-def label_of(row, cols: list[str]) -> str:
-    return config_label([row[c] for c in cols], cols)
-
-
 def config_label(values, cols) -> str:
     """How a configuration is named in tables, conclusions and legends: its value alone when one column tells the
     configurations apart (``bn``), else ``key=value`` pairs (``norm=bn ffn_norm=None``), so that two axes with

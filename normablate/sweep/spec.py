@@ -36,8 +36,7 @@ from ..config import RunConfig, budget_layer, build_section, check_path_name, fr
 from ..dotted import get_dotted, set_dotted
 from ..errors import ConfigError, did_you_mean
 from ..labels import value_label  # noqa: F401  (spec.value_label: older imports)
-from ..studies.base import SpecContext, StudyKind, decode, encode  # noqa: F401  (decode: re-exported)
-from ..studies.search import make_sampler  # noqa: F401  (re-exported)
+from ..studies.base import SpecContext, StudyKind, encode
 from . import hypotheses
 from .pruners import check_pruner
 

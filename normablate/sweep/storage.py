@@ -211,8 +211,6 @@ def _sqlite_immediate(engine) -> None:
 def open_storage(url: str | None, log_dir: str | Path = "lightning_logs", *, create: bool = True):
     """An Optuna storage object for ``url`` (see the module doc); creates folders for file storages, or with
     ``create=False`` refuses (``StorageError``) a storage file that does not exist yet (nothing is created)."""
-    import optuna
-
     url = normalize_url(url, log_dir)
     check_url(url)
     if url.startswith("journal:"):
