@@ -8,9 +8,8 @@ import warnings
 
 import torch
 
-from . import models
+from . import models, tasks
 from .config import RunConfig
-from .errors import ConfigError
 
 
 def quiet_lightning() -> None:
@@ -25,30 +24,27 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
-def build_model(cfg: RunConfig, datamodule) -> torch.nn.Module:
+def model_options(cfg: RunConfig, datamodule) -> dict:
+    """The backbone's options for this run: the config's, and those its task's data facts fill when the config
+    leaves them unset (``models.BackboneInfo.input_options``: e.g. ``num_classes``, the ViT's ``img_size``, the LM's
+    ``vocab_size`` and ``block_size``). An option set below a capacity of the data (classes, vocabulary, context) is
+    a ConfigError."""
+    info, task = models.info(cfg.model.backbone), tasks.get(cfg.task)
     options = dict(cfg.model.options)
-    if cfg.task == "classification":
-        options.setdefault("num_classes", datamodule.num_classes)
-        if options["num_classes"] < datamodule.num_classes:
-            raise ConfigError(f"model.num_classes={options['num_classes']} is smaller than the "
-                              f"{datamodule.num_classes} classes of data.source={cfg.data.source!r}")
-        if "in_chans" in models.options(cfg.model.backbone):
-            options.setdefault("in_chans", datamodule.in_chans)
-        if cfg.model.backbone == "vit":
-            options.setdefault("img_size", datamodule.image_size)
-    else:
-        options.setdefault("vocab_size", datamodule.vocab_size)
-        options.setdefault("block_size", cfg.data.block_size)
-    return models.create(cfg.model.backbone, norm=cfg.model.norm, **options)
+    facts = {f: getattr(datamodule, f) for f in task.facts if hasattr(datamodule, f)}
+    option_of = info.input_options(task.facts)
+    task.check_inputs(option_of, options, facts)
+    for opt, fact in option_of.items():
+        if fact in facts:
+            options.setdefault(opt, facts[fact])
+    return options
+
+
+def build_model(cfg: RunConfig, datamodule) -> torch.nn.Module:
+    """The run's network, on the current default device (``model_options`` for its options)."""
+    return models.create(cfg.model.backbone, norm=cfg.model.norm, **model_options(cfg, datamodule))
 
 
 def build_task(cfg: RunConfig, model: torch.nn.Module, datamodule):
-    """The LightningModule of ``cfg.task`` around ``model``."""
-    from .tasks import ClassificationTask, LanguageModelTask
-
-    t = cfg.trainer
-    if cfg.task == "classification":
-        return ClassificationTask(model, cfg.optim, t.max_steps, datamodule.num_classes, t.batchstat_gap)
-    return LanguageModelTask(model, cfg.optim, t.max_steps, t.batchstat_gap)
-
-
+    """The LightningModule of ``cfg.task`` around ``model`` (``tasks.get(cfg.task).module.for_run``)."""
+    return tasks.get(cfg.task).module.for_run(model, cfg, datamodule)

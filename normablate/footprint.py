@@ -1,8 +1,9 @@
 """Will a run fit this machine's memory? An estimate from the model built on the meta device, before anything real.
 
-``check_fits(cfg)`` (before the data is read) counts parameters; ``check_fits(cfg, datamodule)`` (after, before the
-model is built for real) adds activations: a forward pass of meta tensors shaped like one training batch per rank,
-summing every leaf module's output. Both refuse (``ConfigError``, exit 2, with the numbers) a run whose estimate
+``check_fits(cfg)`` (before the data is read) counts parameters; ``check_fits(cfg, datamodule)`` (after) adds
+activations: a forward pass of meta tensors shaped like one training batch per rank, summing every leaf module's
+output (``train`` passes its model, built once, and the pass runs on its ``meta_twin``; a sweep's preflight builds
+one on the meta device). Both refuse (``ConfigError``, exit 2, with the numbers) a run whose estimate
 exceeds the memory available now: on CPU the machine's (``MemAvailable``, or the cgroup's limit when lower), on a
 GPU the device's total.
 
@@ -14,13 +15,14 @@ the /proc read, and no library estimates a training step's memory without runnin
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import RunConfig
+from .config import RunConfig, validated_params
 from .errors import ConfigError
 
 OPTIMIZER_SLOTS = {"sgd": 1, "adam": 2, "adamw": 2, "lion": 1}  # state tensors per parameter (SGD: momentum)
@@ -99,18 +101,13 @@ def _activations(cfg: RunConfig, net: torch.nn.Module, datamodule, per_rank: int
                 seen[id(t)] = t
                 total += t.numel() * nbytes
 
+    from . import tasks
+
     handles = [m.register_forward_hook(hook) for m in net.modules() if not any(True for _ in m.children())]
     try:
-        with torch.device("meta"):
-            if cfg.task == "lm":
-                idx = torch.zeros(per_rank, cfg.data.block_size, dtype=torch.long)
-                mask = torch.ones(per_rank, cfg.data.block_size, dtype=torch.bool) if cfg.data.mode == "samples" \
-                    else None
-                net(idx, mask=mask)
-            else:
-                size = datamodule.image_size
-                h, w = (size, size) if isinstance(size, int) else size
-                net(torch.zeros(per_rank, datamodule.in_chans, h, w))
+        with torch.device("meta"):  # one training batch's inputs, shaped by the task (tasks/: example_inputs)
+            args, kwargs = tasks.get(cfg.task).module.example_inputs(cfg, datamodule, per_rank)
+            net(*args, **kwargs)
     except (RuntimeError, NotImplementedError, ValueError, TypeError, AttributeError):
         return None
     finally:
@@ -119,10 +116,31 @@ def _activations(cfg: RunConfig, net: torch.nn.Module, datamodule, per_rank: int
     return total
 
 
-def estimate(cfg: RunConfig, datamodule=None) -> Footprint:
+def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose parameters and buffers are meta tensors of the same shapes (tied ones stay tied): no
+    memory, nothing built or initialised again. ``train`` builds its model once and estimates activations on this."""
+    memo: dict[int, torch.Tensor] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) \
+            else meta
+    return copy.deepcopy(model, memo)
+
+
+def estimate(cfg: RunConfig, datamodule=None, model: torch.nn.Module | None = None) -> Footprint:
+    """The footprint of run ``cfg``: parameters always, activations when ``datamodule`` (set up) gives the batch's
+    shape. ``model``: the run's network, already built (its parameters counted, its activations estimated on a
+    ``meta_twin``); without it a meta-device build, or before the data (no ``datamodule``) the parameter count that
+    validation found (``config.validated_params``)."""
     t = cfg.trainer
-    net = _meta_model(cfg, datamodule)
-    params = sum(p.numel() for p in net.parameters())
+    known = validated_params(cfg) if model is None and datamodule is None else None
+    if model is not None:
+        net, params = meta_twin(model) if datamodule is not None else None, sum(p.numel() for p in model.parameters())
+    elif known is not None:
+        net, params = None, known
+    else:
+        net = _meta_model(cfg, datamodule)
+        params = sum(p.numel() for p in net.parameters())
     nbytes = _bytes_per_value(t.precision)
     slots = OPTIMIZER_SLOTS.get(cfg.optim.name, 2)
     if cfg.optim.name == "sgd" and cfg.optim.momentum == 0:
@@ -134,10 +152,11 @@ def estimate(cfg: RunConfig, datamodule=None) -> Footprint:
     return Footprint(params, (2 + slots) * params * nbytes, acts, 1 if on_gpu else t.devices)
 
 
-def check_fits(cfg: RunConfig, datamodule=None) -> Footprint:
-    """Refuse a run whose estimated memory exceeds what is available (see the module docstring)."""
+def check_fits(cfg: RunConfig, datamodule=None, model: torch.nn.Module | None = None) -> Footprint:
+    """Refuse a run whose estimated memory exceeds what is available (see the module docstring; ``estimate`` for
+    ``datamodule`` and ``model``)."""
     t = cfg.trainer
-    fp = estimate(cfg, datamodule)
+    fp = estimate(cfg, datamodule, model)
     on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
     if on_gpu and torch.cuda.is_available():
         have, where = torch.cuda.mem_get_info(0)[1], "GPU 0's total memory"

@@ -42,6 +42,8 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from . import tasks
+
 HPARAMS_DIR = "hparams"  # the run's sub-folder holding its HPARAMS session and final metrics (module doc)
 
 
@@ -198,7 +200,7 @@ def _finite(v: Any) -> float | None:
 
 def final_metrics(result: Any, task: str) -> dict[str, float]:
     """The run's final metrics under the HPARAMS names (module doc); non-finite or inapplicable ones left out."""
-    m = "acc" if task == "classification" else "ppl"
+    m = tasks.get(task).primary.split("/", 1)[1]  # the task's primary metric: acc, ppl
     test = getattr(result, "test", None) or {}  # (RunResult.test: the test split, evaluated once at the end)
     out: dict[str, float] = {}
     for split, src in (("val", result.final), ("test", test)):

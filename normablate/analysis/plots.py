@@ -93,7 +93,9 @@ def pretty_backbone(name: str) -> str:
 
 def pretty_source(source, task: str | None) -> str:
     if source in (None, "synthetic"):
-        return "synthetic " + ("text" if task == "lm" else "images")
+        from .. import tasks
+
+        return "synthetic " + (tasks.get(task).modality if task in tasks.REGISTRY else "images")
     base = Path(str(source).rstrip("/")).name
     return SOURCES.get(base.lower(), base)
 

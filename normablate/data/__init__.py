@@ -13,19 +13,16 @@ batching shared by both). Module docstrings state each contract.
 """
 from __future__ import annotations
 
-from ..errors import ConfigError
+from .. import tasks
 from .common import StepDataModule
 from .text import TextDataModule
 from .vision import VisionDataModule
 
-TASKS = {"classification": VisionDataModule, "lm": TextDataModule}
-
 
 def build_datamodule(cfg, task: str, seed: int) -> StepDataModule:
-    """The DataModule for ``task`` ("classification" or "lm") configured by ``cfg`` (a ``DataConfig``)."""
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
-    return TASKS[task](cfg, seed)
+    """The DataModule of ``task`` (its ``tasks.get(task).datamodule``: images for "classification", text for "lm")
+    configured by ``cfg`` (a ``DataConfig``); an unknown task is a ConfigError listing the registered ones."""
+    return tasks.get(task).datamodule(cfg, seed)
 
 
 __all__ = ["build_datamodule", "StepDataModule", "TextDataModule", "VisionDataModule"]

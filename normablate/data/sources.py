@@ -1,6 +1,6 @@
 """Where data comes from: a hub name, a local path, and the tables behind each split.
 
-Contract: ``locate(source, task)`` turns ``cfg.source`` into a ``Source`` cheaply (no data read): it checks that a
+Contract: ``locate(source, modality)`` (``"images"`` or ``"text"``) turns ``cfg.source`` into a ``Source`` cheaply (no data read): it checks that a
 local path exists (``ConfigError`` naming it and listing what the nearest existing directory holds) and computes
 the cache identity ``Source.key``. ``Source.splits()`` opens it (this may read or download) and returns
 ``{split: Split}``; a ``Split`` lists its columns and reads them into a ``pyarrow.Table``.
@@ -210,7 +210,7 @@ def check_hub_reachable(name: str, timeout: float = 5.0) -> None:
                           f"HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache") from None
 
 
-def locate(source: str, task: str, cache_dir: str | None = None, hub_config: str | None = None) -> Source:
+def locate(source: str, modality: str, cache_dir: str | None = None, hub_config: str | None = None) -> Source:
     """Classify ``source`` (see the module docstring) without reading data; ConfigError when it cannot be."""
     p = Path(source).expanduser()
     if p.exists():
@@ -218,7 +218,7 @@ def locate(source: str, task: str, cache_dir: str | None = None, hub_config: str
         if p.is_file():
             if p.suffix.lower() == ".parquet":
                 kind = "parquet_file"
-            elif task == "lm":
+            elif modality == "text":
                 kind = "text_file"
             else:
                 raise ConfigError(f"data.source {source!r} is a file but not a .parquet file; for images give a "
@@ -227,12 +227,12 @@ def locate(source: str, task: str, cache_dir: str | None = None, hub_config: str
             kind = "disk"
         elif _has_files(p, {".parquet"}):
             kind = "parquet_dir"
-        elif task == "lm" and _has_files(p, {".txt"}):
+        elif modality == "text" and _has_files(p, {".txt"}):
             kind = "text_dir"
-        elif task != "lm" and _has_files(p, IMAGE_EXTS):
+        elif modality == "images" and _has_files(p, IMAGE_EXTS):
             kind = "imagefolder"
         else:
-            wanted = "*.txt or *.parquet files" if task == "lm" else "*.parquet files or images"
+            wanted = "*.txt or *.parquet files" if modality == "text" else "*.parquet files or images"
             raise ConfigError(f"data.source directory {source!r} holds no {wanted} and is no save_to_disk "
                               f"directory; it holds: {listing(p)}")
         return Source(source, kind, p, {"source": kind, **fingerprint(p)}, cache_dir)

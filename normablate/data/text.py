@@ -124,7 +124,7 @@ def load_splits(cfg) -> dict[str, Any]:
         key = {"source": "synthetic-text", "seed": synthetic.TEXT_SEED, "code": synthetic.CODE_HASH, **holdout_key}
         return cache.cached("text", key, lambda: _plain_text_splits(
             cfg, {"train": synthetic.text().encode()}, "synthetic"), cfg.cache_dir)
-    src = locate(cfg.source, "lm", cfg.cache_dir, cfg.hub_config)
+    src = locate(cfg.source, "text", cfg.cache_dir, cfg.hub_config)
     if src.kind == "text_file":
         return cache.cached("text", {**src.key, **holdout_key}, lambda: _plain_text_splits(
             cfg, {"train": src.path.read_bytes()}, src.name), cfg.cache_dir)

@@ -170,7 +170,7 @@ def load_splits(cfg) -> dict[str, dict[str, Any]]:
             out[role] = {"x": x, "y": y, "label_names": synthetic.CLASS_NAMES, "_cache_hit": payload["_cache_hit"],
                          "_from": (payload["_cache_file"], split, *how)}
         return out
-    src = locate(cfg.source, "classification", cfg.cache_dir, cfg.hub_config)
+    src = locate(cfg.source, "images", cfg.cache_dir, cfg.hub_config)
     rows = split_rows(src)
     select = _select(plan_splits(src.name, rows, cfg), rows, limits)
     out = {}

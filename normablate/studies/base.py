@@ -24,7 +24,7 @@ class SpecContext:
     """What a kind may look at while checking its options."""
 
     where: str  # "sweep spec 'configs/sweeps/x.yaml'" (for error messages)
-    task: str  # "classification" | "lm"
+    task: str  # a name in normablate.tasks (its facts: tasks.get(task))
     axis_keys: list[str]  # dotted config keys of the grid axes
     base: dict[str, Any]  # the base run config (raw mapping)
     overrides: dict[str, Any]  # dotted key -> value, for every trial

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .. import tasks
 from ..errors import ConfigError
 from . import register
 from .base import Comparison, Section, SpecContext, StudyKind
@@ -23,7 +24,7 @@ class Convergence(StudyKind):
 
     def check(self, raw: dict[str, Any], ctx: SpecContext) -> dict[str, Any]:
         target = raw.get("target")
-        metrics = ("val/acc", "val/loss") if ctx.task == "classification" else ("val/ppl", "val/loss")
+        metrics = tasks.get(ctx.task).metrics  # the primary one first
         if not isinstance(target, dict) or set(target) != {"metric", "value"}:
             raise ConfigError(f"{ctx.where}: kind convergence needs target: {{metric: {metrics[0]}, value: ...}}")
         if target["metric"] not in metrics:

@@ -5,9 +5,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .. import tasks
 from ..errors import ConfigError
 from . import register
 from .base import Comparison, Section, SpecContext, StudyKind
+
+DEFAULT_TOLERANCE = {"val/acc": 0.05}  # by the task's primary metric: 5 accuracy points; any other (LMs) 0.1
 
 
 @register("lr_sensitivity")
@@ -28,7 +31,7 @@ class LRSensitivity(StudyKind):
 
     def check(self, raw: dict[str, Any], ctx: SpecContext) -> dict[str, Any]:
         ctx.need_axis(self.name, "optim.lr", "optim.lr: {logspace: [0.001, 1.0, 7]}")
-        tol = raw.get("tolerance", 0.05 if ctx.task == "classification" else 0.1)
+        tol = raw.get("tolerance", DEFAULT_TOLERANCE.get(tasks.get(ctx.task).primary, 0.1))
         if not isinstance(tol, (int, float)) or isinstance(tol, bool) or tol < 0:
             raise ConfigError(f"{ctx.where}: tolerance={tol!r} must be a number >= 0")
         rel = raw.get("tolerance_relative", False)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from .. import tasks
 from ..config import RunConfig, epochs_to_steps, from_dict, to_dict, validated
 from ..errors import ConfigError
 from ..result import RunResult
@@ -65,7 +66,7 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
         raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; pass resume=True")
     run_dir.mkdir(parents=True, exist_ok=True)
     c = curves(cfg)
-    t = cfg.trainer
+    t, task = cfg.trainer, tasks.get(cfg.task)
     start = json.loads(ckpt.read_text())["step"] if resume and ckpt.exists() else 0
     delay = float(os.environ.get("NORMABLATE_DRYRUN_DELAY", "0"))
     history: dict[str, list] = json.loads(ckpt.read_text()).get("history", {}) if start else {}
@@ -85,13 +86,14 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
                 time.sleep(delay * min(t.val_every, last) / last)
             acc = 0.1 + (c["acc"] - 0.1) * frac if c["div_step"] is None else 0.1
             vloss = 2.3 * (1 - 0.85 * (acc - 0.1) / 0.8)
-            metrics = {"val/loss": vloss, "val/acc": acc} if cfg.task == "classification" else \
-                {"val/loss": vloss, "val/ppl": math.exp(vloss)}
+            fake_value = {"loss": vloss, "acc": acc, "ppl": math.exp(vloss)}  # by the task's metric names
+            metrics = {m: fake_value[m.split("/", 1)[1]] for m in sorted(task.metrics, key=lambda m: m != "val/loss")}
             for k, v in metrics.items():
                 history.setdefault(k, []).append([step, v])
             if t.target_metric and steps_to_target is None:
                 v = metrics[t.target_metric]
-                if (v >= t.target_value) if t.target_metric.endswith("acc") else (v <= t.target_value):
+                if (v >= t.target_value) if task.direction(t.target_metric) == "maximize" else \
+                        (v <= t.target_value):
                     steps_to_target, time_to_target = step, time.perf_counter() - t0
             fake = SimpleNamespace(callback_metrics=metrics, global_step=step, sanity_checking=False,
                                    callbacks=[monitor], max_steps=t.max_steps)

@@ -26,12 +26,12 @@ import math
 import re
 from typing import Any
 
+from .. import tasks
 from ..errors import ConfigError, did_you_mean
 
 TYPES = ("superiority", "non_inferiority", "equivalence")  # (= analysis.verdicts.TYPES; no import: no numpy here)
 KEYS = ("id", "claim", "contrast", "type", "margin", "alpha")
 CONTRAST_KEYS = ("a", "b", "metric", "at")
-METRICS = {"classification": ("test/acc", "test/loss"), "lm": ("test/ppl", "test/loss")}
 LR_KEY = "optim.lr"
 
 
@@ -126,7 +126,7 @@ def _contrast(c: Any, axes: dict[str, list], task: str, w: str) -> dict[str, Any
         raise ConfigError(f"{w}: a side cannot fix 'seed' (seeds are the replicates a contrast is over)")
     if _label(a) == _label(b):
         raise ConfigError(f"{w}: a and b name the same configuration {a!r}")
-    allowed = METRICS.get(task, METRICS["classification"])
+    allowed = tasks.get(task).test_metrics  # the primary one first
     metric = c.get("metric", allowed[0])
     if metric not in allowed:
         raise ConfigError(f"{w}.metric={metric!r}; valid for task {task!r}: {', '.join(allowed)} (reported on the "

@@ -59,6 +59,18 @@ class NormTask(L.LightningModule):
         self.has_batch_stats = self.batchstat_gap == "every"  # this validation: set at each validation's start
         self.precise_stats = None  # set by the PreciseBN callback for one validation (normablate.precise_bn)
 
+    @classmethod
+    def for_run(cls, model: nn.Module, cfg, datamodule) -> NormTask:
+        """This task around ``model`` for the run ``cfg`` (a RunConfig) on ``datamodule`` (set up)."""
+        t = cfg.trainer
+        return cls(model, cfg.optim, t.max_steps, t.batchstat_gap)
+
+    @staticmethod
+    def example_inputs(cfg, datamodule, n: int) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of the model's forward for a batch of ``n``, shaped like the training data, made in
+        the current default device (the memory estimate passes them on the meta device: footprint.py)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         optimizer = build_optimizer(self.optim_cfg, self.model)

@@ -20,6 +20,17 @@ class ClassificationTask(NormTask):
             for p in ("val", "val_batchstats", "val_precise")
         })
 
+    @classmethod
+    def for_run(cls, model: nn.Module, cfg, datamodule) -> ClassificationTask:
+        t = cfg.trainer
+        return cls(model, cfg.optim, t.max_steps, datamodule.num_classes, t.batchstat_gap)
+
+    @staticmethod
+    def example_inputs(cfg, datamodule, n: int) -> tuple[tuple, dict]:
+        size = datamodule.image_size  # H, or (H, W) when not square
+        h, w = (size, size) if isinstance(size, int) else size
+        return (torch.zeros(n, datamodule.in_chans, h, w),), {}  # (B, C, H, W)
+
     def loss(self, batch) -> torch.Tensor:
         x, y = batch  # (B, 3, H, W), (B,)
         return F.cross_entropy(self.model(x), y)

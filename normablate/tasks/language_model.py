@@ -16,6 +16,12 @@ class LanguageModelTask(NormTask):
         # token-weighted mean NLL; perplexity = exp(mean NLL) over all real target tokens of the split
         self.val_nll = nn.ModuleDict({p: MeanMetric() for p in ("val", "val_batchstats", "val_precise")})
 
+    @staticmethod
+    def example_inputs(cfg, datamodule, n: int) -> tuple[tuple, dict]:
+        T = cfg.data.block_size
+        mask = torch.ones(n, T, dtype=torch.bool) if cfg.data.mode == "samples" else None  # (B, T): samples pad
+        return (torch.zeros(n, T, dtype=torch.long),), {"mask": mask}  # (B, T) token ids
+
     def _nll(self, batch) -> tuple[torch.Tensor, int]:
         idx, targets, mask = batch  # (B, T), (B, T) with -100 where no real next token, (B, T) bool or None
         logits = self.model(idx, mask=mask)  # (B, T, V)
