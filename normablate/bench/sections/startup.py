@@ -13,7 +13,10 @@ from ..settings import Settings
 from ..timing import Row
 from . import register
 
-TEXT = "Wall time of whole processes (repeated) and of the first training step after process start."
+TEXT = ("Wall time of whole processes and of the first training step after process start, each command once per "
+        "round, rounds repeated (interleaved); ratios are medians of per-round ratios. The floors: `normablate list` "
+        "imports torch and nothing heavier; a run imports Lightning, whose Trainer imports torch._dynamo and "
+        "torchmetrics (with torchvision and matplotlib): the reference of the first-step row.")
 
 
 def sizes(s: Settings) -> str:
@@ -47,37 +50,70 @@ print(json.dumps({"first_step": first.t, "second_first_step": first2.t - (t_seco
 """
 
 
+FLOOR = "import torch, lightning.pytorch"
+
+
 @register("startup", text=TEXT, sizes=sizes)
 def run(s: Settings) -> list[Row]:
+    """Every command once per round, rounds repeated (interleaved, so load drifts hit all alike); ratios are
+    medians of per-round ratios."""
     import json
 
     exe = [sys.executable, "-m", "normablate"]
-    rows = []
-    base = _timed_process([sys.executable, "-c", "pass"], s.startup_runs)
-    torch_t = _timed_process([sys.executable, "-c", "import torch"], s.startup_runs)
-    for args in ([["--version"]] if s.tiny else (["--help"], ["--version"], ["list"])):
-        t = _timed_process(exe + args, s.startup_runs)
-        rows.append(Row("startup", "normablate " + " ".join(args), "", "process", "whole process",
-                        "python -c 'import torch'", statistics.median(t), statistics.median(torch_t), "s",
-                        statistics.median(t) / statistics.median(torch_t),
-                        note=f"min {min(t):.2f} s, max {max(t):.2f} s over {len(t)} runs; bare python "
-                             f"{statistics.median(base):.2f} s"))
+    cmds = {"python": [sys.executable, "-c", "pass"], "torch": [sys.executable, "-c", "import torch"]}
+    names = ["--version"] if s.tiny else ["--help", "--version", "list"]
+    cmds.update({f"normablate {a}": exe + [a] for a in names})
+    if not s.tiny:
+        cmds["floor"] = [sys.executable, "-c", FLOOR]
+    times: dict[str, list[float]] = {k: [] for k in cmds}
+    first: list[float] = []
+    second: list[float] = []
+    floor: list[float] = []  # the floor of the rounds whose first-step process succeeded
+    failed = ""
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(s.startup_runs):
+            for k, argv in cmds.items():
+                times[k] += _timed_process(argv, 1)
+            if s.tiny:
+                continue
+            cfg = framework_config("resnet20", s, tmp, tiny=True)
+            cfg["trainer"]["max_steps"] = 2
+            cfg["run"] = f"startup-{i}"
+            proc = subprocess.run([sys.executable, "-c", _FIRST_STEP, repr(time.time()), json.dumps(cfg)],
+                                  capture_output=True, text=True, check=False)
+            try:
+                res = json.loads(proc.stdout.strip().splitlines()[-1])
+                first.append(res["first_step"])
+                second.append(res["second_first_step"])
+                floor.append(times["floor"][-1])
+            except (IndexError, ValueError, KeyError):
+                failed = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    def ratio(a: list[float], b: list[float]) -> float:
+        return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+    rows = [Row("startup", name, "", "process", "whole process", "python -c 'import torch'", med[name], med["torch"],
+                "s", ratio(times[name], times["torch"]),
+                note=f"min {min(times[name]):.2f} s, max {max(times[name]):.2f} s over {len(times[name])} runs; bare "
+                     f"python {med['python']:.2f} s")
+            for name in cmds if name.startswith("normablate")]
     if s.tiny:
         return rows
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = framework_config("resnet20", s, tmp, tiny=True)
-        cfg["trainer"]["max_steps"] = 2
-        cfg["run"] = "startup"
-        proc = subprocess.run([sys.executable, "-c", _FIRST_STEP, repr(time.time()), json.dumps(cfg)],
-                              capture_output=True, text=True, check=False)
-        try:
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append(Row("startup", "process start -> first training step", "", "process", "train()", "",
-                            res["first_step"], None, "s", note="tiny ResNet-20, data cache warm"))
-            rows.append(Row("startup", "second run in the same process -> first step", "", "in-process",
-                            "train() again", "", res["second_first_step"], None, "s",
-                            note="what a sweep worker pays per trial after the first"))
-        except (IndexError, ValueError, KeyError):
-            rows.append(Row("startup", "process start -> first training step", note="failed: "
-                            + (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]))
+    rows.append(Row("startup", "import torch + Lightning (the floor of a run)", "", "process", FLOOR,
+                    "python -c 'import torch'", med["floor"], med["torch"], "s", ratio(times["floor"], times["torch"]),
+                    note="Lightning's Trainer imports torch._dynamo (lightning/pytorch/utilities/compile.py) and "
+                         "torchmetrics, which imports torchvision and matplotlib: python -X importtime -c "
+                         "'import lightning.pytorch'"))
+    if first:
+        rows.append(Row("startup", "process start -> first training step", "", "process", "train()", FLOOR,
+                        statistics.median(first), statistics.median(floor), "s", ratio(first, floor),
+                        note=f"tiny ResNet-20, synthetic data; min {min(first):.2f} s, max {max(first):.2f} s over "
+                             f"{len(first)} runs; over the floor: what normablate adds (its imports, config, data, "
+                             f"model, Trainer set-up)"))
+        rows.append(Row("startup", "second run in the same process -> first step", "", "in-process",
+                        "train() again", "", statistics.median(second), None, "s",
+                        note="what a sweep worker pays per trial after the first"))
+    else:
+        rows.append(Row("startup", "process start -> first training step", note=f"failed: {failed}"))
     return rows
