@@ -129,7 +129,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from .train import run_dir_of, train
+    from .runfolder import run_dir_of
+    from .train import train
 
     run_dir = run_dir_of(cfg)
     if args.resume and not (run_dir / "last.ckpt").exists() and not (run_dir / "result.json").exists():

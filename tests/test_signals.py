@@ -1,0 +1,55 @@
+"""normablate.signals: the one stop flag and stop_on_signals of train() and the sweep (real signals, sent to
+this process; handlers are restored afterwards)."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from normablate.signals import STOP, StopRequest, stop_on_signals
+
+
+def test_a_signal_sets_the_flag_and_the_old_handlers_come_back():
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with stop_on_signals() as request:
+        assert signal.getsignal(signal.SIGTERM) is request
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert request.signum == signal.SIGTERM
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_second_ctrl_c_gives_up_waiting():
+    with stop_on_signals() as request:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert request.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_stop_requested_of_the_outer_flag_carries_into_an_inner_run():
+    """A sweep worker (STOP installed) signalled while it sets up a run: the run's own flag starts set."""
+    STOP.signum = None
+    try:
+        with stop_on_signals(STOP):
+            STOP.signum = signal.SIGTERM
+            with stop_on_signals() as run_request:
+                assert run_request is not STOP and run_request.signum == signal.SIGTERM
+            assert signal.getsignal(signal.SIGTERM) is STOP
+    finally:
+        STOP.signum = None
+
+
+def test_outside_the_main_thread_nothing_is_installed():
+    seen = {}
+
+    def body():
+        with stop_on_signals() as r:
+            seen["request"], seen["handler"] = r, signal.getsignal(signal.SIGTERM)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert isinstance(seen["request"], StopRequest) and seen["request"].signum is None
+    assert seen["handler"] is not seen["request"]
