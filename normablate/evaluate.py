@@ -33,10 +33,6 @@ SPLITS = ("val", "test")
 STATS = ("running", "batch", "precise")
 
 
-def default_select_metric(task: str) -> str:
-    return "val/acc" if task == "classification" else "val/loss"
-
-
 def better(metric: str, new: float, old: float | None) -> bool:
     """Is ``new`` an improvement on ``old`` for ``metric`` (accuracy: higher; loss, perplexity: lower)?"""
     if not math.isfinite(new):

@@ -212,7 +212,7 @@ def _width(out: TextIO) -> int:
 
 def plain_progress(label: str, metric: str, out: TextIO | None = None, every: float = 30.0):
     """``normablate train``'s progress when stdout is not a terminal: a plain line every ``every`` s or tenth of the
-    run (a terminal gets the refreshed bar, ``train.StepProgressBar``)."""
+    run (a terminal gets the refreshed bar, ``step_progress_bar``)."""
     board = Board(out=out, tty=False, plain_every=every)
     reporter = step_reporter(board.update, metric, label=label)
     start = reporter.on_train_start
@@ -224,3 +224,74 @@ def plain_progress(label: str, metric: str, out: TextIO | None = None, every: fl
 
     reporter.on_train_start = on_train_start
     return reporter
+
+
+def step_progress_bar(max_steps: int):
+    """``normablate train``'s progress on a terminal: a ``StepProgressBar`` (a Lightning callback) over ``max_steps``
+    optimizer steps."""
+    return _step_progress_bar_class()(max_steps)
+
+
+@functools.cache
+def _step_progress_bar_class() -> type:
+    """``StepProgressBar``, Lightning's ``TQDMProgressBar`` counting optimizer steps. Defined on first use: the sweep
+    command imports this module and must not import Lightning (tests/test_supervisor_imports.py)."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+    class StepProgressBar(TQDMProgressBar):
+        """Progress over optimizer steps (the training stream is infinite, so Lightning knows no total)."""
+
+        def __init__(self, max_steps: int) -> None:
+            super().__init__(refresh_rate=10)
+            self._max_steps = max_steps
+
+        @property
+        def total_train_batches(self):
+            return self._max_steps
+
+        def init_train_tqdm(self):
+            """The one bar of the run, created with its final description, total and start (a resumed run starts
+            at its step), so no 'Training 0/?' or 'Epoch 0' bar is printed first."""
+            trainer = self.trainer
+            step = trainer.global_step
+            if step > 0:
+                print(f"resuming from step {step} of {self._max_steps}", file=sys.stderr, flush=True)
+            return Tqdm(desc=f"train {trainer.lightning_module.run_label}", total=self._max_steps, initial=step,
+                        position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
+                        file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
+
+        def init_validation_tqdm(self):
+            """Disabled from the start (one bar per run; a disabled-after-creation bar still prints its first
+            line). While it runs, the training bar says so."""
+            return Tqdm(disable=True)
+
+        def init_test_tqdm(self):
+            """The end-of-run test evaluation (evaluate.py) prints no bar of its own."""
+            return Tqdm(disable=True)
+
+        def on_validation_start(self, trainer, pl_module) -> None:
+            super().on_validation_start(trainer, pl_module)
+            if self._train_progress_bar is not None:
+                self.train_progress_bar.set_description(f"validate {pl_module.run_label}")
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            super().on_validation_end(trainer, pl_module)
+            if self._train_progress_bar is not None:
+                self.train_progress_bar.set_description(f"train {pl_module.run_label}")
+
+        def get_metrics(self, trainer, pl_module):
+            metrics = super().get_metrics(trainer, pl_module)
+            metrics.pop("v_num", None)
+            return metrics
+
+        def on_train_epoch_start(self, trainer, *args) -> None:
+            pass  # Lightning's resets the bar to "Epoch 0", 0/?: ours is one endless epoch (init_train_tqdm)
+
+    return StepProgressBar
+
+
+def __getattr__(name: str) -> Any:  # progress.StepProgressBar: the class, defined on first use (PEP 562)
+    if name == "StepProgressBar":
+        return _step_progress_bar_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,147 +1,42 @@
 """``train(cfg) -> RunResult``: one configured run, end to end. The CLI, the tests and the sweeps all call it.
 
-The run directory ``<log_dir>/<experiment>/<run>/`` holds the TensorBoard events, ``config.yaml`` (resolved),
-``versions.json`` (libraries, git commit), ``last.ckpt`` and, once finished, ``result.json``.
+``train`` reads as its four stages: ``prepare`` (the config validated once, this machine's checks, the run folder,
+seeds and data), ``build`` (the model, built once, and its task), ``fit`` (Lightning, then the test split once) and
+``record`` (the RunResult, the loggers' final metrics, result.json). The run directory
+``<log_dir>/<experiment>/<run>/`` holds the TensorBoard events, ``config.yaml`` (resolved), ``versions.json``
+(libraries, git commit: provenance.py), ``last.ckpt`` and, once finished, ``result.json``.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import logging
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
-from . import __version__, footprint, runfolder
+from . import footprint, runfolder, speed, tasks
+from .build import build_model, build_task, quiet_lightning
 from .callbacks import RunInterrupted, RunMonitor
 from .config import RunConfig, check_hardware, epochs_to_steps, from_dict, to_dict, validated
 from .errors import ConfigError
-from .build import build_model, build_task, quiet_lightning as _quiet_lightning  # noqa: F401  (older imports)
-from .evaluate import BestWeights, default_select_metric, test_at_end
+from .evaluate import BestWeights, test_at_end
 from .norms import sync
 from .precise_bn import PreciseBN
 from .probes.callback import summarize as summarize_probes
+from .progress import plain_progress, step_progress_bar
+from .provenance import versions
 from .result import RunResult
+from .runfolder import RunIdentity
 from .signals import stop_on_signals
-from .runfolder import RunIdentity, check_checkpoint, check_writable, default_run_name, run_dir_of  # noqa: F401
-from .progress import plain_progress
 from .tblog import final_metrics, finish, log_final, log_hparams, make_loggers, tensorboard_of
 
 log = logging.getLogger(__name__)
-
-
-@functools.cache
-def git_state() -> tuple[str, bool | None]:
-    """(commit, dirty) of the checkout this process imported normablate from, asked of git once per process: the
-    code a process runs is the code it imported, so a sweep worker records the same state for every trial and
-    pays the two git calls once, not per trial."""
-    commit, dirty = "unknown", None
-    repo = Path(__file__).resolve().parents[1]
-    with contextlib.suppress(Exception):
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
-    return commit, dirty
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what ``platform`` knows), for the record of a run."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def versions() -> dict[str, str]:
-    """Library versions, git state and machine (CPU model, usable CPUs) of a run. The libraries a run may not
-    import itself (timm, datasets, optuna, torchmetrics) are read from their installed metadata: importing them
-    only to ask took ~4 s of every run's start."""
-    from importlib import metadata
-
-    def installed(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    commit, dirty = git_state()
-    return {
-        "normablate": __version__, "git_commit": commit, "git_dirty": str(dirty), "python": sys.version.split()[0],
-        "platform": platform.platform(), "torch": torch.__version__, "lightning": L.__version__,
-        "cpu": cpu_model(), "cpus": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                        else os.cpu_count()),
-        **{dist: installed(dist) for dist in ("torchmetrics", "timm", "datasets", "optuna")},
-    }
-
-
-class StepProgressBar(TQDMProgressBar):
-    """Progress over optimizer steps (the training stream is infinite, so Lightning knows no total)."""
-
-    def __init__(self, max_steps: int) -> None:
-        super().__init__(refresh_rate=10)
-        self._max_steps = max_steps
-
-    @property
-    def total_train_batches(self):
-        return self._max_steps
-
-    def init_train_tqdm(self):
-        """The one bar of the run, created with its final description, total and start (a resumed run starts at its
-        step), so no 'Training 0/?' or 'Epoch 0' bar is printed first."""
-        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-
-        trainer = self.trainer
-        step = trainer.global_step
-        if step > 0:
-            print(f"resuming from step {step} of {self._max_steps}", file=sys.stderr, flush=True)
-        return Tqdm(desc=f"train {trainer.lightning_module.run_label}", total=self._max_steps, initial=step,
-                    position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
-                    file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
-
-    def init_validation_tqdm(self):
-        """Disabled from the start (one bar per run; a disabled-after-creation bar still prints its first line).
-        While it runs, the training bar says so."""
-        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-
-        return Tqdm(disable=True)
-
-    def init_test_tqdm(self):
-        """The end-of-run test evaluation (evaluate.py) prints no bar of its own."""
-        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-
-        return Tqdm(disable=True)
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        super().on_validation_start(trainer, pl_module)
-        if self._train_progress_bar is not None:
-            self.train_progress_bar.set_description(f"validate {pl_module.run_label}")
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if self._train_progress_bar is not None:
-            self.train_progress_bar.set_description(f"train {pl_module.run_label}")
-
-    def get_metrics(self, trainer, pl_module):
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
-        return metrics
-
-    def on_train_epoch_start(self, trainer, *args) -> None:
-        pass  # Lightning's resets the bar to "Epoch 0", 0/?: ours is one endless epoch, set up in init_train_tqdm
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, object]:
@@ -158,8 +53,6 @@ def _flat(d: dict, prefix: str = "") -> dict[str, object]:
 def speed_options(model: torch.nn.Module, t) -> torch.nn.Module:
     """``trainer.channels_last`` and ``trainer.compile`` (resolved by ``speed.resolve``) applied to a built model;
     neither changes its math (normablate/speed.py)."""
-    from . import speed
-
     return speed.apply(model, t)
 
 
@@ -175,42 +68,69 @@ def _make_trainer(**kwargs) -> L.Trainer:
         raise ConfigError(f"Lightning refuses the trainer settings ({keys}): {str(e).splitlines()[0]}") from e
 
 
-def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = False) -> RunResult:
-    """Run one training run to completion (or divergence, or interruption) and return its record."""
+@dataclass
+class Prepared:
+    """What ``prepare`` hands on: the validated config, its run folder and data, and this process's part."""
+
+    cfg: RunConfig
+    folder: Any  # runfolder.Folder
+    datamodule: Any  # set up for "fit"
+    is_zero: bool  # global rank 0 (writes every file)
+    resuming: bool  # a checkpoint exists and is resumed
+    versions: dict = field(default_factory=dict)  # provenance (rank 0), with trainer.speed's choice
+
+
+@dataclass
+class Fitted:
+    """What ``fit`` hands on to ``record``."""
+
+    trainer: L.Trainer
+    loggers: list
+    monitor: RunMonitor
+    probe: Any  # ProbeCallback or None
+    best_weights: BestWeights
+    status: str  # completed | diverged | interrupted
+    wall_start: float  # perf_counter at the start of fit
+    test: dict = field(default_factory=dict)
+    test_at_best: dict = field(default_factory=dict)
+
+
+def prepare(cfg: RunConfig | dict, resume: bool) -> Prepared | RunResult:
+    """The config validated (once: a config validated before and unchanged is not validated again), the checks of
+    this machine (hardware, memory for the parameters), the run folder (a finished run's RunResult is returned as
+    is), provenance, seeds and the data, set up."""
     from .alloc import configure as configure_malloc
     from .data import build_datamodule
+
     configure_malloc()  # glibc thresholds: large tensors are reused, not faulted in again every step (alloc.py)
-    # a mapping is validated into a RunConfig; a RunConfig travels as is (a copy, re-checked: no dict round trip)
+    # a mapping is validated into a RunConfig; a RunConfig travels as is (a copy, re-checked only if changed since)
     cfg = from_dict(cfg) if isinstance(cfg, dict) else validated(cfg)
     check_hardware(cfg)  # a GPU asked for and absent: refused before any data is read
     footprint.check_fits(cfg)  # parameters x (weights, grads, optimizer state) fit this machine's memory
-    _quiet_lightning()
+    quiet_lightning()
     is_zero = rank_zero_only.rank == 0  # set by Lightning from the launcher's environment (RANK, LOCAL_RANK, ...)
     # every check on the run folder (already a run there? finished? the checkpoint's identity and threads) before
     # anything in it is written (runfolder.py); a resume may restore cfg.trainer.threads here
     folder = runfolder.prepare(cfg, resume, is_zero)
     if folder.finished is not None:
         return folder.finished
-    run_dir, ckpt, result_file = folder.run_dir, folder.ckpt, folder.result_file
     t = cfg.trainer
     world = t.devices * t.num_nodes  # ranks; data.batch_size is the global batch, each rank gets 1/world of it
     run_versions = versions() if is_zero else {}  # (rank 0's result is the one kept)
-    from . import speed
-
+    resuming = resume and folder.ckpt.exists()
     # trainer.speed: channels_last / compile resolved now (a resumed run keeps its own), recorded below
-    speed_choice = speed.resolve(cfg, run_dir, resuming=resume and ckpt.exists(), write=is_zero)
-    if is_zero:
-        run_versions["speed"] = speed_choice
+    speed_choice = speed.resolve(cfg, folder.run_dir, resuming=resuming, write=is_zero)
     if is_zero:  # only global rank 0 writes files: config.yaml, versions.json, a resume's resumes.jsonl line
+        run_versions["speed"] = speed_choice
         runfolder.start(folder, cfg, run_versions)
     if world > 1:
         log.info("data parallel: %d ranks x %d samples = global batch %d per step (data.batch_size is global)",
                  world, cfg.data.batch_size // world, cfg.data.batch_size)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-    if t.progress and rank_zero_only.rank == 0:  # decoding a dataset the first time takes a while: say so
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    if t.progress and is_zero:  # decoding a dataset the first time takes a while: say so
         print(f"loading data: {cfg.data.source} (decoded once, then cached)", file=sys.stderr, flush=True)
     datamodule = build_datamodule(cfg.data, cfg.task, cfg.seed)
     datamodule.prepare_data()
@@ -218,29 +138,45 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
     if t.max_epochs is not None:  # the budget in epochs becomes steps now that the training set's size is known;
         # recorded in the hparams and result.json (config.yaml keeps max_epochs alone: it reloads as it was asked)
         t.max_steps = epochs_to_steps(t.max_epochs, datamodule.num_train, cfg.data.batch_size)
-    footprint.check_fits(cfg, datamodule)  # and one batch's activations (meta-device forward), before the real build
-    model = speed_options(build_model(cfg, datamodule), cfg.trainer)
+    return Prepared(cfg, folder, datamodule, is_zero, resuming, run_versions)
+
+
+def build(run: Prepared, callbacks: list | None) -> tuple[torch.nn.Module, L.LightningModule, list]:
+    """The model (built once; its activations for one batch checked against this machine's memory on a meta-device
+    twin before any step), the speed options and data-parallel norms applied, its task around it, and the run's
+    extra callbacks (PreciseBN)."""
+    cfg, t = run.cfg, run.cfg.trainer
+    model = build_model(cfg, run.datamodule)
+    footprint.check_fits(cfg, run.datamodule, model)  # and one batch's activations (footprint.meta_twin)
+    model = speed_options(model, t)
     if t.sync_batchnorm:
         try:
             sync.enable(model)
         except ValueError as e:
             raise ConfigError(f"trainer.sync_batchnorm: {e}") from e
+    callbacks = list(callbacks or [])
     if t.precise_bn:
-        callbacks = [*(callbacks or []), PreciseBN(t.precise_bn)]
-    task = build_task(cfg, model, datamodule)
+        callbacks.append(PreciseBN(t.precise_bn))
+    task = build_task(cfg, model, run.datamodule)
     task.run_label = cfg.run
+    return model, task, callbacks
 
-    resuming = resume and ckpt.exists()
-    loggers = make_loggers(t.loggers, t.log_dir, cfg.experiment, cfg.run, resume=resuming)  # (tblog.py)
-    if not resuming and is_zero:  # rank 0 alone writes the loggers' files
+
+def fit(run: Prepared, model: torch.nn.Module, task: L.LightningModule, callbacks: list) -> Fitted:
+    """Lightning's fit (resumed from the checkpoint when there is one), stopped at a step boundary by a signal or
+    divergence; then the test split, once (evaluate.py), unless the run was interrupted."""
+    cfg, t, datamodule = run.cfg, run.cfg.trainer, run.datamodule
+    world = t.devices * t.num_nodes
+    loggers = make_loggers(t.loggers, t.log_dir, cfg.experiment, cfg.run, resume=run.resuming)  # (tblog.py)
+    if not run.resuming and run.is_zero:  # rank 0 alone writes the loggers' files
         hparams = {**_flat(to_dict(cfg)), "world_size": world, "batch_size_per_device": cfg.data.batch_size // world,
                    "speed_setting": speed.setting(t)}  # trainer.speed's choice (channels_last, compile: above)
         log_hparams(loggers, hparams)  # TensorBoard: an HPARAMS session of values only (tblog.py); others: their own
 
+    info = tasks.get(cfg.task)
     with stop_on_signals() as stop:
-        monitor = RunMonitor(run_dir, t.max_steps, t.val_every, float(datamodule.samples_per_step),
-                             t.divergence_factor,
-                             t.target_metric, t.target_value, stop)
+        monitor = RunMonitor(run.folder.run_dir, t.max_steps, t.val_every, float(datamodule.samples_per_step),
+                             t.divergence_factor, t.target_metric, t.target_value, stop)
         probe = None
         if cfg.probes.enabled:  # after the monitor, so its step timing (throughput) leaves the probes out
             from .probes import ProbeCallback
@@ -248,13 +184,13 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
             probe = ProbeCallback(model, cfg.probes)
         # best.pt: the best validation's weights (selection's pick), tested at the end; before the monitor, whose
         # last.ckpt must record this validation's best
-        best_weights = BestWeights(run_dir, t.select_metric or default_select_metric(cfg.task))
-        cbs = [best_weights, monitor, RunIdentity(cfg), *([probe] if probe else []), *(callbacks or [])]
+        best_weights = BestWeights(run.folder.run_dir, t.select_metric or info.select)
+        cbs = [best_weights, monitor, RunIdentity(cfg), *([probe] if probe else []), *callbacks]
         tty = sys.stdout.isatty()  # trainer.progress: a refreshed bar on a terminal, else a plain line every 30 s
         if t.progress and tty:  # or tenth of the run (progress.py), never carriage-return frames in a log
-            cbs.append(StepProgressBar(t.max_steps))
-        elif t.progress and is_zero:
-            cbs.append(plain_progress(cfg.run, "val/acc" if cfg.task == "classification" else "val/ppl"))
+            cbs.append(step_progress_bar(t.max_steps))
+        elif t.progress and run.is_zero:
+            cbs.append(plain_progress(cfg.run, info.primary))
         trainer = _make_trainer(
             max_steps=t.max_steps, val_check_interval=t.val_every, check_val_every_n_epoch=None,
             limit_val_batches=t.val_batches if t.val_batches is not None else 1.0, num_sanity_val_steps=0,
@@ -264,47 +200,60 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
             use_distributed_sampler=False,  # the data module gives each rank its slice (data/common.py)
             precision=t.precision, log_every_n_steps=t.log_every, gradient_clip_val=cfg.optim.grad_clip,
         )
-        status = "completed"
-        t0 = time.perf_counter()
+        out = Fitted(trainer, loggers, monitor, probe, best_weights, "completed", time.perf_counter())
         try:
-            trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt) if resuming else None,
+            trainer.fit(task, datamodule=datamodule, ckpt_path=str(run.folder.ckpt) if run.resuming else None,
                         weights_only=True)  # no code in a checkpoint runs (runfolder.read_identity checked it)
         except RunInterrupted as e:
             log.warning(str(e))
-            status = "interrupted"
+            out.status = "interrupted"
             monitor.elapsed = monitor.now_elapsed()
             monitor.fold_cpu()
         if monitor.diverged_step is not None:
-            status = "diverged"
-        test, test_at_best = {}, {}
+            out.status = "diverged"
         # the test split, once, never used to choose anything (evaluate.py); a diverged run is tested as it stopped
         # (what training at that setting produced: e.g. chance accuracy), an interrupted one not yet
-        if status in ("completed", "diverged"):
-            test, test_at_best = test_at_end(trainer, task, datamodule, best_weights, int(trainer.global_step))
+        if out.status in ("completed", "diverged"):
+            out.test, out.test_at_best = test_at_end(trainer, task, datamodule, best_weights, int(trainer.global_step))
+    return out
 
+
+def record(run: Prepared, done: Fitted) -> RunResult:
+    """The run's RunResult (final and best validation metrics, test, timing, provenance), its final metrics in the
+    loggers and, on rank 0, result.json (not for an interrupted run: it resumes)."""
+    cfg, monitor, probe, trainer = run.cfg, done.monitor, done.probe, done.trainer
+    info = tasks.get(cfg.task)
     hist = {**monitor.history, **(probe.history if probe else {})}  # probe series: "probe/..." keys
     final = {k: v[-1][1] for k, v in hist.items() if k.startswith("val/")}
-    best = {}  # best over validations: max accuracy, min loss / perplexity
+    best = {}  # best over validations: max accuracy, min loss / perplexity (the task's directions)
     for k, v in hist.items():
         vals = [x[1] for x in v if math.isfinite(x[1])]
         if k.startswith("val/") and vals and "gap" not in k:
-            best[k] = max(vals) if "acc" in k else min(vals)
+            best[k] = max(vals) if info.direction(k, default="minimize") == "maximize" else min(vals)
     result = RunResult(
-        run_dir=str(run_dir), status=status, steps=int(trainer.global_step), final=final, best=best,
+        run_dir=str(run.folder.run_dir), status=done.status, steps=int(trainer.global_step), final=final, best=best,
         diverged_step=monitor.diverged_step, steps_to_target=monitor.steps_to_target,
         time_to_target=monitor.time_to_target,
         train_loss_auc=monitor.loss_sum / monitor.loss_count if monitor.loss_count else None,
-        wall_time=monitor.elapsed if monitor.elapsed else time.perf_counter() - t0,
-        cpu_time=None if monitor.cpu_partial else monitor.cpu_time, versions=run_versions,
+        wall_time=monitor.elapsed if monitor.elapsed else time.perf_counter() - done.wall_start,
+        cpu_time=None if monitor.cpu_partial else monitor.cpu_time, versions=run.versions,
         throughput=monitor.samples / monitor.train_time if monitor.train_time else 0.0,
         history=hist, config=to_dict(cfg), probes=summarize_probes(hist) if probe else {},
-        test=test, test_at_best=test_at_best, best_step=best_weights.best_step,
+        test=done.test, test_at_best=done.test_at_best, best_step=done.best_weights.best_step,
     )
-    if status != "interrupted":
-        tb = tensorboard_of(loggers)  # final metrics at the step of the last val/* (tblog.py: names, order)
-        if is_zero:
-            log_final(loggers, final_metrics(result, cfg.task), tb.hp_step(result.steps) if tb else result.steps)
-        if is_zero:
-            result.save(result_file)
-    finish(loggers, "success" if status != "interrupted" else "interrupted")  # (tblog.py)
+    if done.status != "interrupted":
+        tb = tensorboard_of(done.loggers)  # final metrics at the step of the last val/* (tblog.py: names, order)
+        if run.is_zero:
+            log_final(done.loggers, final_metrics(result, cfg.task), tb.hp_step(result.steps) if tb else result.steps)
+            result.save(run.folder.result_file)
+    finish(done.loggers, "success" if done.status != "interrupted" else "interrupted")  # (tblog.py)
     return result
+
+
+def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = False) -> RunResult:
+    """Run one training run to completion (or divergence, or interruption) and return its record."""
+    run = prepare(cfg, resume)
+    if isinstance(run, RunResult):  # already finished: its record, as saved
+        return run
+    model, task, callbacks = build(run, callbacks)
+    return record(run, fit(run, model, task, callbacks))

@@ -62,7 +62,7 @@ def machine() -> dict[str, str]:
     import timm
     import torch
 
-    from ..train import cpu_model
+    from ..provenance import cpu_model
 
     return {"cpu": cpu_model(), "cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,

@@ -1,0 +1,218 @@
+"""Registries as the single source of facts (issue 27, steps 1 and 4): ``models.info`` and ``tasks.get`` carry what
+the framework needs about a backbone and a task; plug-in backbones train end to end through ``normablate.train``;
+a run validates its config once and builds its model once."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+import normablate.models as models
+import normablate.norms as norms
+from normablate import config, footprint, tasks
+from normablate.config import load_config
+from normablate.errors import ConfigError
+from normablate.train import train
+
+TINY = ["trainer.max_steps=3", "trainer.val_every=3", "trainer.val_batches=1", "trainer.progress=false",
+        "trainer.loggers=[]", "data.batch_size=8", "data.val_batch_size=16", "data.train_limit=64",
+        "data.val_limit=16", "data.test_limit=16", "optim.name=adamw", "optim.lr=1e-3"]
+
+
+@pytest.fixture
+def plugins():
+    """Register the test's plug-in backbones; each records the options its builder received."""
+    seen: dict[str, dict] = {}
+
+    class TinyLM(nn.Module):  # (B, T) token ids -> (B, T, V) logits; its norm sees the padding mask
+        def __init__(self, norm_layer, vocab_size, block_size, width):
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(vocab_size, width), nn.Embedding(block_size, width)
+            self.norm, self.head = norm_layer(width), nn.Linear(width, vocab_size)
+
+        def forward(self, idx, mask=None):
+            x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))  # (B, T, C)
+            return self.head(self.norm(x, mask=mask))
+
+    @models.register("h1_tiny_lm", layout="tokens", task="lm")
+    def tiny_lm(norm_layer, vocab_size: int = 300, block_size: int = 512, width: int = 16):
+        seen["h1_tiny_lm"] = {"vocab_size": vocab_size, "block_size": block_size}
+        return TinyLM(norm_layer, vocab_size, block_size, width)
+
+    @models.register("h1_fixed_mlp", layout="image", task="classification",
+                     inputs={"side": "image_size", "classes": "num_classes"})
+    def fixed_mlp(norm_layer, side: int = 7, classes: int = 3, in_chans: int = 1):
+        """Takes exactly side x side images: the input size must come from the data, not the defaults."""
+        seen["h1_fixed_mlp"] = {"side": side, "classes": classes, "in_chans": in_chans}
+        return nn.Sequential(nn.Conv2d(in_chans, 4, 1), norm_layer(4), nn.Flatten(), nn.Linear(4 * side * side, classes))
+
+    yield seen
+    for name in ("h1_tiny_lm", "h1_fixed_mlp"):
+        models.REGISTRY.unregister(name)
+
+
+# ------------------------------------------------------------------------------------------ plug-ins train
+@pytest.mark.parametrize("task", [[], ["task=lm"]])
+def test_a_plugin_lm_backbone_trains_with_task_lm(tmp_path, plugins, task):
+    cfg = load_config(None, [*TINY, "model.backbone=h1_tiny_lm", "model.norm=masked_bn", "data.mode=samples",
+                             "data.block_size=24", f"trainer.log_dir={tmp_path}", *task])
+    assert cfg.task == "lm"  # the backbone's own task when the config names none
+    result = train(cfg)
+    assert result.status == "completed" and result.steps == 3
+    assert set(result.final) >= {"val/ppl", "val/loss"} and set(result.test) >= {"test/ppl", "test/loss"}
+    # the data's facts filled the options the config left unset: byte vocabulary, the data's context
+    assert plugins["h1_tiny_lm"] == {"vocab_size": 256, "block_size": 24}
+
+
+def test_a_plugin_image_backbone_gets_its_input_size_from_the_data(tmp_path, plugins):
+    result = train(load_config(None, [*TINY, "model.backbone=h1_fixed_mlp", "model.norm=bn",
+                                      f"trainer.log_dir={tmp_path}"]))
+    assert result.status == "completed" and "val/acc" in result.final and "test/acc" in result.test
+    assert plugins["h1_fixed_mlp"] == {"side": 32, "classes": 10, "in_chans": 3}  # synthetic: 3 x 32 x 32, 10 classes
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.classes=4", r"model.classes=4 is smaller than the number of classes of data.source \(10\)"),
+    ("model.side=28", r"model.side=28 does not match the data's image_size \(32\)"),
+])
+def test_a_plugin_option_against_the_data_is_refused_before_any_step(tmp_path, plugins, override, message):
+    cfg = load_config(None, [*TINY, "model.backbone=h1_fixed_mlp", f"trainer.log_dir={tmp_path}", override])
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+    assert not list(tmp_path.rglob("last.ckpt"))
+
+
+def test_lm_capacities_known_from_the_config_are_refused_at_load():
+    with pytest.raises(ConfigError, match=r"model.block_size=16 is smaller than data.block_size \(32\)"):
+        load_config(None, ["model.backbone=transformer_lm", "model.block_size=16", "data.block_size=32"])
+    with pytest.raises(ConfigError, match=r"model.vocab_size=100 is smaller than the byte vocabulary \(256\)"):
+        load_config(None, ["model.backbone=transformer_lm", "model.vocab_size=100"])
+
+
+def test_a_task_that_does_not_fit_the_backbone_is_refused(plugins):
+    with pytest.raises(ConfigError, match=r"task='classification' does not fit backbone 'h1_tiny_lm'; use task='lm'"):
+        load_config(None, ["model.backbone=h1_tiny_lm", "task=classification"])
+    with pytest.raises(ConfigError, match=r"config key task='seg' is not allowed; valid: classification, lm"):
+        load_config(None, ["task=seg"])
+
+
+# ------------------------------------------------------------------------------------------ the facts
+def test_builtin_backbones_carry_their_facts():
+    expect = {"resnet20": ("image", "classification"), "resnet56": ("image", "classification"),
+              "resnet18": ("image", "classification"), "vgg11": ("image", "classification"),
+              "vgg16": ("image", "classification"), "vit": ("tokens", "classification"),
+              "transformer_lm": ("tokens", "lm")}
+    for name, (layout, task) in expect.items():
+        info = models.info(name)
+        assert (info.name, info.layout, info.task) == (name, layout, task)
+        assert info.options == models.options(name) and "norm_layer" not in info.options
+        with pytest.raises(Exception):
+            info.layout = "tokens"  # frozen
+    assert models.info("vit").input_options(tasks.get("classification").facts) == {
+        "num_classes": "num_classes", "in_chans": "in_chans", "img_size": "image_size"}
+    assert models.info("transformer_lm").input_options(tasks.get("lm").facts) == {
+        "vocab_size": "vocab_size", "block_size": "block_size"}
+    with pytest.raises(ConfigError, match=r"unknown backbone 'resnet21'.*did you mean 'resnet20'"):
+        models.info("resnet21")
+
+
+def test_registering_inputs_that_are_no_builder_options_is_refused():
+    with pytest.raises(ConfigError, match=r"inputs name \['size'\], which are not options of its builder"):
+        models.register("h1_bad", layout="image", inputs={"size": "image_size"})(lambda norm_layer, side=1: None)
+    assert "h1_bad" not in models.available()
+
+
+def test_tasks_carry_their_facts():
+    c, lm = tasks.get("classification"), tasks.get("lm")
+    assert (c.primary, c.metrics, c.test_metrics, c.unit, c.select) == (
+        "val/acc", ("val/acc", "val/loss"), ("test/acc", "test/loss"), "images", "val/acc")
+    assert (lm.primary, lm.metrics, lm.test_metrics, lm.unit, lm.select) == (
+        "val/ppl", ("val/ppl", "val/loss"), ("test/ppl", "test/loss"), "real tokens", "val/loss")
+    assert [c.direction(m) for m in ("val/acc", "test/acc", "val/acc_batchstats", "val/loss")] == \
+        ["maximize", "maximize", "maximize", "minimize"]
+    assert [lm.direction(m) for m in ("val/ppl", "test/loss")] == ["minimize", "minimize"]
+    with pytest.raises(ConfigError, match=r"metric 'val/acc' is not one of task 'lm''s; valid: val/ppl, val/loss"):
+        lm.direction("val/acc")
+    assert c.module.__name__ == "ClassificationTask" and lm.datamodule.__name__ == "TextDataModule"
+    with pytest.raises(ConfigError, match=r"unknown task 'segmentation'; valid: classification, lm"):
+        tasks.get("segmentation")
+
+
+def test_the_task_registry_imports_neither_torch_nor_lightning():
+    probe = ("import sys, normablate.tasks as t; t.get('lm').direction('val/ppl'); "
+             "print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------ validated and built once
+def test_a_run_validates_its_config_once_and_builds_its_model_once(tmp_path, monkeypatch):
+    calls: Counter = Counter()
+    devices: list[str] = []  # where each built model's parameters live
+
+    def spy(owner, name, record=None):
+        fn = getattr(owner, name)
+
+        def wrapped(*a, **k):
+            calls[name] += 1
+            out = fn(*a, **k)
+            if record is not None:
+                record(out)
+            return out
+
+        monkeypatch.setattr(owner, name, wrapped)
+
+    spy(models, "create", lambda net: devices.append(next(net.parameters()).device.type))
+    spy(norms, "resolve")
+    spy(config, "validate")
+    cfg = load_config(None, [*TINY, "model.width=4", f"trainer.log_dir={tmp_path}"])
+    assert calls == Counter({"validate": 1, "create": 1, "resolve": 1}) and devices == ["meta"]
+    calls.clear()
+    devices.clear()
+    result = train(cfg)
+    assert result.status == "completed"
+    # no second validation of an unchanged config; one build, the real one (footprint's checks reuse it)
+    assert calls == Counter({"create": 1, "resolve": 1}) and devices == ["cpu"]
+
+
+def test_a_config_changed_after_validation_is_validated_again(tmp_path):
+    cfg = load_config(None, [*TINY, f"trainer.log_dir={tmp_path}"])
+    assert config.is_validated(cfg)
+    cfg.optim.lr = -1.0
+    assert not config.is_validated(cfg) and config.validated_params(cfg) is not None  # the model is unchanged
+    with pytest.raises(ConfigError, match=r"optim.lr=-1.0 must be > 0"):
+        train(cfg)
+    cfg.optim.lr = 1e-3
+    cfg.model.options["width"] = 4
+    assert config.validated_params(cfg) is None
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.width=4"],
+    ["model.backbone=vit", "model.depth=1", "model.embed_dim=48", "model.num_heads=2"],
+    ["model.backbone=transformer_lm", "model.n_layer=1", "model.n_embd=32", "data.block_size=32", "data.mode=samples"],
+])
+def test_the_estimate_from_the_built_model_equals_the_meta_build(overrides):
+    """footprint.estimate on train's model (its meta twin) gives the numbers of a model built on the meta device, and
+    leaves the real model's tensors real."""
+    from normablate.build import build_model
+    from normablate.data import build_datamodule
+
+    cfg = load_config(None, [*TINY, *overrides])
+    dm = build_datamodule(cfg.data, cfg.task, cfg.seed)
+    dm.prepare_data()
+    dm.setup("fit")
+    model = build_model(cfg, dm)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert footprint.estimate(cfg, dm, model) == footprint.estimate(cfg, dm)
+    assert footprint.estimate(cfg, dm, model).activation_bytes > 0
+    assert footprint.estimate(cfg).params == sum(p.numel() for p in models.create(
+        cfg.model.backbone, norm=cfg.model.norm, **cfg.model.options).parameters())  # the count validate recorded
+    after = model.state_dict()
+    assert all(after[k].device.type == "cpu" and torch.equal(after[k], v) for k, v in before.items())
+
