@@ -14,10 +14,6 @@ import sys
 from . import __version__
 from .errors import NormablateError
 
-# ``normablate bench --only`` choices: bench.SECTIONS, repeated here so that ``--help`` does not import torch
-# (tests/test_bench.py checks that the two are equal)
-BENCH_SECTIONS = ("norms", "allocator", "inference", "vit_inference", "framework", "models", "startup", "data",
-                  "sweep")
 # run-config sections: config.SECTIONS, repeated here for the same reason (tests/test_cli_habits.py checks them)
 CONFIG_SECTIONS = ("model", "data", "optim", "trainer", "probes")
 # LightningCLI's other subcommands, and what a normablate user runs instead (``fit`` is an alias of ``train``)
@@ -220,8 +216,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="add the sweep section: the quick sweep with --workers 1 vs 2 (several minutes)")
     p.add_argument("--cifar10", metavar="SOURCE", help="CIFAR-10 for the data section: a local copy (default: "
                                                        "$NORMABLATE_BENCH_CIFAR10, else the hub)")
-    p.add_argument("--only", nargs="+", metavar="SECTION", choices=BENCH_SECTIONS,
-                   help="run only these sections: " + " ".join(BENCH_SECTIONS))
+    from .bench.sections import names as bench_sections  # torch-free: the section modules, found unimported
+
+    p.add_argument("--only", nargs="+", metavar="SECTION", choices=bench_sections(),
+                   help="run only these sections: " + " ".join(bench_sections()))
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("evaluate", help="evaluate a run folder's checkpoint on the validation or test split")

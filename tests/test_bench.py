@@ -12,6 +12,9 @@ import torch
 
 import normablate as nb
 from normablate import alloc, bench
+from normablate.bench.sections import data as data_section
+from normablate.bench.sections import models as models_section
+from normablate.bench.sections import sweep as sweep_section
 from normablate.fold import fold_batchnorm
 
 
@@ -49,7 +52,7 @@ def test_bench_models_flops_peak_and_auto_vs_eager():
     same run, and auto vs eager (timed where auto differs: the CNN study; the Transformers' auto is eager)."""
     s = bench.Settings.make(tiny=True)
     s.model_studies = ("santurkar_vgg", "lm_norms")
-    rows = bench.bench_models(s)
+    rows = models_section.run(s)
     by = {}
     for r in rows:
         by.setdefault(r.variant, []).append(r)
@@ -72,7 +75,7 @@ def test_step_flops_adds_cpu_flash_attention_by_hand():
     def step():
         torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
-    total, by_hand = bench.step_flops(step)
+    total, by_hand = models_section.step_flops(step)
     assert by_hand == 12 * B * h * T * T * d and total == by_hand
 
 
@@ -150,7 +153,7 @@ def test_bench_data_section_splits_step_time(tmp_path):
     _, csv_path = bench.run_bench(tmp_path, tiny=True, sections=["data"], command="pytest data")
     rows = [r for r in csv.DictReader(csv_path.open()) if r["section"] == "data"]
     assert {r["variant"] for r in rows} == {"hand loop", "train()"}
-    assert {r["name"].split(" ")[0] for r in rows} == set(bench.CIFAR_CONFIGS)
+    assert {r["name"].split(" ")[0] for r in rows} == set(data_section.CIFAR_CONFIGS)
     for r in rows:
         assert float(r["ours_value"]) > 0 and float(r["reference_value"]) > 0
         share = float(r["note"].split("% of step time")[0].split()[-1])
@@ -208,7 +211,7 @@ def test_trial_times_decomposition():
              "steps": 5, "steps_time": 5.0, "val_time": 1.0, "between_time": 0.5},
             {"pid": 2, "process_start": 1.0, "call": 9.0, "end": 19.0, "first_step": 11.0, "last_step_end": 18.0,
              "steps": 5, "steps_time": 5.0, "val_time": 1.0, "between_time": 1.0}]
-    parts = bench._trial_rows(recs)
+    parts = sweep_section._trial_rows(recs)
     assert parts["wall"] == [10.0, 7.5, 10.0] and parts["overhead"] == [5.0, 2.5, 5.0]
     assert parts["first_setup"] == [2.0, 2.0] and parts["later_setup"] == [0.5]
     assert parts["worker_start"] == [10.0, 8.0] and parts["after"] == [1.0, 0.5, 1.0]
@@ -245,16 +248,16 @@ def test_timed_train_records_consistent_parts(tmp_path, monkeypatch):
     import json
 
     times = tmp_path / "t.jsonl"
-    monkeypatch.setenv(bench.TRIAL_TIMES_ENV, str(times))
+    monkeypatch.setenv(sweep_section.TRIAL_TIMES_ENV, str(times))
     cfg = {"model": {"backbone": "resnet20", "norm": "bn", "width": 4},
            "data": {"source": "synthetic", "batch_size": 8, "train_limit": 64, "val_limit": 16, "val_batch_size": 16},
            "trainer": {"max_steps": 4, "val_every": 2, "progress": False, "log_dir": str(tmp_path)},
            "experiment": "t", "run": "r"}
-    result = bench.timed_train(cfg)
+    result = sweep_section.timed_train(cfg)
     assert result.steps == 4
     (rec,) = [json.loads(line) for line in times.read_text().splitlines()]
     assert rec["steps"] == 4 and rec["val_time"] > 0 and rec["between_time"] >= 0 and rec["steps_time"] > 0
-    parts = bench._trial_rows([rec])
+    parts = sweep_section._trial_rows([rec])
     assert parts["setup"][0] > 0 and parts["after"][0] >= -1e-3
     assert rec["steps_time"] + rec["val_time"] + rec["between_time"] <= rec["end"] - rec["call"]
 
@@ -271,8 +274,12 @@ def test_channel_stats_exact_from_uint8():
     torch.testing.assert_close(std, xf.transpose(0, 1).reshape(3, -1).std(1, unbiased=False).float())
 
 
-def test_cli_bench_sections_are_the_bench_sections():
-    """The CLI repeats bench.SECTIONS (its --help must not import torch): the two lists must not drift apart."""
-    from normablate.cli import BENCH_SECTIONS
+def test_cli_bench_only_choices_are_the_registered_sections():
+    """``bench --only`` offers the section modules (found without importing them: ``--help`` imports no torch)."""
+    from normablate.cli import build_parser
 
-    assert BENCH_SECTIONS == bench.SECTIONS
+    parser = build_parser("bench")
+    sub = next(a for a in parser._actions if a.dest == "command").choices["bench"]
+    only = next(a for a in sub._actions if a.dest == "only")
+    assert tuple(only.choices) == bench.SECTIONS
+    assert bench.SECTIONS[:2] == ("norms", "allocator") and bench.SECTIONS[-1] == "sweep"  # the report's order

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .settings import Settings
@@ -55,17 +54,18 @@ BACKBONE_CONFIGS = {
                        "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95],
                                  "grad_clip": 1.0}},
 }
+# tiny sizes (quick and test runs), per backbone: model options, and data options beyond the batch size
 TINY_MODEL = {"resnet20": {"width": 4}, "vgg11": {"width": 0.125}, "vit": {"embed_dim": 32, "depth": 1, "num_heads": 2},
               "transformer_lm": {"n_layer": 1, "n_embd": 32, "n_head": 2}}
+TINY_STUDY_MODEL = {**TINY_MODEL, "vit": {"embed_dim": 16, "depth": 1, "num_heads": 2}}  # study_variants
+TINY_DATA = {"transformer_lm": {"block_size": 32}}
 
 
 def framework_config(backbone: str, s: Settings, log_dir: str, tiny: bool = False) -> dict:
     cfg = {k: dict(v) for k, v in BACKBONE_CONFIGS[backbone].items()}
     if tiny:
         cfg["model"].update(TINY_MODEL[backbone])
-        cfg["data"]["batch_size"] = 8
-        if backbone == "transformer_lm":
-            cfg["data"]["block_size"] = 32
+        cfg["data"].update({"batch_size": 8, **TINY_DATA.get(backbone, {})})
     cfg["optim"].update({"schedule": "cosine", "warmup_steps": 2})
     cfg["trainer"] = {"max_steps": s.steps, "val_every": 10 * s.steps, "val_batches": 1, "progress": False,
                       "batchstat_gap": "off", "log_dir": log_dir, "log_every": 10,
@@ -93,21 +93,24 @@ def hand_setup(cfg: dict):
     return c, dm, model, build_optimizer(c.optim, model)
 
 
-def hand_step(c, model: nn.Module, opt: torch.optim.Optimizer, batch) -> torch.Tensor:
-    """One training step as ``train()`` takes it: forward, loss, backward, clipping, optimizer step."""
+def task_loss(c, model: nn.Module, dm) -> Callable[[object], torch.Tensor]:
+    """``loss(batch)`` of the run's task (``build.build_task``: the LightningModule ``train()`` fits) around
+    ``model``: the hand loop computes its loss exactly as ``train()`` does, for any registered task."""
+    from ..build import build_task
+
+    return build_task(c, model, dm).loss
+
+
+def hand_step(c, model: nn.Module, opt: torch.optim.Optimizer, batch, loss: Callable) -> torch.Tensor:
+    """One training step as ``train()`` takes it: forward and ``loss`` (``task_loss``), backward, clipping,
+    optimizer step."""
     opt.zero_grad(set_to_none=True)
-    if c.task == "classification":
-        x, y = batch
-        loss = F.cross_entropy(model(x), y)
-    else:
-        idx, targets, mask = batch
-        logits = model(idx, mask=mask)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-    loss.backward()
+    value = loss(batch)
+    value.backward()
     if c.optim.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), c.optim.grad_clip)
     opt.step()
-    return loss
+    return value
 
 
 def study_variants(study: str, log_dir: str, tiny: bool = False) -> list[tuple[str, dict]]:
@@ -129,13 +132,9 @@ def study_variants(study: str, log_dir: str, tiny: bool = False) -> list[tuple[s
         cfg = spec.trial_dict(point, run=f"bench-{len(out)}")
         cfg["trainer"].update({"log_dir": log_dir, "progress": False})
         if tiny:
-            model, backbone = cfg["model"], cfg["model"]["backbone"]
-            model.update(TINY_MODEL.get(backbone, {}))
-            if backbone == "vit":
-                model["embed_dim"], model["num_heads"] = 16, 2
-            cfg["data"].update({"batch_size": 4, "train_limit": 64})
-            if backbone == "transformer_lm":
-                cfg["data"]["block_size"] = 32
+            backbone = cfg["model"]["backbone"]
+            cfg["model"].update(TINY_STUDY_MODEL.get(backbone, {}))
+            cfg["data"].update({"batch_size": 4, "train_limit": 64, **TINY_DATA.get(backbone, {})})
         label = config_label([value_label(point.values[a.key]) for a in varying],
                              [a.key.split(".")[-1] for a in varying])
         out.append((label, cfg))

@@ -8,7 +8,7 @@ import time
 
 import torch.nn.functional as F
 
-from ..harness import hand_setup, repo_file
+from ..harness import TINY_MODEL, hand_setup, repo_file
 from ..settings import Settings
 from ..timing import Row, paired_ratio
 from . import register
@@ -38,7 +38,7 @@ def data_config(name: str, s: Settings, source: str, log_dir: str) -> dict:
     cfg["experiment"] = "bench"
     if s.tiny_models:
         cfg["data"].update({"batch_size": 8, "train_limit": 64, "val_limit": 16, "val_batch_size": 16})
-        cfg["model"]["width"] = 0.125 if cfg["model"]["backbone"] == "vgg11" else 4
+        cfg["model"].update(TINY_MODEL[cfg["model"]["backbone"]])
     return cfg
 
 

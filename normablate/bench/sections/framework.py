@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from ..harness import framework_config, hand_setup, hand_step
+from ..harness import framework_config, hand_setup, hand_step, task_loss
 from ..settings import Settings
 from ..timing import Row
 from . import register
@@ -53,6 +53,7 @@ def run_hand_loop(cfg: dict) -> tuple[list[float], list[float]]:
     from ...tasks.optim import build_scheduler
 
     c, dm, model, opt = hand_setup(cfg)
+    loss_fn = task_loss(c, model, dm)
     sched = build_scheduler(c.optim, opt, c.trainer.max_steps)
     times, losses = [], []
     previous = torch.are_deterministic_algorithms_enabled()
@@ -60,7 +61,7 @@ def run_hand_loop(cfg: dict) -> tuple[list[float], list[float]]:
     for step in range(c.trainer.max_steps):
         batch = dm.train_batch(step)
         t0 = time.perf_counter()
-        loss = hand_step(c, model, opt, batch)
+        loss = hand_step(c, model, opt, batch, loss_fn)
         sched.step()
         losses.append(loss.item())
         times.append(time.perf_counter() - t0)

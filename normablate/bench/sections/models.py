@@ -15,8 +15,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ..harness import hand_config, hand_setup, hand_step, study_variants
+from ... import models
+from ..harness import hand_config, hand_setup, hand_step, study_variants, task_loss
 from ..settings import Settings
 from ..timing import Row, interleaved, paired_ratio
 from . import register
@@ -114,18 +116,22 @@ def step_profile(step: Callable[[], object], steps: int = 3) -> tuple[dict[str, 
     return shares, optimizer / total
 
 
-def _widest_gemm(c) -> tuple[int, int, int]:
-    """A model's typical GEMM (the QKV or first conv-as-GEMM is not modelled: the FFN's first linear for the
-    Transformers at the study sizes, (tokens, C) @ (C, hidden)); None for CNNs."""
-    m, d = c.model.options, c.data
-    if c.model.backbone == "transformer_lm":
-        c_ = m.get("n_embd", 128)
-        return d.batch_size * d.block_size, c_, 4 * c_
-    if c.model.backbone == "vit":
-        c_ = m.get("embed_dim", 192)
-        tokens = d.batch_size * ((m.get("img_size", 32) // m.get("patch_size", 4)) ** 2 + 1)
-        return tokens, c_, int(c_ * m.get("mlp_ratio", 2.0))
-    return None
+def ffn_gemm(model: nn.Module, step: Callable[[], object]) -> tuple[int, int, int] | None:
+    """The shape (tokens, C) @ (C, hidden) of a Transformer's first FFN GEMM, read off the model: the first Linear
+    inside its first module named ``mlp`` (the LM's blocks and timm's ViT blocks), its input recorded by a forward
+    hook during one call of ``step``; None for a model without one (the CNNs). The QKV projection and the other
+    GEMMs are not modelled."""
+    mlp = next((m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "mlp"), None)
+    linear = next((m for m in mlp.modules() if isinstance(m, nn.Linear)), None) if mlp is not None else None
+    if linear is None:
+        return None
+    shapes: list[torch.Size] = []
+    handle = linear.register_forward_hook(lambda mod, args, out: shapes.append(args[0].shape))
+    try:
+        step()
+    finally:
+        handle.remove()
+    return math.prod(shapes[0][:-1]), linear.in_features, linear.out_features
 
 
 @register("models", text=TEXT, sizes=sizes)
@@ -147,10 +153,12 @@ def run(s: Settings) -> list[Row]:
                 c, dm, model, opt = hand_setup(cfg)
                 batch = dm.train_batch(0)
                 units = batch[2].sum().item() if c.task == "lm" else len(batch[0])
-                fns[label] = (lambda c=c, m=model, o=opt, b=batch: hand_step(c, m, o, b))
+                loss = task_loss(c, model, dm)
+                fns[label] = (lambda c=c, m=model, o=opt, b=batch, f=loss: hand_step(c, m, o, b, f))
                 flops, by_hand = step_flops(fns[label])
+                gemm = ffn_gemm(model, fns[label]) if label == variants[0][0] else None  # the reference's only
                 info[label] = (c.model.backbone, units, sum(p.numel() for p in model.parameters()), flops, by_hand,
-                               _widest_gemm(c))
+                               gemm)
                 chosen, why = speed.rule(c)
                 if any(chosen.values()):  # auto differs from eager: the same model (same seed) with auto's setting
                     from ...tasks.optim import build_optimizer
@@ -158,7 +166,8 @@ def run(s: Settings) -> list[Row]:
                     c2, dm2, model2, _ = hand_setup(cfg)
                     model2 = speed.apply(model2, types.SimpleNamespace(**chosen))
                     opt2 = build_optimizer(c2.optim, model2)
-                    fns[f"{label} [auto]"] = (lambda c=c2, m=model2, o=opt2, b=batch: hand_step(c, m, o, b))
+                    loss2 = task_loss(c2, model2, dm2)
+                    fns[f"{label} [auto]"] = (lambda c=c2, m=model2, o=opt2, b=batch, f=loss2: hand_step(c, m, o, b, f))
                     autos[label] = (f"{label} [auto]", speed.setting(types.SimpleNamespace(**chosen)), why)
             t = interleaved(fns, s.model_repeats, warmup=2)  # the matmul peak timed in turn with the steps
             peak_t = t.pop("matmul peak")
@@ -174,7 +183,7 @@ def run(s: Settings) -> list[Row]:
                 backbone, units, n_params, flops, by_hand, gemm = info[label]
                 unit = "real tokens" if backbone == "transformer_lm" else "images"
                 med = statistics.median(times)
-                rows.append(Row("models", f"{study}: {label}", "tokens" if backbone != "vgg11" else "image", "eager",
+                rows.append(Row("models", f"{study}: {label}", models.info(backbone).layout, "eager",
                                 label, ref, med * 1e3, statistics.median(t[ref]) * 1e3, "ms",
                                 paired_ratio(times, t[ref]),
                                 note=f"{backbone}, {n_params / 1e6:.3f} M params, {units:.0f} {unit}/step, "
