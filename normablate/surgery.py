@@ -54,6 +54,7 @@ _FOREIGN = ("torch.nn.", "timm.", "torchvision.")  # modules whose classes the t
 # A class named like a norm (``...Norm``, ``...Norm2d``, ``...NormAct2d``, ``...NormFp32``, ``EvoNorm...``) is a norm
 # site even when ``norms.is_norm`` does not know it; so an unknown one is refused rather than left in place.
 _NORM_NAME = re.compile(r"Norm(Act)?(\dd)?(Fp32)?$|^EvoNorm|^FilterResponseNorm")
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)  # a module holding one of these is a block, not a norm
 
 
 class NormAct(nn.Module):
@@ -103,12 +104,17 @@ class SwapReport:
 
 
 def looks_like_norm(module: nn.Module) -> bool:
-    """Whether ``module`` is a normalization layer: ``norms.is_norm`` or a class named like one (timm's RmsNorm,
-    FrozenBatchNorm2d, GlobalResponseNorm, EvoNorm2dB0, ...). Our own wrappers (``NormAct``, ``ChannelsFirst``)
-    are containers, not norms."""
+    """Whether ``module`` is a normalization layer: ``norms.is_norm``, or a class named like one (timm's RmsNorm,
+    FrozenBatchNorm2d, GlobalResponseNorm, EvoNorm2dB0, ...) that is not a block around other layers (timm's
+    ``ConvNormAct``, ``ConvMlpWithNorm``: their norm is a child, a site of its own). Our wrappers (``NormAct``,
+    ``ChannelsFirst``) are containers, not norms."""
     if isinstance(module, (NormAct, ChannelsFirst)):
         return False
-    return norms.is_norm(module) or bool(_NORM_NAME.search(type(module).__name__))
+    if norms.is_norm(module):
+        return True
+    if not _NORM_NAME.search(type(module).__name__):
+        return False
+    return not any(isinstance(m, _LAYERS) or looks_like_norm(m) for m in module.children())
 
 
 def _site_layout(module: nn.Module, default: str | None) -> str | None:

@@ -121,6 +121,8 @@ def test_timm_refusals_name_the_problem():
         nb.models.create("timm/convnextv2_atto", norm="ln", depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))
     with pytest.raises(ConfigError, match="cannot be built with"):
         nb.models.create("timm/convnext_atto", norm="ln", depths="deep")
+    with pytest.raises(ConfigError, match="'nf_resnet26' has no normalization layer.*use norm 'none', not 'bn'"):
+        nb.models.create("timm/nf_resnet26", norm="bn")  # a run labelled bn would hold no BN
 
 
 # --- swap_norms on a user's own module ----------------------------------------------------------------------------
@@ -189,6 +191,16 @@ def test_swap_norms_keeps_timm_activation_and_sharing_and_root():
     assert (model[0](x) >= 0).all()  # the ReLU is kept
     root = nb.swap_norms(nn.LayerNorm(8), "none")
     assert type(root.module).__name__ == "Identity" and root.sites == {"(root)": "LayerNorm"}
+
+
+def test_timm_blocks_named_like_norms_are_containers():
+    """timm's ConvNormAct (RegNet, CSPNet, RepVGG) is a block: its BatchNormAct2d child is the site."""
+    from timm.layers import ConvNormAct
+
+    model = nn.Sequential(ConvNormAct(3, 8, 3))
+    report = nb.swap_norms(model, "gn")
+    assert report.sites == {"0.bn": "BatchNormAct2d"} and isinstance(model[0].conv, nn.Conv2d)
+    assert isinstance(model[0].bn, NormAct) and isinstance(model[0].bn.act, nn.ReLU)
 
 
 def test_swap_norms_refuses_by_name_and_changes_nothing():

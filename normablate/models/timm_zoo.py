@@ -62,13 +62,22 @@ def _probe(arch: str, options: dict[str, Any]) -> nn.Module:
 
 
 def _class_options(cls: type) -> tuple[dict[str, Any], bool]:
-    """Constructor options of a timm model class with their defaults (None where it has none); whether it takes
-    ``norm_layer``."""
-    params = inspect.signature(cls.__init__).parameters
+    """Constructor options of a timm model class with their defaults (None where it has none), its base classes'
+    too while a constructor passes ``**kwargs`` on (e.g. LevitDistilled); whether it takes ``norm_layer``."""
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    opts = {k: (None if p.default is inspect.Parameter.empty else p.default)
-            for k, p in params.items() if p.kind in kinds and k not in _NOT_OPTIONS}
-    return opts, "norm_layer" in params
+    opts: dict[str, Any] = {}
+    takes_norm_layer = False
+    for klass in cls.__mro__:
+        if klass is nn.Module or "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        for k, p in params.items():
+            if p.kind in kinds and k not in _NOT_OPTIONS:
+                opts.setdefault(k, None if p.default is inspect.Parameter.empty else p.default)
+        takes_norm_layer = takes_norm_layer or "norm_layer" in params
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            break
+    return opts, takes_norm_layer
 
 
 @lru_cache(maxsize=None)
@@ -101,6 +110,9 @@ def build(arch: str, norm_layer: Any, **options: Any) -> nn.Module:
     sites, refused = surgery.find_sites(probe)
     if refused:
         raise surgery.refusal(refused, f"timm model {arch!r}")
+    if not sites and getattr(norm_layer, "norm_name", None) != "none":  # a run labelled bn would hold no BN
+        raise ConfigError(f"timm model {arch!r} has no normalization layer to replace (a norm-free design); "
+                          f"use norm 'none', not {getattr(norm_layer, 'norm_name', norm_layer)!r}")
     layer_for = surgery.norm_layers(norm_layer)
     kinds = {kind for kind, _ in sites.values()}
     with_act = any(hasattr(m, "act") for _, m in sites.values())
@@ -128,8 +140,10 @@ def _through_norm_layer(arch: str, options: dict[str, Any], layer, site_names: s
 
     try:
         model = _timm().create_model(arch, pretrained=False, norm_layer=recording, **options)
-    except (TypeError, AssertionError):
-        return None
+    except ConfigError:  # our norm refused its options or channel count: the user's to fix, whichever route
+        raise
+    except Exception:  # noqa: BLE001  the class calls norm_layer with other arguments, asserts on its type, reads
+        return None  # a weight that `none` lacks (Swin), ...: this route does not fit; surgery (always valid) does
     ours = {id(m) for m in made}
     placed = {n for n, m in model.named_modules() if id(m) in ours}
     return model if placed == site_names else None
