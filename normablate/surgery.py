@@ -117,6 +117,11 @@ def looks_like_norm(module: nn.Module) -> bool:
     return not any(isinstance(m, _LAYERS) or looks_like_norm(m) for m in module.children())
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The norm inside a ``NormAct`` / ``ChannelsFirst`` made here; any other module as is."""
+    return module.norm if isinstance(module, (NormAct, ChannelsFirst)) else module
+
+
 def _site_layout(module: nn.Module, default: str | None) -> str | None:
     """``"image"``, ``"tokens"``, ``"channels_first_1d"``, or None (cannot be swapped)."""
     cls = type(module)
@@ -241,4 +246,4 @@ def swap_norms(module: nn.Module, norm: Any, layout: str | None = None) -> SwapR
 
 
 __all__ = ["ChannelsFirst", "NormAct", "SwapReport", "find_sites", "looks_like_norm", "norm_layers", "refusal",
-           "swap_norms"]
+           "swap_norms", "unwrap"]

@@ -283,3 +283,13 @@ def test_bad_timm_config_is_refused_before_anything_runs(tmp_path, capsys, overr
     err = capsys.readouterr().err
     assert code == 2 and re.search(message, err), err
     assert not any(tmp_path.iterdir())  # nothing was built or written
+
+
+def test_a_torch_class_as_the_norm_is_ours_not_a_leftover():
+    """``model.norm: torch.nn:GroupNorm``-style specs build PyTorch classes: they are the run's norm, not timm's
+    norms left in place."""
+    def gn2(num_features, layout="image"):  # a user's factory returning a PyTorch class
+        return nn.GroupNorm(2, num_features)
+
+    model = create("convnext_atto", gn2)
+    assert norm_types(model) == {nn.GroupNorm} and model(X).shape == (4, 10)

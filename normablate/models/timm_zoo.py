@@ -122,9 +122,11 @@ def build(arch: str, norm_layer: Any, **options: Any) -> nn.Module:
     if model is None:
         model = _timm().create_model(arch, pretrained=False, **options)
         surgery.swap_norms(model, norm_layer)
+    # the check: every norm of the model is one we put at a site of the timm-norm build (none left of timm's)
+    ours = {id(surgery.unwrap(model.get_submodule(name))) for name in sites}
     left = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
-            if surgery.looks_like_norm(m) and type(m).__module__.startswith(("torch.nn.", "timm.", "torchvision."))]
-    if left:  # the check: no timm or PyTorch norm is left in place
+            if surgery.looks_like_norm(m) and id(m) not in ours]
+    if left:
         raise surgery.refusal(left, f"timm model {arch!r}")
     return model
 
