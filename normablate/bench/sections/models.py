@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ... import models
+from ... import models, tasks
 from ..harness import hand_config, hand_setup, hand_step, study_variants, task_loss
 from ..settings import Settings
 from ..timing import Row, interleaved, paired_ratio
@@ -152,12 +152,13 @@ def run(s: Settings) -> list[Row]:
             for label, cfg in variants:
                 c, dm, model, opt = hand_setup(cfg)
                 batch = dm.train_batch(0)
-                units = batch[2].sum().item() if c.task == "lm" else len(batch[0])
+                unit = tasks.get(c.task).unit  # "real tokens": counted by the batch's mask of real tokens
+                units = batch[2].sum().item() if unit == "real tokens" else len(batch[0])
                 loss = task_loss(c, model, dm)
                 fns[label] = (lambda c=c, m=model, o=opt, b=batch, f=loss: hand_step(c, m, o, b, f))
                 flops, by_hand = step_flops(fns[label])
                 gemm = ffn_gemm(model, fns[label]) if label == variants[0][0] else None  # the reference's only
-                info[label] = (c.model.backbone, units, sum(p.numel() for p in model.parameters()), flops, by_hand,
+                info[label] = (c.model.backbone, unit, units, sum(p.numel() for p in model.parameters()), flops, by_hand,
                                gemm)
                 chosen, why = speed.rule(c)
                 if any(chosen.values()):  # auto differs from eager: the same model (same seed) with auto's setting
@@ -180,8 +181,7 @@ def run(s: Settings) -> list[Row]:
                             + f"; optimizer step {opt_share:.0%} (its total, overlapping the groups)"))
             for label, _ in variants:
                 times = t[label]
-                backbone, units, n_params, flops, by_hand, gemm = info[label]
-                unit = "real tokens" if backbone == "transformer_lm" else "images"
+                backbone, unit, units, n_params, flops, by_hand, gemm = info[label]
                 med = statistics.median(times)
                 rows.append(Row("models", f"{study}: {label}", models.info(backbone).layout, "eager",
                                 label, ref, med * 1e3, statistics.median(t[ref]) * 1e3, "ms",
