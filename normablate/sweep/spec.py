@@ -239,6 +239,8 @@ class SpecKeys:
 
 @dataclass
 class HeartbeatKeys:
+    """A spec's ``heartbeat`` mapping, typed like ``SpecKeys``."""
+
     interval: float = 10  # seconds between a running trial's heartbeats (>= 1)
     grace: float = 120  # seconds without a heartbeat after which a trial's worker counts as dead (> interval)
     max_retry: int = 3  # re-runs of a trial whose worker died before it is left failed (>= 0)

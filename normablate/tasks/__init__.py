@@ -43,8 +43,9 @@ def _load(obj: Any) -> Any:
     """A class given as ``"pkg.mod:Name"`` imported (once Python caches the module), or the object itself."""
     if not isinstance(obj, str):
         return obj
-    module, _, attr = obj.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    from ..plugins import import_object
+
+    return import_object(obj, "task class")
 
 
 def _number(v: Any) -> bool:
