@@ -34,7 +34,7 @@ from typing import Any
 from torch import nn
 
 from .. import norms
-from ..errors import ConfigError, closest
+from ..errors import ConfigError, did_you_mean
 from ..registry import Registry
 
 REGISTRY = Registry("backbone", __doc__ or "")
@@ -122,10 +122,8 @@ def check_options(name: str, kwargs: dict[str, Any]) -> None:
     valid = options(name)
     for key in kwargs:
         if key not in valid:
-            hint = closest(key, valid)
             raise ConfigError(
-                f"backbone {name!r} has no option {key!r}; valid: {', '.join(sorted(valid))}"
-                + (f" (did you mean {hint!r}?)" if hint else "")
+                f"backbone {name!r} has no option {key!r}; valid: {', '.join(sorted(valid))}" + did_you_mean(key, valid)
             )
 
 
