@@ -283,3 +283,45 @@ def test_cli_bench_only_choices_are_the_registered_sections():
     only = next(a for a in sub._actions if a.dest == "only")
     assert tuple(only.choices) == bench.SECTIONS
     assert bench.SECTIONS[:2] == ("norms", "allocator") and bench.SECTIONS[-1] == "sweep"  # the report's order
+
+
+def test_rerender_keeps_the_committed_rows_header_and_tables(tmp_path):
+    """``normablate.bench.report.rerender`` (after an edit of goals or notes) measures nothing: the committed CSV is
+    written back byte for byte, the header's command and machine stay, every table line comes back unchanged, and a
+    second re-render gives the same file (the provenance lines' markdown breaks no longer grow at each pass)."""
+    import shutil
+    from pathlib import Path
+
+    from normablate.bench.report import rerender
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    for name in ("benchmarks.md", "benchmarks.csv"):
+        shutil.copy(docs / name, tmp_path / name)
+    md = rerender(tmp_path)
+    assert (tmp_path / "benchmarks.csv").read_bytes() == (docs / "benchmarks.csv").read_bytes()
+    old, new = (docs / "benchmarks.md").read_text().splitlines(), md.read_text().splitlines()
+    assert new[:4] == old[:4]  # title, Last command, Machine
+    tables = [line for line in old if line.startswith("| ")]
+    assert len(tables) > 100 and [line for line in new if line.startswith("| ")] == tables
+    first = md.read_text()
+    assert rerender(tmp_path).read_text() == first
+
+
+def test_goal_reasons_and_dead_ends_are_read_from_the_notes():
+    """The goals are data (bench/goals.py); their reasons and the dead ends are docs (docs/benchmark_notes.md),
+    parsed into one line each: every reason a goal names exists, and issue 29's seeds-as-batch dead end is listed."""
+    from normablate.bench import goals
+    from normablate.bench.report import notes
+
+    why, dead = notes()
+    keys = {key for _, _, key in goals.STARTUP_GOALS if key} | {"rms tokens", "transformer peak"}
+    assert keys <= set(why) and all(why[k] and "\n" not in why[k] for k in keys)
+    assert "{gemm}" in why["transformer peak"]
+    assert any(k.startswith("lm_norms: ") for k in why)  # model-level reasons, keyed by the start of a row name
+    seeds = [d for d in dead if d.startswith("Seeds as a batch dimension")]
+    assert len(dead) >= 7 and len(seeds) == 1 and "1.24-1.35x" in seeds[0] and "1.05-1.21x" in seeds[0]
+    rows = [bench.Row("startup", "normablate list", "", "process", ours_value=2.0, unit="s"),
+            bench.Row("startup", "normablate --help", "", "process", ours_value=0.5, unit="s")]
+    lines = bench.summary(rows)
+    assert lines == [f"- `normablate list` under 1.5 s: 2.00 s — NOT met ({why['list']})",
+                     "- `normablate --help` under 1.5 s: 0.50 s — met"]

@@ -17,7 +17,7 @@ from .. import __version__
 from ..errors import ConfigError
 from . import goals, sections
 from .harness import repo_file
-from .settings import Report
+from .settings import Report, Settings
 from .timing import FIELDS, Row
 
 NOTES = ("docs", "benchmark_notes.md")  # in the source checkout
@@ -202,9 +202,10 @@ def previous(out: Path) -> tuple[list[Row], dict[str, str], dict[str, str]]:
 
 
 def write(report: Report, out: Path, provenance: dict[str, str], runtimes: dict[str, str],
-          keep: bool = True) -> tuple[Path, Path]:
+          keep: bool = True, header: list[str] | None = None) -> tuple[Path, Path]:
     """Write ``benchmarks.csv`` and ``benchmarks.md`` under ``out``. With ``keep``, the sections of an earlier
-    bench in ``out`` that this run did not measure are kept (rows, provenance line, run time)."""
+    bench in ``out`` that this run did not measure are kept (rows, provenance line, run time). ``header``: the
+    "Last command" and "Machine" lines to write (default: this run's command, now, and this machine)."""
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "benchmarks.csv", out / "benchmarks.md"
     ran = set(report.settings.sections)
@@ -231,10 +232,10 @@ def write(report: Report, out: Path, provenance: dict[str, str], runtimes: dict[
     for r in rows:
         w.writerow(r.as_dict())
     csv_path.write_text(buf.getvalue())
-    info = machine()
-    lines = ["# normablate benchmarks", "",
-             f"Last command: `{report.command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})  ",
-             "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), "",
+    if header is None:
+        header = [f"Last command: `{report.command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})  ",
+                  "Machine: " + "; ".join(f"{k} {v}" for k, v in machine().items())]
+    lines = ["# normablate benchmarks", "", *header, "",
              "Each section says the command that measured it, when, the load average before and after, and its "
              "sizes; a run of some sections (`--only`) keeps the others from the previous file. Absolute times on a "
              "shared, loaded machine are noisy; read the ratios (every comparison is interleaved).", ""]
@@ -259,3 +260,21 @@ def _text(section: str) -> str:
         return sections.get(section).text
     except ConfigError:
         return ""
+
+
+def rerender(out: Path | str = "docs") -> Path:
+    """Write ``out/benchmarks.md`` again from the rows and provenance lines in ``out`` (nothing measured; its
+    "Last command" and "Machine" lines kept): after an edit of the goals (``goals.py``), of
+    docs/benchmark_notes.md or of a section's text. ``python -m normablate.bench.report [OUT]``."""
+    out = Path(out)
+    md = (out / "benchmarks.md").read_text().splitlines()
+    header = [line for line in md[:6] if line.startswith(("Last command: ", "Machine: "))]
+    settings = Settings.make()
+    settings.sections = ()
+    return write(Report(settings, ""), out, {}, {}, header=header or None)[0]
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(f"wrote {rerender(*sys.argv[1:2])}")
