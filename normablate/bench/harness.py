@@ -17,6 +17,8 @@ def repo_file(*parts: str) -> Path:
 
 
 def inputs(layout: str, s: Settings, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A seeded input of ``s``'s size for a norm: images (N, C, H, W), or tokens (N, T, C) with a right-padding
+    mask (N, T) of about ``s.pad_fraction`` pads."""
     g = torch.Generator().manual_seed(0)
     if layout == "image":
         x = torch.randn(*s.image, generator=g)
@@ -28,6 +30,7 @@ def inputs(layout: str, s: Settings, channels_last: bool) -> tuple[torch.Tensor,
 
 
 def fwd_bwd(fn: Callable, x: torch.Tensor, mask: torch.Tensor | None) -> Callable[[], None]:
+    """A call of ``fn(x, mask)`` forward and backward (a fixed random output gradient), for timing."""
     grad = torch.randn_like(x)
 
     def run() -> None:

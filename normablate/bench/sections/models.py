@@ -30,8 +30,8 @@ TEXT = ("One training step (forward, backward, clipping, optimizer) per variant,
         "FLOPs are added by hand, 12·B·h·T²·d per step, causal mask not discounted) / step time, ratio = matmul "
         "peak / achieved (the peak: a torch.mm of 1024² fp32 timed in turn with every step, so that both see "
         "the same load; the share is taken per repeat, median); profile = self CPU time of the study's first "
-        "variant by op group (torch.profiler); auto vs eager = the same model with trainer.speed=auto's setting, interleaved, ratio = "
-        "auto / eager (timed only where auto differs from eager).")
+        "variant by op group (torch.profiler); auto vs eager = the same model with trainer.speed=auto's setting, "
+        "interleaved, ratio = auto / eager (timed only where auto differs from eager).")
 
 
 def sizes(s: Settings) -> str:
