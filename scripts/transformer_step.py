@@ -89,6 +89,8 @@ def make_step(m, loss_fn):
 
 
 def step_flops(m, loss_fn) -> int:
+    """FLOPs of forward + backward as ``FlopCounterMode`` counts them (matmuls and convolutions; not CPU flash
+    attention, which the cases add by hand)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as fc:
@@ -170,8 +172,14 @@ def main() -> int:
                          statistics.median(t_new) * 1e3, ratio, statistics.median(peaks), share_old, share_new))
             if args.profile:
                 shares = profile_shares(new)
+                step, peak = statistics.median(t_new), statistics.median(peaks)
+                gemm = (flops - attn) / (shares["matmul"] * step) / 1e9 / peak
+                att = attn / (shares["attention"] * step) / 1e9 / peak
+                bound = flops / ((shares["matmul"] + shares["attention"]) * step) / 1e9 / peak
                 print(f"{name} {norm} profile (self CPU time, new path): "
-                      + ", ".join(f"{g} {v:.0%}" for g, v in shares.items()))
+                      + ", ".join(f"{g} {v:.0%}" for g, v in shares.items())
+                      + f"; GEMMs at {gemm:.0%} of the peak, attention at {att:.0%}; with every other op taking no "
+                        f"time the step would reach {bound:.0%}")
     print(f"load average after {os.getloadavg()}\n")
     print("| model | GFLOP/step | old step | new step | new/old | matmul peak | old % of peak | new % of peak |")
     print("|---|---|---|---|---|---|---|---|")
