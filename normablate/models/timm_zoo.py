@@ -97,6 +97,30 @@ def info(name: str):
     return BackboneInfo(PREFIX + arch, partial(build, arch), layout, "classification", inputs, opts)
 
 
+_PLANS: dict[tuple[str, str], tuple[dict[str, str], str | None]] = {}
+
+
+def _plan(arch: str, options: dict[str, Any]) -> tuple[dict[str, str], str | None]:
+    """Site name -> layout of timm's build with these options, and the layout ``norm_layer`` carries there (None:
+    module surgery). Probed once per (arch, options) in a process (builds with the same options, e.g. a sweep
+    worker's trials, share it): a meta build costs ~0.1-0.3 s, more than a tiny model's real build, as timm's init
+    ops dispatch through Python on the meta device."""
+    from .. import surgery
+
+    key = (arch, repr(sorted(options.items())))
+    if key not in _PLANS:
+        probe = _probe(arch, options)
+        found, refused = surgery.find_sites(probe)
+        if refused:
+            raise surgery.refusal(refused, f"timm model {arch!r}")
+        kinds = {kind for kind, _ in found.values()}
+        with_act = any(hasattr(m, "act") for _, m in found.values())  # timm's *NormAct*: surgery keeps the act
+        one = len(kinds) == 1 and kinds <= {"image", "tokens"} and not with_act
+        route = next(iter(kinds)) if one and _class_options(type(probe))[1] else None
+        _PLANS[key] = ({name: kind for name, (kind, _) in found.items()}, route)
+    return _PLANS[key]
+
+
 def build(arch: str, norm_layer: Any, **options: Any) -> nn.Module:
     """timm's ``arch`` with ``norm_layer``'s norm (a ``norms.resolve`` result or any spec) in every norm site."""
     from .. import surgery
@@ -106,19 +130,13 @@ def build(arch: str, norm_layer: Any, **options: Any) -> nn.Module:
                           "timm models from scratch (no hub download here; pretrained weights would not match the "
                           "norms being ablated); leave pretrained unset or false")
     options.pop("pretrained", None)
-    probe = _probe(arch, options)
-    sites, refused = surgery.find_sites(probe)
-    if refused:
-        raise surgery.refusal(refused, f"timm model {arch!r}")
+    sites, route = _plan(arch, options)
     if not sites and getattr(norm_layer, "norm_name", None) != "none":  # a run labelled bn would hold no BN
         raise ConfigError(f"timm model {arch!r} has no normalization layer to replace (a norm-free design); "
                           f"use norm 'none', not {getattr(norm_layer, 'norm_name', norm_layer)!r}")
-    layer_for = surgery.norm_layers(norm_layer)
-    kinds = {kind for kind, _ in sites.values()}
-    with_act = any(hasattr(m, "act") for _, m in sites.values())
     model = None
-    if _class_options(type(probe))[1] and len(kinds) == 1 and kinds <= {"image", "tokens"} and not with_act:
-        model = _through_norm_layer(arch, options, layer_for(kinds.pop()), set(sites))
+    if route is not None:
+        model = _through_norm_layer(arch, options, surgery.norm_layers(norm_layer)(route), set(sites))
     if model is None:
         model = _timm().create_model(arch, pretrained=False, **options)
         surgery.swap_norms(model, norm_layer)
