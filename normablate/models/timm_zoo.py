@@ -13,8 +13,9 @@ site sees one layout and none carries an activation, the norm goes in through ``
 of norm weights, e.g. ResNet's zero-init of each block's last norm, applies) and must land in exactly the sites
 of the timm-norm build; otherwise (e.g. a ConvNeXt with ``conv_mlp: false``, whose blocks run LayerNorm on
 channels-last NHWC while the stem and downsamples run LayerNorm2d on NCHW) every site is swapped by
-``surgery.swap_norms``. Either way the built model is checked to hold no timm or PyTorch norm, and a model with a
-norm that cannot be swapped (e.g. ConvNeXt-V2's GlobalResponseNorm) is refused, naming each such module.
+``surgery.swap_norms``. Either way the built model is checked: every norm in it is ours and sits at a site of the
+timm-norm build. A model with a norm that cannot be swapped (e.g. ConvNeXt-V2's GlobalResponseNorm) is refused,
+naming each such module; a norm-free one (nf_resnet) takes only ``none``.
 
 timm is imported only inside these functions (it takes seconds to import).
 """
@@ -48,7 +49,8 @@ def _arch(name: str) -> str:
 
 
 def _probe(arch: str, options: dict[str, Any]) -> nn.Module:
-    """The model with timm's own norms, on the meta device (no memory, no init cost): its sites and class."""
+    """The model with timm's own norms, on the meta device (no memory): its sites and class. An option value timm
+    rejects is a ConfigError naming the options."""
     import torch
 
     try:
