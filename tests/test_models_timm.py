@@ -95,6 +95,15 @@ def test_nhwc_sites_are_tokens_and_the_rest_image():
     torch.testing.assert_close(nhwc, nn.BatchNorm2d(8)(x), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("norm", norms.available())
+def test_every_registered_norm_at_nhwc_and_nchw_sites(norm):
+    """The ConvNeXt with NHWC block norms (tokens layout on (N, H, W, C)) and NCHW stem/downsample norms: every
+    registered norm builds, trains a step's forward/backward and evaluates, finite."""
+    model = create("convnext_atto/nhwc", norm)
+    model(X).sum().backward()
+    assert torch.isfinite(model.eval()(X)).all()
+
+
 def test_norm_layer_route_keeps_timm_init():
     """ResNet takes ``norm_layer``: our BN goes in through it, so timm's zero-init of each block's last norm holds
     (module surgery would leave a fresh gamma of 1)."""
