@@ -134,3 +134,12 @@ def test_additive_mask_values():
     out = lm.additive_mask(allowed, torch.float32)
     assert torch.equal(out, torch.tensor([[0.0, float("-inf")], [float("-inf"), float("-inf")]]))
     assert lm.additive_mask(allowed, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_vit_attention_traces_with_torch_fx():
+    """normablate.fold finds BN -> Linear pairs on the torch.fx graph: the attention traces as timm's does."""
+    from normablate.fold import fold_norms
+
+    torch.fx.symbolic_trace(_vit_block.Attention(32, num_heads=2))
+    _, report = fold_norms(_vit(norm="bn").eval())
+    assert report.traced and report.folded

@@ -34,7 +34,9 @@ class Attention(TimmAttention):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         B, N, _ = x.shape
         h, d = self.num_heads, self.head_dim
-        q, k, v = (t.view(B, N, h, d).transpose(1, 2) for t in self.qkv(x).split(self.attn_dim, dim=2))  # (B,h,N,d)
+        q, k, v = self.qkv(x).split(self.attn_dim, dim=2)  # (B, N, h*d) each (unpacked, not looped: fx traces it)
+        q, k, v = (q.view(B, N, h, d).transpose(1, 2), k.view(B, N, h, d).transpose(1, 2),
+                   v.view(B, N, h, d).transpose(1, 2))  # (B, h, N, d)
         q, k = self.q_norm(q), self.k_norm(k)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.attn_drop.p if self.training else 0.0)
