@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from ...errors import unknown
 
 # the report's order of the built-in sections (and a run's): a section not named here comes after them, by name
-ORDER = ("norms", "allocator", "inference", "vit_inference", "framework", "models", "startup", "data", "sweep")
+ORDER = ("norms", "allocator", "inference", "vit_inference", "framework", "models", "transformer_steps", "startup",
+         "data", "sweep")
 
 
 @dataclass(frozen=True)
