@@ -45,8 +45,9 @@ class Attention(TimmAttention):
 
 
 class Block(TimmBlock):
-    """timm's pre-norm block (with our ``Attention``, above), plus post (``norm1(x + attn(x))``) and peri (``x + norm1_out(attn(norm1(x)))``)
-    placements and an optional QK norm (our norm, wrapped per head, in place of timm's q_norm/k_norm)."""
+    """timm's pre-norm block (with our ``Attention``, above), plus post (``norm1(x + attn(x))``) and peri
+    (``x + norm1_out(attn(norm1(x)))``) placements and an optional QK norm (our norm, wrapped per head, in place of
+    timm's q_norm/k_norm)."""
 
     def __init__(self, *, placement: str = "pre", qk_norm_layer=None, **timm_kwargs: Any) -> None:
         if timm_kwargs.get("attn_layer", TimmAttention) is TimmAttention:  # (VisionTransformer passes timm's)
