@@ -26,8 +26,9 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     SDPA turns a boolean mask into exactly this tensor on every call (``where(mask, 0, -inf)``); built once per
     forward and shared by every layer, the attention is the same bit for bit (tests/test_models_fast_paths.py) and
-    the per-layer conversion is gone: 0.87x the attention's forward+backward at the LM studies' size
-    (scripts/transformer_step.py). Every row keeps at least one 0 (a token always sees itself): no NaN."""
+    the per-layer conversion is gone: 0.87x the attention's forward+backward at the LM studies' size, but within
+    noise for their 2-layer step (0.97-1.02x, ``normablate bench --only transformer_steps``). Every row keeps at
+    least one 0 (a token always sees itself): no NaN."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
