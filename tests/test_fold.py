@@ -187,3 +187,17 @@ def test_ratio_ci_brackets_the_paired_ratio():
     lo, hi = ratio_ci(a, b)
     assert lo <= paired_ratio(a, b) <= hi and 0.75 < lo < hi < 0.85
     assert ratio_ci([1.0] * 5, [2.0] * 5) == (0.5, 0.5)
+
+
+def test_median_ratio_ci_is_claim_7s_statistic():
+    """The ratio of the medians (yao_vit_bn.yaml's pre-registered statistic) and its pair bootstrap: a hand-computed
+    case, a CI that brackets it, and a degenerate case."""
+    from normablate.bench.timing import median_ratio, median_ratio_ci
+
+    assert median_ratio([1.0, 3.0, 2.0], [4.0, 5.0, 6.0]) == pytest.approx(2.0 / 5.0)
+    torch.manual_seed(1)
+    b = (torch.rand(40) + 1.0).tolist()
+    a = [x * 0.7 * (1 + 0.05 * float(e)) for x, e in zip(b, torch.randn(40))]
+    lo, hi = median_ratio_ci(a, b)
+    assert lo <= median_ratio(a, b) <= hi and 0.6 < lo < hi < 0.8
+    assert median_ratio_ci([1.0] * 5, [2.0] * 5) == (0.5, 0.5)

@@ -71,6 +71,23 @@ def ratio_ci(a: list[float], b: list[float], resamples: int = 2000, seed: int = 
     return float(np.quantile(meds, 0.025)), float(np.quantile(meds, 0.975))
 
 
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """The ratio of the medians, median(a) / median(b) (claim 7's pre-registered statistic,
+    configs/studies/v2/yao_vit_bn.yaml)."""
+    return statistics.median(a) / statistics.median(b)
+
+
+def median_ratio_ci(a: list[float], b: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap CI of ``median_ratio(a, b)``, resampling the interleaved repeats as pairs (a repeat's
+    two times share its load) with replacement; a fixed seed, as ``ratio_ci``."""
+    import numpy as np
+
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))
+    r = np.median(x[idx], axis=1) / np.median(y[idx], axis=1)
+    return float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))
+
+
 def compare(section: str, name: str, layout: str, ours_label: str, ref_label: str, ours: Callable,
             ref: Callable, repeats: int, variant: str = "eager", note: str = "") -> Row:
     """One row: ``ours`` and ``ref`` timed interleaved, milliseconds per call and their paired ratio."""
