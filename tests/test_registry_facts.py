@@ -77,7 +77,7 @@ def test_a_plugin_image_backbone_gets_its_input_size_from_the_data(tmp_path, plu
 
 @pytest.mark.parametrize("override,message", [
     ("model.classes=4", r"model.classes=4 is smaller than the number of classes of data.source \(10\)"),
-    ("model.side=28", r"model.side=28 does not match the data's image_size \(32\)"),
+    ("model.in_chans=1", r"model.in_chans=1 does not match the data's in_chans \(3\)"),
 ])
 def test_a_plugin_option_against_the_data_is_refused_before_any_step(tmp_path, plugins, override, message):
     cfg = load_config(None, [*TINY, "model.backbone=h1_fixed_mlp", f"trainer.log_dir={tmp_path}", override])

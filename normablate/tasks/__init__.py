@@ -15,7 +15,7 @@ Contract of the registry: an entry is a ``TaskInfo`` holding
 - ``unit``: what the throughput counts; ``modality``: ``"images"`` or ``"text"`` (which sources the data reads);
 - ``facts``: the data facts (DataModule attributes after ``setup``) a backbone's options are filled from
   (``models.BackboneInfo.input_options``), ``at_least``: those a model option set in the config must reach (a
-  capacity: classes, vocabulary, context), ``exact``: those it must equal (a shape: channels, image size), and
+  capacity: classes, vocabulary, context), ``exact``: those it must equal (the channels), and
   ``config_facts(data_cfg)``: the ones known before any data is read.
 
 Classes are named by import path and imported on first use: importing this registry imports neither torch nor
@@ -67,7 +67,7 @@ class TaskInfo:
     select: str  # default trainer.select_metric
     facts: tuple[str, ...] = ()  # DataModule attributes a backbone option may be filled from
     at_least: Mapping[str, str] = field(default_factory=dict)  # capacity fact -> what it is, for the error message
-    exact: tuple[str, ...] = ()  # shape facts a model option set in the config must equal (channels, image size)
+    exact: tuple[str, ...] = ()  # facts a model option set in the config must equal (the image channels)
     config_facts: Callable[[Any], dict[str, Any]] = lambda data_cfg: {}  # facts known from the DataConfig alone
 
     @property
@@ -95,7 +95,7 @@ class TaskInfo:
     def check_inputs(self, option_of: Mapping[str, str], options: Mapping[str, Any],
                      facts: Mapping[str, Any]) -> None:
         """A model option the config sets against the data fact it stands for: below a capacity (``at_least``:
-        classes, vocabulary, context) or unlike a shape (``exact``: channels, image size) is a ConfigError, before
+        classes, vocabulary, context) or unlike a fixed one (``exact``: the channels) is a ConfigError, before
         any step, since the model could not take what the data produces. ``option_of``: builder option -> fact
         (``BackboneInfo.input_options``); ``facts``: the values known so far."""
         for opt, fact in option_of.items():
@@ -105,14 +105,9 @@ class TaskInfo:
             if fact in self.at_least and _number(value) and _number(need) and value < need:
                 raise ConfigError(f"model.{opt}={value} is smaller than {self.at_least[fact]} ({need}): the model "
                                   f"cannot take what the data produces")
-            if fact in self.exact and _pair(value) != _pair(need):
+            if fact in self.exact and value != need:
                 raise ConfigError(f"model.{opt}={value} does not match the data's {fact} ({need}): the model cannot "
                                   f"take what the data produces (leave model.{opt} unset to take the data's)")
-
-
-def _pair(v: Any) -> Any:
-    """An image size as (H, W): ``32`` and ``(32, 32)`` are the same size."""
-    return (v, v) if _number(v) else tuple(v) if isinstance(v, (list, tuple)) else v
 
 
 def register(name: str, module: Any, datamodule: Any, metrics: tuple[str, ...], primary: str,
@@ -153,7 +148,8 @@ register("classification", module="normablate.tasks.classification:Classificatio
          datamodule="normablate.data.vision:VisionDataModule", metrics=("val/acc", "val/loss"), primary="val/acc",
          direction={"acc": "maximize", "loss": "minimize"}, unit="images", modality="images", select="val/acc",
          facts=("num_classes", "in_chans", "image_size"),
-         at_least={"num_classes": "the number of classes of data.source"}, exact=("in_chans", "image_size"))
+         at_least={"num_classes": "the number of classes of data.source"},
+         exact=("in_chans",))  # not image_size: a timm ViT with dynamic_img_size: true takes other sizes
 register("lm", module="normablate.tasks.language_model:LanguageModelTask",
          datamodule="normablate.data.text:TextDataModule", metrics=("val/ppl", "val/loss"), primary="val/ppl",
          direction={"ppl": "minimize", "loss": "minimize"}, unit="real tokens", modality="text",
