@@ -14,7 +14,7 @@ import sys
 from . import __version__
 from .errors import NormablateError
 
-# run-config sections: config.SECTIONS, repeated here for the same reason (tests/test_cli_habits.py checks them)
+# run-config sections: config.SECTIONS, repeated here for the same reason (tests/test_cli.py checks them)
 CONFIG_SECTIONS = ("model", "data", "optim", "trainer", "probes")
 # LightningCLI's other subcommands, and what a normablate user runs instead (``fit`` is an alias of ``train``)
 LIGHTNING_COMMANDS = {

@@ -235,7 +235,7 @@ def step_progress_bar(max_steps: int):
 @functools.cache
 def _step_progress_bar_class() -> type:
     """``StepProgressBar``, Lightning's ``TQDMProgressBar`` counting optimizer steps. Defined on first use: the sweep
-    command imports this module and must not import Lightning (tests/test_supervisor_imports.py)."""
+    command imports this module and must not import Lightning (tests/sweep/test_supervisor_imports.py)."""
     from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 

@@ -14,7 +14,7 @@ from normablate.config import load_config
 from normablate.precise_bn import bn_layers, population_stats, recent_steps, swapped
 from normablate.train import train
 
-from dist import run_ranks
+from support.dist import run_ranks
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

@@ -66,7 +66,7 @@ def test_image_run_learns_and_logs(tmp_path):
         m.__version__ for m in (datasets, optuna, timm, torchmetrics)]
     assert RunResult.load(run_dir / "result.json").final == result.final
     # the HPARAMS session is written with the config keys, beside the final metrics, in <run>/hparams/ (the
-    # experiment is built by TensorBoard from all runs: tests/test_views.py reads it through TensorBoard's own API)
+    # experiment is built by TensorBoard from all runs: tests/test_loggers.py reads it through TensorBoard's own API)
     acc = EventAccumulator(str(run_dir / "hparams"))
     acc.Reload()
     content = b"".join(acc.PluginTagToContent("hparams").values())

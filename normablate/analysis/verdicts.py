@@ -56,7 +56,7 @@ Contrasts
   about the bootstrap", Sec. 4.5). Keeping each tail's own length keeps the skew and the bimodality that
   re-choosing the best LR creates (e.g. a seed that diverged at the best LR drops out of a third of the
   resamples, moving the choice there), which a t interval around the estimate would flatten into a wide
-  symmetric one. Simulated coverage at a nominal 95% (1,000 studies, near-tied LRs; tests/test_verdicts.py):
+  symmetric one. Simulated coverage at a nominal 95% (1,000 studies, near-tied LRs; tests/analysis/test_verdicts.py):
   97% at 3, 5 and 10 seeds, where the plain percentile interval gave 79%, 89% and 94%. BCa would need a
   jackknife through the argmax, unstable at these n. p-values invert the same interval (bisection on the
   level). Resampling is deterministic given ``seed``.

@@ -23,7 +23,7 @@ class Attention(TimmAttention):
     gradients into a new (3, B, h, N, d) tensor and copies that back to (B, N, 3hd), two passes over the
     projection's gradient. ``split(hd, dim=2)`` then ``view(B, N, h, d).transpose(1, 2)`` (nanoGPT's split, as in
     models/lm.py) gives the same q, k, v (same strides into the same buffer), so SDPA sees identical inputs and the
-    forward and every gradient are bitwise the same (tests/test_models_fast_paths.py); CPU flash attention's
+    forward and every gradient are bitwise the same (tests/models/test_fast_paths.py); CPU flash attention's
     backward returns gradients laid out (B, N, h, d), so the backward is one concatenation into (B, N, 3hd) and no
     copy: 0.94-0.98x the ViT studies' step (``normablate bench --only transformer_steps``). Anything this path
     does not cover (timm's non-fused attention, a gate, a scale norm) runs timm's own forward."""

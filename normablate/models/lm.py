@@ -25,7 +25,7 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask (True = may attend) as SDPA's additive float mask: 0 where allowed, -inf elsewhere.
 
     SDPA turns a boolean mask into exactly this tensor on every call (``where(mask, 0, -inf)``); built once per
-    forward and shared by every layer, the attention is the same bit for bit (tests/test_models_fast_paths.py) and
+    forward and shared by every layer, the attention is the same bit for bit (tests/models/test_fast_paths.py) and
     the per-layer conversion is gone: 0.87x the attention's forward+backward at the LM studies' size, but within
     noise for their 2-layer step (0.97-1.02x, ``normablate bench --only transformer_steps``). Every row keeps at
     least one 0 (a token always sees itself): no NaN."""

@@ -9,7 +9,7 @@ a scalar). ``bias: false`` drops beta (the authors' LLaMA variant); ``affine: fa
 Layouts: tokens ``(..., C)``: affine over the last dim; image ``(N, C, H, W)``: per-channel over dim 1.
 
 Written by hand: two lines of math that no library ships; checked against the authors' code in
-tests/test_norms_recent.py (fixture from github.com/jiachenzhu/DyT).
+tests/norms/test_norm_families.py (fixture from github.com/jiachenzhu/DyT).
 """
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ divide by ``psi_{t-1}``, the paper's Algorithm 1 and the exact derivative of the
 (``ema_gz``) is the paper's ``nu / (1 - a_b)``; we store ``nu``. Its ``nu`` update averages over padded
 positions too; ours over real tokens only. In agreement with it: the group scaling's eps is its fixed 1e-5, not
 the norm's ``eps``. Everything else (forward, running statistics with warm-up, the
-backward during warm-up and the parameter gradients) matches it numerically: tests/test_norms_recent.py.
+backward during warm-up and the parameter gradients) matches it numerically: tests/norms/test_norm_families.py.
 
 Written by hand: no library implements PowerNorm. Layouts: tokens ``(..., C)`` (statistics over every dim but
 the last), image ``(N, C, H, W)`` (over N, H, W). Statistics are computed in fp32 for fp16/bf16 inputs.

@@ -6,7 +6,7 @@ real tokens). ``python scripts/transformer_step.py`` runs the same outside the b
 
 "old" is the same model with the code before the fast paths: timm's ``Attention.forward`` (q, k, v by
 reshape/permute/unbind) in the ViT, and a boolean attention mask that SDPA converts in every layer in the LM
-(``old_path``). Both give bitwise the same outputs and gradients (tests/test_models_fast_paths.py)."""
+(``old_path``). Both give bitwise the same outputs and gradients (tests/models/test_fast_paths.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -132,7 +132,7 @@ def run(s: Settings) -> list[Row]:
             label = f"{name} {norm}"
             rows.append(Row("transformer_steps", label, "tokens", "fast path", "new", "old",
                             statistics.median(r["new"]) * 1e3, statistics.median(r["old"]) * 1e3, "ms", r["ratio"],
-                            note="bitwise the same outputs and gradients (tests/test_models_fast_paths.py)"))
+                            note="bitwise the same outputs and gradients (tests/models/test_fast_paths.py)"))
             achieved = r["flops"] / statistics.median(r["new"]) / 1e9
             peak = statistics.median(r["peaks"])
             rows.append(Row("transformer_steps", label, "", "GFLOP/s", "achieved (new)", "matmul peak", achieved, peak,

@@ -1,0 +1,124 @@
+"""The v2 findings table (scripts/findings_v2.py) and analysis.budgets: the change of an effect between two
+budgets, and Holm across a whole document with unfinished studies counted at p = 1."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from normablate.analysis import budgets, verdicts
+from normablate.analysis.verdicts import BootDist, TDist
+from normablate.analysis.verdicts import Test as VTest
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = str(ROOT / "configs" / "runs" / "quick_synthetic.yaml")
+
+
+def _test(d, alpha=0.05):
+    return verdicts.judge(d, "superiority", None, alpha, "maximize")
+
+
+def test_change_of_two_t_contrasts_is_welch():
+    d1 = TDist(0.10, 0.02, 4.0, "Welch", 3, 3)
+    d2 = TDist(0.04, 0.03, 6.0, "Welch", 3, 3)
+    c = budgets.change(d1, _test(d1), d2, _test(d2), 0.9)
+    se = math.sqrt(0.02 ** 2 + 0.03 ** 2)
+    df = (0.02 ** 2 + 0.03 ** 2) ** 2 / (0.02 ** 4 / 4 + 0.03 ** 4 / 6)
+    q = verdicts.t_ppf(0.95, df)
+    assert c.estimate == pytest.approx(-0.06)
+    assert (c.lo, c.hi) == pytest.approx((-0.06 - q * se, -0.06 + q * se))
+    assert "Welch" in c.method
+
+
+def test_change_of_two_bootstraps_matches_the_normal_case():
+    """Large-n bootstraps of normal estimates: the change's interval is the normal one of the difference."""
+    rng = np.random.default_rng(0)
+    n = 200  # seeds: the small-sample factor is ~1
+    b1 = BootDist(0.30, rng.normal(0.30, 0.02, 20000), n, "boot", n, n)
+    b2 = BootDist(0.20, rng.normal(0.20, 0.04, 20000), n, "boot", n, n)
+    c = budgets.change(b1, _test(b1), b2, _test(b2), 0.9)
+    half = 1.6449 * math.sqrt(0.02 ** 2 + 0.04 ** 2)
+    assert c.estimate == pytest.approx(-0.10)
+    assert c.lo == pytest.approx(-0.10 - half, abs=0.004) and c.hi == pytest.approx(-0.10 + half, abs=0.004)
+    assert "bootstrap" in c.method
+
+
+def test_change_without_distributions_uses_the_intervals():
+    t1 = VTest(0.1, 0.0, 0.2, 0.9, 0.04, 0.9)
+    t2 = VTest(0.3, 0.2, 0.4, 0.9, 0.01, 0.99)
+    c = budgets.change(None, t1, None, t2, 0.9)
+    assert c.estimate == pytest.approx(0.2)
+    assert c.hi - c.lo == pytest.approx(2 * math.sqrt(2) * 0.1)  # se_i = 0.1/z, recombined at the same z
+    assert "normal approximation" in c.method
+
+
+def test_family_counts_unfinished_at_one_and_is_conservative():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        ps = list(rng.uniform(0, 0.1, 6))
+        missing = set(rng.choice(6, 2, replace=False).tolist())
+        tests = [None if i in missing else VTest(0.0, 0.0, 0.0, 0.9, p, 1.0) for i, p in enumerate(ps)]
+        ws, adj, _ = budgets.family(tests, 0.05)
+        assert [w for i, w in enumerate(ws) if i in missing] == ["pending", "pending"]
+        full = verdicts.holm(ps)  # the same family once the missing studies report any p-values
+        for i in range(6):
+            if i not in missing:
+                assert adj[i] >= full[i] - 1e-12  # the interim adjustment is never the more optimistic one
+        assert adj == verdicts.holm([1.0 if i in missing else p for i, p in enumerate(ps)])
+
+
+def _spec(tmp: Path, name: str, steps: int, seeds: list[int]) -> dict:
+    return {"kind": "lr_sensitivity", "base": BASE, "study_name": name, "metric": "val/acc",
+            "trainer_fn": "normablate.sweep.dryrun:train", "log_dir": str(tmp / "logs"),
+            "overrides": {"trainer.max_steps": steps},
+            "grid": {"seed": seeds, "optim.lr": [0.01, 0.1], "model.norm": ["bn", "none"]},
+            "hypotheses": [{"id": "bn_beats_none", "claim": '"BN beats no normalization" (a test claim, Fig. 1)',
+                            "type": "superiority",
+                            "contrast": {"a": {"model.norm": "bn"}, "b": {"model.norm": "none"},
+                                         "metric": "test/acc", "at": "best_lr"}}]}
+
+
+@pytest.mark.slow
+def test_table_from_journals_reads_nothing_from_an_unfinished_study(tmp_path, monkeypatch, load_script):
+    from normablate.sweep.runner import run_sweep
+
+    fv2 = load_script("findings_v2")
+    specs, journals = tmp_path / "specs", tmp_path / "journals"
+    specs.mkdir(), journals.mkdir()
+    for name, steps in (("alpha", 40), ("alpha_3x", 120), ("beta", 40)):
+        (specs / f"{name}.yaml").write_text(yaml.safe_dump(_spec(tmp_path, name, steps, [0, 1, 2])))
+    for name in ("alpha", "alpha_3x"):
+        assert run_sweep(_spec(tmp_path, name, 40 if name == "alpha" else 120, [0, 1, 2]),
+                         storage=f"journal:{journals / name}.journal", verbose=False).complete
+    # beta: only seeds 0 and 1 have run (a study still running); beta_3x has no spec; gamma is not in the order
+    assert run_sweep(_spec(tmp_path, "beta", 40, [0, 1]), storage=f"journal:{journals / 'beta'}.journal",
+                     verbose=False).complete
+    judged = []
+    real = verdicts.evaluate
+    monkeypatch.setattr(verdicts, "evaluate", lambda data, *a, **k: judged.append(data.name) or real(data, *a, **k))
+    text, rows = fv2.build(specs, journals, order=["alpha", "beta"], claims={}, notes={})
+    assert sorted(judged) == ["alpha", "alpha_3x"]  # the running study's hypotheses were never evaluated
+    alpha, beta = rows
+    assert alpha["state_1"] == alpha["state_2"] == "complete" and beta["state_1"] == "running"
+    assert "running (8/12)" in text and "no spec" in text
+    # the document's family: 4 entries (alpha at 2 budgets, beta at 2), beta's at p = 1
+    ps = [alpha["p_holm_1"], alpha["p_holm_2"]]
+    raw = []
+    for name in ("alpha", "alpha_3x"):
+        from normablate.report.data import load
+
+        (v,) = real(load(name, f"journal:{journals / name}.journal"))
+        raw.append(v.test.p)
+    assert ps == pytest.approx(verdicts.holm(raw + [1.0, 1.0])[:2])
+    assert alpha["change"] == pytest.approx(alpha["estimate_2"] - alpha["estimate_1"])
+    assert alpha["change_lo"] < alpha["change"] < alpha["change_hi"]
+    # --write replaces only the marked block of the findings document
+    doc = tmp_path / "findings.md"
+    doc.write_text(f"intro\n{fv2.BEGIN}\nold table\n{fv2.END}\nafter\n")
+    fv2.write(text, findings=doc, table=tmp_path / "table.md")
+    out = doc.read_text()
+    assert out.startswith("intro\n") and out.endswith(f"{fv2.END}\nafter\n") and "old table" not in out
+    assert text in out and (tmp_path / "table.md").read_text() == text
