@@ -16,13 +16,23 @@ import os
 import queue
 import signal
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..signals import REFUSED, STOP
 
 if TYPE_CHECKING:  # (types only: not imported at run time)
-    from .runner import Sweep
     from .spec import SweepSpec
+
+
+class SweepView(Protocol):
+    """What supervision reads of a running ``runner.Sweep`` (a protocol: supervise imports nothing from runner)."""
+
+    url: str
+    t0: float
+    done_at_start: int
+    board: Any  # the live progress board, or None
+
+    def log(self, msg: str) -> None: ...
 
 WORKER_MEMORY = 1 << 30  # bytes one worker needs at least: an interpreter with torch, Lightning and Optuna
 #                          imported (0.83 GB peak RSS measured) plus a small run
@@ -70,7 +80,7 @@ class QueueSink:
             self.queue.put_nowait(event)
 
 
-def run_workers(spec: "SweepSpec", sweep: "Sweep", runtime: dict, workers: int,
+def run_workers(spec: "SweepSpec", sweep: SweepView, runtime: dict, workers: int,
                 max_restarts: int | None = None, *, target: Callable[..., None]) -> int:
     """Start ``workers`` processes on the shared storage and wait for them. A SIGTERM to this process is passed on
     (Ctrl-C in a terminal reaches them directly); each stops after recording its current trial.
