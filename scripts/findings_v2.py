@@ -51,6 +51,10 @@ CLAIM = {"santurkar_lr0.5": "1b", "santurkar_lr0.1": "1b", "santurkar_best_lr": 
          "wuhe_gn_comparable_typical": "5"}
 # the reader's notes (e.g. "untestable at this budget: ..."), by hypothesis id; written by hand, never computed
 NOTES: dict[str, str] = {
+    "santurkar_lr0.5": "both arms end at chance in every seed (test acc 0.1000; 1 of 3 no-norm runs stopped as "
+                       "diverged): with SGD momentum 0.9 at a constant LR 0.5 BN does not train here either, so the "
+                       "contrast carries no information about the claim (a set-up where BN trains at 0.5 could test "
+                       "it)",
     "zhang_rms_matches_ln": "about this 0.1M-parameter LM only (the source: machine translation and larger models)",
     "zhu_dyt_matches_ln_lm": "about this 0.1M-parameter LM only; the source's LMs are 7B-70B LLaMAs with tuned "
                              "alpha_init: untestable at this machine's budget",
