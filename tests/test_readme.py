@@ -121,6 +121,21 @@ def test_strip_comment_keeps_quoted_hashes():
     assert strip_comment("normablate train a=b#c") == "normablate train a=b#c"
 
 
+MY_LM = """from torch import nn
+
+
+class MyLM(nn.Module):
+    def __init__(self, norm_layer, vocab_size, block_size, width):
+        super().__init__()
+        self.emb, self.norm, self.head = nn.Embedding(vocab_size, width), norm_layer(width), nn.Linear(width, vocab_size)
+
+    def forward(self, idx, mask=None):
+        return self.head(self.norm(self.emb(idx), mask=mask) if mask is not None else self.norm(self.emb(idx)))
+
+
+"""
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """``<tmp>/main`` with ``configs`` linked and ``<tmp>/shared`` linked to the checkout's ``../shared``, plus the
@@ -132,6 +147,8 @@ def workdir(tmp_path_factory):
     if (ROOT.parent / "shared").exists():
         (base / "shared").symlink_to(ROOT.parent / "shared")
     (main / "my_norms.py").write_text(python_block_after(README.read_text(), "### Adding a norm"))
+    # the README's backbone block names the user's own LM class (MyLM); a minimal one stands in for it here
+    (main / "my_models.py").write_text(MY_LM + python_block_after(README.read_text(), "### Adding a backbone"))
     (main / "my_sweep.yaml").write_text("kind: grid\nstudy_name: my_sweep\nmetric: val/acc\n"
                                         "base: {trainer: {max_steps: 2}}\ngrid:\n  model.norm: [scale_only, bn]\n")
     # the study `normablate report --study quick` reads: 4 instant fake trials of that name (the README's quick
