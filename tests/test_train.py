@@ -257,6 +257,7 @@ def test_sigint_checkpoint_then_resume_cli(tmp_path):
     assert [s for s, _ in result.history["val/acc"]] == list(range(10, 121, 10))
 
 
+@pytest.mark.slow  # every shipped config for a few steps: ~3 minutes on the loaded 2-core machine
 def test_every_shipped_run_config_runs(tmp_path, shared_data):
     configs = sorted((ROOT / "configs" / "runs").glob("*.yaml"))
     assert configs
