@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError, did_you_mean, unknown
 
 PRUNERS: dict[str, str] = {  # spec name -> class in optuna.pruners
     "none": "NopPruner",
@@ -34,7 +34,7 @@ def make_pruner(p: dict[str, Any], max_steps: int | None):
 
     name = p["name"]
     if name not in PRUNERS:
-        raise ConfigError(f"unknown pruner {name!r}")
+        raise unknown("pruner", name, PRUNERS)
     kw = {k: v for k, v in p.items() if k != "name"}
     for k, v in RUN_DEFAULTS.get(name, lambda _: {})(max_steps).items():
         kw.setdefault(k, v)
@@ -54,6 +54,6 @@ def check_pruner(p: Any, where: str) -> dict[str, Any]:
                           + did_you_mean(name, PRUNERS))
     try:
         make_pruner(p, max_steps=100)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # TypeError: a key the class does not take; ValueError: a bad value
         raise ConfigError(f"{where}: pruner {p}: {e}") from None
     return dict(p)

@@ -35,3 +35,16 @@ def test_bad_pruners_are_refused_naming_the_name_or_the_argument():
     with pytest.raises(ConfigError, match="n_warmup"):
         check_pruner({"name": "median", "n_warmup": 3}, "spec")
     assert check_pruner(None, "spec") == {"name": "none"} and check_pruner("median", "spec") == {"name": "median"}
+
+
+@pytest.mark.parametrize("p, says", [({"name": "percentile", "percentile": 150}, "percentile=150"),
+                                     ({"name": "median", "n_startup_trials": -1}, "n_startup_trials=-1")])
+def test_a_value_optuna_refuses_is_a_config_error_naming_the_pruner_and_optunas_message(p, says):
+    with pytest.raises(ConfigError, match=rf"spec: pruner .*'{p['name']}'.*: .*{says}"):
+        check_pruner(p, "spec")
+
+
+def test_make_pruner_refuses_an_unknown_name_listing_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown pruner 'medain'; valid: hyperband, median, none, .*"
+                                          r"did you mean 'median'"):
+        make_pruner({"name": "medain"}, max_steps=100)
