@@ -50,7 +50,7 @@ def _arch(name: str) -> str:
 
 def _probe(arch: str, options: dict[str, Any]) -> nn.Module:
     """The model with timm's own norms, on the meta device (no memory): its sites and class. An option value timm
-    rejects is a ConfigError naming the options."""
+    rejects is a ConfigError naming the options; a model that cannot be built on the meta device one naming it."""
     import torch
 
     try:
@@ -61,6 +61,9 @@ def _probe(arch: str, options: dict[str, Any]) -> nn.Module:
             raise
         opts = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "no options"
         raise ConfigError(f"timm model {arch!r} cannot be built with {opts}: {type(e).__name__}: {e}") from None
+    except (RuntimeError, NotImplementedError) as e:  # an op without a meta kernel: the model, not the options
+        raise ConfigError(f"timm model {arch!r} cannot be built on the meta device (normablate probes a model's "
+                          f"norm sites there, without memory): {type(e).__name__}: {e}") from None
 
 
 def _class_options(cls: type) -> tuple[dict[str, Any], bool]:

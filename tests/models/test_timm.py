@@ -153,6 +153,17 @@ class Net(nn.Module):
         return self.head(self.ln(self.fc(x)))
 
 
+@pytest.mark.parametrize("error", [RuntimeError, NotImplementedError])
+def test_a_model_the_meta_device_cannot_build_is_a_config_error_naming_it(monkeypatch, error):
+    def refuse(*args, **kwargs):
+        raise error("no meta kernel for aten::made_up")
+
+    monkeypatch.setattr(timm, "create_model", refuse)
+    with pytest.raises(ConfigError, match=rf"timm model 'resnet10t' cannot be built on the meta device.*"
+                                          rf"{error.__name__}: no meta kernel for aten::made_up"):
+        nb.models.create("timm/resnet10t", norm="bn", channels=(8, 16, 32, 64), stem_width=12)  # no cached plan
+
+
 def test_swap_norms_reports_and_replaces_in_place():
     net = Net()
     report = nb.swap_norms(net, "rms")
