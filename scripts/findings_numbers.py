@@ -183,9 +183,11 @@ def save_figure(fig, name: str) -> None:
     print(f"Figure: `{out.relative_to(FINDINGS)}`\n")
 
 
-def best_lr(df: pd.DataFrame, metric: str = "final_val_acc") -> float:
-    """The LR with the highest mean over seeds of the runs in df (the reports' rule: analysis.verdicts.best_lr)."""
-    return float(_best_lr(df, metric, "maximize"))
+def best_lr(df: pd.DataFrame, metric: str = "final_val_acc") -> float | None:
+    """The LR with the highest mean over seeds of the runs in df (the reports' rule: analysis.verdicts.best_lr);
+    None when no LR qualifies (each diverged or has no finite value)."""
+    lr = _best_lr(df, metric, "maximize")
+    return None if lr is None else float(lr)
 
 
 def claim11() -> None:
@@ -196,11 +198,16 @@ def claim11() -> None:
     for pos in ("before_act", "after_act"):
         aff, noaff = pick(df, norm="bn", norm_position=pos), pick(df, norm="bn(affine=False)", norm_position=pos)
         la, ln_ = best_lr(aff), best_lr(noaff)
-        a, b = pick(aff, lr=la), pick(noaff, lr=ln_)
-        print(f"- {pos}, each at its best LR (affine {la}, no affine {ln_}): final val acc affine "
-              f"{stat(a['final_val_acc'])}, no affine {stat(b['final_val_acc'])}; affine - no affine "
-              f"{diff(a['final_val_acc'], b['final_val_acc'])}; train-loss AUC affine {stat(a['train_loss_auc'])}, "
-              f"no affine {stat(b['train_loss_auc'])}; difference {diff(a['train_loss_auc'], b['train_loss_auc'])}")
+        if la is None or ln_ is None:
+            print(f"- {pos}: no best LR for {'affine' if la is None else 'no affine'} (each LR diverged or has no "
+                  "finite final val acc)")
+        else:
+            a, b = pick(aff, lr=la), pick(noaff, lr=ln_)
+            print(f"- {pos}, each at its best LR (affine {la}, no affine {ln_}): final val acc affine "
+                  f"{stat(a['final_val_acc'])}, no affine {stat(b['final_val_acc'])}; affine - no affine "
+                  f"{diff(a['final_val_acc'], b['final_val_acc'])}; train-loss AUC affine "
+                  f"{stat(a['train_loss_auc'])}, no affine {stat(b['train_loss_auc'])}; difference "
+                  f"{diff(a['train_loss_auc'], b['train_loss_auc'])}")
         for lr in sorted(df["lr"].unique()):
             a, b = pick(aff, lr=lr), pick(noaff, lr=lr)
             print(f"  - lr {lr}: acc affine - no affine {diff(a['final_val_acc'], b['final_val_acc'])}")

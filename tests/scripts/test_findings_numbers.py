@@ -104,3 +104,16 @@ def test_batch_size_figure_draws_points_without_a_ci(fn, tmp_path, monkeypatch):
     import matplotlib.image
 
     assert matplotlib.image.imread(tmp_path / "cross" / "batch_size_rules.png").shape[0] > 100
+
+
+def test_claim11_says_when_an_arm_has_no_best_lr(fn, capsys, monkeypatch):
+    """Affine BN before the ReLU has no finite accuracy at any LR: no best LR is said, not a TypeError."""
+    rows = [{"norm": n, "norm_position": pos, "lr": lr, "seed": s, "train_loss_auc": 1.0,
+             "final_val_acc": float("nan") if (n, pos) == ("bn", "before_act") else 0.5 + lr}
+            for n in ("bn", "bn(affine=False)") for pos in ("before_act", "after_act") for lr in (0.1, 0.5)
+            for s in range(2)]
+    monkeypatch.setattr(fn, "load", lambda study: pd.DataFrame(rows))
+    fn.claim11()
+    out = capsys.readouterr().out
+    assert "- before_act: no best LR for affine (each LR diverged or has no finite final val acc)" in out
+    assert "- after_act, each at its best LR (affine 0.5, no affine 0.5)" in out
