@@ -57,13 +57,15 @@ class RunMonitor(L.Callback):
     def __init__(self, run_dir: Path, max_steps: int, val_every: int, samples_per_step: float,
                  divergence_factor: float = 10.0,
                  target_metric: str | None = None, target_value: float | None = None,
-                 stop_request: StopRequest | None = None, ema: float = 0.9) -> None:
+                 stop_request: StopRequest | None = None, ema: float = 0.9,
+                 target_direction: str = "minimize") -> None:
         self.run_dir = Path(run_dir)
         self.max_steps = max_steps
         self.val_every = val_every
         self.samples_per_step = samples_per_step
         self.divergence_factor = divergence_factor
         self.target_metric, self.target_value = target_metric, target_value
+        self.target_direction = target_direction  # the task's, of target_metric ("maximize": reach >= value)
         self.stop_request = stop_request
         self.ema_beta = ema
         # state (saved in checkpoints)
@@ -187,7 +189,7 @@ class RunMonitor(L.Callback):
             self._record(k, step, v)
         if self.target_metric and self.steps_to_target is None and self.target_metric in metrics:
             v = metrics[self.target_metric]
-            better = v >= self.target_value if self.target_metric.endswith("acc") else v <= self.target_value
+            better = v >= self.target_value if self.target_direction == "maximize" else v <= self.target_value
             if better:
                 self.steps_to_target, self.time_to_target = step, self.now_elapsed()
         if self.diverged_step is None:

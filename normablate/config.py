@@ -472,6 +472,10 @@ def validate(cfg: RunConfig) -> None:
     check_ranges(cfg)  # sizes, counts and seeds first: nothing below may allocate with a typo
     backbone = models.info(m.backbone)  # unknown backbone -> lists valid
     models.check_options(m.backbone, m.options)
+    _check(backbone.task in tasks.REGISTRY,  # the backbone's registration first: the config may not name a task
+           f"backbone {m.backbone!r} is registered with task={backbone.task!r} (models.register({m.backbone!r}, ..., "
+           f"task={backbone.task!r})), which is not a registered task; valid: {', '.join(tasks.available())}"
+           + did_you_mean(backbone.task, tasks.available()))
     if cfg.task is None:  # the backbone's own task (models.register(..., task=...))
         cfg.task = backbone.task
     _check(cfg.task in tasks.REGISTRY, f"config key task={cfg.task!r} is not allowed; valid: "

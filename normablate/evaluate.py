@@ -33,11 +33,12 @@ SPLITS = ("val", "test")
 STATS = ("running", "batch", "precise")
 
 
-def better(metric: str, new: float, old: float | None) -> bool:
-    """Is ``new`` an improvement on ``old`` for ``metric`` (accuracy: higher; loss, perplexity: lower)?"""
+def better(direction: str, new: float, old: float | None) -> bool:
+    """Is ``new`` an improvement on ``old`` for a metric of ``direction`` (``"maximize"``: higher, else lower;
+    ``tasks.get(task).direction(metric)``)?"""
     if not math.isfinite(new):
         return False
-    return old is None or (new > old if metric.endswith("acc") else new < old)
+    return old is None or (new > old if direction == "maximize" else new < old)
 
 
 # --------------------------------------------------------------------------------------------- during a run
@@ -54,9 +55,9 @@ class BestWeights(_Callback):
     writes it, atomically). Must run before the callback that writes ``last.ckpt`` at the same validation, so the
     checkpoint records this validation's best (train() puts it first)."""
 
-    def __init__(self, run_dir: Path, metric: str) -> None:
+    def __init__(self, run_dir: Path, metric: str, direction: str) -> None:
         self.path = Path(run_dir) / "best.pt"
-        self.metric = metric
+        self.metric, self.direction = metric, direction  # direction: the task's (tasks.get(task).direction(metric))
         self.best: float | None = None
         self.best_step: int | None = None
 
@@ -70,7 +71,7 @@ class BestWeights(_Callback):
         if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
             return
         v = float(trainer.callback_metrics[self.metric])
-        if not better(self.metric, v, self.best):
+        if not better(self.direction, v, self.best):
             return
         self.best, self.best_step = v, int(trainer.global_step)
         if trainer.is_global_zero:

@@ -176,7 +176,8 @@ def fit(run: Prepared, model: torch.nn.Module, task: L.LightningModule, callback
     info = tasks.get(cfg.task)
     with stop_on_signals() as stop:
         monitor = RunMonitor(run.folder.run_dir, t.max_steps, t.val_every, float(datamodule.samples_per_step),
-                             t.divergence_factor, t.target_metric, t.target_value, stop)
+                             t.divergence_factor, t.target_metric, t.target_value, stop,
+                             target_direction=info.direction(t.target_metric) if t.target_metric else "minimize")
         probe = None
         if cfg.probes.enabled:  # after the monitor, so its step timing (throughput) leaves the probes out
             from .probes import ProbeCallback
@@ -184,7 +185,8 @@ def fit(run: Prepared, model: torch.nn.Module, task: L.LightningModule, callback
             probe = ProbeCallback(model, cfg.probes)
         # best.pt: the best validation's weights (selection's pick), tested at the end; before the monitor, whose
         # last.ckpt must record this validation's best
-        best_weights = BestWeights(run.folder.run_dir, t.select_metric or info.select)
+        select = t.select_metric or info.select
+        best_weights = BestWeights(run.folder.run_dir, select, info.direction(select))
         cbs = [best_weights, monitor, RunIdentity(cfg), *([probe] if probe else []), *callbacks]
         tty = sys.stdout.isatty()  # trainer.progress: a refreshed bar on a terminal, else a plain line every 30 s
         if t.progress and tty:  # or tenth of the run (progress.py), never carriage-return frames in a log

@@ -104,7 +104,8 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
         status = "diverged"
     wall = time.perf_counter() - t0
     final = {k: v[-1][1] for k, v in history.items() if k.startswith("val/")}
-    best = {k: (max if k.endswith("acc") else min)(x[1] for x in v) for k, v in history.items() if k.startswith("val/")}
+    best = {k: (max if task.direction(k) == "maximize" else min)(x[1] for x in v) for k, v in history.items()
+            if k.startswith("val/")}
     losses = [v for _, v in history.get("train/loss", []) if math.isfinite(v)]
     test = {}  # the held-out test split: validation's numbers plus a little split noise (a generalization gap)
     if status == "completed":

@@ -12,7 +12,10 @@ Contract of the registry: an entry is a ``TaskInfo`` holding
   ``test_metrics`` their test-split names (what a hypothesis may contrast);
 - ``direction(metric)``: ``"maximize"`` or ``"minimize"``; ``select``: the metric whose best validation's
   weights are kept by default (``trainer.select_metric``);
-- ``unit``: what the throughput counts; ``modality``: ``"images"`` or ``"text"`` (which sources the data reads);
+- ``unit``: what the throughput counts (``rate``: the word a report's throughput column uses, per second);
+  ``chance_outcomes``: how many outcomes a uniform prediction picks among (a number, or the data fact giving it):
+  a report's chance levels (accuracy 1/K, loss ln K, perplexity K); ``modality``: ``"images"`` or ``"text"``
+  (which sources the data reads);
 - ``facts``: the data facts (DataModule attributes after ``setup``) a backbone's options are filled from
   (``models.BackboneInfo.input_options``), ``at_least``: those a model option set in the config must reach (a
   capacity: classes, vocabulary, context), ``exact``: those it must equal (the channels), and
@@ -69,6 +72,8 @@ class TaskInfo:
     at_least: Mapping[str, str] = field(default_factory=dict)  # capacity fact -> what it is, for the error message
     exact: tuple[str, ...] = ()  # facts a model option set in the config must equal (the image channels)
     config_facts: Callable[[Any], dict[str, Any]] = lambda data_cfg: {}  # facts known from the DataConfig alone
+    rate: str = "samples"  # a report's throughput column: "throughput (<rate>/s)"
+    chance_outcomes: int | str | None = None  # K of a uniform prediction: a count, or the fact naming it; None: unknown
 
     @property
     def module(self) -> type:
@@ -84,10 +89,14 @@ class TaskInfo:
 
     def direction(self, metric: str, default: str | None = None) -> str:
         """``"maximize"`` or ``"minimize"`` for ``metric`` of any split or variant (``val/acc``, ``test/loss``,
-        ``val/acc_batchstats``); an unknown metric is a ConfigError unless a ``default`` is given."""
-        base = metric.rsplit("/", 1)[-1].split("_", 1)[0]
-        if base in self.directions:
-            return self.directions[base]
+        ``val/acc_batchstats``): the longest registered prefix of its base name at a ``_`` (``top_1`` of
+        ``val/top_1`` and ``val/top_1_batchstats``, ``acc`` of ``val/acc_batchstats``); an unknown metric is a
+        ConfigError unless a ``default`` is given."""
+        name = metric.rsplit("/", 1)[-1]
+        for i in range(name.count("_") + 1):  # the full name, then shorter prefixes
+            base = name.rsplit("_", i)[0]
+            if base in self.directions:
+                return self.directions[base]
         if default is not None:
             return default
         raise ConfigError(f"metric {metric!r} is not one of task {self.name!r}'s; valid: {', '.join(self.metrics)}")
@@ -113,7 +122,8 @@ class TaskInfo:
 def register(name: str, module: Any, datamodule: Any, metrics: tuple[str, ...], primary: str,
              direction: Mapping[str, str], unit: str, modality: str, select: str | None = None,
              facts: tuple[str, ...] = (), at_least: Mapping[str, str] | None = None, exact: tuple[str, ...] = (),
-             config_facts: Callable[[Any], dict[str, Any]] | None = None) -> TaskInfo:
+             config_facts: Callable[[Any], dict[str, Any]] | None = None, rate: str = "samples",
+             chance_outcomes: int | str | None = None) -> TaskInfo:
     """Register a task with its facts (module docstring). ``direction`` maps each metric's base name (``"acc"``)
     to ``"maximize"`` or ``"minimize"``; ``select`` defaults to ``primary``."""
     metrics = tuple(metrics)
@@ -123,7 +133,8 @@ def register(name: str, module: Any, datamodule: Any, metrics: tuple[str, ...], 
     if bad:
         raise ConfigError(f"task {name!r}: direction {bad} is not allowed; valid: {', '.join(DIRECTIONS)}")
     info = TaskInfo(name, module, datamodule, metrics, primary, dict(direction), unit, modality, select or primary,
-                    tuple(facts), dict(at_least or {}), tuple(exact), config_facts or (lambda data_cfg: {}))
+                    tuple(facts), dict(at_least or {}), tuple(exact), config_facts or (lambda data_cfg: {}), rate,
+                    chance_outcomes)
     missing = [m for m in metrics if info.direction(m, default="?") == "?"]
     if missing:
         raise ConfigError(f"task {name!r}: metrics {missing} have no direction; give direction={{name: maximize|"
@@ -149,7 +160,8 @@ register("classification", module="normablate.tasks.classification:Classificatio
          direction={"acc": "maximize", "loss": "minimize"}, unit="images", modality="images", select="val/acc",
          facts=("num_classes", "in_chans", "image_size"),
          at_least={"num_classes": "the number of classes of data.source"},
-         exact=("in_chans",))  # not image_size: a timm ViT with dynamic_img_size: true takes other sizes
+         exact=("in_chans",),  # not image_size: a timm ViT with dynamic_img_size: true takes other sizes
+         chance_outcomes="num_classes")  # the run's model.num_classes, else the source's known class count
 register("lm", module="normablate.tasks.language_model:LanguageModelTask",
          datamodule="normablate.data.text:TextDataModule", metrics=("val/ppl", "val/loss"), primary="val/ppl",
          direction={"ppl": "minimize", "loss": "minimize"}, unit="real tokens", modality="text",
@@ -157,7 +169,8 @@ register("lm", module="normablate.tasks.language_model:LanguageModelTask",
          facts=("vocab_size", "block_size"),
          at_least={"vocab_size": "the byte vocabulary", "block_size": "data.block_size"},
          # byte-level tokens (data/text.py VOCAB_SIZE); the data's sequences are data.block_size long
-         config_facts=lambda data_cfg: {"vocab_size": 256, "block_size": data_cfg.block_size})
+         config_facts=lambda data_cfg: {"vocab_size": 256, "block_size": data_cfg.block_size},
+         rate="tokens", chance_outcomes=256)  # the byte vocabulary
 
 _CLASSES = {"NormTask": ".base", "using_batch_statistics": ".base", "ClassificationTask": ".classification",
             "LanguageModelTask": ".language_model"}

@@ -216,3 +216,70 @@ def test_the_estimate_from_the_built_model_equals_the_meta_build(overrides):
     after = model.state_dict()
     assert all(after[k].device.type == "cpu" and torch.equal(after[k], v) for k, v in before.items())
 
+
+
+# ------------------------------------------------------------------------------------------ plug-in task facts
+@pytest.fixture
+def f1_task():
+    """A plug-in task whose primary metric is ``val/f1`` (maximize) and a backbone of it. Its validation F1 is
+    scripted by step (0.2, 0.9, 0.5 at steps 2, 4, 6): the best validation is the middle one."""
+    from normablate.tasks.classification import ClassificationTask
+
+    script = {2: 0.2, 4: 0.9, 6: 0.5}
+
+    class F1Task(ClassificationTask):
+        def compute_val_metrics(self):
+            out = {k.replace("/acc", "/f1"): v for k, v in super().compute_val_metrics().items()}
+            if "val/f1" in out and not self.trainer.testing:
+                out["val/f1"] = torch.tensor(script.get(self.global_step, 0.0))
+            return out
+
+    tasks.register("r1_f1", module=F1Task, datamodule="normablate.data.vision:VisionDataModule",
+                   metrics=("val/f1", "val/loss"), primary="val/f1", direction={"f1": "maximize", "loss": "minimize"},
+                   unit="images", modality="images", facts=("num_classes", "in_chans"))
+
+    @models.register("r1_f1_mlp", layout="image", task="r1_f1")
+    def f1_mlp(norm_layer, num_classes: int = 10, in_chans: int = 3):
+        return nn.Sequential(nn.Conv2d(in_chans, 4, 1), norm_layer(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4, num_classes))
+
+    yield script
+    models.REGISTRY.unregister("r1_f1_mlp")
+    tasks.REGISTRY.unregister("r1_f1")
+
+
+def test_a_plugin_tasks_maximized_metric_keeps_its_best_weights_and_reaches_its_target(tmp_path, f1_task):
+    cfg = load_config(None, [*TINY, "model.backbone=r1_f1_mlp", "model.norm=bn", "trainer.max_steps=6",
+                             "trainer.val_every=2", "trainer.target_metric=val/f1", "trainer.target_value=0.85",
+                             f"trainer.log_dir={tmp_path}"])
+    assert cfg.task == "r1_f1"
+    result = train(cfg)
+    assert result.status == "completed" and result.final["val/f1"] == pytest.approx(0.5)
+    saved = torch.load(next(tmp_path.rglob("best.pt")), weights_only=True)
+    assert (saved["metric"], saved["step"], saved["value"]) == ("val/f1", 4, pytest.approx(0.9))  # higher is better
+    assert result.best["val/f1"] == pytest.approx(0.9)
+    assert result.steps_to_target == 4  # the first validation with F1 >= 0.85 (not the first <= 0.85, step 2)
+
+
+def test_a_metric_name_with_an_underscore_gets_its_registered_direction():
+    info = tasks.register("r1_topk", module="x:Y", datamodule="x:Z", metrics=("val/top_1", "val/loss"),
+                          primary="val/top_1", direction={"top_1": "maximize", "loss": "minimize"}, unit="images",
+                          modality="images")
+    try:
+        assert [info.direction(m) for m in ("val/top_1", "test/top_1", "val/top_1_batchstats", "val/loss_batchstats")
+                ] == ["maximize", "maximize", "maximize", "minimize"]
+        with pytest.raises(ConfigError, match=r"metric 'val/top' is not one of task 'r1_topk''s"):
+            info.direction("val/top")
+    finally:
+        tasks.REGISTRY.unregister("r1_topk")
+
+
+def test_a_backbone_registered_with_an_unknown_task_names_its_registration():
+    models.register("r1_lmm_net", layout="tokens", task="lmm")(lambda norm_layer: nn.Identity())
+    try:
+        with pytest.raises(ConfigError, match=r"backbone 'r1_lmm_net' is registered with task='lmm' \(models.register"
+                                              r"\('r1_lmm_net', \.\.\., task='lmm'\)\), which is not a registered task; "
+                                              r"valid: classification, lm.*did you mean 'lm'"):
+            load_config(None, ["model.backbone=r1_lmm_net"])
+    finally:
+        models.REGISTRY.unregister("r1_lmm_net")
