@@ -13,15 +13,10 @@ import pytest
 import torch
 
 from normablate.cli import main
+from support.helpers import run_main
 from support.runs import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_main(capsys, *argv: str) -> tuple[int, str]:
-    """``normablate argv`` in this process: (exit code, stderr). A traceback would fail the test (no catch-all)."""
-    code = main(list(argv))
-    return code, capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ 1. bad input
@@ -34,7 +29,7 @@ def run_main(capsys, *argv: str) -> tuple[int, str]:
 def test_bad_config_files_are_refused(tmp_path, capsys, text, message):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(text)
-    code, err = run_main(capsys, "train", "--config", str(cfg), f"trainer.log_dir={tmp_path / 'logs'}")
+    code, _, err = run_main(capsys, "train", "--config", str(cfg), f"trainer.log_dir={tmp_path / 'logs'}")
     assert code == 2 and re.search(message, err), err
     assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "logs").exists()
@@ -53,7 +48,7 @@ def test_bad_config_files_are_refused(tmp_path, capsys, text, message):
     (["trainer.precision=16-mixed"], r"needs a GPU"),
 ])
 def test_bad_values_are_refused_before_anything_is_built(tmp_path, capsys, overrides, message):
-    code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", *overrides)
+    code, _, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", *overrides)
     assert code == 2 and re.search(message, err), err
     assert len(err.strip().splitlines()) == 1, err
     assert not any(tmp_path.iterdir())
@@ -90,7 +85,7 @@ def test_norm_option_ranges_are_checked_for_every_registered_norm():
 
 
 def test_batch_larger_than_the_dataset_is_refused(tmp_path, capsys):
-    code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", "data.train_limit=20")
+    code, _, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", "data.train_limit=20")
     assert code == 2 and "data.batch_size=32 is larger than the 20 training examples" in err, err
     assert not list(tmp_path.rglob("last.ckpt"))
 
@@ -100,7 +95,7 @@ def test_gpu_without_a_gpu_is_refused_before_data(tmp_path, capsys, monkeypatch)
     import normablate.data as data
 
     monkeypatch.setattr(data, "build_datamodule", lambda *a, **k: pytest.fail("data was loaded"))
-    code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", "trainer.accelerator=gpu")
+    code, _, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", "trainer.accelerator=gpu")
     assert code == 2 and "trainer.accelerator='gpu' but this machine has no usable CUDA GPU" in err, err
 
 
@@ -110,7 +105,7 @@ def test_gpu_without_a_gpu_is_refused_before_data(tmp_path, capsys, monkeypatch)
     ("justaname", r"neither a database URL nor a storage file"),
 ])
 def test_malformed_storage_is_refused(tmp_path, capsys, storage, message):
-    code, err = run_main(capsys, "sweep", "--config", str(ROOT / "configs/sweeps/quick.yaml"), "--storage", storage,
+    code, _, err = run_main(capsys, "sweep", "--config", str(ROOT / "configs/sweeps/quick.yaml"), "--storage", storage,
                          f"trainer.log_dir={tmp_path}")
     assert code == 2 and re.search(message, err), err
     assert len(err.strip().splitlines()) == 1, err
@@ -136,7 +131,7 @@ ALIAS_BOMB = "[&l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1], " + ", ".join(
 ])
 def test_hostile_inputs_of_issue_25_are_one_line_and_create_nothing(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
-    code, err = run_main(capsys, *(a.replace("{tmp}", str(tmp_path)) for a in argv))
+    code, _, err = run_main(capsys, *(a.replace("{tmp}", str(tmp_path)) for a in argv))
     assert code == 2 and re.search(message, err), err
     assert len(err.strip().splitlines()) == 1 and "unexpected" not in err, err
     assert list(tmp_path.iterdir()) == []
@@ -150,7 +145,7 @@ def test_unexpected_errors_are_one_line_unless_debugging(tmp_path, capsys, monke
 
     monkeypatch.setattr(cli, "cmd_list", boom)
     monkeypatch.delenv("NORMABLATE_DEBUG", raising=False)
-    code, err = run_main(capsys, "list")
+    code, _, err = run_main(capsys, "list")
     assert code == 1 and "unexpected RuntimeError: something inside broke" in err and "NORMABLATE_DEBUG=1" in err
     assert len(err.strip().splitlines()) == 1
     with pytest.raises(RuntimeError, match="inside broke"):
@@ -167,7 +162,7 @@ def test_unexpected_errors_are_one_line_unless_debugging(tmp_path, capsys, monke
 def test_run_names_stay_inside_the_log_folder(tmp_path, capsys, override):
     logs = tmp_path / "a" / "logs"
     logs.parent.mkdir()
-    code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={logs}", override)
+    code, _, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={logs}", override)
     assert code == 2 and "stays inside the log folder" in err, err
     assert not logs.exists() and sorted(p.name for p in tmp_path.rglob("*")) == ["a"]
     assert not Path("/tmp/abs_experiment").exists()
@@ -176,7 +171,7 @@ def test_run_names_stay_inside_the_log_folder(tmp_path, capsys, override):
 @pytest.mark.parametrize("name", ["../../x", "/tmp/abs_study", "a/./b", ".."])
 def test_study_names_stay_inside_the_log_folder(tmp_path, capsys, name):
     logs = tmp_path / "logs"
-    code, err = run_main(capsys, "sweep", "--config", str(ROOT / "configs/sweeps/quick.yaml"), "--study-name", name,
+    code, _, err = run_main(capsys, "sweep", "--config", str(ROOT / "configs/sweeps/quick.yaml"), "--study-name", name,
                          f"trainer.log_dir={logs}", "--check")
     assert code == 2 and "study name" in err and "stays inside the log folder" in err, err
     assert not any(tmp_path.iterdir())
@@ -197,7 +192,7 @@ def test_truncated_checkpoint_with_resume_is_one_clear_line(tmp_path, capsys):
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
     capsys.readouterr()
-    code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", "run=r", "--resume")
+    code, _, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", "run=r", "--resume")
     assert code == 2 and f"checkpoint '{ckpt}' is unreadable" in err and "Move it away" in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert ckpt.stat().st_size == len(data) // 2  # left as it was
@@ -206,13 +201,13 @@ def test_truncated_checkpoint_with_resume_is_one_clear_line(tmp_path, capsys):
 def test_unwritable_log_folder_is_one_clear_line(tmp_path, capsys):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("x")
-    code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={blocker / 'logs'}")
+    code, _, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={blocker / 'logs'}")
     assert code == 2 and "cannot write the run folder" in err and "trainer.log_dir" in err, err
     assert len(err.strip().splitlines()) == 1, err
     if os.geteuid() != 0:  # permission bits do not stop root
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
-        code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={ro}")
+        code, _, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={ro}")
         assert code == 2 and "cannot write the run folder" in err and "Permission denied" in err, err
 
 
@@ -273,7 +268,7 @@ def test_data_cache_byte_flip_is_detected_and_rebuilt(tmp_path):
 
 
 def test_resume_without_a_checkpoint_says_it_starts_from_scratch(tmp_path, capsys):
-    code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", "run=r", "--resume")
+    code, _, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", "run=r", "--resume")
     assert code == 0 and "--resume: no checkpoint in" in err and "starting this run from scratch" in err, err
 
 
@@ -421,7 +416,7 @@ def test_offline_hub_source_fails_at_once_with_a_hint(tmp_path, capsys, monkeypa
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the hub loader was called"))
-    code, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", "data.source=some_user/some_set",
+    code, _, err = run_main(capsys, "train", *TINY, f"trainer.log_dir={tmp_path}", "data.source=some_user/some_set",
                          f"data.cache_dir={tmp_path / 'cache'}")
     assert code == 2 and "cannot be reached" in err and "point data.source at the local copy" in err, err
     assert len(err.strip().splitlines()) == 1, err

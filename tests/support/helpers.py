@@ -40,3 +40,12 @@ def padded(seed: int = 0, n: int = 4, t: int = 7, c: int = 5) -> tuple[torch.Ten
     lengths = torch.tensor([7, 3, 5, 1])[:n]
     mask = torch.arange(t)[None, :] < lengths[:, None]
     return x, mask
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    """``normablate argv`` in this process: (exit code, stdout, stderr). A traceback fails the test (no catch-all)."""
+    from normablate.cli import main
+
+    code = main(list(argv))
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err

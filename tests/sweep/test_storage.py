@@ -22,17 +22,11 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from normablate.cli import main
 from normablate.sweep.storage import StorageError, check_journal, open_storage
 
+from support.helpers import run_main
 from support.sweep import make_spec, sqlite_url
 
 ROOT = Path(__file__).resolve().parents[2]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def run_main(capsys, *argv: str) -> tuple[int, str, str]:
-    """``normablate argv`` in this process: (exit code, stdout, stderr); a traceback fails the test."""
-    code = main(list(argv))
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def one_line(err: str) -> str:
