@@ -1,7 +1,8 @@
-"""Dotted config keys (``"optim.lr"``) on nested mappings: the one reader and the one writer that run configs,
-sweep specs, study kinds and reports share. Ground floor: imports nothing."""
+"""Dotted config keys (``"optim.lr"``) on nested mappings: the one reader, the one writer and the one flattener that
+run configs, sweep specs, study kinds and reports share. Ground floor: imports nothing."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -26,3 +27,16 @@ def set_dotted(d: dict, key: str, value: Any) -> None:
             cur[p] = nxt
         cur = nxt
     cur[parts[-1]] = value
+
+
+def flatten(d: dict, descend: Callable[[str], bool] = lambda key: True, prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"width": 8}}`` -> ``{"model.width": 8}``: a mapping value is opened where ``descend(its dotted
+    key)`` says so (at any depth), else kept whole; the inverse of ``set_dotted`` on each key."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and descend(key):
+            out.update(flatten(v, descend, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -33,6 +33,7 @@ import lightning as L
 import torch
 
 from .config import RunConfig, to_dict, to_yaml
+from .dotted import flatten
 from .errors import ConfigError, RunFileError
 from .result import RunResult
 
@@ -158,13 +159,7 @@ def read_identity(ckpt: Path) -> tuple[dict | None, int | None]:
 def _flat(d: dict) -> dict[str, Any]:
     """``{"model": {"width": 8}}`` -> ``{"model.width": 8}``: one level below the sections; values inside a key
     (a norm dict, a list) stay whole."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k in ("model", "data", "optim", "trainer", "probes"):
-            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
-        else:
-            out[k] = v
-    return out
+    return flatten(d, descend=lambda key: key in ("model", "data", "optim", "trainer", "probes"))
 
 
 def _same(a: Any, b: Any) -> bool:

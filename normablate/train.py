@@ -24,6 +24,7 @@ from . import footprint, runfolder, speed, tasks
 from .build import build_model, build_task, quiet_lightning
 from .callbacks import RunInterrupted, RunMonitor
 from .config import RunConfig, check_hardware, epochs_to_steps, from_dict, to_dict, validated
+from .dotted import flatten
 from .errors import ConfigError
 from .evaluate import BestWeights, test_at_end
 from .norms import sync
@@ -39,15 +40,11 @@ from .tblog import final_metrics, finish, log_final, log_hparams, make_loggers, 
 log = logging.getLogger(__name__)
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and k != "norm":
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-    return out
+def _flat(d: dict) -> dict[str, object]:
+    """Hyperparameters for the loggers: every level opened but a ``norm`` mapping; a value that is not a scalar
+    (a norm dict, a list, None) as JSON."""
+    flat = flatten(d, descend=lambda key: key.rsplit(".", 1)[-1] != "norm")
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flat.items()}
 
 
 def speed_options(model: torch.nn.Module, t) -> torch.nn.Module:
