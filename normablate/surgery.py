@@ -222,7 +222,7 @@ def swap_norms(module: nn.Module, norm: Any, layout: str | None = None) -> SwapR
     ``module`` itself unless ``module`` is a norm, then its replacement.
 
         >>> report = normablate.swap_norms(my_net, "rms")
-        >>> print(report)          # swap_norms: 5 site(s) -> 'rms': 3 LayerNorm, 2 BatchNorm2d
+        >>> print(report)          # swap_norms: 5 site(s) -> 'rms': 2 BatchNorm2d, 3 LayerNorm
     """
     if layout is not None and layout not in norms.LAYOUTS:
         raise ConfigError(f"swap_norms: layout {layout!r} is not one of {', '.join(norms.LAYOUTS)} (or None)")
