@@ -192,13 +192,28 @@ KNOWN_CLASSES = {"synthetic": 10, "cifar10": 10, "cifar100": 100, "mnist": 10, "
 
 
 def chance(data: StudyData, metric: str) -> float | None:
-    """The metric's value for a uniform prediction (10 classes: accuracy 0.1, loss ln 10; byte LM: ln 256),
-    from the trials' configs; None when the class count is unknown."""
+    """The metric's value for a uniform prediction over K outcomes (accuracy 1/K, loss ln K, perplexity K; 10
+    classes: 0.1, ln 10; byte LM: ln 256), K from the task's ``chance_outcomes`` fact (a count, or
+    ``"num_classes"``: the trials' configs); None when K is unknown."""
+    from .tables import study_task
+
     df = data.trials
     if not len(df) or "task" not in df:
         return None
-    if (df["task"] == "lm").all():
-        return {"val/loss": math.log(256), "train/loss": math.log(256), "val/ppl": 256.0}.get(metric)
+    info = study_task(data)  # None: trials from before runs recorded their task (image classification)
+    names = (*info.metrics, "train/loss") if info is not None else ("val/acc", "val/loss", "train/loss")
+    if metric not in names:
+        return None
+    k = info.chance_outcomes if info is not None else "num_classes"
+    if k == "num_classes":
+        k = _classes(df)
+    if k is None or isinstance(k, str):  # unknown, or a fact the trials do not record
+        return None
+    return {"acc": 1.0 / k, "loss": math.log(k), "ppl": float(k)}.get(metric.split("/", 1)[1])
+
+
+def _classes(df) -> int | None:
+    """The trials' one class count (model.num_classes, else the source's known one); None if unknown or mixed."""
     classes = set()
     for src, n in zip(df["source"] if "source" in df else [None] * len(df),
                       df["num_classes"] if "num_classes" in df else [None] * len(df)):
@@ -207,8 +222,7 @@ def chance(data: StudyData, metric: str) -> float | None:
         classes.add(n)
     if len(classes) != 1 or None in classes:
         return None
-    k = classes.pop()
-    return {"val/acc": 1.0 / k, "val/loss": math.log(k), "train/loss": math.log(k)}.get(metric)
+    return classes.pop()
 
 
 def chance_line(ax, value: float | None, label: str = "chance (uniform prediction)") -> None:

@@ -28,6 +28,15 @@ def better(direction: str):
     return (lambda a, b: a > b) if direction == "maximize" else (lambda a, b: a < b)
 
 
+def study_task(data: StudyData):
+    """The facts (``tasks.TaskInfo``) of the one registered task the study's trials recorded (a study runs one:
+    ``SweepSpec.validate_all``); None when they record none, an unregistered one or several."""
+    from .. import tasks
+
+    names = set(data.trials["task"].dropna()) if "task" in data.trials else set()
+    return tasks.get(names.pop()) if len(names) == 1 and next(iter(names)) in tasks.REGISTRY else None
+
+
 def summary(data: StudyData) -> pd.DataFrame:
     """One row per configuration: n, n_diverged, n_pruned, and ``<metric>_mean`` / ``<metric>_ci95`` of every
     measurement (means over non-diverged, non-pruned seeds)."""
@@ -191,7 +200,8 @@ def compact_summary(data: StudyData, summ: pd.DataFrame, extra: tuple[str, ...] 
                                                          f"at best {spec.metric}") + ")"}
     else:
         UNITS_AT = {}
-    unit = "tokens" if "task" in data.trials and (data.trials["task"] == "lm").any() else "samples"
+    info = study_task(data)
+    unit = info.rate if info is not None else "samples"
     out = []
     for _, r in summ.iterrows():
         row = {c: r[c] for c in data.group_cols}

@@ -71,6 +71,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import tasks
 from ..labels import value_label as _label
 from .stats import t_quantile, t_sf2
 
@@ -639,11 +640,14 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
         return []
     names = {a.key: a.name for a in spec.axes}
     df = data.trials
+    from .tables import study_task  # (pandas: only when judging)
+
+    task = study_task(data) or tasks.get(spec.task)  # the trials' task, else the spec's base config's
     out: list[Verdict] = []
     for k, h in enumerate(hyps):
         c = h["contrast"]
         metric = c["metric"]
-        direction = "maximize" if metric.endswith("acc") else "minimize"
+        direction = task.direction(metric)
         tcol, vcol, split = _columns(data, metric)
         at = c["at"]
         notes = [] if split == "test" else [f"the trials have no {metric}: the verdict uses {_pretty(vcol)} "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -116,6 +117,11 @@ class SweepSpec:
     source: str | None = None  # the YAML file it came from
     hypotheses: list[dict[str, Any]] = field(default_factory=list)  # pre-registered (sweep.hypotheses.check)
 
+    @functools.cached_property
+    def task(self) -> str:
+        """The study's task: its base config's (``validate_all`` refuses a trial of another); validated once."""
+        return from_dict(copy.deepcopy(self.base)).task
+
     @property
     def study(self) -> StudyKind:
         """The study kind (a ``normablate.studies`` plug-in) that owns ``options``."""
@@ -160,7 +166,7 @@ class SweepSpec:
         for key, value in (params or {}).items():
             set_dotted(d, key, value)
         d["trainer"]["log_dir"] = self.log_dir
-        if self.metric in ("val/acc", "val/loss", "val/ppl"):  # the weights tested as test_at_best: the study's pick
+        if self.metric in tasks.get(self.task).metrics:  # tested as test_at_best: the study's pick
             d["trainer"].setdefault("select_metric", self.metric)
         d["experiment"] = self.study_name
         if run is not None:
@@ -179,14 +185,23 @@ class SweepSpec:
 
     def validate_all(self) -> int:
         """Build and validate the run config of every grid point (and search-space corner). Returns the count."""
-        n = 0
+        n, task = 0, self.task
         for point in self.points():
             for params in self.search_params_for_validation():
+                where = point.label(self.axes) + (f" with {params}" if params else "")
                 try:
-                    from_dict(self.trial_dict(point, params, run="validate"))
+                    d = self.trial_dict(point, params, run="validate")
+                    named = _named_task(d)  # before validation, whose errors would be the other task's symptoms
+                    trial_task = named if named not in (None, task) else from_dict(d).task
                 except ConfigError as e:
-                    where = point.label(self.axes) + (f" with {params}" if params else "")
                     raise ConfigError(f"sweep {self.study_name!r}: grid point [{where}]: {e}") from None
+                if trial_task != task:  # one study, one task: its metric, direction and reports are that task's
+                    keys = [k for k in (*point.values, *self.overrides, *(params or {}))
+                            if k == "task" or k.startswith("model.backbone")]
+                    raise ConfigError(f"sweep {self.study_name!r}: grid point [{where}]: its trial's task "
+                                      f"{trial_task!r} differs from the study's {task!r} (its base config's)"
+                                      + (f", set by {', '.join(dict.fromkeys(keys))}" if keys else "")
+                                      + "; a study runs one task: make it a separate study")
                 n += 1
         return n
 
@@ -212,6 +227,17 @@ class SweepSpec:
                    metric=d["metric"], direction=d["direction"], metric_at=d["metric_at"], log_dir=d["log_dir"],
                    trainer_fn=d["trainer_fn"], pruner=d["pruner"], options=d["options"],
                    description=d.get("description", ""), hypotheses=d.get("hypotheses") or [], **extra)
+
+
+def _named_task(d: dict[str, Any]) -> str | None:
+    """The task a raw run config names, or its backbone's registered one; None when it names neither (validation
+    then says what is wrong)."""
+    from .. import models
+
+    task, backbone = d.get("task"), (d.get("model") or {}).get("backbone")
+    if task is not None:
+        return task if isinstance(task, str) else None
+    return models.info(backbone).task if isinstance(backbone, str) and backbone in models.REGISTRY else None
 
 
 # ---------------------------------------------------------------------- loading and checking

@@ -283,3 +283,61 @@ def test_a_backbone_registered_with_an_unknown_task_names_its_registration():
             load_config(None, ["model.backbone=r1_lmm_net"])
     finally:
         models.REGISTRY.unregister("r1_lmm_net")
+
+
+def _trials(task, **cols):
+    import pandas as pd
+
+    from normablate.analysis.data import StudyData
+
+    rows = [{"norm": n, "seed": s, "state": "complete", "diverged": False, "task": task, "source": "synthetic",
+             "final_val_acc": 0.5, "throughput": 100.0 + s, **cols} for n in ("bn", "none") for s in (0, 1)]
+    return StudyData("facts", "mem", None, pd.DataFrame(rows), len(rows), group_cols=["norm"])
+
+
+def test_reports_read_chance_levels_and_the_throughput_unit_from_the_task():
+    import math
+
+    from normablate.analysis import plots, tables
+
+    lm, cls = _trials("lm"), _trials("classification")
+    assert [plots.chance(lm, m) for m in ("val/ppl", "val/loss", "train/loss", "val/acc")] == \
+        [256.0, math.log(256), math.log(256), None]  # the byte vocabulary
+    assert [plots.chance(cls, m) for m in ("val/acc", "val/loss", "val/ppl")] == [0.1, math.log(10), None]
+    assert plots.chance(_trials("classification", num_classes=100), "val/acc") == 0.01
+    assert plots.chance(_trials("classification", source="mystery"), "val/acc") is None  # classes unknown
+    tasks.register("r1_fourway", module="x:Y", datamodule="x:Z", metrics=("val/acc", "val/loss"), primary="val/acc",
+                   direction={"acc": "maximize", "loss": "minimize"}, unit="clips", modality="images", rate="clips",
+                   chance_outcomes=4)
+    try:
+        plug = _trials("r1_fourway")
+        assert (plots.chance(plug, "val/acc"), plots.chance(plug, "val/loss")) == (0.25, math.log(4))
+        assert tables.study_task(plug).rate == "clips"
+    finally:
+        tasks.REGISTRY.unregister("r1_fourway")
+    assert (tables.study_task(lm).rate, tables.study_task(cls).rate) == ("tokens", "samples")
+    assert tables.study_task(_trials(None)) is None
+
+
+def test_a_verdict_on_a_plugin_tasks_maximized_metric_reads_its_direction_from_the_task(f1_task):
+    import numpy as np
+    import pandas as pd
+
+    from normablate.analysis import verdicts
+    from normablate.analysis.data import StudyData
+    from normablate.sweep.spec import load_spec
+
+    h = {"id": "f1", "claim": "BN has the higher F1", "type": "superiority",
+         "contrast": {"a": {"model.norm": "bn"}, "b": {"model.norm": "none"}, "metric": "test/f1",
+                      "at": {"fixed": {"optim.lr": 0.1}}}}
+    spec = load_spec({"kind": "lr_sensitivity", "study_name": "f1", "metric": "val/f1", "hypotheses": [h],
+                      "base": {"model": {"backbone": "r1_f1_mlp", "norm": "bn"}, "data": {"source": "synthetic"}},
+                      "grid": {"seed": [0, 1, 2, 3, 4, 5], "optim.lr": [0.01, 0.1], "model.norm": ["bn", "none"]}})
+    assert (spec.task, spec.direction) == ("r1_f1", "maximize")
+    rng = np.random.default_rng(0)
+    rows = [{"trial": p.index, "point": p.index, "seed": p.values["seed"], "lr": p.values["optim.lr"],
+             "norm": p.values["model.norm"], "state": "complete", "diverged": False, "task": "r1_f1",
+             "final_val_f1": 0.5, "final_test_f1": (0.8 if p.values["model.norm"] == "bn" else 0.7)
+             + rng.normal(0, 0.005)} for p in spec.points()]
+    (v,) = verdicts.evaluate(StudyData("f1", "mem", spec, pd.DataFrame(rows), spec.total))
+    assert (v.direction, v.word) == ("maximize", "supported")  # higher F1 is better: BN's 0.8 beats 0.7

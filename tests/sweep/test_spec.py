@@ -43,3 +43,16 @@ def test_the_common_keys_are_the_typed_fields():
 def test_bad_common_keys_are_named(change, message):
     with pytest.raises(ConfigError, match=message):
         load_spec(spec(**change))
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"grid": {"model.backbone": ["resnet20", "transformer_lm"]}}, r"grid point \[backbone=transformer_lm\]: .*"
+                                                                    r"set by model.backbone"),
+    ({"grid": {"task": ["classification", "lm"]}}, r"grid point \[task=lm\]: .*set by task"),
+    ({"overrides": {"model.backbone": "transformer_lm"}}, r"grid point \[norm=bn\]: .*set by model.backbone"),
+])
+def test_a_trial_of_another_task_than_the_studys_is_refused(change, named):
+    base = {"model": {"backbone": "resnet20", "norm": "bn"}, "data": {"source": "synthetic"}}
+    with pytest.raises(ConfigError, match=named + r"; a study runs one task") as e:
+        load_spec(spec(base=base, **change))
+    assert "its trial's task 'lm' differs from the study's 'classification' (its base config's)" in str(e.value)
