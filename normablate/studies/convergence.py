@@ -47,7 +47,7 @@ class Convergence(StudyKind):
     def section(self, data, summ, out: Path) -> Section:
         from ..analysis import plots as P
         from ..analysis.stats import fmt_ci
-        from ..analysis.tables import config_values, conclusion, markdown_table
+        from ..analysis.tables import config_values, conclusion, markdown_table, study_task
 
         import pandas as pd
 
@@ -64,7 +64,9 @@ class Convergence(StudyKind):
                 row[name] = fmt_ci(r.get(f"{c}_mean", math.nan), r.get(f"{c}_ci95", math.nan))
             rows.append(row)
         comp = self.comparison(data, summ)
-        md = (f"## Convergence (target {t['metric']} {'>=' if t['metric'].endswith('acc') else '<='} "
+        info = study_task(data)
+        up = info.direction(t["metric"]) == "maximize" if info is not None else t["metric"].endswith("acc")
+        md = (f"## Convergence (target {t['metric']} {'>=' if up else '<='} "
               f"{t['value']:g})\n\n" + markdown_table(pd.DataFrame(rows)) + "\n"
               + conclusion(config_values(data, "steps_to_target"), "minimize",
                            "steps to target (over the runs that reached it)") + "\n\n"
