@@ -60,15 +60,23 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True) if y > 0)
 
 
-def ratio_ci(a: list[float], b: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap CI of ``paired_ratio(a, b)`` (the median of the per-repeat ratios), resampling the
-    interleaved repeats (pairs) with replacement; a fixed seed, so a bench run's CI is reproducible from its times."""
+def _pair_bootstrap(a: list[float], b: list[float], stat, resamples: int, seed: int) -> tuple[float, float]:
+    """95% percentile-bootstrap CI of ``stat(a_resampled, b_resampled)`` (arrays of shape (resamples, n)), resampling
+    the interleaved repeats as pairs (a repeat's two times share its load) with replacement; a fixed seed, so a bench
+    run's CI is reproducible from its times."""
     import numpy as np
 
-    r = np.asarray(a, dtype=float) / np.asarray(b, dtype=float)
-    idx = np.random.default_rng(seed).integers(0, len(r), (resamples, len(r)))
-    meds = np.median(r[idx], axis=1)
-    return float(np.quantile(meds, 0.025)), float(np.quantile(meds, 0.975))
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))
+    r = stat(x[idx], y[idx])
+    return float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))
+
+
+def ratio_ci(a: list[float], b: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% CI of ``paired_ratio(a, b)`` (the median of the per-repeat ratios), by ``_pair_bootstrap``."""
+    import numpy as np
+
+    return _pair_bootstrap(a, b, lambda x, y: np.median(x / y, axis=1), resamples, seed)
 
 
 def median_ratio(a: list[float], b: list[float]) -> float:
@@ -78,14 +86,10 @@ def median_ratio(a: list[float], b: list[float]) -> float:
 
 
 def median_ratio_ci(a: list[float], b: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap CI of ``median_ratio(a, b)``, resampling the interleaved repeats as pairs (a repeat's
-    two times share its load) with replacement; a fixed seed, as ``ratio_ci``."""
+    """95% CI of ``median_ratio(a, b)``, by ``_pair_bootstrap``."""
     import numpy as np
 
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    idx = np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))
-    r = np.median(x[idx], axis=1) / np.median(y[idx], axis=1)
-    return float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))
+    return _pair_bootstrap(a, b, lambda x, y: np.median(x, axis=1) / np.median(y, axis=1), resamples, seed)
 
 
 def compare(section: str, name: str, layout: str, ours_label: str, ref_label: str, ours: Callable,
