@@ -239,7 +239,11 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is type(None):
         return value is None, value
     if origin is Literal:
-        return value in typing.get_args(tp), value
+        args = typing.get_args(tp)
+        word = {False: "off", True: "on"}.get(value) if isinstance(value, bool) else None
+        if word in args:  # YAML 1.1 reads an unquoted off/on (trainer.batchstat_gap=off) as false/true
+            return True, word
+        return value in args, value
     if tp is float:
         if isinstance(value, bool):
             return False, value

@@ -93,19 +93,25 @@ def evaluate_split(trainer, task, datamodule, split: str = "test", stats: str = 
 def test_at_end(trainer, task, datamodule, best: BestWeights | None, final_step: int
                 ) -> tuple[dict[str, float], dict[str, float]]:
     """(test metrics of the final model, test metrics of the best-validation weights or {} when those are the
-    final ones). The final weights are back in the model afterwards."""
-    test = evaluate_split(trainer, task, datamodule, "test")
-    at_best: dict[str, float] = {}
-    if best is not None and best.best_step is not None and best.best_step != final_step:
-        trainer.strategy.barrier()  # rank 0 wrote best.pt; every rank reads it
-        saved = {k: t.detach().clone() for k, t in task.model.state_dict().items()}
-        state = torch.load(best.path, map_location="cpu", weights_only=True)["state_dict"]
-        task.model.load_state_dict(state)
-        try:
-            at_best = {k.replace("test_at_best/", "test/"): v for k, v in
-                       evaluate_split(trainer, task, datamodule, "test", prefix="test_at_best").items()}
-        finally:
-            task.model.load_state_dict(saved)
+    final ones). The final weights are back in the model afterwards. A run that measures the train/eval gap
+    (``trainer.batchstat_gap`` on, batch-statistics norms in the model) measures it on the test split too:
+    ``test/loss_batchstats``, ``test/train_eval_gap`` and, with PreciseBN, ``test/train_eval_gap_precise``."""
+    task.test_gap = getattr(task, "batchstat_gap", "off") != "off"
+    try:
+        test = evaluate_split(trainer, task, datamodule, "test")
+        at_best: dict[str, float] = {}
+        if best is not None and best.best_step is not None and best.best_step != final_step:
+            trainer.strategy.barrier()  # rank 0 wrote best.pt; every rank reads it
+            saved = {k: t.detach().clone() for k, t in task.model.state_dict().items()}
+            state = torch.load(best.path, map_location="cpu", weights_only=True)["state_dict"]
+            task.model.load_state_dict(state)
+            try:
+                at_best = {k.replace("test_at_best/", "test/"): v for k, v in
+                           evaluate_split(trainer, task, datamodule, "test", prefix="test_at_best").items()}
+            finally:
+                task.model.load_state_dict(saved)
+    finally:
+        task.test_gap = False
     return test, at_best
 
 

@@ -150,8 +150,9 @@ def recent_steps(step: int, num_batches: int) -> range:
 
 
 class PreciseBN(L.Callback):
-    """Before each validation, compute PreciseBN statistics and hand them to the task (``precise_stats``),
-    which evaluates with them swapped in as ``val_precise``; dropped again after the validation."""
+    """Before each validation (and the end-of-run test pass that measures the train/eval gap), compute PreciseBN
+    statistics and hand them to the task (``precise_stats``), which evaluates with them swapped in as
+    ``val_precise``; dropped again after the validation."""
 
     def __init__(self, num_batches: int) -> None:
         if num_batches < 1:
@@ -167,4 +168,13 @@ class PreciseBN(L.Callback):
         pl_module.precise_stats = population_stats(pl_module, batches, pl_module.loss)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.precise_stats = None
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The end-of-run test pass that measures the train/eval gap (``test_gap``) measures it after PreciseBN
+        too, with statistics recomputed as before a validation (from the most recent training batches)."""
+        if getattr(pl_module, "test_gap", False):
+            self.on_validation_epoch_start(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.precise_stats = None

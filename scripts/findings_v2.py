@@ -40,10 +40,11 @@ FINDINGS = ROOT / "docs" / "findings.md"
 BEGIN, END = "<!-- v2-table:begin (scripts/findings_v2.py --write) -->", "<!-- v2-table:end -->"
 
 # the running order (docs/findings.md: by how much the v1 reading doubted the claims), then the claim numbers
-ORDER = ["santurkar_lr_range", "shen_powernorm", "yao_vit_bn", "wuhe_ghost_bn", "santurkar_noisy_bn",
+ORDER = ["santurkar_lr_range", "shen_powernorm", "shen_powernorm_wide", "yao_vit_bn", "wuhe_ghost_bn", "santurkar_noisy_bn",
          "ioffe_bn_placement", "lm_rms_dyt", "vit_dyt"]
 CLAIM = {"santurkar_lr0.5": "1b", "santurkar_lr0.1": "1b", "santurkar_best_lr": "1c",
          "shen_bn_trails_ln": "6", "shen_pn_beats_ln": "6", "shen_pn_beats_masked_bn": "6",
+         "shen_wide_bn_trails_ln": "6w", "shen_wide_pn_beats_ln": "6w", "shen_wide_pn_beats_masked_bn": "6w",
          "yao_ffn_bn_matches_ln": "7", "yao_all_bn_worse": "7",
          "santurkar_noisy_bn_matches_bn": "2", "ioffe_before_beats_after": "4", "affine_helps_before": "11",
          "affine_helps_after": "11", "zhang_rms_matches_ln": "8q", "zhu_dyt_matches_ln_lm": "12",
@@ -134,7 +135,7 @@ def build(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[str]
             "cost (CPU-h, 1x / 3x) | note |\n|---|---|---|---|---|---|---|---|")
     for short, long in pairs:
         for h in short.hypotheses:
-            cells, row = [], {"id": h["id"], "claim": claims.get(h["id"], ""), "study": short.name}
+            cells, auto, row = [], [], {"id": h["id"], "claim": claims.get(h["id"], ""), "study": short.name}
             for b, st in enumerate((short, long)):
                 if st is None:
                     cells.append("no spec")
@@ -150,6 +151,9 @@ def build(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[str]
                 row.update({f"state_{b + 1}": "complete", f"verdict_{b + 1}": w, f"estimate_{b + 1}": t.estimate,
                             f"lo_{b + 1}": t.lo, f"hi_{b + 1}": t.hi, f"p_holm_{b + 1}": a,
                             f"p_counter_holm_{b + 1}": k})
+                edges = [n.split(":")[0] for n in v.notes if "is the grid's" in n]  # computed, not written
+                if edges:
+                    auto.append(f"budget {b + 1}: {', '.join(edges)} (the optimum may lie outside the grid)")
             v1 = judged[(short.name, h["id"], 0)][0]
             v2 = judged[(short.name, h["id"], 1)][0] if long is not None else None
             if v1 is not None and v2 is not None:
@@ -163,7 +167,8 @@ def build(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[str]
             type_ = h["type"].replace("_", "-") + (f", δ {h['margin']:g}" if h.get("margin") else "")
             metric = h["contrast"]["metric"]
             lines.append(f"| {claims.get(h['id'], '')} | `{h['id']}` ({metric}, {short.name}) | {type_} | "
-                         + " | ".join(cells) + f" | {change} | {cost} | {notes.get(h['id'], '')} |")
+                         + " | ".join(cells) + f" | {change} | {cost} | "
+                         + "; ".join(x for x in (*auto, notes.get(h["id"], "")) if x) + " |")
             rows.append(row)
     level = 1.0 - 2.0 * alpha
     text = "\n".join([

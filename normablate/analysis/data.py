@@ -24,6 +24,8 @@ class StudyData:
     total: int  # trials the sweep is meant to have
     notes: list[str] = field(default_factory=list)
     histories: dict[int, dict] = field(default_factory=dict)  # row index -> {"train/loss": [[step, v], ...], ...}
+    # row index -> the run's probe summary (mean over probed steps of each "probe/..." series; RunResult.probes)
+    probe_means: dict[int, dict] = field(default_factory=dict)
     group_cols: list[str] | None = None  # columns defining a configuration (None: norm + every axis but seed)
     line_key: str = "norm"  # what one line of a curve plot is (search: "group")
 

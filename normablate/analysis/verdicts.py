@@ -71,7 +71,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import tasks
+from .. import measures, tasks
 from ..labels import value_label as _label
 from .stats import t_quantile, t_sf2
 
@@ -567,16 +567,40 @@ def _match(df, names: dict[str, str], values: dict[str, Any]):
 
 
 def _columns(data, metric: str) -> tuple[str, str, str]:
-    """(test column, validation column used for selection, split actually reported)."""
+    """(test column, validation column used for selection, split actually reported). For a run measure
+    (``normablate.measures``) the selection column is the study metric's (an LR is chosen for what the study
+    optimizes, not for its gap or its landscape) and a probe measure's column is ``mean_probe_...``, filled in
+    ``data.trials`` from the runs' probe summaries (split "train": probes measure at the training batches)."""
     from .data import col
 
     at = data.spec.metric_at
+    m = measures.get(metric)
+    if m is not None:
+        vcol = col(data.spec.metric, at)
+        if m.source == "probes":
+            return col(metric, "mean"), vcol, "train"
+        return col(metric, at), vcol, "test"
     val_metric = "val/" + metric.split("/", 1)[1]
     vcol, tcol = col(val_metric, at), col(metric, at)
     df = data.trials
     if tcol in df and df[tcol].notna().any():
         return tcol, vcol, "test"
     return vcol, vcol, "val"
+
+
+def _with_probe_columns(data, metrics: list[str]):
+    """``data.trials`` with a ``mean_probe_...`` column for each probe measure among ``metrics`` (each run's value
+    from its probe summary, ``measures.probe_value``; NaN for a run without it)."""
+    from .data import col
+
+    df = data.trials
+    for metric in dict.fromkeys(metrics):
+        m = measures.get(metric)
+        if m is None or m.source != "probes" or not len(df):
+            continue
+        values = [measures.probe_value(metric, data.probe_means.get(i) or {}) for i in range(len(df))]
+        df = df.assign(**{col(metric, "mean"): [np.nan if v is None else v for v in values]})
+    return df
 
 
 def _pretty(column: str) -> str:
@@ -639,19 +663,23 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
     if not hyps:
         return []
     names = {a.key: a.name for a in spec.axes}
-    df = data.trials
     from .tables import study_task  # (pandas: only when judging)
 
     task = study_task(data) or tasks.get(spec.task)  # the trials' task, else the spec's base config's
+    df = _with_probe_columns(data, [h["contrast"]["metric"] for h in hyps])
     out: list[Verdict] = []
     for k, h in enumerate(hyps):
         c = h["contrast"]
         metric = c["metric"]
-        direction = task.direction(metric)
+        measure = measures.get(metric)
+        direction = measure.direction if measure else task.direction(metric)
+        select_direction = task.direction(spec.metric) if measure else direction  # the best LR's choice
         tcol, vcol, split = _columns(data, metric)
         at = c["at"]
-        notes = [] if split == "test" else [f"the trials have no {metric}: the verdict uses {_pretty(vcol)} "
-                                            f"(runs from before the test split)"]
+        notes = [] if split != "val" else [f"the trials have no {metric}: the verdict uses {_pretty(vcol)} "
+                                           f"(runs from before the test split)"]
+        if split == "train":
+            notes.append(f"{metric} is the mean over each run's probed steps, measured at its training batches")
         details: list[dict[str, Any]] = []
         vdist: Dist | None = None
         if not len(df):
@@ -661,7 +689,7 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
             ra, rb = _match(df, names, c["a"]), _match(df, names, c["b"])
             lr_col = names.get("optim.lr", "lr")
             sa, sb = _side(ra, vcol, tcol, lr_col), _side(rb, vcol, tcol, lr_col)
-            dist = vdist = selection_bootstrap(sa, sb, direction, samples, seed=k)
+            dist = vdist = selection_bootstrap(sa, sb, select_direction, samples, seed=k)
             test = judge(dist, h["type"], h.get("margin"), h["alpha"], direction)
             lrs = ", ".join(f"{s} {x:g}" if x is not None else f"{s} none" for s, x in zip("AB", dist.chosen))
             what = f"{_pretty(tcol)} at each side's best LR ({lrs}; chosen on {_pretty(vcol)})"
@@ -681,8 +709,8 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
             tests = []
             for v in values:
                 where = dict(fixed, **({over: v} if over else {}))
-                va, na, sa = _per_seed(_match(df, names, {**c["a"], **where}), tcol, split == "test")
-                vb, nb, sb = _per_seed(_match(df, names, {**c["b"], **where}), tcol, split == "test")
+                va, na, sa = _per_seed(_match(df, names, {**c["a"], **where}), tcol, split != "val")
+                vb, nb, sb = _per_seed(_match(df, names, {**c["b"], **where}), tcol, split != "val")
                 paired = sa == sb and len(sa) >= 2  # the same seeds ran (a diverged one drops from its pair)
                 dist_fixed = t_contrast(va, vb, paired)
                 t = judge(dist_fixed, h["type"], h.get("margin"), h["alpha"], direction)
@@ -758,7 +786,7 @@ def markdown(verdicts: list[Verdict]) -> str:
             key = [k for k in v.details[0] if k not in ("estimate", "lo", "hi", "p", "n")][0]
             lines.append("  " + "; ".join(f"{key}={d[key]}: {_fmt(d['estimate'])} [{_fmt(d['lo'])}, {_fmt(d['hi'])}]"
                                           f", p={d['p']:.3g}, n={d['n']}" for d in v.details) + ".")
-    if any(v.split != "test" for v in verdicts):
+    if any(v.split == "val" for v in verdicts):
         lines.append("- **These trials recorded no test-split metrics** (runs from before normablate evaluated a "
                      "test split): the verdicts above use the validation split, on which the best LR was also "
                      "chosen, so they carry the selection bias a test split removes.")

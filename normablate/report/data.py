@@ -45,6 +45,7 @@ def load(study_name: str, storage: str | None = None) -> StudyData:
     notes: list[str] = []
     rows: list[dict[str, Any]] = []
     histories: dict[int, dict] = {}
+    probe_means: dict[int, dict] = {}
     if kind.grouped:
         sources = [(retry(lambda n=n: optuna.load_study(study_name=n, storage=st)), n) for n in meta["groups"]]
     else:
@@ -74,16 +75,18 @@ def load(study_name: str, storage: str | None = None) -> StudyData:
         for t in counted:
             row = _row(t, spec, points, sname, kind.grouped)
             histories[len(rows)] = t.user_attrs.get("history") or {}
+            probe_means[len(rows)] = t.user_attrs.get("probes") or {}
             rows.append(row)
     df = pd.DataFrame(rows)
     if len(df):  # grid order (the spec's axis order), whatever order the workers finished in
         order = sorted(range(len(df)), key=lambda i: (df["point"].iloc[i] if df["point"].iloc[i] is not None else -1,
                                                       df["trial"].iloc[i]))
         histories = {new: histories[old] for new, old in enumerate(order)}
+        probe_means = {new: probe_means[old] for new, old in enumerate(order)}
         df = df.iloc[order].reset_index(drop=True)
     if len(df) < spec.total:
         notes.append(f"{len(df)} of {spec.total} trials finished; the tables cover those")
-    return StudyData(study_name, url, spec, df, spec.total, notes, histories,
+    return StudyData(study_name, url, spec, df, spec.total, notes, histories, probe_means=probe_means,
                      group_cols=kind.group_cols([a.name for a in spec.axes]), line_key=kind.line_key)
 
 

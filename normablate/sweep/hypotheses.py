@@ -7,14 +7,16 @@
         contrast:
           a: {model.norm: bn}           # grid-axis values naming side A
           b: {model.norm: none}
-          metric: test/acc              # reported on the test split; selection on the matching val metric
+          metric: test/acc              # reported on the test split; selection on the matching val metric; or a
+                                        # run measure (normablate.measures: test/train_eval_gap, probe/beta, ...)
           at: best_lr                   # | {fixed: {optim.lr: 0.01}} | {over: data.batch_size}
         type: superiority               # | non_inferiority | equivalence
         margin: 0.02                    # δ, in the metric's units: required for non_inferiority/equivalence
         alpha: 0.05                     # one-sided level of each test (default 0.05; the same for all)
 
 ``check`` validates every entry against the grid (a side that matches no grid point, an axis left open, a
-margin missing...) with an error naming the key, and returns the normalized list the study stores: it is part
+margin missing...) with an error naming the key (that the compared runs measure a run measure is checked per
+grid point by ``SweepSpec.validate_all``), and returns the normalized list the study stores: it is part
 of the spec's fingerprint, so a changed hypothesis is refused for an existing study (a new study is needed).
 The statistics are ``normablate.analysis.verdicts``.
 """
@@ -26,7 +28,7 @@ import math
 import re
 from typing import Any
 
-from .. import tasks
+from .. import measures, tasks
 from ..errors import ConfigError, did_you_mean
 
 TYPES = ("superiority", "non_inferiority", "equivalence")  # (= analysis.verdicts.TYPES; no import: no numpy here)
@@ -128,9 +130,11 @@ def _contrast(c: Any, axes: dict[str, list], task: str, w: str) -> dict[str, Any
         raise ConfigError(f"{w}: a and b name the same configuration {a!r}")
     allowed = tasks.get(task).test_metrics  # the primary one first
     metric = c.get("metric", allowed[0])
-    if metric not in allowed:
+    if metric not in allowed and measures.get(metric) is None:
         raise ConfigError(f"{w}.metric={metric!r}; valid for task {task!r}: {', '.join(allowed)} (reported on the "
-                          f"test split; the best LR is chosen on the matching val/ metric)")
+                          f"test split; the best LR is chosen on the matching val/ metric), or a run measure: "
+                          f"{', '.join(measures.MEASURES)} (normablate.measures)"
+                          + did_you_mean(str(metric), [*allowed, *measures.MEASURES]))
     at_raw = c["at"]
     fixed: dict[str, Any] = {}
     over = None

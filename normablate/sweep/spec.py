@@ -31,9 +31,10 @@ from typing import Any, Literal
 
 import yaml
 
-from .. import studies, tasks
+from .. import measures, studies, tasks
 from .. import yamlsafe
-from ..config import RunConfig, budget_layer, build_section, check_path_name, from_dict, load_yaml, parse_overrides
+from ..config import (RunConfig, budget_layer, build_section, check_path_name, from_dict, load_yaml, parse_overrides,
+                      to_dict)
 from ..dotted import get_dotted, set_dotted
 from ..errors import ConfigError, did_you_mean
 from ..labels import value_label  # noqa: F401  (spec.value_label: older imports)
@@ -192,7 +193,8 @@ class SweepSpec:
                 try:
                     d = self.trial_dict(point, params, run="validate")
                     named = _named_task(d)  # before validation, whose errors would be the other task's symptoms
-                    trial_task = named if named not in (None, task) else from_dict(d).task
+                    cfg = from_dict(d) if named in (None, task) else None
+                    trial_task = named if cfg is None else cfg.task
                 except ConfigError as e:
                     raise ConfigError(f"sweep {self.study_name!r}: grid point [{where}]: {e}") from None
                 if trial_task != task:  # one study, one task: its metric, direction and reports are that task's
@@ -202,8 +204,37 @@ class SweepSpec:
                                       f"{trial_task!r} differs from the study's {task!r} (its base config's)"
                                       + (f", set by {', '.join(dict.fromkeys(keys))}" if keys else "")
                                       + "; a study runs one task: make it a separate study")
+                if cfg is not None:
+                    self._check_measured(cfg, point, where)
                 n += 1
         return n
+
+    def _check_measured(self, cfg: Any, point: Point, where: str) -> None:
+        """A hypothesis on a run measure (``normablate.measures``: the test-split train/eval gap, a probe
+        statistic) needs every grid point it compares to measure it: a ConfigError naming the point and the
+        config key, before any run, instead of a verdict without data after them."""
+        if not self.hypotheses:
+            return
+        flat = to_dict(cfg)
+        for h in self.hypotheses:
+            m = measures.get(h["contrast"]["metric"])
+            if m is None or not self._compares(h["contrast"], point):
+                continue
+            bad = measures.unmet(m, lambda key: get_dotted(flat, key))
+            if bad:
+                raise ConfigError(f"sweep {self.study_name!r}: grid point [{where}]: hypothesis {h['id']!r} "
+                                  f"contrasts {m.name} ({m.what}), which this run would not measure: "
+                                  f"{'; '.join(bad)} (set it in the base config or overrides)")
+
+    @staticmethod
+    def _compares(contrast: dict[str, Any], point: Point) -> bool:
+        """Is ``point`` on either side of ``contrast`` (at its fixed values, if any)?"""
+        fixed = (contrast["at"].get("fixed") or {}) if isinstance(contrast["at"], dict) else {}
+
+        def on(side: dict[str, Any]) -> bool:
+            return all(value_label(point.values.get(k)) == value_label(v) for k, v in {**side, **fixed}.items())
+
+        return on(contrast["a"]) or on(contrast["b"])
 
     # ------------------------------------------------------------------ identity
     def to_json(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -109,8 +110,13 @@ class NormTask(L.LightningModule):
         self.has_batch_stats = self.batchstat_gap == "every" or (self.batchstat_gap == "final" and final)
 
     def validation_step(self, batch, batch_idx):
+        self._measure(batch, self.has_batch_stats)
+
+    def _measure(self, batch, batch_stats: bool) -> None:
+        """Validation metrics of ``batch`` with running statistics, and (``batch_stats``) with batch statistics and
+        (while they are set) PreciseBN's."""
         self.update_val_metrics(batch, prefix="val")
-        if self.has_batch_stats:
+        if batch_stats:
             with using_batch_statistics(self.model):
                 self.update_val_metrics(batch, prefix="val_batchstats")
         if self.precise_stats:
@@ -120,7 +126,13 @@ class NormTask(L.LightningModule):
                 self.update_val_metrics(batch, prefix="val_precise")
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self.compute_val_metrics()
+        self.log_dict(self._with_gaps(self.compute_val_metrics()), prog_bar=False)
+
+    @staticmethod
+    def _with_gaps(metrics: dict[str, Any]) -> dict[str, Any]:
+        """``val/...`` metrics with the batch-statistics and PreciseBN passes renamed (``val/loss_batchstats``,
+        ``val/acc_precise``) and the train/eval gaps added: loss with running − with batch statistics
+        (``val/train_eval_gap``), and the same after PreciseBN (``val/train_eval_gap_precise``)."""
         if "val_batchstats/loss" in metrics:
             metrics["val/loss_batchstats"] = metrics.pop("val_batchstats/loss")
             metrics["val/train_eval_gap"] = metrics["val/loss"] - metrics["val/loss_batchstats"]
@@ -131,18 +143,24 @@ class NormTask(L.LightningModule):
                 metrics[k.replace("val_precise/", "val/") + "_precise"] = metrics.pop(k)
             if "val/loss_batchstats" in metrics:
                 metrics["val/train_eval_gap_precise"] = metrics["val/loss_precise"] - metrics["val/loss_batchstats"]
-        self.log_dict(metrics, prog_bar=False)
+        return metrics
 
     # ------------------------------------------------------------------ one-off evaluation (normablate.evaluate)
     # Lightning's test loop evaluates a split once: the test split at the end of a run, or any split of a saved
     # run (``normablate evaluate``). ``eval_prefix`` names the metrics ("test" -> test/loss, test/acc);
     # ``eval_stats``: "running" (eval mode), "batch" (batch statistics, as the train/eval gap's second pass) or
     # "precise" (``precise_stats`` swapped in: PreciseBN's population statistics).
+    # ``test_gap``: with running statistics, also measure the train/eval gap as validation does (test/loss_batchstats,
+    # test/train_eval_gap and, while PreciseBN statistics are set, test/train_eval_gap_precise): test_at_end sets it
+    # for a run whose trainer.batchstat_gap is on (normablate.measures).
     eval_prefix = "test"
     eval_stats = "running"
+    test_gap = False
 
     def test_step(self, batch, batch_idx):
-        if self.eval_stats == "batch":
+        if self.eval_stats == "running" and self.test_gap:
+            self._measure(batch, batch_stats=True)
+        elif self.eval_stats == "batch":
             with using_batch_statistics(self.model):
                 self.update_val_metrics(batch, prefix="val")
         elif self.eval_stats == "precise" and self.precise_stats:
@@ -154,7 +172,10 @@ class NormTask(L.LightningModule):
             self.update_val_metrics(batch, prefix="val")
 
     def on_test_epoch_end(self) -> None:
-        metrics = {f"{self.eval_prefix}/{k.split('/', 1)[1]}": v for k, v in self.compute_val_metrics().items()}
+        metrics = self.compute_val_metrics()
+        if self.eval_stats == "running" and self.test_gap:
+            metrics = self._with_gaps(metrics)
+        metrics = {f"{self.eval_prefix}/{k.split('/', 1)[1]}": v for k, v in metrics.items()}
         self.log_dict(metrics, prog_bar=False)
 
     # ------------------------------------------------------------------ RNG state for exact resume
