@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from .. import studies
 from ..analysis.data import MEASURES, StudyData, col
 from ..errors import ConfigError
-from ..sweep.queue import read_meta
+from ..sweep.queue import INTERRUPTED, read_meta
 from ..sweep.spec import SweepSpec, norm_label, value_label
 from ..sweep.storage import NoStorage, display_url, normalize_url, open_storage, retry
 
@@ -68,10 +68,14 @@ def load(study_name: str, storage: str | None = None) -> StudyData:
                 if dups:
                     notes.append(f"grid point {points[p].label(spec.axes)}: trial {ts[0].number} counted, "
                                  f"duplicate trial(s) {dups} ignored")
-        failed = sum(t.state == TrialState.FAIL and not t.user_attrs.get("skipped") for t in trials)
-        if failed:
-            notes.append(f"{sname}: {failed} failed trial(s) not counted (crashed runs or dead workers, retried "
-                         f"where possible)")
+        fails = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("skipped")]
+        stopped = sum(t.user_attrs.get("error") == INTERRUPTED for t in fails)
+        if stopped:
+            notes.append(f"{sname}: {stopped} trial(s) interrupted by a signal (a stopped sweep) and continued from "
+                         f"their checkpoints by a re-queued trial; the interrupted ones are not counted")
+        if len(fails) - stopped:
+            notes.append(f"{sname}: {len(fails) - stopped} failed trial(s) not counted (crashed runs or dead workers, "
+                         f"retried where possible)")
         for t in counted:
             row = _row(t, spec, points, sname, kind.grouped)
             histories[len(rows)] = t.user_attrs.get("history") or {}

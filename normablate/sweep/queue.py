@@ -42,6 +42,8 @@ ATTR = "normablate"  # study user attr: compact {"kind", "metric", "direction", 
 SPEC_ATTR = "normablate:spec"  # study system attr: {"spec", "fingerprint", "total", "groups", "kind"}
 READY = "normablate_ready"
 
+INTERRUPTED = "run interrupted by a signal (checkpoint saved)"  # a FAIL trial's error: a re-queued copy resumes it
+
 
 def read_meta(storage, study: optuna.Study) -> dict[str, Any] | None:
     """A sweep study's full record (spec, fingerprint, total, kind, groups): the system attribute, else (a study made

@@ -30,7 +30,7 @@ from ..plugins import import_object
 from ..result import RunResult
 from .ddp_trial import TrialProcess, needs_process, threads_per_rank, world_of
 from .liveness import Heartbeat
-from .queue import Slot
+from .queue import INTERRUPTED, Slot
 from .storage import StorageError, disk_full_message, is_disk_full, retry
 
 HISTORY_POINTS = 256  # curves kept per metric in the trial record (downsampled by averaging)
@@ -175,7 +175,7 @@ class TrialMixin:
                       f"'traceback' attribute; --debug prints it)", file=sys.stderr, flush=True)
                 return f"trial {trial.number} {label}: FAILED ({first[:300]})"
             if result.status == "interrupted":
-                self._interrupt(slot, "run interrupted by a signal (checkpoint saved)")
+                self._interrupt(slot, INTERRUPTED)
                 self.interrupted = True
                 return f"trial {trial.number} {label}: interrupted; re-run the command to continue it"
             try:

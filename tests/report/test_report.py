@@ -298,3 +298,18 @@ def test_log_ticks_cover_a_sub_decade_perplexity_axis(lo, hi):
     # no stretch of the axis is left without a tick: the largest log gap (ends included) is under half the range
     edges = [lo, *ticks, hi]
     assert max(math.log(b / a) for a, b in zip(edges, edges[1:])) < 0.5 * math.log(hi / lo)
+
+
+def test_interrupted_trials_are_told_apart_from_failed_ones(tmp_path):
+    from normablate.report.data import load
+    from normablate.sweep.queue import INTERRUPTED
+
+    res = run_sweep(make_spec(tmp_path, grid={"model.norm": ["bn"], "optim.lr": [0.1]}))
+    study = optuna.load_study(study_name=res.study_name, storage=open_storage(res.storage))
+    for err in (INTERRUPTED, INTERRUPTED, "worker died"):  # two stopped by a signal, one crashed
+        t = study.ask()
+        t.set_user_attr("error", err)
+        study.tell(t, state=TrialState.FAIL)
+    notes = load(res.study_name, res.storage).notes
+    assert any("2 trial(s) interrupted by a signal" in n for n in notes), notes
+    assert any("1 failed trial(s) not counted (crashed" in n for n in notes), notes
