@@ -41,7 +41,7 @@ BEGIN, END = "<!-- v2-table:begin (scripts/findings_v2.py --write) -->", "<!-- v
 
 # the running order (docs/findings.md: by how much the v1 reading doubted the claims), then the claim numbers
 ORDER = ["santurkar_lr_range", "shen_powernorm", "shen_powernorm_wide", "yao_vit_bn", "wuhe_ghost_bn", "santurkar_noisy_bn",
-         "ioffe_bn_placement", "lm_rms_dyt", "vit_dyt"]
+         "ioffe_bn_placement", "lm_rms_dyt", "vit_dyt", "santurkar_landscape", "bn_momentum_gap"]
 CLAIM = {"santurkar_lr0.5": "1b", "santurkar_lr0.1": "1b", "santurkar_best_lr": "1c",
          "shen_bn_trails_ln": "6", "shen_pn_beats_ln": "6", "shen_pn_beats_masked_bn": "6",
          "shen_wide_bn_trails_ln": "6w", "shen_wide_pn_beats_ln": "6w", "shen_wide_pn_beats_masked_bn": "6w",
@@ -49,7 +49,9 @@ CLAIM = {"santurkar_lr0.5": "1b", "santurkar_lr0.1": "1b", "santurkar_best_lr": 
          "santurkar_noisy_bn_matches_bn": "2", "ioffe_before_beats_after": "4", "affine_helps_before": "11",
          "affine_helps_after": "11", "zhang_rms_matches_ln": "8q", "zhu_dyt_matches_ln_lm": "12",
          "zhu_dyt_matches_ln_vit": "12", "wuhe_gn_beats_bn_at_2": "5", "wuhe_bn_degrades_at_2": "5",
-         "wuhe_gn_comparable_typical": "5"}
+         "wuhe_gn_comparable_typical": "5", "santurkar_smoother_loss": "3", "santurkar_grad_predictive": "3",
+         "santurkar_beta_smaller": "3", "santurkar_bn_no_less_ics": "3", "momentum_default_beats_small": "10",
+         "momentum_large_beats_small": "10", "small_batch_wants_small_m": "10"}
 # the reader's notes (e.g. "untestable at this budget: ..."), by hypothesis id; written by hand, never computed
 NOTES: dict[str, str] = {
     "santurkar_lr0.5": "both arms end at chance in every seed (test acc 0.1000; 1 of 3 no-norm runs stopped as "
@@ -175,7 +177,8 @@ def build(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[str]
         f"Verdicts computed by `python scripts/findings_v2.py` from the committed journals; Holm across all {m} "
         f"entries (every primary hypothesis at both budgets; unfinished ones counted at p = 1, so an interim word "
         f"can only get stronger), one-sided alpha {alpha:g}; estimates are A − B in the metric's units (test "
-        f"split) with {level:.0%} intervals; the change between budgets is budget 2 − budget 1 with its "
+        f"split; a probe/ measure: the training trajectory, each run's mean over its probed steps) with {level:.0%} "
+        f"intervals; the change between budgets is budget 2 − budget 1 with its "
         f"{level:.0%} interval.", "", head, *lines, ""])
     return text, rows
 
