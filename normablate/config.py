@@ -306,8 +306,10 @@ def build_section(cls: type, values: dict, prefix: str = "", where: str = "") ->
         ok, coerced = _type_ok(value, hints[key])
         if not ok and typing.get_origin(hints[key]) is Literal:
             allowed = [str(a) for a in typing.get_args(hints[key])]
+            hint = (" (YAML reads an unquoted yes/no/on/true as a boolean: quote the word)"
+                    if isinstance(value, bool) else "")
             raise ConfigError(f"{head}config key {prefix}{key}={value!r} is not allowed; valid: {', '.join(allowed)}"
-                              + did_you_mean(value, allowed))
+                              + hint + did_you_mean(value, allowed))
         if not ok:
             raise ConfigError(f"{head}config key {prefix}{key}={value!r} has the wrong type; expected "
                               f"{_describe(hints[key])}")

@@ -96,7 +96,7 @@ def test_at_end(trainer, task, datamodule, best: BestWeights | None, final_step:
     final ones). The final weights are back in the model afterwards. A run that measures the train/eval gap
     (``trainer.batchstat_gap`` on, batch-statistics norms in the model) measures it on the test split too:
     ``test/loss_batchstats``, ``test/train_eval_gap`` and, with PreciseBN, ``test/train_eval_gap_precise``."""
-    task.test_gap = getattr(task, "batchstat_gap", "off") != "off"
+    task.test_gap = task.test_gap_measured()
     try:
         test = evaluate_split(trainer, task, datamodule, "test")
         at_best: dict[str, float] = {}
@@ -112,7 +112,21 @@ def test_at_end(trainer, task, datamodule, best: BestWeights | None, final_step:
                 task.model.load_state_dict(saved)
     finally:
         task.test_gap = False
+    if getattr(task, "gap_requested", False) and not task.test_gap_measured():
+        # no batch-statistics norm (LN, GN, none...): eval and train mode compute the same function, so the gap a
+        # hypothesis may contrast against a BN run's is exactly 0 (normablate.measures), recorded as such
+        for metrics in (test, at_best):
+            if metrics:
+                metrics["test/train_eval_gap"] = 0.0
+                if trainer_has_precise(trainer):
+                    metrics["test/train_eval_gap_precise"] = 0.0
     return test, at_best
+
+
+def trainer_has_precise(trainer) -> bool:
+    from .precise_bn import PreciseBN
+
+    return any(isinstance(c, PreciseBN) for c in trainer.callbacks)
 
 
 # --------------------------------------------------------------------------------------------- a saved run

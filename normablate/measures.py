@@ -17,15 +17,20 @@ measure                         direction  what it is (per run)
 ``probe/grad_pred``             minimize   gradient predictiveness ||grad(x - eta g) - g|| (ibid., Fig. 4b)
 ``probe/beta``                  minimize   effective beta-smoothness (ibid., Fig. 4c)
 ``probe/ics_l2``                minimize   internal covariate shift, ||G - G'|| (ibid., Def. 2.1), mean over the
-                                           probed layers and steps (``probes.ics``)
+                                           probed layers (but the first: 0 by construction) and steps
+                                           (``probes.ics``)
 ``probe/ics_cos``               maximize   cos(G, G') of the same (1: no shift)
 ==============================  =========  =================================================================
 
-The gaps are measured on the test split at the end of a run, like every test metric, and on the validation split
-at each validation (``val/train_eval_gap``: what a best-LR choice reads). The probe measures are statistics of the
-training trajectory (the loss landscape *at the training batches*, as the source measures it), not of held-out
-data: a best-LR choice for them is made on the validation metric of the study's task. A run without batch-
-statistics norms has no gap to measure: its gap is 0 (eval and train mode compute the same function).
+The gaps are measured on the test split at the end of a run, like every test metric (and on the validation split at
+each validation, ``val/train_eval_gap``). A run whose model has no batch-statistics norm (LN, GN, none...) records
+a test gap of exactly 0 when its ``trainer.batchstat_gap`` is on: eval and train mode compute the same function.
+The probe measures are statistics of the training trajectory (the loss landscape *at the training batches*, as
+the source measures it), not of held-out data. For every measure a best-LR choice is made on the study's own
+metric (validation), never on the measure. A run stopped as diverged counts with its test gap (the model as it
+stopped, like every test metric at a fixed configuration) but is left out of a probe measure: its probe mean
+covers only the steps before it diverged, not comparable with a whole run's. The ICS layer mean leaves out the
+layers whose ICS is 0 by construction (``ics_layers``: the first weight layer).
 """
 from __future__ import annotations
 
@@ -86,14 +91,23 @@ def unmet(measure: Measure, value_of: Callable[[str], Any]) -> list[str]:
     return out
 
 
-def probe_value(name: str, summary: Mapping[str, float]) -> float | None:
+def ics_layers(summary: Mapping[str, Any]) -> list[str]:
+    """The probed layers whose ICS carries information: every layer with a ``probe/ics_l2/<layer>`` mean but those
+    at exactly 0, i.e. a layer with no parameter before it (the first), whose ICS is 0 and cosine 1 by
+    construction (``probes/ics.py``): averaging it in would shrink every contrast of the layer mean."""
+    pre = "probe/ics_l2/"
+    return [k[len(pre):] for k, v in summary.items() if k.startswith(pre) and v is not None and float(v) != 0.0]
+
+
+def probe_value(name: str, summary: Mapping[str, Any]) -> float | None:
     """A run's value of probe measure ``name`` from its probe summary (``RunResult.probes``: the mean over probed
-    steps of each ``probe/...`` series): the series itself, or for per-layer series (``probe/ics_l2/<layer>``)
-    the mean over layers; None when the run has none."""
+    steps of each ``probe/...`` series): the series itself, or for the per-layer ICS series (``probe/ics_l2/<layer>``,
+    ``probe/ics_cos/<layer>``) the mean over ``ics_layers``; None when the run has none (or a non-finite one)."""
     if name in summary:
-        return float(summary[name])
-    vals = [float(v) for k, v in summary.items() if k.startswith(name + "/") and v is not None]
+        return None if summary[name] is None else float(summary[name])
+    vals = [summary.get(f"{name}/{layer}") for layer in ics_layers(summary)]
+    vals = [float(v) for v in vals if v is not None]
     return sum(vals) / len(vals) if vals else None
 
 
-__all__ = ["MEASURES", "Measure", "get", "probe_value", "unmet"]
+__all__ = ["MEASURES", "Measure", "get", "ics_layers", "probe_value", "unmet"]

@@ -28,3 +28,15 @@ def test_shipped_spec_passes_check(path, capsys, monkeypatch):
     assert main(["sweep", "--config", str(path), "--check"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert " run configs valid" in out and "trials;" in out
+
+
+def test_unquoted_off_reads_as_off_and_on_gets_a_hint():
+    """YAML 1.1 reads an unquoted off/no as false, on/yes as true: a Literal key that lists "off" takes false as
+    "off"; true (no "on" in the list) is refused with a hint to quote the word."""
+    from normablate.config import load_config
+    from normablate.errors import ConfigError
+
+    assert load_config(None, ["trainer.batchstat_gap=off"]).trainer.batchstat_gap == "off"
+    assert load_config(None, ["trainer.batchstat_gap='off'"]).trainer.batchstat_gap == "off"
+    with pytest.raises(ConfigError, match=r"batchstat_gap=True is not allowed; valid: every, final, off \(YAML reads"):
+        load_config(None, ["trainer.batchstat_gap=on"])

@@ -36,21 +36,35 @@ def test_test_split_gap_equals_evaluate_on_the_same_weights(tmp_path):
     assert t["test/train_eval_gap"] != pytest.approx(0.0, abs=1e-6)  # 6 steps of BN: eval mode differs
 
 
-def test_no_gap_pass_when_off_or_without_batch_norms(tmp_path):
+def test_no_gap_pass_when_off_and_a_zero_gap_without_batch_norms(tmp_path):
     off = train(load_config(None, [*BASE, f"trainer.log_dir={tmp_path}", "run=nogap", "model.norm=bn",
-                                   "trainer.batchstat_gap=off"]))
-    ln = train(load_config(None, [*BASE, f"trainer.log_dir={tmp_path}", "run=gn", "model.norm=gn"]))
-    for r in (off, ln):
-        assert "test/loss" in r.test
-        assert not [k for k in r.test if "batchstats" in k or "gap" in k], r.test
+                                   "trainer.batchstat_gap=off"]))  # unquoted off: YAML's false, read as "off"
+    assert "test/loss" in off.test and not [k for k in off.test if "batchstats" in k or "gap" in k], off.test
+    gn = train(load_config(None, [*BASE, f"trainer.log_dir={tmp_path}", "run=gn", "model.norm=gn",
+                                  "trainer.precise_bn=3"]))
+    # no batch-statistics norm: no second pass, and the gap a hypothesis contrasts is exactly 0 (same function)
+    assert gn.test["test/train_eval_gap"] == 0.0 and gn.test["test/train_eval_gap_precise"] == 0.0
+    assert not [k for k in gn.test if "batchstats" in k or "precise" in k.split("/")[1][:7]], gn.test
 
 
-def test_probe_value_is_the_series_or_its_layer_mean():
-    summary = {"probe/grad_pred": 2.5, "probe/ics_l2/a": 1.0, "probe/ics_l2/b": 3.0, "probe/ics_cos/a": 0.5}
+def test_probe_value_is_the_series_or_its_layer_mean_without_the_first_layer():
+    summary = {"probe/grad_pred": 2.5, "probe/beta": None, "probe/ics_l2/first": 0.0, "probe/ics_cos/first": 1.0,
+               "probe/ics_l2/a": 1.0, "probe/ics_l2/b": 3.0, "probe/ics_cos/a": 0.5, "probe/ics_cos/b": 0.7}
     assert measures.probe_value("probe/grad_pred", summary) == 2.5
+    assert measures.ics_layers(summary) == ["a", "b"]  # the first layer's ICS is 0 by construction: left out
     assert measures.probe_value("probe/ics_l2", summary) == 2.0
-    assert measures.probe_value("probe/ics_cos", summary) == 0.5
-    assert measures.probe_value("probe/beta", summary) is None
+    assert measures.probe_value("probe/ics_cos", summary) == pytest.approx(0.6)
+    assert measures.probe_value("probe/beta", summary) is None  # non-finite, stored as None
+    assert measures.probe_value("probe/loss_range", summary) is None
+
+
+def test_first_layer_ics_is_exactly_zero_in_a_probed_run(tmp_path):
+    """What ics_layers relies on: the recorded ICS of a layer with no earlier parameter is exactly 0.0."""
+    r = train(load_config(None, [*BASE, f"trainer.log_dir={tmp_path}", "run=probed", "model.norm=bn",
+                                 "trainer.max_steps=4", "probes.enabled=true", "probes.every=2",
+                                 "probes.layers=[stem.conv, blocks.3.c2]", "trainer.batchstat_gap=off"]))
+    assert r.probes["probe/ics_l2/stem.conv"] == 0.0 and r.probes["probe/ics_l2/blocks.3.c2"] > 0.0
+    assert measures.ics_layers(r.probes) == ["blocks.3.c2"]
 
 
 def test_unmet_names_each_missing_switch():

@@ -679,7 +679,10 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
         notes = [] if split != "val" else [f"the trials have no {metric}: the verdict uses {_pretty(vcol)} "
                                            f"(runs from before the test split)"]
         if split == "train":
-            notes.append(f"{metric} is the mean over each run's probed steps, measured at its training batches")
+            notes.append(f"{metric} is the mean over each run's probed steps, measured at its training batches; "
+                         f"runs stopped as diverged are left out (their probes cover only the steps before)")
+        if len(df) and (tcol not in df or not df[tcol].notna().any()):
+            notes.append(f"no run recorded {metric} (were its instrument's config keys on? normablate.measures)")
         details: list[dict[str, Any]] = []
         vdist: Dist | None = None
         if not len(df):
@@ -709,8 +712,8 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
             tests = []
             for v in values:
                 where = dict(fixed, **({over: v} if over else {}))
-                va, na, sa = _per_seed(_match(df, names, {**c["a"], **where}), tcol, split != "val")
-                vb, nb, sb = _per_seed(_match(df, names, {**c["b"], **where}), tcol, split != "val")
+                va, na, sa = _per_seed(_match(df, names, {**c["a"], **where}), tcol, split == "test")
+                vb, nb, sb = _per_seed(_match(df, names, {**c["b"], **where}), tcol, split == "test")
                 paired = sa == sb and len(sa) >= 2  # the same seeds ran (a diverged one drops from its pair)
                 dist_fixed = t_contrast(va, vb, paired)
                 t = judge(dist_fixed, h["type"], h.get("margin"), h["alpha"], direction)

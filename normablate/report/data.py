@@ -71,8 +71,8 @@ def load(study_name: str, storage: str | None = None) -> StudyData:
         fails = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("skipped")]
         stopped = sum(t.user_attrs.get("error") == INTERRUPTED for t in fails)
         if stopped:
-            notes.append(f"{sname}: {stopped} trial(s) interrupted by a signal (a stopped sweep) and continued from "
-                         f"their checkpoints by a re-queued trial; the interrupted ones are not counted")
+            notes.append(f"{sname}: {stopped} trial(s) interrupted by a signal (a stopped sweep), each re-queued to "
+                         f"continue from its checkpoint; the interrupted ones are not counted")
         if len(fails) - stopped:
             notes.append(f"{sname}: {len(fails) - stopped} failed trial(s) not counted (crashed runs or dead workers, "
                          f"retried where possible)")

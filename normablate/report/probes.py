@@ -23,7 +23,8 @@ DEFINITION = """\
   beta-smoothness* = max over the grid of that change divided by ||eta g||; *ICS* of a layer = ||G - G'|| and
   cos(G, G'), G its gradient, G' its gradient after every earlier layer took the optimizer's actual update
   (Santurkar et al. 2018, Def. 2.1). Lower variation, predictiveness change and beta mean a smoother landscape.
-  Table values are each run's mean over its probed steps, then mean ± 95% CI over seeds."""
+  Table values are each run's mean over its probed steps, then mean ± 95% CI over seeds; the ICS layer mean
+  leaves out a layer with no earlier layer (the first), whose ICS is 0 by construction."""
 
 MEASURES = [("probe/loss_range", "loss variation (range over step sizes, nats)", "minimize"),
             ("probe/grad_pred", "gradient predictiveness: max ||∇L(x) − ∇L(x − ηg)||", "minimize"),
@@ -63,7 +64,8 @@ def _landscape_section(data: StudyData, out: Path) -> Section:
     from ..analysis.stats import fmt_ci, mean_ci
 
     df = data.trials
-    layers = layers_of(data)
+    probed = layers_of(data)
+    layers = [n for n in probed if n not in trivial_layers(data, probed)]  # the layer mean's
     per_run = pd.DataFrame({"row": range(len(df))})
     for key, _, _ in MEASURES:
         per_run[key] = [_run_mean(data.histories.get(i, {}), key) for i in range(len(df))]
@@ -106,8 +108,8 @@ def _landscape_section(data: StudyData, out: Path) -> Section:
                       .reset_index(drop=True), per_run.drop(columns=["row"])], axis=1)[ok.to_numpy()]
     tables = {"probes.csv": pd.DataFrame(numeric), "probes_per_run.csv": runs}
     figures = [("Loss landscape along the gradient", landscape_figure(data, out))]
-    if layers:
-        figures.append(("Internal covariate shift per layer", ics_figure(data, out, layers)))
+    if probed:
+        figures.append(("Internal covariate shift per layer", ics_figure(data, out, probed)))
     return Section(md, figures, tables)
 
 
@@ -172,14 +174,19 @@ def _grid_text(data: StudyData) -> str:
     return ", ".join(f"{s:g}" for s in sizes) + (" × LR" if cfg.get("relative_to_lr", True) else "")
 
 
+def trivial_layers(data: StudyData, layers: list[str]) -> list[str]:
+    """Layers with no earlier layers (the first): ICS 0 and cosine 1 by definition (every recorded ICS exactly 0).
+    Not drawn (said in the figure's title) and left out of the layer means (``measures.ics_layers``, the same rule)."""
+    return [n for n in layers if all(v == 0.0 for c in data.curves(range(len(data.trials)), f"probe/ics_l2/{n}")
+                                     for _, v in c)]
+
+
 def ics_figure(data: StudyData, out: Path, layers: list[str], max_layers: int = 6) -> Path | None:
     import matplotlib.pyplot as plt
 
     from ..analysis import plots as P
 
-    # a layer with no earlier layers (the first) has ICS 0 and cosine 1 by definition: not drawn, said in the title
-    trivial = [n for n in layers if all(v == 0.0 for c in data.curves(range(len(data.trials)), f"probe/ics_l2/{n}")
-                                        for _, v in c)]
+    trivial = trivial_layers(data, layers)
     rest = [n for n in layers if n not in trivial] or layers
     if len(rest) > max_layers:  # evenly spaced, first and last included
         pick = sorted({round(i * (len(rest) - 1) / (max_layers - 1)) for i in range(max_layers)})

@@ -111,10 +111,26 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
     if status == "completed":
         test = {k.replace("val/", "test/"): v + (0.01 if k.endswith("acc") else 0.02) * _noise(cfg.seed, k, "test")
                 for k, v in final.items() if k in ("val/acc", "val/loss")}
+        # the run measures a hypothesis may contrast (normablate.measures), when the config turns them on: fake
+        # but plausible numbers, so `sweep --dry-run` exercises a spec's measure hypotheses end to end
+        if cfg.trainer.batchstat_gap != "off":
+            test["test/train_eval_gap"] = 0.05 + 0.02 * _noise(cfg.seed, repr(cfg.model.norm), "gap")
+            if cfg.trainer.precise_bn:
+                test["test/train_eval_gap_precise"] = 0.01 * _noise(cfg.seed, repr(cfg.model.norm), "gap_precise")
+    probes = {}
+    if cfg.probes.enabled and status == "completed":
+        if cfg.probes.landscape:
+            probes.update({f"probe/{k}": base * (1.2 + 0.1 * _noise(cfg.seed, repr(cfg.model.norm), k))
+                           for k, base in (("loss_range", 0.3), ("grad_pred", 3.0), ("beta", 20.0))})
+        if cfg.probes.ics:
+            probes.update({"probe/ics_l2/first": 0.0, "probe/ics_cos/first": 1.0,
+                           "probe/ics_l2/second": 0.2 + 0.02 * _noise(cfg.seed, repr(cfg.model.norm), "ics"),
+                           "probe/ics_cos/second": 0.95 + 0.01 * _noise(cfg.seed, repr(cfg.model.norm), "cos")})
     result = RunResult(
         run_dir=str(run_dir), status=status, steps=step, final=final, best=best, diverged_step=c["div_step"],
         steps_to_target=steps_to_target, time_to_target=time_to_target,
         train_loss_auc=sum(losses) / len(losses) if losses else None, wall_time=wall,
-        throughput=step * cfg.data.batch_size / max(wall, 1e-6), history=history, config=to_dict(cfg), test=test)
+        throughput=step * cfg.data.batch_size / max(wall, 1e-6), history=history, config=to_dict(cfg), test=test,
+        probes=probes)
     result.save(result_file)
     return result

@@ -57,6 +57,7 @@ class NormTask(L.LightningModule):
         if when not in ("every", "final", "off"):
             raise ValueError(f"batchstat_gap={track_batchstat_gap!r}: expected every, final or off")
         self.batchstat_gap = when if batch_stat_norms(model) else "off"
+        self.gap_requested = when != "off"  # (a model without batch-statistics norms: its test gap is 0 by definition)
         self.has_batch_stats = self.batchstat_gap == "every"  # this validation: set at each validation's start
         self.precise_stats = None  # set by the PreciseBN callback for one validation (normablate.precise_bn)
 
@@ -156,6 +157,10 @@ class NormTask(L.LightningModule):
     eval_prefix = "test"
     eval_stats = "running"
     test_gap = False
+
+    def test_gap_measured(self) -> bool:
+        """Does the end-of-run test pass measure the train/eval gap (the gap on, batch-statistics norms present)?"""
+        return self.batchstat_gap != "off"
 
     def test_step(self, batch, batch_idx):
         if self.eval_stats == "running" and self.test_gap:

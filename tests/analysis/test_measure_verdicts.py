@@ -64,12 +64,13 @@ def test_only_the_compared_points_must_measure_it():
         load(False)
 
 
-def _rows(s, value, val_acc=None):
+def _rows(s, value, val_acc=None, diverged=()):
     rows, probes = [], {}
     for p in s.points():
         norm, lr, seed = p.values["model.norm"], p.values["optim.lr"], p.values["seed"]
         rows.append({"trial": p.index, "point": p.index, "seed": seed, "lr": lr, "norm": norm, "state": "complete",
-                     "diverged": False, "final_val_acc": (val_acc or (lambda n, x, sd: 0.5))(norm, lr, seed),
+                     "diverged": (norm, lr, seed) in diverged,
+                     "final_val_acc": (val_acc or (lambda n, x, sd: 0.5))(norm, lr, seed),
                      "final_test_acc": 0.5, **value(norm, lr, seed)})
         probes[len(rows) - 1] = value(norm, lr, seed).get("_probes", {})
     for r in rows:
@@ -93,7 +94,7 @@ def test_probe_measure_judged_on_probe_summaries_with_its_direction():
     assert "mean over each run's probed steps" in " ".join(v.notes)
     s2 = spec("probe/ics_cos", overrides=LAND)  # maximized: the same numbers as cos would contradict
     (w,) = V.evaluate(_rows(s2, lambda n, x, sd: {"_probes": {"probe/ics_cos/c": (0.2 if n == "bn" else 0.9)
-                                                               + noise[sd]}}))
+                                                               + noise[sd], "probe/ics_l2/c": 1.0}}))
     assert w.direction == "maximize" and w.word == "contradicted"
 
 
@@ -109,3 +110,22 @@ def test_gap_at_best_lr_chooses_the_lr_on_the_study_metric():
     assert v.test.estimate == pytest.approx(0.20, abs=1e-9)
     assert v.split == "test" and v.word == "contradicted"  # BN's gap is larger: "BN has the smaller gap" fails
     assert "chosen on final val/acc" in v.what
+
+
+def test_a_diverged_run_is_left_out_of_a_probe_measure():
+    s = spec("probe/beta", overrides=LAND)
+    noise = np.random.default_rng(2).normal(0, 0.5, 64)
+
+    def value(norm, lr, seed):  # none diverged at seed 3: its probes cover a few early steps, a huge beta
+        beta = (10.0 if norm == "bn" else 20.0) + noise[seed]
+        return {"_probes": {"probe/beta": 1e6 if (norm, lr, seed) == ("none", 0.1, 3) else beta}}
+
+    (v,) = V.evaluate(_rows(s, value, diverged={("none", 0.1, 3)}))
+    assert v.test.n_b == 3 and v.test.estimate == pytest.approx(-10.0, abs=1.5)
+    assert v.word == "supported" and "diverged runs left out (A 0, B 1)" in " ".join(v.notes)
+
+
+def test_a_measure_no_run_recorded_says_so():
+    s = spec("probe/grad_pred", overrides=LAND)
+    (v,) = V.evaluate(_rows(s, lambda n, x, sd: {"_probes": {}}))
+    assert v.word == "inconclusive" and any("no run recorded probe/grad_pred" in n for n in v.notes), v.notes
