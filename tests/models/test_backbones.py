@@ -9,6 +9,7 @@ from torch import nn
 
 import normablate as nb
 from support.backbones import EXPECTED_SITES, TINY
+from support.helpers import lm_padding_pair
 
 def _input(backbone):
     if backbone == "transformer_lm":
@@ -122,14 +123,7 @@ def test_lm_real_token_logits_do_not_depend_on_padding(norm, placement):
     torch.manual_seed(0)
     model = nb.models.create("transformer_lm", norm=norm, norm_placement=placement, **TINY["transformer_lm"])
     model = model.double()
-    lengths = torch.tensor([9, 4, 12, 6])
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, 256, (4, 12), generator=g)
-    mask12 = torch.arange(12)[None] < lengths[:, None]
-    # same sequences, padded to 12 vs to 16 with different pad ids
-    idx12 = tokens.masked_fill(~mask12, 0)
-    idx16 = torch.cat([tokens.masked_fill(~mask12, 7), torch.full((4, 4), 99)], dim=1)
-    mask16 = torch.cat([mask12, torch.zeros(4, 4, dtype=torch.bool)], dim=1)
+    idx12, mask12, idx16, mask16 = lm_padding_pair()  # the same sequences, padded to 12 vs to 16, other pad ids
     for mode in ("train", "eval"):
         getattr(model, mode)()
         a = model(idx12, mask=mask12)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import normablate as nb
-from support.helpers import padded
+from support.helpers import lm_padding_pair, padded
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "recent_norms_reference.pt"
 F64 = dict(atol=1e-10, rtol=1e-10)
@@ -438,17 +438,6 @@ LM = {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16}
 VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
-def _lm_padding_pair():
-    lengths = torch.tensor([9, 4, 12, 6])
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, 256, (4, 12), generator=g)
-    mask12 = torch.arange(12)[None] < lengths[:, None]
-    idx12 = tokens.masked_fill(~mask12, 0)
-    idx16 = torch.cat([tokens.masked_fill(~mask12, 7), torch.full((4, 4), 99)], dim=1)
-    mask16 = torch.cat([mask12, torch.zeros(4, 4, dtype=torch.bool)], dim=1)
-    return idx12, mask12, idx16, mask16
-
-
 @pytest.mark.parametrize("placement", ["pre", "post", "peri"])
 @pytest.mark.parametrize("norm,qk_norm", [
     ("ln", "masked_bn"), ("ln", {"name": "powernorm", "warmup_iters": 0}), ("rms", "rms"), ("dyt", "dyt"),
@@ -475,7 +464,7 @@ def test_lm_logits_do_not_depend_on_padding_with_attn_norm(placement, norm, attn
 
 
 def _assert_padding_invariant(model):
-    idx12, mask12, idx16, mask16 = _lm_padding_pair()
+    idx12, mask12, idx16, mask16 = lm_padding_pair()
     for mode in ("train", "eval"):
         a_model, b_model = copy.deepcopy(model), copy.deepcopy(model)
         getattr(a_model, mode)(), getattr(b_model, mode)()

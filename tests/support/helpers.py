@@ -49,3 +49,16 @@ def run_main(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     cap = capsys.readouterr()
     return code, cap.out, cap.err
+
+
+def lm_padding_pair():
+    """The same 4 byte sequences (lengths 9, 4, 12, 6) padded two ways: to 12 with pad id 0, and to 16 with pad
+    ids 7 and 99. Returns (idx12, mask12, idx16, mask16): a model's real-token outputs must not tell them apart."""
+    lengths = torch.tensor([9, 4, 12, 6])
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 256, (4, 12), generator=g)
+    mask12 = torch.arange(12)[None] < lengths[:, None]
+    idx12 = tokens.masked_fill(~mask12, 0)
+    idx16 = torch.cat([tokens.masked_fill(~mask12, 7), torch.full((4, 4), 99)], dim=1)
+    mask16 = torch.cat([mask12, torch.zeros(4, 4, dtype=torch.bool)], dim=1)
+    return idx12, mask12, idx16, mask16
