@@ -17,12 +17,26 @@ budget 2) and its journal (``docs/findings/v2/<study>.journal``):
 
 "untestable at this budget" is never computed: it is a reader's judgement, written in ``NOTES`` below with the
 budget that could test the claim, and shown beside the computed word.
+
+Running the studies (resumable, in the table's order; a long job for several sessions):
+
+    python scripts/findings_v2.py --run                  # every unfinished budget-1 study, one after another
+    python scripts/findings_v2.py --run --budget 2 --only shen_powernorm_wide_3x
+
+Each runs as ``normablate sweep --config <spec> --workers N --storage journal:docs/findings/v2/<study>.journal``
+from a clean git worktree of HEAD beside this checkout (``--tree here``: from this checkout), so every trial
+records ``versions.git_dirty: False`` and the commit it ran; ``../shared`` resolves the same from there. Ctrl-C or
+SIGTERM stops the running sweep cleanly (its trials keep their checkpoints) and nothing after it starts; the same
+command resumes. Commit the journals as they land.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,10 +206,79 @@ def write(text: str, findings: Path = FINDINGS, table: Path = JOURNALS / "table.
     findings.write_text(pat.sub(lambda _: f"{BEGIN}\n{text}{END}", doc))
 
 
+def clean_tree(root: Path = ROOT) -> Path:
+    """A git worktree of HEAD beside ``root`` (created once per commit, reused): a clean checkout to run from."""
+    sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    tree = root.parent / f"{root.name}-v2run-{sha[:10]}"
+    if not (tree / ".git").exists():
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tree), sha], check=True,
+                       capture_output=True)
+    return tree
+
+
+def run_queue(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[str] | None = ORDER,
+              budgets: tuple[int, ...] = (1,), workers: int = 2, tree: Path | None = None,
+              only: list[str] | None = None, extra: tuple[str, ...] = ()) -> int:
+    """Run the unfinished studies (of ``budgets``; ``only``: these names) one after another in the table's order,
+    each with ``normablate sweep`` from ``tree`` (None: this process's working directory). Returns the first non-
+    zero exit status (a stopped or failed sweep: nothing after it starts), else 0."""
+    pairs = studies(spec_dir, journal_dir, order)
+    todo = [st for pair in pairs for b, st in enumerate(pair, 1)
+            if st is not None and b in budgets and st.state != "complete" and (not only or st.name in only)]
+    stop: list[int] = []
+    child: list[subprocess.Popen] = []
+
+    def on_signal(signum, frame):  # forward to the sweep (it stops cleanly) and start nothing after it
+        stop.append(signum)
+        for c in child:
+            c.send_signal(signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for st in todo:
+            if stop:
+                return 128 + stop[0]
+            spec = st.spec_path
+            if tree is not None and spec.is_relative_to(ROOT):
+                spec = tree / spec.relative_to(ROOT)  # the committed spec, as the clean tree has it
+            print(f"findings_v2: {st.name}: {st.done}/{st.total} trials so far", flush=True)
+            env = dict(os.environ, **({"PYTHONPATH": str(tree)} if tree is not None else {}))
+            cmd = [sys.executable, "-m", "normablate", "sweep", "--config", str(spec), "--workers", str(workers),
+                   "--storage", f"journal:{st.journal}", *extra]
+            child[:] = [subprocess.Popen(cmd, cwd=tree, env=env)]
+            rc = child[0].wait()
+            if rc != 0 or stop:
+                return rc or 128 + stop[0]
+        return 0
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--write", action="store_true", help="write docs/findings/v2/table.md and docs/findings.md")
+    ap.add_argument("--run", action="store_true", help="run the unfinished studies in the table's order (resumable)")
+    ap.add_argument("--budget", choices=("1", "2", "both"), default="1", help="--run: which budget's studies")
+    ap.add_argument("--only", nargs="+", metavar="STUDY", help="--run: only these studies (spec file stems, "
+                                                               "either budget)")
+    ap.add_argument("--workers", type=int, default=2, help="--run: sweep workers (default 2: 1 thread each)")
+    ap.add_argument("--tree", default="clean", help="--run: 'clean' (a worktree of HEAD beside this checkout, "
+                                                    "default) or 'here' (this checkout)")
     args = ap.parse_args(argv)
+    if args.run:
+        budgets = (1, 2) if args.budget == "both" or args.only else (int(args.budget),)  # --only: as named
+        if args.tree not in ("clean", "here"):
+            ap.error(f"--tree {args.tree!r}; valid: clean, here")
+        known = {p.stem for p in SPECS.glob("*.yaml")}
+        bad = [o for o in args.only or [] if o not in known]
+        if bad:
+            ap.error(f"--only {' '.join(bad)}: no such study; valid: {', '.join(sorted(known))}")
+        if args.workers < 1:
+            ap.error(f"--workers {args.workers}: must be >= 1")
+        tree = clean_tree() if args.tree == "clean" else ROOT
+        return run_queue(budgets=budgets, workers=args.workers, tree=tree, only=args.only)
     text, _ = build()
     print(text)
     if args.write:

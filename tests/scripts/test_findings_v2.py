@@ -122,3 +122,25 @@ def test_table_from_journals_reads_nothing_from_an_unfinished_study(tmp_path, mo
     out = doc.read_text()
     assert out.startswith("intro\n") and out.endswith(f"{fv2.END}\nafter\n") and "old table" not in out
     assert text in out and (tmp_path / "table.md").read_text() == text
+
+
+@pytest.mark.slow
+def test_run_queue_runs_the_unfinished_studies_in_order_and_resumes(tmp_path, load_script):
+    from normablate.report.data import load
+
+    fv2 = load_script("findings_v2")
+    specs, journals = tmp_path / "specs", tmp_path / "journals"
+    specs.mkdir(), journals.mkdir()
+    for name, steps in (("alpha", 40), ("alpha_3x", 120), ("beta", 40)):
+        (specs / f"{name}.yaml").write_text(yaml.safe_dump(_spec(tmp_path, name, steps, [0, 1])))
+    # budget 1 only: alpha and beta (in the order given), not alpha_3x
+    assert fv2.run_queue(specs, journals, order=["beta", "alpha"], budgets=(1,), workers=1, tree=tmp_path) == 0
+    assert sorted(p.name for p in journals.iterdir()) == ["alpha.journal", "beta.journal"]
+    assert len(load("alpha", f"journal:{journals / 'alpha'}.journal").trials) == 8
+    before = {p.name: p.read_bytes() for p in journals.iterdir()}
+    # again, both budgets: the finished ones are skipped (their journals untouched), alpha_3x runs
+    assert fv2.run_queue(specs, journals, order=["alpha", "beta"], budgets=(1, 2), workers=1, tree=tmp_path) == 0
+    assert all((journals / n).read_bytes() == b for n, b in before.items())
+    assert len(load("alpha_3x", f"journal:{journals / 'alpha_3x'}.journal").trials) == 8
+    rows = fv2.build(specs, journals, order=["alpha", "beta"], claims={}, notes={})[1]
+    assert rows[0]["state_1"] == rows[0]["state_2"] == "complete" and rows[1]["state_1"] == "complete"
