@@ -75,7 +75,7 @@ def suptitle(fig, text: str, fontsize: float = 10.5) -> None:
 
 
 # ------------------------------------------------------------------------------------------ titles
-BACKBONES = {"vit": "ViT", "transformer_lm": "Transformer LM", "resnet18": "ResNet-18 (timm)"}
+BACKBONES = {"vit": "ViT", "transformer_lm": "Transformer LM"}
 SOURCES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "mnist": "MNIST", "fashion_mnist": "Fashion-MNIST",
            "tiny_shakespeare": "Tiny Shakespeare", "shakespeare": "Shakespeare", "ptb": "PTB"}
 NORMS = {"bn": "BN", "ln": "LN", "gn": "GN", "rms": "RMSNorm", "noisy_bn": "noisy BN", "masked_bn": "masked BN",

@@ -17,7 +17,8 @@ from .. import studies
 from ..analysis.data import MEASURES, StudyData, col
 from ..errors import ConfigError
 from ..sweep.queue import INTERRUPTED, read_meta
-from ..sweep.spec import SweepSpec, norm_label, value_label
+from ..labels import value_label
+from ..sweep.spec import SweepSpec, norm_label
 from ..sweep.storage import NoStorage, display_url, normalize_url, open_storage, retry
 
 SCALAR = (int, float, str, bool)

@@ -37,7 +37,7 @@ from ..config import (RunConfig, budget_layer, build_section, check_path_name, f
                       to_dict)
 from ..dotted import get_dotted, set_dotted
 from ..errors import ConfigError, did_you_mean
-from ..labels import value_label  # noqa: F401  (spec.value_label: older imports)
+from ..labels import value_label
 from ..studies.base import SpecContext, StudyKind, encode
 from . import hypotheses
 from .pruners import check_pruner
