@@ -66,9 +66,14 @@ CLAIM = {"santurkar_lr0.5": "1b", "santurkar_lr0.1": "1b", "santurkar_best_lr": 
          "wuhe_gn_comparable_typical": "5", "santurkar_smoother_loss": "3", "santurkar_grad_predictive": "3",
          "santurkar_beta_smaller": "3", "santurkar_bn_no_less_ics": "3", "momentum_default_beats_small": "10",
          "momentum_large_beats_small": "10", "small_batch_wants_small_m": "10"}
+# the source each claim number is tested against (the spec's header quotes it)
+SOURCE = {"1b": "Santurkar et al. 2018", "1c": "Santurkar et al. 2018", "2": "Santurkar et al. 2018",
+          "3": "Santurkar et al. 2018", "4": "Ioffe & Szegedy 2015", "11": "Ioffe & Szegedy 2015",
+          "5": "Wu & He 2018", "6": "Shen et al. 2020", "6w": "Shen et al. 2020", "7": "Yao et al. 2021",
+          "8q": "Zhang & Sennrich 2019", "12": "Zhu et al. 2025", "10": "practitioners; Wu & Johnson 2021"}
 # the reader's notes (e.g. "untestable at this budget: ..."), by hypothesis id; written by hand, never computed
 NOTES: dict[str, str] = {
-    "santurkar_lr0.5": "both arms end at chance in every seed (test acc 0.1000; 1 of 3 no-norm runs stopped as "
+    "santurkar_lr0.5": "untestable in this set-up: both arms end at chance in every seed (test acc 0.1000; 1 of 3 no-norm runs stopped as "
                        "diverged): with SGD momentum 0.9 at a constant LR 0.5 BN does not train here either, so the "
                        "contrast carries no information about the claim (a set-up where BN trains at 0.5 could test "
                        "it)",
@@ -148,7 +153,7 @@ def build(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[str]
     m = len(entries)
     rows, lines = [], []
     head = ("| # | hypothesis | type | budget 1 (1x steps) | budget 2 (3x steps) | change, budget 2 − 1 | "
-            "cost (CPU-h, 1x / 3x) | note |\n|---|---|---|---|---|---|---|---|")
+            "cost (CPU-h, 1x / 3x) | source | note |\n|---|---|---|---|---|---|---|---|---|")
     for short, long in pairs:
         for h in short.hypotheses:
             cells, auto, row = [], [], {"id": h["id"], "claim": claims.get(h["id"], ""), "study": short.name}
@@ -183,14 +188,14 @@ def build(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[str]
             type_ = h["type"].replace("_", "-") + (f", δ {h['margin']:g}" if h.get("margin") else "")
             metric = h["contrast"]["metric"]
             lines.append(f"| {claims.get(h['id'], '')} | `{h['id']}` ({metric}, {short.name}) | {type_} | "
-                         + " | ".join(cells) + f" | {change} | {cost} | "
+                         + " | ".join(cells) + f" | {change} | {cost} | {SOURCE.get(claims.get(h['id'], ''), '')} | "
                          + "; ".join(x for x in (*auto, notes.get(h["id"], "")) if x) + " |")
             rows.append(row)
     level = 1.0 - 2.0 * alpha
     text = "\n".join([
         f"Verdicts computed by `python scripts/findings_v2.py` from the committed journals; Holm across all {m} "
-        f"entries (every primary hypothesis at both budgets; unfinished ones counted at p = 1, so an interim word "
-        f"can only get stronger), one-sided alpha {alpha:g}; estimates are A − B in the metric's units (test "
+        f"entries (every primary hypothesis at both budgets; unfinished ones counted at p = 1, so with the family "
+        f"fixed an interim word can only get stronger), one-sided alpha {alpha:g}; estimates are A − B in the metric's units (test "
         f"split; a probe/ measure: the training trajectory, each run's mean over its probed steps) with {level:.0%} "
         f"intervals; the change between budgets is budget 2 − budget 1 with its "
         f"{level:.0%} interval.", "", head, *lines, ""])
