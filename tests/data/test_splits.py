@@ -48,8 +48,10 @@ def finished(tmp_path_factory):
 
 def test_run_records_test_split(finished):
     r = finished
-    assert r.status == "completed" and set(r.test) == {"test/loss", "test/acc"}
-    assert set(r.test_at_best) == {"test/loss", "test/acc"} and r.test_at_best != r.test
+    # with running statistics, and (the model has BN, the gap is on) with batch statistics and their difference
+    keys = {"test/loss", "test/acc", "test/loss_batchstats", "test/acc_batchstats", "test/train_eval_gap"}
+    assert r.status == "completed" and set(r.test) == keys
+    assert set(r.test_at_best) == keys and r.test_at_best != r.test
     run_dir = Path(r.run_dir)
     best = torch.load(run_dir / "best.pt", weights_only=True)
     assert best["step"] == r.best_step and best["metric"] == "val/acc"
@@ -62,11 +64,15 @@ def test_run_records_test_split(finished):
 
 def test_evaluate_reproduces_the_recorded_numbers(finished):
     r = finished
+    running = {k: v for k, v in r.test.items() if k in ("test/loss", "test/acc")}
     last = evaluate_run(r.run_dir, "test")
-    assert last["metrics"] == pytest.approx(r.test, abs=1e-6) and last["step"] == r.steps
+    assert last["metrics"] == pytest.approx(running, abs=1e-6) and last["step"] == r.steps
+    batch = evaluate_run(r.run_dir, "test", stats="batch", write=False)  # = the end-of-run gap pass
+    assert batch["metrics"]["test/loss"] == pytest.approx(r.test["test/loss_batchstats"], abs=1e-6)
     assert Path(last["file"]).name == "last-test-running.json" and json.loads(Path(last["file"]).read_text())
     best = evaluate_run(r.run_dir, "test", checkpoint="best")
-    assert best["metrics"] == pytest.approx(r.test_at_best, abs=1e-6) and best["step"] == r.best_step
+    at_best = {k: v for k, v in r.test_at_best.items() if k in ("test/loss", "test/acc")}
+    assert best["metrics"] == pytest.approx(at_best, abs=1e-6) and best["step"] == r.best_step
     val = evaluate_run(r.run_dir, "val", stats="batch", write=False)  # = the last validation's batch-stats pass
     assert val["metrics"]["val/loss"] == pytest.approx(r.final["val/loss_batchstats"], abs=1e-6)
     assert val["metrics"]["val/acc"] == pytest.approx(r.final["val/acc_batchstats"], abs=1e-6)
