@@ -62,10 +62,10 @@ CLAIM = {"santurkar_lr0.5": "1b", "santurkar_lr0.1": "1b", "santurkar_best_lr": 
          "yao_ffn_bn_matches_ln": "7", "yao_all_bn_worse": "7",
          "santurkar_noisy_bn_matches_bn": "2", "ioffe_before_beats_after": "4", "affine_helps_before": "11",
          "affine_helps_after": "11", "zhang_rms_matches_ln": "8q", "zhu_dyt_matches_ln_lm": "12",
-         "zhu_dyt_matches_ln_vit": "12", "wuhe_gn_beats_bn_at_2": "5", "wuhe_bn_degrades_at_2": "5",
-         "wuhe_gn_comparable_typical": "5", "santurkar_smoother_loss": "3", "santurkar_grad_predictive": "3",
-         "santurkar_beta_smaller": "3", "santurkar_bn_no_less_ics": "3", "momentum_default_beats_small": "10",
-         "momentum_large_beats_small": "10", "small_batch_wants_small_m": "10"}
+         "zhu_dyt_matches_ln_vit": "12", "wuhe_gn_beats_bn_at_2": "5", "wuhe_drop_vs_gn_at_2": "5",
+         "wuhe_drop_vs_gn_at_4": "5", "wuhe_gn_comparable_typical": "5", "santurkar_smoother_loss": "3",
+         "santurkar_grad_predictive": "3", "santurkar_beta_smaller": "3", "santurkar_bn_no_less_ics": "3",
+         "momentum_default_beats_small": "10", "momentum_large_beats_small": "10", "small_batch_wants_small_m": "10"}
 # the source each claim number is tested against (the spec's header quotes it)
 SOURCE = {"1b": "Santurkar et al. 2018", "1c": "Santurkar et al. 2018", "2": "Santurkar et al. 2018",
           "3": "Santurkar et al. 2018", "4": "Ioffe & Szegedy 2015", "11": "Ioffe & Szegedy 2015",

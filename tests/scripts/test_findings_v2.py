@@ -144,3 +144,19 @@ def test_run_queue_runs_the_unfinished_studies_in_order_and_resumes(tmp_path, lo
     assert len(load("alpha_3x", f"journal:{journals / 'alpha_3x'}.journal").trials) == 8
     rows = fv2.build(specs, journals, order=["alpha", "beta"], claims={}, notes={})[1]
     assert rows[0]["state_1"] == rows[0]["state_2"] == "complete" and rows[1]["state_1"] == "complete"
+
+
+def test_every_committed_v2_hypothesis_has_a_claim_number_and_source(load_script):
+    """The table's claim column comes from a hand-kept map: a hypothesis renamed or added in a spec without it would
+    stand in the table without its claim and source (and a stale entry would name nothing)."""
+    from normablate.sweep import load_spec
+
+    fv2 = load_script("findings_v2")
+    ids, names = set(), set()
+    for path in sorted(fv2.SPECS.glob("*.yaml")):
+        names.add(path.stem)
+        ids |= {h["id"] for h in load_spec(path).hypotheses}
+    assert ids and ids == set(fv2.CLAIM), (ids - set(fv2.CLAIM), set(fv2.CLAIM) - ids)
+    assert set(fv2.CLAIM.values()) <= set(fv2.SOURCE)
+    assert set(fv2.NOTES) <= ids
+    assert set(fv2.ORDER) <= names and all(f"{n}_3x" in names for n in fv2.ORDER)
