@@ -19,7 +19,13 @@ from normablate.sweep.spec import load_spec
 ROOT = Path(__file__).resolve().parents[2]
 GPU = ROOT / "configs" / "studies" / "gpu"
 SPECS = sorted(GPU.glob("*.yaml"))
-ANCHORS = {"anchor_resnet18_cifar10.yaml": ("resnet18", 0.9302), "anchor_vgg16_cifar10.yaml": ("vgg16", 0.9264)}
+# anchor spec -> (backbone, published accuracy, source commit named in the header, the source's recipe:
+# batch size, epochs, LR schedule, Nesterov, backbone options beyond the defaults)
+KUANGLIU = (128, 350, "step", False, {})
+ANCHORS = {"anchor_resnet18_cifar10.yaml": ("resnet18", 0.9302, "0ed52b1", KUANGLIU),
+           "anchor_vgg16_cifar10.yaml": ("vgg16", 0.9264, "0ed52b1", KUANGLIU),
+           "anchor_vgg11_bn_cifar10.yaml": ("vgg11", 0.9279, "d1c8e99", (256, 200, "cosine", True,
+                                                                         {"head": "mlp", "bias": True}))}
 
 
 def _header(path: Path) -> str:
@@ -46,6 +52,31 @@ def test_resnet18_cifar_stem_is_kuangliu_resnet18():
     assert sum(p.numel() for p in imagenet.parameters()) == 11_173_962 - 3 * 64 * 9 + 3 * 64 * 49
 
 
+def test_vgg11_mlp_head_is_the_published_cifar_vgg11_bn():
+    """chenyaofo/pytorch-cifar-models' cifar10_vgg11_bn (torchvision's VGG, configuration A, with BN): conv (with
+    bias) -> BN -> ReLU x 8 and torchvision's classifier 512-512-10 with dropout; 9.76M parameters, counted here
+    from that layer list, not from our code."""
+    torch.manual_seed(0)
+    model = nb.models.create("vgg11", norm="bn", head="mlp", bias=True)
+    channels = [64, 128, 256, 256, 512, 512, 512, 512]
+    convs = sum(9 * cin * cout + cout + 2 * cout for cin, cout in zip([3, *channels], channels))  # conv + bias + BN
+    head = (512 * 512 + 512) * 2 + 512 * 10 + 10
+    assert sum(p.numel() for p in model.parameters()) == convs + head == 9_756_426
+    linears = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(512, 512), (512, 512), (512, 10)]
+    assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in model.head.modules()) == 2
+    for m in linears:  # torchvision's VGG init: N(0, 0.01), zero bias
+        assert abs(float(m.weight.std()) - 0.01) < 0.002 and float(m.bias.abs().max()) == 0.0
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    assert torch.equal(model(x), model(x))  # dropout is off in eval mode
+    model.train()
+    assert not torch.equal(model.head(torch.ones(4, 512)), model.head(torch.ones(4, 512)))  # and on in training
+    with pytest.raises(ConfigError, match=r"head='conv' is not allowed; valid: linear, mlp"):
+        nb.models.create("vgg11", norm="bn", head="conv")
+    assert isinstance(nb.models.create("vgg11", norm="bn").head, torch.nn.Linear)  # the default is unchanged
+
+
 @pytest.mark.parametrize("norm", nb.norms.available())
 def test_resnet18_cifar_stem_builds_with_every_norm(norm):
     torch.manual_seed(0)
@@ -69,24 +100,30 @@ def test_resnet18_bad_stem_is_a_config_error():
 # ---------------------------------------------------------------- the specs
 @pytest.mark.parametrize("name", sorted(ANCHORS))
 def test_anchor_spec_is_the_published_recipe(name):
-    backbone, published = ANCHORS[name]
+    backbone, published, commit, (batch, epochs, schedule, nesterov, options) = ANCHORS[name]
     spec = load_spec(GPU / name)
     points = spec.points()
     assert len(points) == 3 and sorted(p.values["seed"] for p in points) == [0, 1, 2]
     cfg = spec.trial_config(points[0])
     assert cfg.model.backbone == backbone and cfg.model.norm == "bn"
     assert cfg.model.options.get("stem", "cifar") == "cifar"
+    assert {k: v for k, v in cfg.model.options.items() if k not in ("stem", "norm_position")} == options
+    assert cfg.model.options.get("norm_position", "before_act") == "before_act"
     o = cfg.optim
-    assert (o.name, o.lr, o.momentum, o.weight_decay, o.warmup_steps, o.nesterov) == ("sgd", 0.1, 0.9, 5e-4, 0, False)
-    assert (cfg.data.batch_size, cfg.data.augment, cfg.trainer.max_epochs) == (128, True, 350)
-    # x0.1 at epochs 150 and 250 of 350: the milestones land within one step of those epochs' first steps
-    steps = epochs_to_steps(350, 49_000, 128)
-    assert o.schedule == "step" and o.gamma == 0.1
-    assert [round(m * steps) for m in o.milestones] == pytest.approx(
-        [epochs_to_steps(150, 49_000, 128), epochs_to_steps(250, 49_000, 128)], abs=1)
+    assert (o.name, o.lr, o.momentum, o.weight_decay, o.warmup_steps, o.nesterov) == ("sgd", 0.1, 0.9, 5e-4, 0,
+                                                                                      nesterov)
+    assert (cfg.data.batch_size, cfg.data.augment, cfg.trainer.max_epochs) == (batch, True, epochs)
+    assert o.schedule == schedule
+    if schedule == "step":  # x0.1 at epochs 150 and 250 of 350: within one step of those epochs' first steps
+        steps = epochs_to_steps(350, 49_000, 128)
+        assert o.gamma == 0.1
+        assert [round(m * steps) for m in o.milestones] == pytest.approx(
+            [epochs_to_steps(150, 49_000, 128), epochs_to_steps(250, 49_000, 128)], abs=1)
+    else:  # cosine annealing to 0 over the whole run, as CosineAnnealingLR(T_max = the epochs, eta_min 0)
+        assert o.min_lr_ratio == 0.0
     assert cfg.optim.grad_clip is None and cfg.trainer.accelerator == "gpu"
     header = _header(GPU / name)
-    assert f"{published * 100:.2f}%" in header and "0ed52b1" in header  # the number and where it comes from
+    assert f"{published * 100:.2f}" in header and commit in header  # the number and where it comes from
     lo, hi = f"{published - 0.005:.4f}", f"{published + 0.005:.4f}"
     assert f"[{lo}, {hi}]" in header  # the pre-registered criterion, stated as numbers
 
