@@ -35,6 +35,7 @@ class RunResult:
     test: dict[str, float] = field(default_factory=dict)
     test_at_best: dict[str, float] = field(default_factory=dict)
     best_step: int | None = None  # the validation step whose weights are the best by trainer.select_metric
+    num_classes: int | None = None  # classification: the data's number of classes (a report's "at chance" rule)
 
     @property
     def diverged(self) -> bool:

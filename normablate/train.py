@@ -239,6 +239,7 @@ def record(run: Prepared, done: Fitted) -> RunResult:
         throughput=monitor.samples / monitor.train_time if monitor.train_time else 0.0,
         history=hist, config=to_dict(cfg), probes=summarize_probes(hist) if probe else {},
         test=done.test, test_at_best=done.test_at_best, best_step=done.best_weights.best_step,
+        num_classes=getattr(run.datamodule, "num_classes", None),
     )
     if done.status != "interrupted":
         tb = tensorboard_of(done.loggers)  # final metrics at the step of the last val/* (tblog.py: names, order)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from normablate.cli import main
-from support.helpers import run_main
+from support.helpers import free_port, run_main
+from support.procs import kill_group, run_bounded
 from support.runs import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,7 +298,7 @@ def cli(cwd: Path, *argv: str, timeout: float = 600) -> subprocess.CompletedProc
     with no PYTHONPATH."""
     exe = Path(sys.executable).parent / "normablate"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NORMABLATE_DEBUG")}
-    return subprocess.run([str(exe), *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_bounded([str(exe), *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -356,18 +357,15 @@ def _post(port: int, route: str, body: dict) -> dict:
 @pytest.mark.slow
 def test_tensorboard_hparams_show_what_was_swept(tmp_path):
     """Two runs differing in norm and LR, read back through the real TensorBoard server's hparams API."""
-    import socket
     import time
     import urllib.error
 
     for norm, lr in (("bn", "0.01"), ("ln", "0.05")):
         assert main(["train", *TINY, f"trainer.log_dir={tmp_path}", f"model.norm={norm}", f"optim.lr={lr}"]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     exe = Path(sys.executable).parent / "tensorboard"
     proc = subprocess.Popen([str(exe), "--logdir", str(tmp_path), "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline, exp = time.monotonic() + 120, {}
         while time.monotonic() < deadline:  # poll until the server is up and has read both runs
@@ -396,8 +394,9 @@ def test_tensorboard_hparams_show_what_was_swept(tmp_path):
             steps = {m["name"]["tag"]: m["trainingStep"] for m in g["metricValues"]}
             values = {m["name"]["tag"]: m["value"] for m in g["metricValues"]}
             assert steps["hp/val_acc"] == steps["hp/val_loss"] == steps["run/diverged"], steps  # one evaluation's
+            assert values["run/diverged"] == 0.0 and 0.0 <= values["hp/val_acc"] <= 1.0, values
     finally:
-        proc.terminate()
+        kill_group(proc)
         proc.wait(timeout=30)
 
 

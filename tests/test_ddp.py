@@ -2,7 +2,7 @@
 same global batches step for step; each rank gets its own slice of the global batch; only rank 0 writes."""
 from __future__ import annotations
 
-import subprocess
+import signal
 import sys
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from normablate.data.common import shard
 from normablate.errors import ConfigError
 from normablate.result import RunResult
 from normablate.train import train
+from support.procs import run_bounded, signal_once_exists
 from support.runs import COMMON, IMAGE, LM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ def test_two_rank_ddp_equals_one_process(tmp_path, base, tol):
     further), hence its looser tolerance."""
     rel, abs_ = tol
     args = [*base, *COMMON, f"trainer.log_dir={tmp_path}"]
-    proc = subprocess.run([sys.executable, "-m", "normablate.cli", "train", *args, "run=ddp", "trainer.devices=2",
+    proc = run_bounded([sys.executable, "-m", "normablate.cli", "train", *args, "run=ddp", "trainer.devices=2",
                            "trainer.strategy=ddp"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert proc.stdout.count("status   completed") == 1, "only rank 0 prints the summary"
@@ -85,30 +86,14 @@ def test_sync_batchnorm_refuses_a_layer_that_cannot_sync(tmp_path):
 def test_sigterm_to_rank0_stops_both_ranks_and_resume_finishes(tmp_path):
     """SIGTERM reaching rank 0 only: the flag is reduced over ranks, both stop at the same step boundary after a
     checkpoint (exit 130), and --resume (DDP again) completes the run with every validation recorded once."""
-    import signal
-    import time
-
     args = [sys.executable, "-m", "normablate.cli", "train", *IMAGE, "trainer.max_steps=60", "trainer.val_every=5",
             "trainer.progress=false", "trainer.sync_batchnorm=true", "trainer.devices=2", "experiment=t", "run=sig",
             f"trainer.log_dir={tmp_path}"]
-    log = open(tmp_path / "out.log", "w")  # a file, not a pipe: a full pipe would block the ranks
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
-    ckpt = tmp_path / "t" / "sig" / "last.ckpt"
-    try:
-        deadline = time.monotonic() + 600
-        while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert ckpt.exists(), (tmp_path / "out.log").read_text()[-3000:]
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    out = (tmp_path / "out.log").read_text()
-    assert proc.returncode == 130, out[-3000:]
+    code, out = signal_once_exists(args, tmp_path / "t" / "sig" / "last.ckpt", signal.SIGTERM, tmp_path / "out.log",
+                                   cwd=ROOT)
+    assert code == 130, out[-3000:]
     assert not (tmp_path / "t" / "sig" / "result.json").exists()
-    done = subprocess.run([*args, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = run_bounded([*args, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     result = RunResult.load(tmp_path / "t" / "sig" / "result.json")
     assert result.status == "completed" and result.steps == 60

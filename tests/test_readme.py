@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from support.procs import run_bounded
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -157,8 +158,8 @@ def workdir(tmp_path_factory):
                                           "trainer_fn: normablate.sweep.dryrun:train\n"
                                           "base: {trainer: {max_steps: 10, val_every: 5}}\n"
                                           "grid: {seed: [0, 1], model.norm: [bn, none]}\n")
-    subprocess.run([str(Path(sys.executable).parent / "normablate"), "sweep", "--config", str(base / "quick_tiny.yaml"),
-                    "--no-report"], cwd=main, env=shell_env(), check=True, capture_output=True, timeout=600)
+    run_bounded([str(Path(sys.executable).parent / "normablate"), "sweep", "--config", str(base / "quick_tiny.yaml"),
+                 "--no-report"], cwd=main, env=shell_env(), check=True, capture_output=True, timeout=600)
     return main
 
 
@@ -177,8 +178,8 @@ def test_every_readme_command_runs_in_bash(workdir):
         sub = cmd.split()[cmd.split().index("normablate") + 1]
         assert sub in FLAG, f"README line {no}: no rule for 'normablate {sub}' in this test: {cmd}"
         full = cmd if FLAG[sub] is None else f"{cmd} {FLAG[sub]}"
-        p = subprocess.run(["bash", "-c", full], cwd=workdir, env=shell_env(), capture_output=True, text=True,
-                           timeout=300, start_new_session=True)
+        p = run_bounded(["bash", "-c", full], cwd=workdir, env=shell_env(), capture_output=True, text=True,
+                        timeout=300)
         if p.returncode != 0:
             failures.append(f"README line {no}: `{full}` exited {p.returncode}: {p.stderr.strip()[-400:]}")
     assert not failures, "\n".join(failures)

@@ -4,9 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -18,6 +16,7 @@ from normablate.config import load_config
 from normablate.errors import ConfigError
 from normablate.result import RunResult
 from normablate.train import train
+from support.procs import run_bounded, signal_once_exists
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,24 +232,11 @@ def test_sigint_checkpoint_then_resume_cli(tmp_path):
     """A real Ctrl-C: the CLI saves a checkpoint, exits 130; --resume finishes the run."""
     args = [sys.executable, "-m", "normablate.cli", "train", *TINY_IMAGE, f"trainer.log_dir={tmp_path}",
             "experiment=t", "run=sig", "trainer.max_steps=120", "trainer.val_every=10"]
-    log = open(tmp_path / "out.log", "w")  # a file, not a pipe: a full pipe would block the child
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
-    try:
-        ckpt = tmp_path / "t" / "sig" / "last.ckpt"
-        deadline = time.monotonic() + 600
-        while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert ckpt.exists(), (tmp_path / "out.log").read_text()[-3000:]
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    out = (tmp_path / "out.log").read_text()
-    assert proc.returncode == 130, out[-3000:]
+    code, out = signal_once_exists(args, tmp_path / "t" / "sig" / "last.ckpt", signal.SIGINT, tmp_path / "out.log",
+                                   cwd=ROOT)
+    assert code == 130, out[-3000:]
     assert "interrupted" in out and not (tmp_path / "t" / "sig" / "result.json").exists()
-    done = subprocess.run([*args, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = run_bounded([*args, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     result = RunResult.load(tmp_path / "t" / "sig" / "result.json")
     assert result.status == "completed" and result.steps == 120

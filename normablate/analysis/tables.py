@@ -16,7 +16,8 @@ DEFINITIONS = """\
 * Statistics are over seeds: one configuration = one value of every swept axis except ``seed``. Mean ± the
   half-width of the 95% confidence interval, t(0.975, n-1) * s / sqrt(n). Diverged and pruned runs are left
   out of every mean (their count is given); steps/time-to-target are averaged over the runs that reached the
-  target (``n_reached`` of ``n``).
+  target (``n_reached`` of ``n``). An accuracy cell also counts the runs, diverged ones included (tested as they
+  stopped), that end *at chance*: at most 1 point above 1 / number of classes ("[1/3 diverged; 3/3 at chance]").
 * Exploratory comparisons (the line under each table, and the headline): Welch's t-test of the difference
   between the best configuration's mean and each other's (unequal variances, Welch-Satterthwaite df); the
   difference is called clear when its 95% CI excludes 0 (p < 0.05). They were not stated before the study ran
@@ -56,12 +57,34 @@ def summary(data: StudyData) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+CHANCE_MARGIN = 0.01  # an accuracy at most 1 point above 1 / num_classes counts as "at chance"
+
+
+def at_chance(s: pd.DataFrame, metric: str) -> int | None:
+    """How many of the trials ``s`` (diverged ones too: a diverged run is tested as it stopped) end with an
+    accuracy ``metric`` at chance, at most ``CHANCE_MARGIN`` above 1 / num_classes; None for a metric that is no
+    accuracy or trials that do not record their number of classes."""
+    if not metric.endswith("acc") or metric not in s or "num_classes" not in s:
+        return None
+    done = s[s["state"] == "complete"] if "state" in s else s
+    chance = 1.0 / pd.to_numeric(done["num_classes"], errors="coerce")
+    return int((pd.to_numeric(done[metric], errors="coerce") <= chance + CHANCE_MARGIN).sum())
+
+
 def cell(s: pd.DataFrame, metric: str) -> tuple[float, float, int, int, str]:
     """One axis value's trials: mean, CI half-width, finished count, diverged count, and the table text
-    ("diverged" when all diverged, else "mean ± ci" with "[k/n diverged]" when some did)."""
+    ("diverged" when all diverged, else "mean ± ci" with "[k/n diverged]" when some did), with "k/n at chance"
+    added for an accuracy where some trials, diverged or not, end at chance (``at_chance``): a mean over the
+    non-diverged runs alone would hide that the diverged ones ended there too."""
     m, ci, n = mean_ci(ok_rows(s)[metric].tolist() if metric in s else [])
     nd = int(s["diverged"].astype(bool).sum())
-    text = "diverged" if nd == len(s) else fmt_ci(m, ci) + (f" [{nd}/{len(s)} diverged]" if nd else "")
+    k = at_chance(s, metric)
+    chance = f"{k}/{len(s)} at chance" if k else ""
+    if nd == len(s):
+        text = "diverged" + (f" [{chance}]" if chance else "")
+    else:
+        notes = [x for x in (f"{nd}/{len(s)} diverged" if nd else "", chance) if x]
+        text = fmt_ci(m, ci) + (f" [{'; '.join(notes)}]" if notes else "")
     return m, ci, n, nd, text
 
 

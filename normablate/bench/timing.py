@@ -94,7 +94,10 @@ def median_ratio_ci(a: list[float], b: list[float], resamples: int = 2000, seed:
 
 def compare(section: str, name: str, layout: str, ours_label: str, ref_label: str, ours: Callable,
             ref: Callable, repeats: int, variant: str = "eager", note: str = "") -> Row:
-    """One row: ``ours`` and ``ref`` timed interleaved, milliseconds per call and their paired ratio."""
+    """One row: ``ours`` and ``ref`` timed interleaved, milliseconds per call and their paired ratio, with the
+    ratio's 95% bootstrap CI over the repeats in the note (``ratio_ci``; from 3 repeats)."""
     t = interleaved({"ours": ours, "ref": ref}, repeats)
+    if len(t["ours"]) >= 3:
+        note = "; ".join(x for x in (note, "ratio 95%% CI [%.3f, %.3f]" % ratio_ci(t["ours"], t["ref"])) if x)
     return Row(section, name, layout, variant, ours_label, ref_label, statistics.median(t["ours"]) * 1e3,
                statistics.median(t["ref"]) * 1e3, "ms", paired_ratio(t["ours"], t["ref"]), note)

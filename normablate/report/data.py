@@ -105,7 +105,7 @@ def _row(t: optuna.trial.FrozenTrial, spec: SweepSpec, points, sname: str, group
     row["norm"] = norm_label((cfg.get("model") or {}).get("norm", "?"))
     row["task"] = cfg.get("task")
     row["source"] = (cfg.get("data") or {}).get("source")
-    row["num_classes"] = (cfg.get("model") or {}).get("num_classes")
+    row["num_classes"] = ua.get("num_classes") or (cfg.get("model") or {}).get("num_classes")  # (recorded from 12/06)
     row["probe_cfg"] = cfg.get("probes") if (cfg.get("probes") or {}).get("enabled") else None
     if grouped:
         row["group"] = ua.get("group", sname.split("/", 1)[-1])

@@ -240,6 +240,8 @@ class TrialMixin:
             attrs["cpu_time"] = _finite(cpu)
         if getattr(r, "versions", None):
             attrs["versions"] = r.versions
+        if getattr(r, "num_classes", None):  # classification: the report's "at chance" rule needs it
+            attrs["num_classes"] = int(r.num_classes)
         probes = getattr(r, "probes", None)  # (a RunResult from an older trainer_fn has none)
         if probes:
             attrs["probes"] = {k: _finite(v) for k, v in probes.items()}

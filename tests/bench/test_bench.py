@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import normablate as nb
-from normablate import alloc, bench
+from normablate import bench
 from normablate.bench.sections import data as data_section
 from normablate.bench.sections import models as models_section
 from normablate.bench.sections import sweep as sweep_section
@@ -324,3 +324,17 @@ def test_goal_reasons_and_dead_ends_are_read_from_the_notes():
     lines = bench.summary(rows)
     assert lines == [f"- `normablate list` under 1.5 s: 2.00 s — NOT met ({why['list']})",
                      "- `normablate --help` under 1.5 s: 0.50 s — met"]
+
+
+def test_every_compared_row_states_its_ratio_interval(monkeypatch):
+    """A bench ratio is a statistic over interleaved repeats: each compared row's note carries its 95% bootstrap CI
+    (claim 8's 0.93x had none), after the row's own note; fewer than 3 repeats give no interval."""
+    from normablate.bench import timing
+
+    times = {"ours": [2.0, 2.2, 1.8, 2.0, 2.1], "ref": [1.0, 1.0, 1.0, 1.0, 1.0]}
+    monkeypatch.setattr(timing, "interleaved", lambda fns, repeats: {k: times[k][:repeats] for k in fns})
+    row = timing.compare("norms", "rms", "tokens", "a", "b", lambda: None, lambda: None, 5, note="claim: x")
+    lo, hi = timing.ratio_ci(times["ours"], times["ref"])
+    assert row.ratio == 2.0 and 1.8 <= lo <= 2.0 <= hi <= 2.2
+    assert row.note == f"claim: x; ratio 95% CI [{lo:.3f}, {hi:.3f}]"
+    assert timing.compare("norms", "rms", "tokens", "a", "b", lambda: None, lambda: None, 2).note == ""

@@ -227,6 +227,28 @@ def test_configurations_of_two_axes_with_the_same_values_are_named_apart():
     assert config_label(["bn", 0.001], ["norm", "lr"]) == "norm=bn lr=0.001"
 
 
+def test_an_accuracy_cell_counts_the_runs_at_chance_diverged_ones_included():
+    """v1's santurkar table read "0.1 ± 0 [1/3 diverged]" where all three seeds ended at chance: the mean is over the
+    two finished runs, and the diverged one (tested as it stopped) ended there too. The cell says so."""
+    from normablate.analysis.tables import cell
+
+    def trials(accs, diverged, classes=10):
+        return pd.DataFrame({"final_test_acc": accs, "diverged": diverged, "num_classes": [classes] * len(accs),
+                             "final_test_loss": [2.3] * len(accs), "state": ["complete"] * len(accs)})
+
+    at_chance = trials([0.1, 0.1, 0.0998], [False, False, True])
+    assert cell(at_chance, "final_test_acc")[4] == "0.1 ± 0 [1/3 diverged; 3/3 at chance]"
+    assert cell(at_chance, "final_test_loss")[4] == "2.3 ± 0 [1/3 diverged]"  # no accuracy: no chance count
+    assert cell(trials([0.1, 0.52, 0.55], [False] * 3), "final_test_acc")[4].endswith("[1/3 at chance]")
+    assert "chance" not in cell(trials([0.111, 0.52, 0.55], [False] * 3), "final_test_acc")[4]  # > 1 point above
+    assert cell(trials([0.5, 0.55], [False] * 2), "final_test_acc")[4] == "0.525 ± 0.32"
+    assert cell(trials([0.1, 0.1], [True, True]), "final_test_acc")[4] == "diverged [2/2 at chance]"
+    assert cell(trials([0.4, 0.1], [True, True]), "final_test_acc")[4] == "diverged [1/2 at chance]"
+    assert cell(trials([0.3, 0.3], [False] * 2, classes=2), "final_test_acc")[4].endswith("[2/2 at chance]")
+    no_classes = trials([0.1, 0.1], [False] * 2).drop(columns="num_classes")
+    assert "chance" not in cell(no_classes, "final_test_acc")[4]
+
+
 def _ppl_lr_plot(tmp_path, monkeypatch, vals: dict[tuple[str, float], list[float]]):
     """The axes of the lr_sensitivity plot of final val/ppl values {(norm, lr): per-seed values}."""
     from normablate.analysis import plots as P

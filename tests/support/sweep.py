@@ -42,6 +42,19 @@ def trials_of(url: str, name: str = "t") -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=open_storage(url)).get_trials(deepcopy=False)
 
 
+def trials_so_far(url: str, name: str = "t") -> list[optuna.trial.FrozenTrial]:
+    """The study's trials, or [] while a sweep just started has not created it yet (in whatever storage)."""
+    try:
+        return trials_of(url, name)
+    except Exception:  # noqa: BLE001  (the study or the storage's schema is not there yet)
+        return []
+
+
+def worker_pid(t: optuna.trial.FrozenTrial) -> int | None:
+    """The pid of the sweep worker that claimed trial ``t`` (None before one has)."""
+    return (t.system_attrs.get("nb:worker") or {}).get("pid")
+
+
 def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None):
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -13,11 +13,8 @@ import yaml
 from optuna.trial import TrialState
 
 from support import pg
-from support.sweep import make_spec, one_complete_per_point, spawn_sweep, sqlite_url, trials_of, wait_for
-
-
-def _worker_pid(t) -> int | None:
-    return (t.system_attrs.get("nb:worker") or {}).get("pid")
+from support.sweep import (make_spec, one_complete_per_point, spawn_sweep, sqlite_url, trials_of,
+                           trials_so_far, wait_for, worker_pid)
 
 
 @pytest.mark.slow
@@ -29,17 +26,14 @@ def test_killed_worker_is_replaced_and_the_sweep_exits_0(tmp_path):
     proc = spawn_sweep(path, "--workers", "2", delay=1.5)
     try:
         def busy_worker():
-            try:
-                ts = trials_of(url)
-            except Exception:  # noqa: BLE001  (study not created yet)
-                return None
+            ts = trials_so_far(url)
             done = [t for t in ts if t.state == TrialState.COMPLETE]
             running = [t for t in ts if t.state == TrialState.RUNNING and "run" in t.user_attrs
-                       and _worker_pid(t) not in (None, proc.pid)]
+                       and worker_pid(t) not in (None, proc.pid)]
             return running[0] if done and running else None
 
         victim = wait_for(busy_worker, 120, "a worker process mid-trial after one trial is done", proc)
-        os.kill(_worker_pid(victim), signal.SIGKILL)  # one worker, not the sweep
+        os.kill(worker_pid(victim), signal.SIGKILL)  # one worker, not the sweep
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -73,10 +67,7 @@ def test_postgres_outage_of_a_minute_mid_sweep(tmp_path):
         proc = spawn_sweep(path, "--storage", url, "--workers", "2", delay=3.0)
         try:
             def both_busy():
-                try:
-                    ts = trials_of(url)
-                except Exception:  # noqa: BLE001
-                    return None
+                ts = trials_so_far(url)
                 done = [t for t in ts if t.state == TrialState.COMPLETE]
                 running = [t for t in ts if t.state == TrialState.RUNNING and "run" in t.user_attrs]
                 return done if done and len(running) == 2 else None

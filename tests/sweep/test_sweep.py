@@ -21,7 +21,8 @@ from normablate.sweep import load_spec, run_sweep
 from normablate.sweep.runner import HOST, Sweep
 
 from support import pg
-from support.sweep import ATTRS, make_spec, one_complete_per_point, spawn_sweep, sqlite_url, trials_of, wait_for
+from support.sweep import (ATTRS, make_spec, one_complete_per_point, spawn_sweep, sqlite_url, trials_of,
+                           trials_so_far, wait_for, worker_pid)
 
 # ------------------------------------------------------------------------------------------ spec checks
 @pytest.mark.parametrize("change, message", [
@@ -228,10 +229,7 @@ def test_resume_after_sigkill_of_the_sweep(tmp_path):
     proc = spawn_sweep(path, "--workers", "2", delay=2.0)
     try:
         def ready():
-            try:
-                ts = trials_of(url)
-            except Exception:  # noqa: BLE001  (study not created yet)
-                return None
+            ts = trials_so_far(url)
             done = [t for t in ts if t.state == TrialState.COMPLETE]
             running = [t for t in ts if t.state == TrialState.RUNNING and "run" in t.user_attrs]
             return (done, running) if len(done) >= 2 and running else None
@@ -278,15 +276,12 @@ def test_postgres_two_workers_one_killed(tmp_path):
         b = spawn_sweep(path, "--storage", url, delay=1.5)
         try:
             def b_mid_trial():
-                try:
-                    ts = trials_of(url)
-                except Exception:  # noqa: BLE001
-                    return None
-                pid = {(t.system_attrs.get("nb:worker") or {}).get("pid"): t for t in ts}
+                ts = trials_so_far(url)
+                pid = {worker_pid(t): t for t in ts}
                 b_running = [t for t in ts if t.state == TrialState.RUNNING and "run" in t.user_attrs
-                             and (t.system_attrs.get("nb:worker") or {}).get("pid") == b.pid]
+                             and worker_pid(t) == b.pid]
                 b_done = [t for t in ts if t.state == TrialState.COMPLETE
-                          and (t.system_attrs.get("nb:worker") or {}).get("pid") == b.pid]
+                          and worker_pid(t) == b.pid]
                 return b_running if a.pid in pid and b_done and b_running else None
 
             wait_for(b_mid_trial, 120, "both workers busy, B mid-trial after finishing one", b)
@@ -305,7 +300,7 @@ def test_postgres_two_workers_one_killed(tmp_path):
                           for t in counted.values())
         assert set(workers) == {(HOST, a.pid), (HOST, b.pid)}, workers  # both shared the work
         victims = [t for t in trials if t.state != TrialState.COMPLETE  # B's trial in flight when it died
-                   and (t.system_attrs.get("nb:worker") or {}).get("pid") == b.pid]
+                   and worker_pid(t) == b.pid]
         assert len(victims) == 1, "B was killed mid-trial"
         dead = next(t for t in trials if t.number == victims[0].number)
         assert dead.state == TrialState.FAIL
@@ -349,10 +344,11 @@ def test_real_train_end_to_end(tmp_path, capsys):
         assert list(run_dir.glob("events.out.tfevents.*")), "TensorBoard logs live under <log_dir>/<study>/"
         assert (run_dir / "result.json").exists()
         assert 0 < ua["cpu_time"] and ua["versions"]["cpu"] and ua["versions"]["torch"]  # what the run cost, where
+        assert ua["num_classes"] == 10  # the embedded data's classes: the report's "at chance" rule reads them
     assert "val/loss_batchstats" in counted[0].user_attrs["final"]  # BN
     from normablate.report import write_report
 
     out = write_report("t", storage=res.storage)
     assert (out / "summary.csv").exists() and (out / "loss_curves.png").exists()
     cpu_h = sum(t.user_attrs["cpu_time"] for t in counted.values()) / 3600
-    assert f"- cost: 2 runs, " in (text := (out / "summary.md").read_text()) and f"{cpu_h:.2f} CPU-hours summed" in text
+    assert "- cost: 2 runs, " in (text := (out / "summary.md").read_text()) and f"{cpu_h:.2f} CPU-hours summed" in text

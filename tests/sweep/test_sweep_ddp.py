@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,8 +26,10 @@ from normablate.sweep import load_spec, run_sweep
 from normablate.sweep.ddp_trial import ENTRY, LAUNCHER_ENV, check_resources, child_env
 from normablate.train import train
 
+from support.procs import run_bounded
 from support.runs import COMMON, IMAGE
-from support.sweep import ROOT, make_spec, one_complete_per_point, spawn_sweep, sqlite_url, trials_of, wait_for
+from support.sweep import (ROOT, make_spec, one_complete_per_point, spawn_sweep, sqlite_url, trials_of,
+                           trials_so_far, wait_for)
 
 TRAIN = "normablate.train:train"
 DDP = {"trainer.devices": 2, "trainer.strategy": "ddp"}
@@ -101,7 +102,7 @@ def test_ddp_trial_equals_normablate_train_on_two_devices_and_one_process(tmp_pa
     cfg = dict(ua["config"], run="train-ddp")
     cfg["trainer"] = dict(cfg["trainer"], log_dir=str(tmp_path / "train"))
     (tmp_path / "trial.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "normablate.cli", "train", "--config", str(tmp_path / "trial.yaml")],
+    proc = run_bounded([sys.executable, "-m", "normablate.cli", "train", "--config", str(tmp_path / "trial.yaml")],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     ddp = RunResult.load(tmp_path / "train" / cfg["experiment"] / "train-ddp" / "result.json")
@@ -149,7 +150,7 @@ def test_sigterm_then_kill_mid_ddp_trials_lose_nothing(tmp_path):
 
     def mid_trial(point: int):
         def find():
-            ts = [t for t in _trials(url) if t.state == TrialState.RUNNING and "run_dir" in t.user_attrs
+            ts = [t for t in trials_so_far(url) if t.state == TrialState.RUNNING and "run_dir" in t.user_attrs
                   and t.user_attrs.get("point") == point]
             return ts[0] if ts and (Path(ts[0].user_attrs["run_dir"]) / "last.ckpt").exists() else None
         return find
@@ -210,13 +211,6 @@ def test_ddp_trial_error_is_recorded_with_the_trials_traceback(tmp_path):
     assert t.user_attrs["error"].startswith("normablate.errors.ConfigError: trainer.sync_batchnorm: layer")
     assert "normablate/sweep/ddp_trial.py" in t.user_attrs["traceback"] and "sync.enable" in t.user_attrs["traceback"]
     no_ranks_left()
-
-
-def _trials(url: str):
-    try:
-        return trials_of(url)
-    except Exception:  # noqa: BLE001  (study not created yet)
-        return []
 
 
 @pytest.mark.slow
