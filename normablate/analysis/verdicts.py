@@ -541,6 +541,12 @@ class Verdict:
         sign = 1.0 if self.direction == "maximize" else -1.0
         g, m = sign * t.estimate, float(self.margin or 0.0)
         bound = {"superiority": m, "non_inferiority": -m}.get(self.type, math.copysign(m, g))
+        if self.type == "equivalence" and abs(g) > m:  # outside the margin: more seeds would contradict it, read
+            # off the (1 - alpha) interval, wider than the (1 - 2 alpha) one shown by about this factor squared
+            z = NormalDist().inv_cdf
+            factor = ((t.hi - t.lo) / 2.0 / (abs(g) - m)) ** 2 * (z(1 - self.alpha / 2) / z(1 - self.alpha)) ** 2
+            return (f"the estimate lies outside the equivalence margin (±{m:g}): if it were the truth, about "
+                    f"{max(factor, 1.0):.1f}x the seeds would contradict the claim")
         gap = abs(g - bound) if self.type != "equivalence" else m - abs(g)
         if gap <= 0:
             return f"untestable at this budget as estimated: the estimate sits on the claim's boundary ({bound:+.3g})"

@@ -174,6 +174,15 @@ def test_an_inconclusive_verdict_says_what_budget_would_decide_it():
     v = V.Verdict("h", "claim", "equivalence", 0.05, 0.05, "", "test", V.Test(0.01, -0.04, 0.06, 0.9, 0.2, 0.8),
                   word="inconclusive")
     assert "about 1.6x the seeds" in v.seeds_needed()  # half-width 0.05 vs 0.05 - |0.01| = 0.04: (0.05/0.04)^2
+    # outside the margin (|+0.07| > 0.05): more seeds would contradict it, not decide it either way, and the estimate
+    # is not "on the boundary": (0.05 / 0.02)^2 x (z 0.975 / z 0.95)^2 = 6.25 x 1.42
+    v = V.Verdict("h", "claim", "equivalence", 0.05, 0.05, "", "test", V.Test(0.07, 0.02, 0.12, 0.9, 0.6, 0.4),
+                  word="inconclusive")
+    assert v.seeds_needed() == ("the estimate lies outside the equivalence margin (±0.05): if it were the truth, "
+                                "about 8.9x the seeds would contradict the claim")
+    v = V.Verdict("h", "claim", "superiority", None, 0.05, "", "test", V.Test(0.0, -0.02, 0.02, 0.9, 0.5, 0.5),
+                  word="inconclusive")
+    assert "sits on the claim's boundary (+0)" in v.seeds_needed()  # exactly on it: no number of seeds decides
     v = V.Verdict("h", "claim", "superiority", None, 0.05, "", "test", V.Test(0.03, 0.01, 0.05, 0.9, 0.04, 0.96),
                   word="inconclusive")  # supported alone, not after Holm
     assert "Holm's adjustment" in v.seeds_needed()
