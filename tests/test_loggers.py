@@ -370,9 +370,11 @@ def test_sweep_workers_send_progress_and_log_lines_to_the_command(tmp_path, caps
     assert res.exit_code == 0
     out = capsys.readouterr().out
     progress = re.findall(r"^(w[01]) trial (\d+) .*: step (\d+)/20 \(\d+%\)(?: val/acc [\d.]+)? ETA", out, re.M)
-    assert {w for w, _, _ in progress} == {"w0", "w1"}, out
+    started = set(re.findall(r"^\[v/(w[01])\] trial \d+ started", out, re.M))  # the workers' own log lines
+    # every worker that ran a trial showed its progress (which worker claims which trial is the scheduler's: under
+    # load one worker may finish all four before the other has started, so both are not required)
+    assert started and {w for w, _, _ in progress} == started, out
     assert {int(t) for _, t, _ in progress} == {0, 1, 2, 3}, out  # every trial showed its progress
-    assert re.search(r"^\[v/w[01]\] trial \d+ started", out, re.M), out  # the workers' own log lines
     assert "finished: 4/4 trials done" in out
 
 

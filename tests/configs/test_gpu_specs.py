@@ -66,7 +66,7 @@ def test_vgg11_mlp_head_is_the_published_cifar_vgg11_bn():
     assert [(m.in_features, m.out_features) for m in linears] == [(512, 512), (512, 512), (512, 10)]
     assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in model.head.modules()) == 2
     for m in linears:  # torchvision's VGG init: N(0, 0.01), zero bias
-        assert abs(float(m.weight.std()) - 0.01) < 0.002 and float(m.bias.abs().max()) == 0.0
+        assert abs(float(m.weight.detach().std()) - 0.01) < 0.002 and float(m.bias.detach().abs().max()) == 0.0
     x = torch.randn(4, 3, 32, 32)
     model.eval()
     assert torch.equal(model(x), model(x))  # dropout is off in eval mode
