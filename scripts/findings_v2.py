@@ -24,10 +24,13 @@ Running the studies (resumable, in the table's order; a long job for several ses
     python scripts/findings_v2.py --run --budget 2 --only shen_powernorm_wide_3x
 
 Each runs as ``normablate sweep --config <spec> --workers N --storage journal:docs/findings/v2/<study>.journal``
-from a clean git worktree of HEAD beside this checkout (``--tree here``: from this checkout), so every trial
-records ``versions.git_dirty: False`` and the commit it ran; ``../shared`` resolves the same from there. Ctrl-C or
-SIGTERM stops the running sweep cleanly (its trials keep their checkpoints) and nothing after it starts; the same
-command resumes. Commit the journals as they land.
+from a clean git worktree beside this checkout (``--tree here``: from this checkout), so every trial records
+``versions.git_dirty: False`` and the commit it ran; ``../shared`` resolves the same from there. The worktree is
+made as each study starts: a new study runs HEAD as it is then, a resumed one the commit its finished trials ran,
+so one study never mixes commits and code committed while a study runs is used from the next study on. Ctrl-C or
+SIGTERM stops the running sweep cleanly (its trials keep their checkpoints) and nothing after it starts; SIGUSR1
+lets the running study finish and starts nothing after it; the same command resumes. Commit the journals as they
+land.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -102,6 +106,7 @@ class Study:
     done: int = 0
     judged: dict[str, verdicts.Verdict] = field(default_factory=dict)
     cpu_hours: float = math.nan
+    commits: list[str] = field(default_factory=list)  # the commits its finished trials ran (oldest first)
 
 
 def read_study(spec_path: Path, journal_dir: Path) -> Study:
@@ -112,6 +117,9 @@ def read_study(spec_path: Path, journal_dir: Path) -> Study:
         return st
     data = load(spec.study_name, f"journal:{st.journal}")
     st.done = len(data.trials)
+    if "git_commit" in data.trials:
+        known = data.trials.sort_values("trial")["git_commit"].dropna()
+        st.commits = list(dict.fromkeys(c for c in known if c != "unknown"))
     if st.done < st.total:
         st.state = "running"  # nothing else is read from an unfinished study
         return st
@@ -218,10 +226,11 @@ def write(text: str, findings: Path = FINDINGS, table: Path = JOURNALS / "table.
     findings.write_text(pat.sub(lambda _: f"{BEGIN}\n{text}{END}", doc))
 
 
-def clean_tree(root: Path = ROOT) -> Path:
-    """A git worktree of HEAD beside ``root`` (created once per commit, reused): a clean checkout to run from."""
-    sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                         check=True).stdout.strip()
+def clean_tree(root: Path = ROOT, commit: str = "HEAD") -> Path:
+    """A git worktree of ``commit`` beside ``root`` (created once per commit, reused): a clean checkout to run
+    from."""
+    sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", f"{commit}^{{commit}}"],
+                         capture_output=True, text=True, check=True).stdout.strip()
     tree = root.parent / f"{root.name}-v2run-{sha[:10]}"
     if not (tree / ".git").exists():
         subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tree), sha], check=True,
@@ -229,16 +238,35 @@ def clean_tree(root: Path = ROOT) -> Path:
     return tree
 
 
+def study_commit(st: Study) -> str:
+    """The commit a study runs from: the one its finished trials ran (a study stays at one commit when resumed,
+    even after HEAD moved on; where earlier trials ran several, the newest of them), else HEAD (a new study)."""
+    return st.commits[-1] if st.commits else "HEAD"
+
+
+def study_tree(st: Study, root: Path = ROOT) -> Path:
+    """``--tree clean``: a clean worktree of ``study_commit(st)``, made when the study starts (not when the queue
+    starts), so each new study runs the newest commit and a resumed one the commit it began with."""
+    return clean_tree(root, study_commit(st))
+
+
 def run_queue(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[str] | None = ORDER,
-              budgets: tuple[int, ...] = (1,), workers: int = 2, tree: Path | None = None,
-              only: list[str] | None = None, extra: tuple[str, ...] = ()) -> int:
+              budgets: tuple[int, ...] = (1,), workers: int = 2,
+              tree: Path | Callable[[Study], Path] | None = None, only: list[str] | None = None,
+              extra: tuple[str, ...] = ()) -> int:
     """Run the unfinished studies (of ``budgets``; ``only``: these names) one after another in the table's order,
-    each with ``normablate sweep`` from ``tree`` (None: this process's working directory). Returns the first non-
-    zero exit status (a stopped or failed sweep: nothing after it starts), else 0."""
+    each with ``normablate sweep`` from ``tree`` (None: this process's working directory; a callable: asked for each
+    study as it starts). Returns the first non-zero exit status (a stopped or failed sweep: nothing after it
+    starts), else 0.
+
+    SIGTERM / SIGINT: forwarded to the running sweep (it stops cleanly, its trials keep their checkpoints), and
+    nothing after it starts. SIGUSR1: the running study finishes, then nothing after it starts (returns 0): the
+    way to stop at a study's boundary, e.g. before committing code the next study should run."""
     pairs = studies(spec_dir, journal_dir, order)
     todo = [st for pair in pairs for b, st in enumerate(pair, 1)
             if st is not None and b in budgets and st.state != "complete" and (not only or st.name in only)]
     stop: list[int] = []
+    after: list[int] = []
     child: list[subprocess.Popen] = []
 
     def on_signal(signum, frame):  # forward to the sweep (it stops cleanly) and start nothing after it
@@ -246,22 +274,34 @@ def run_queue(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[
         for c in child:
             c.send_signal(signum)
 
+    def on_usr1(signum, frame):  # let the running study finish; start nothing after it
+        after.append(signum)
+        print("findings_v2: SIGUSR1: the running study finishes, nothing after it starts", flush=True)
+
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_usr1)
     try:
         for st in todo:
             if stop:
                 return 128 + stop[0]
+            if after:
+                print(f"findings_v2: stopped before {st.name} (SIGUSR1)", flush=True)
+                return 0
+            where = tree(st) if callable(tree) else tree
             spec = st.spec_path
-            if tree is not None and spec.is_relative_to(ROOT):
-                spec = tree / spec.relative_to(ROOT)  # the committed spec, as the clean tree has it
-            print(f"findings_v2: {st.name}: {st.done}/{st.total} trials so far", flush=True)
-            env = dict(os.environ, **({"PYTHONPATH": str(tree)} if tree is not None else {}))
+            if where is not None and spec.is_relative_to(ROOT):
+                spec = where / spec.relative_to(ROOT)  # the committed spec, as the clean tree has it
+            print(f"findings_v2: {st.name}: {st.done}/{st.total} trials so far"
+                  + (f", from {where}" if where is not None else ""), flush=True)
+            env = dict(os.environ, **({"PYTHONPATH": str(where)} if where is not None else {}))
             cmd = [sys.executable, "-m", "normablate", "sweep", "--config", str(spec), "--workers", str(workers),
                    "--storage", f"journal:{st.journal}", *extra]
-            child[:] = [subprocess.Popen(cmd, cwd=tree, env=env)]
+            child[:] = [subprocess.Popen(cmd, cwd=where, env=env)]
             rc = child[0].wait()
             if rc != 0 or stop:
                 return rc or 128 + stop[0]
+        if after:
+            print("findings_v2: stopped after the last study (SIGUSR1)", flush=True)
         return 0
     finally:
         for s, h in old.items():
@@ -276,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", metavar="STUDY", help="--run: only these studies (spec file stems, "
                                                                "either budget)")
     ap.add_argument("--workers", type=int, default=2, help="--run: sweep workers (default 2: 1 thread each)")
-    ap.add_argument("--tree", default="clean", help="--run: 'clean' (a worktree of HEAD beside this checkout, "
-                                                    "default) or 'here' (this checkout)")
+    ap.add_argument("--tree", default="clean", help="--run: 'clean' (default: a worktree beside this checkout, made "
+                                                    "as each study starts: of HEAD for a new study, of the commit "
+                                                    "its trials ran for a resumed one) or 'here' (this checkout)")
     args = ap.parse_args(argv)
     if args.run:
         budgets = (1, 2) if args.budget == "both" or args.only else (int(args.budget),)  # --only: as named
@@ -289,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--only {' '.join(bad)}: no such study; valid: {', '.join(sorted(known))}")
         if args.workers < 1:
             ap.error(f"--workers {args.workers}: must be >= 1")
-        tree = clean_tree() if args.tree == "clean" else ROOT
+        tree = study_tree if args.tree == "clean" else ROOT
         return run_queue(budgets=budgets, workers=args.workers, tree=tree, only=args.only)
     text, _ = build()
     print(text)

@@ -133,6 +133,7 @@ def _row(t: optuna.trial.FrozenTrial, spec: SweepSpec, points, sname: str, group
     row["run_dir"] = ua.get("run_dir")
     row["cpu_time"] = ua.get("cpu_time")  # (trials of older versions have neither)
     row["cpu"] = (ua.get("versions") or {}).get("cpu")
+    row["git_commit"] = (ua.get("versions") or {}).get("git_commit")  # the commit the run ran (None: unknown)
     return row
 
 

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 from .. import tasks
 from ..config import RunConfig, epochs_to_steps, from_dict, to_dict, validated
 from ..errors import ConfigError
+from ..provenance import git_state
 from ..result import RunResult
 
 LR_MAX = {"bn": 3.0, "noisy_bn": 2.0, "masked_bn": 2.0, "gn": 1.0, "ln": 1.0, "rms": 1.0, "none": 0.3}
@@ -126,11 +127,12 @@ def train(cfg: RunConfig | dict, callbacks: list | None = None, resume: bool = F
             probes.update({"probe/ics_l2/first": 0.0, "probe/ics_cos/first": 1.0,
                            "probe/ics_l2/second": 0.2 + 0.02 * _noise(cfg.seed, repr(cfg.model.norm), "ics"),
                            "probe/ics_cos/second": 0.95 + 0.01 * _noise(cfg.seed, repr(cfg.model.norm), "cos")})
+    commit, dirty = git_state()
     result = RunResult(
         run_dir=str(run_dir), status=status, steps=step, final=final, best=best, diverged_step=c["div_step"],
         steps_to_target=steps_to_target, time_to_target=time_to_target,
         train_loss_auc=sum(losses) / len(losses) if losses else None, wall_time=wall,
         throughput=step * cfg.data.batch_size / max(wall, 1e-6), history=history, config=to_dict(cfg), test=test,
-        probes=probes)
+        probes=probes, versions={"git_commit": commit, "git_dirty": str(dirty)})  # (the record's git part, as train's)
     result.save(result_file)
     return result

@@ -96,6 +96,10 @@ def test_table_from_journals_reads_nothing_from_an_unfinished_study(tmp_path, mo
     # beta: only seeds 0 and 1 have run (a study still running); beta_3x has no spec; gamma is not in the order
     assert run_sweep(_spec(tmp_path, "beta", 40, [0, 1]), storage=f"journal:{journals / 'beta'}.journal",
                      verbose=False).complete
+    from normablate.provenance import git_state
+
+    # the commit its finished trials ran is read even from a running study: the queue resumes it there
+    assert fv2.read_study(specs / "beta.yaml", journals).commits == [git_state()[0]]
     judged = []
     real = verdicts.evaluate
     monkeypatch.setattr(verdicts, "evaluate", lambda data, *a, **k: judged.append(data.name) or real(data, *a, **k))
@@ -160,3 +164,64 @@ def test_every_committed_v2_hypothesis_has_a_claim_number_and_source(load_script
     assert set(fv2.CLAIM.values()) <= set(fv2.SOURCE)
     assert set(fv2.NOTES) <= ids
     assert set(fv2.ORDER) <= names and all(f"{n}_3x" in names for n in fv2.ORDER)
+
+
+class _FakeSweep:
+    """subprocess.Popen's stand-in for run_queue: records each sweep it would start; ``on_wait`` runs in wait()."""
+    started: list = []
+    on_wait = None
+
+    def __init__(self, cmd, cwd=None, env=None):
+        type(self).started.append((cmd[cmd.index("--config") + 1], cwd, env.get("PYTHONPATH")))
+
+    def wait(self):
+        if type(self).on_wait:
+            type(self).on_wait()
+        return 0
+
+    def send_signal(self, signum):
+        raise AssertionError("SIGUSR1 must not be forwarded to the running sweep")
+
+
+def test_run_queue_makes_each_studys_tree_as_it_starts_and_sigusr1_stops_at_the_boundary(
+        tmp_path, monkeypatch, load_script):
+    import os
+    import signal
+    import subprocess
+
+    fv2 = load_script("findings_v2")
+    specs, journals = tmp_path / "specs", tmp_path / "journals"
+    specs.mkdir(), journals.mkdir()
+    for name in ("alpha", "beta", "gamma"):
+        (specs / f"{name}.yaml").write_text(yaml.safe_dump(_spec(tmp_path, name, 40, [0])))
+    events = []
+    monkeypatch.setattr(subprocess, "Popen", _FakeSweep)
+    monkeypatch.setattr(_FakeSweep, "started", [])
+    monkeypatch.setattr(_FakeSweep, "on_wait", lambda: events.append("ran"))
+
+    def tree(st):
+        events.append(f"tree {st.name}")
+        return tmp_path / f"tree-{st.name}"
+
+    # every study's tree is asked for when that study starts (after the previous one ran), and the sweep runs there
+    assert fv2.run_queue(specs, journals, order=["alpha", "beta", "gamma"], workers=1, tree=tree) == 0
+    assert events == ["tree alpha", "ran", "tree beta", "ran", "tree gamma", "ran"]
+    assert [(cwd.name, pp) for _, cwd, pp in _FakeSweep.started] == [
+        (f"tree-{n}", str(tmp_path / f"tree-{n}")) for n in ("alpha", "beta", "gamma")]
+    # SIGUSR1 during the first study: it finishes (not signalled), nothing after it starts, the queue returns 0
+    _FakeSweep.started.clear()
+    monkeypatch.setattr(_FakeSweep, "on_wait", lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    before = signal.getsignal(signal.SIGUSR1)
+    assert fv2.run_queue(specs, journals, order=["beta", "alpha", "gamma"], workers=1, tree=tree) == 0
+    assert [cwd.name for _, cwd, _ in _FakeSweep.started] == ["tree-beta"]
+    assert signal.getsignal(signal.SIGUSR1) == before  # the handler is restored
+
+
+def test_study_commit_resumes_at_the_commit_its_trials_ran(load_script):
+    fv2 = load_script("findings_v2")
+    st = fv2.Study("s", Path("s.yaml"), Path("s.journal"), 4, [])
+    assert fv2.study_commit(st) == "HEAD"  # a new study: HEAD as it is when the study starts
+    st.commits = ["a" * 40]
+    assert fv2.study_commit(st) == "a" * 40
+    st.commits = ["a" * 40, "b" * 40]  # trials of several commits (a study resumed by hand): the newest of them
+    assert fv2.study_commit(st) == "b" * 40
