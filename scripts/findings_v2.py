@@ -106,7 +106,7 @@ class Study:
     done: int = 0
     judged: dict[str, verdicts.Verdict] = field(default_factory=dict)
     cpu_hours: float = math.nan
-    commits: list[str] = field(default_factory=list)  # the commits its finished trials ran (oldest first)
+    commits: list[str] = field(default_factory=list)  # the commits its trials ran (trial_commits: newest last)
 
 
 def read_study(spec_path: Path, journal_dir: Path) -> Study:
@@ -117,9 +117,7 @@ def read_study(spec_path: Path, journal_dir: Path) -> Study:
         return st
     data = load(spec.study_name, f"journal:{st.journal}")
     st.done = len(data.trials)
-    if "git_commit" in data.trials:
-        known = data.trials.sort_values("trial")["git_commit"].dropna()
-        st.commits = list(dict.fromkeys(c for c in known if c != "unknown"))
+    st.commits = trial_commits(spec.study_name, st.journal)
     if st.done < st.total:
         st.state = "running"  # nothing else is read from an unfinished study
         return st
@@ -128,6 +126,28 @@ def read_study(spec_path: Path, journal_dir: Path) -> Study:
     if "cpu_time" in data.trials and data.trials["cpu_time"].notna().any():
         st.cpu_hours = float(data.trials["cpu_time"].dropna().sum()) / 3600.0
     return st
+
+
+def trial_commits(study_name: str, journal: Path) -> list[str]:
+    """The commits a study's trials ran, every trial counted (finished, interrupted, running or failed), ordered
+    by each commit's last use (by trial start): the start-time ``git_commit`` attribute, else the finished run's
+    ``versions.git_commit`` (trials from before the start-time record). "unknown" (not a git checkout) is left out."""
+    import optuna
+
+    from normablate.sweep.storage import normalize_url, open_storage
+
+    st = open_storage(normalize_url(f"journal:{journal}"), create=False)
+    out: list[tuple[float, str]] = []
+    for name in optuna.get_all_study_names(st):
+        if name != study_name and not name.startswith(study_name + "/"):
+            continue  # (a grouped kind keeps its trials in one study per group: "<study>/<group>")
+        for t in optuna.load_study(study_name=name, storage=st).get_trials(deepcopy=False):
+            ua = t.user_attrs
+            c = ua.get("git_commit") or (ua.get("versions") or {}).get("git_commit")
+            if c and c != "unknown":
+                out.append((t.datetime_start.timestamp() if t.datetime_start else math.inf, c))
+    last = {c: i for i, (_, c) in enumerate(sorted(out, key=lambda x: x[0]))}  # each commit's last use
+    return sorted(last, key=last.get)
 
 
 def studies(spec_dir: Path, journal_dir: Path, order: list[str] | None = None) -> list[tuple[Study, Study | None]]:
@@ -229,25 +249,39 @@ def write(text: str, findings: Path = FINDINGS, table: Path = JOURNALS / "table.
 def clean_tree(root: Path = ROOT, commit: str = "HEAD") -> Path:
     """A git worktree of ``commit`` beside ``root`` (created once per commit, reused): a clean checkout to run
     from."""
-    sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", f"{commit}^{{commit}}"],
-                         capture_output=True, text=True, check=True).stdout.strip()
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"findings_v2: git {' '.join(args)} failed: {r.stderr.strip() or r.stdout.strip()}")
+        return r.stdout.strip()
+
+    sha = git("rev-parse", "--verify", f"{commit}^{{commit}}")
     tree = root.parent / f"{root.name}-v2run-{sha[:10]}"
     if not (tree / ".git").exists():
-        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tree), sha], check=True,
-                       capture_output=True)
+        git("worktree", "add", "--detach", str(tree), sha)
     return tree
 
 
 def study_commit(st: Study) -> str:
-    """The commit a study runs from: the one its finished trials ran (a study stays at one commit when resumed,
-    even after HEAD moved on; where earlier trials ran several, the newest of them), else HEAD (a new study)."""
+    """The commit a study runs from: the one its trials ran (a study stays at one commit when resumed, even after
+    HEAD moved on; where earlier trials ran several, the one the newest trial ran), else HEAD (a new study)."""
     return st.commits[-1] if st.commits else "HEAD"
 
 
 def study_tree(st: Study, root: Path = ROOT) -> Path:
     """``--tree clean``: a clean worktree of ``study_commit(st)``, made when the study starts (not when the queue
-    starts), so each new study runs the newest commit and a resumed one the commit it began with."""
-    return clean_tree(root, study_commit(st))
+    starts), so each new study runs the newest commit and a resumed one the commit it began with. A resumed
+    study whose spec differs between that commit and this checkout is refused: a pre-registered spec does not
+    change after its first run, and the queue counts trials against this checkout's spec."""
+    commit = study_commit(st)
+    if commit != "HEAD" and st.spec_path.is_relative_to(root):
+        rel = str(st.spec_path.relative_to(root))
+        r = subprocess.run(["git", "-C", str(root), "diff", "--quiet", commit, "--", rel], capture_output=True)
+        if r.returncode == 1:
+            raise SystemExit(f"findings_v2: {st.name}: {rel} differs from the one its trials ran at {commit[:10]} "
+                             f"(`git diff {commit[:10]} -- {rel}`): a pre-registered spec does not change after "
+                             f"its first run; restore it, or resume by hand with --tree here")
+    return clean_tree(root, commit)
 
 
 def run_queue(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[str] | None = ORDER,
@@ -287,7 +321,12 @@ def run_queue(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[
             if after:
                 print(f"findings_v2: stopped before {st.name} (SIGUSR1)", flush=True)
                 return 0
-            where = tree(st) if callable(tree) else tree
+            where = tree(st) if callable(tree) else tree  # (git may take seconds: a signal then is seen below)
+            if stop:
+                return 128 + stop[0]
+            if after:
+                print(f"findings_v2: stopped before {st.name} (SIGUSR1)", flush=True)
+                return 0
             spec = st.spec_path
             if where is not None and spec.is_relative_to(ROOT):
                 spec = where / spec.relative_to(ROOT)  # the committed spec, as the clean tree has it
@@ -296,8 +335,11 @@ def run_queue(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[
             env = dict(os.environ, **({"PYTHONPATH": str(where)} if where is not None else {}))
             cmd = [sys.executable, "-m", "normablate", "sweep", "--config", str(spec), "--workers", str(workers),
                    "--storage", f"journal:{st.journal}", *extra]
-            child[:] = [subprocess.Popen(cmd, cwd=where, env=env)]
+            # the sweep ignores SIGUSR1 (it is the queue's: sent to the process group, it must not kill the sweep)
+            child[:] = [subprocess.Popen(cmd, cwd=where, env=env,
+                                         preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))]
             rc = child[0].wait()
+            child.clear()  # (a signal from now on has no sweep to forward to)
             if rc != 0 or stop:
                 return rc or 128 + stop[0]
         if after:

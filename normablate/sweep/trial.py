@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 
 from ..config import to_dict
 from ..plugins import import_object
+from ..provenance import git_state
 from ..result import RunResult
 from .ddp_trial import TrialProcess, needs_process, threads_per_rank, world_of
 from .liveness import Heartbeat
@@ -111,7 +112,10 @@ class TrialMixin:
             own = spec.trial_dict(slot.point, params, run=run)["trainer"].get("threads")
             cfg.trainer.threads = threads_per_rank(cfg, own, self.runtime.get("trainer.threads"))
         run_dir = Path(cfg.trainer.log_dir) / cfg.experiment / run
-        for k, v in {"run": run, "run_dir": str(run_dir), "config": to_dict(cfg), "params": params}.items():
+        # git_commit: the code this worker runs, recorded at the start (versions, at the end, is missing from a trial
+        # that was interrupted): a resumed study can then be continued at the commit it began with
+        for k, v in {"run": run, "run_dir": str(run_dir), "config": to_dict(cfg), "params": params,
+                     "git_commit": git_state()[0]}.items():
             trial.set_user_attr(k, v)
         resume = is_retry and ((run_dir / "last.ckpt").exists() or (run_dir / "result.json").exists())
         trial.set_user_attr("resumed", resume)

@@ -98,8 +98,16 @@ def test_table_from_journals_reads_nothing_from_an_unfinished_study(tmp_path, mo
                      verbose=False).complete
     from normablate.provenance import git_state
 
-    # the commit its finished trials ran is read even from a running study: the queue resumes it there
-    assert fv2.read_study(specs / "beta.yaml", journals).commits == [git_state()[0]]
+    # the commit its trials ran is read even from a running study: the queue resumes it there
+    head = git_state()[0]
+    assert fv2.read_study(specs / "beta.yaml", journals).commits == ([head] if head != "unknown" else [])
+    import optuna
+
+    from normablate.sweep.storage import normalize_url, open_storage
+
+    storage = open_storage(normalize_url(f"journal:{journals / 'beta'}.journal"))
+    beta = optuna.load_study(study_name="beta", storage=storage)
+    assert {t.user_attrs.get("git_commit") for t in beta.trials} == {head}  # recorded at each trial's start
     judged = []
     real = verdicts.evaluate
     monkeypatch.setattr(verdicts, "evaluate", lambda data, *a, **k: judged.append(data.name) or real(data, *a, **k))
@@ -169,9 +177,10 @@ def test_every_committed_v2_hypothesis_has_a_claim_number_and_source(load_script
 class _FakeSweep:
     """subprocess.Popen's stand-in for run_queue: records each sweep it would start; ``on_wait`` runs in wait()."""
     started: list = []
+    signalled: list = []
     on_wait = None
 
-    def __init__(self, cmd, cwd=None, env=None):
+    def __init__(self, cmd, cwd=None, env=None, preexec_fn=None):
         type(self).started.append((cmd[cmd.index("--config") + 1], cwd, env.get("PYTHONPATH")))
 
     def wait(self):
@@ -180,7 +189,7 @@ class _FakeSweep:
         return 0
 
     def send_signal(self, signum):
-        raise AssertionError("SIGUSR1 must not be forwarded to the running sweep")
+        type(self).signalled.append(signum)
 
 
 def test_run_queue_makes_each_studys_tree_as_it_starts_and_sigusr1_stops_at_the_boundary(
@@ -197,6 +206,7 @@ def test_run_queue_makes_each_studys_tree_as_it_starts_and_sigusr1_stops_at_the_
     events = []
     monkeypatch.setattr(subprocess, "Popen", _FakeSweep)
     monkeypatch.setattr(_FakeSweep, "started", [])
+    monkeypatch.setattr(_FakeSweep, "signalled", [])
     monkeypatch.setattr(_FakeSweep, "on_wait", lambda: events.append("ran"))
 
     def tree(st):
@@ -214,6 +224,7 @@ def test_run_queue_makes_each_studys_tree_as_it_starts_and_sigusr1_stops_at_the_
     before = signal.getsignal(signal.SIGUSR1)
     assert fv2.run_queue(specs, journals, order=["beta", "alpha", "gamma"], workers=1, tree=tree) == 0
     assert [cwd.name for _, cwd, _ in _FakeSweep.started] == ["tree-beta"]
+    assert _FakeSweep.signalled == []  # SIGUSR1 is the queue's: never forwarded to the sweep
     assert signal.getsignal(signal.SIGUSR1) == before  # the handler is restored
 
 
@@ -225,3 +236,89 @@ def test_study_commit_resumes_at_the_commit_its_trials_ran(load_script):
     assert fv2.study_commit(st) == "a" * 40
     st.commits = ["a" * 40, "b" * 40]  # trials of several commits (a study resumed by hand): the newest of them
     assert fv2.study_commit(st) == "b" * 40
+
+
+def test_a_stop_signal_while_the_next_studys_tree_is_made_starts_no_sweep(tmp_path, monkeypatch, load_script):
+    """Making a worktree takes seconds (git); a SIGTERM then must not be lost: the next sweep must not start."""
+    import os
+    import signal
+    import subprocess
+
+    fv2 = load_script("findings_v2")
+    specs, journals = tmp_path / "specs", tmp_path / "journals"
+    specs.mkdir(), journals.mkdir()
+    for name in ("alpha", "beta"):
+        (specs / f"{name}.yaml").write_text(yaml.safe_dump(_spec(tmp_path, name, 40, [0])))
+    monkeypatch.setattr(subprocess, "Popen", _FakeSweep)
+    monkeypatch.setattr(_FakeSweep, "started", [])
+    monkeypatch.setattr(_FakeSweep, "signalled", [])
+    monkeypatch.setattr(_FakeSweep, "on_wait", None)
+    before = signal.getsignal(signal.SIGTERM)
+
+    def tree(st):
+        if st.name == "beta":
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while beta's tree is being made
+        return tmp_path / f"tree-{st.name}"
+
+    assert fv2.run_queue(specs, journals, order=["alpha", "beta"], workers=1, tree=tree) == 128 + signal.SIGTERM
+    assert [cwd.name for _, cwd, _ in _FakeSweep.started] == ["tree-alpha"]
+    assert _FakeSweep.signalled == []  # (alpha's sweep had exited: nothing to forward to)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_trial_commits_counts_every_trial_state_in_start_order(tmp_path, load_script):
+    """An interrupted or failed trial has no end-of-run versions; its start-time git_commit still counts (its
+    checkpoint must be continued by the same code). 'unknown' (no git checkout) is left out. Ordered by each
+    commit's last use, so the queue resumes at the commit the newest trial ran."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from normablate.sweep.storage import normalize_url, open_storage
+
+    fv2 = load_script("findings_v2")
+    journal = tmp_path / "s.journal"
+    study = optuna.create_study(study_name="s", storage=open_storage(normalize_url(f"journal:{journal}")))
+    a, b = "a" * 40, "b" * 40
+    for state, attrs in ((TrialState.COMPLETE, {"versions": {"git_commit": a}}),  # an older trial: versions only
+                         (TrialState.FAIL, {"git_commit": b}),  # interrupted before any result
+                         (TrialState.COMPLETE, {"git_commit": "unknown", "versions": {"git_commit": "unknown"}}),
+                         (TrialState.FAIL, {"git_commit": a})):
+        study.add_trial(create_trial(state=state, user_attrs=attrs,
+                                     **({"value": 0.5} if state == TrialState.COMPLETE else {})))
+    assert fv2.trial_commits("s", journal) == [b, a]
+    assert fv2.trial_commits("other", journal) == []
+
+
+def test_study_tree_checks_out_the_trials_commit_and_refuses_a_changed_spec(tmp_path, load_script):
+    """Against a real repository: a resumed study's worktree is at its trials' commit (not HEAD); a spec changed
+    since that commit is refused with the diff to look at; an unknown commit is a clear error, not a traceback."""
+    import subprocess
+
+    fv2 = load_script("findings_v2")
+    root = tmp_path / "repo"
+    (root / "specs").mkdir(parents=True)
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    spec, other = root / "specs" / "s.yaml", root / "specs" / "other.yaml"
+    spec.write_text("grid: {seed: [0]}\n"), other.write_text("x: 1\n")
+    git("add", "."), git("commit", "-qm", "a")
+    first = git("rev-parse", "HEAD")
+    other.write_text("x: 2\n")
+    git("commit", "-qam", "b")  # HEAD moves on; s.yaml unchanged
+    st = fv2.Study("s", spec, tmp_path / "s.journal", 1, [], commits=[first])
+    tree = fv2.study_tree(st, root)
+    assert tree == tmp_path / f"repo-v2run-{first[:10]}"
+    assert subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip() == first
+    assert (tree / "specs" / "other.yaml").read_text() == "x: 1\n"  # the old commit's files, not HEAD's
+    assert fv2.study_tree(fv2.Study("new", other, tmp_path / "n.journal", 1, []), root).name.endswith(
+        git("rev-parse", "HEAD")[:10])  # a new study: HEAD
+    spec.write_text("grid: {seed: [0, 1]}\n")  # the pre-registered spec edited after its first run
+    with pytest.raises(SystemExit, match=r"specs/s.yaml differs from the one its trials ran at"):
+        fv2.study_tree(st, root)
+    with pytest.raises(SystemExit, match=r"findings_v2: git rev-parse .* failed"):
+        fv2.clean_tree(root, "f" * 40)
