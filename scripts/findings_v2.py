@@ -26,7 +26,7 @@ Running the studies (resumable, in the table's order; a long job for several ses
 Each runs as ``normablate sweep --config <spec> --workers N --storage journal:docs/findings/v2/<study>.journal``
 from a clean git worktree beside this checkout (``--tree here``: from this checkout), so every trial records
 ``versions.git_dirty: False`` and the commit it ran; ``../shared`` resolves the same from there. The worktree is
-made as each study starts: a new study runs HEAD as it is then, a resumed one the commit its finished trials ran,
+made as each study starts: a new study runs HEAD as it is then, a resumed one the commit its trials ran,
 so one study never mixes commits and code committed while a study runs is used from the next study on. Ctrl-C or
 SIGTERM stops the running sweep cleanly (its trials keep their checkpoints) and nothing after it starts; SIGUSR1
 lets the running study finish and starts nothing after it; the same command resumes. Commit the journals as they
@@ -315,18 +315,20 @@ def run_queue(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_usr1)
     try:
+        def halted(name: str) -> int | None:  # the exit status when a signal asked to start nothing more
+            if stop:
+                return 128 + stop[0]
+            if after:
+                print(f"findings_v2: stopped before {name} (SIGUSR1)", flush=True)
+                return 0
+            return None
+
         for st in todo:
-            if stop:
-                return 128 + stop[0]
-            if after:
-                print(f"findings_v2: stopped before {st.name} (SIGUSR1)", flush=True)
-                return 0
-            where = tree(st) if callable(tree) else tree  # (git may take seconds: a signal then is seen below)
-            if stop:
-                return 128 + stop[0]
-            if after:
-                print(f"findings_v2: stopped before {st.name} (SIGUSR1)", flush=True)
-                return 0
+            if (rc := halted(st.name)) is not None:
+                return rc
+            where = tree(st) if callable(tree) else tree
+            if (rc := halted(st.name)) is not None:  # (git may take seconds: a signal meanwhile is seen here)
+                return rc
             spec = st.spec_path
             if where is not None and spec.is_relative_to(ROOT):
                 spec = where / spec.relative_to(ROOT)  # the committed spec, as the clean tree has it
