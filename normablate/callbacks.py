@@ -124,6 +124,15 @@ class RunMonitor(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         # (Lightning installs its signal handlers after on_fit_start, before on_train_start.)
+        self._own_signals()
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        # The test after training (evaluate.test_at_end): Lightning installs its handlers again for each
+        # trainer.test; a signal now lets the test finish (the run is complete) and stops the caller after it
+        # (signals.stop_on_signals hands it to a sweep worker's flag).
+        self._own_signals()
+
+    def _own_signals(self) -> None:
         if self.stop_request is not None and threading.current_thread() is threading.main_thread():
             # Lightning composes its own SIGTERM handler with ours and raises SIGTERMException wherever it
             # lands (e.g. mid-validation, without a checkpoint). Ours alone: stop at the next step boundary.

@@ -2,8 +2,10 @@
 
 A handler only sets a flag; the run reads it at its next step boundary (so its checkpoint is consistent) and a
 sweep worker between trials. A second Ctrl-C raises ``KeyboardInterrupt`` (give up waiting). The sweep's
-process-wide flag is ``STOP`` (its workers and the sweep command install it; a run started inside a worker
-inherits a stop already requested of it). Ground floor: imports nothing of normablate.
+process-wide flag is ``STOP`` (its workers and the sweep command install it). A stop crosses nesting both ways: a
+run started inside a worker inherits a stop already requested of it, and a stop requested of the run after its last
+step boundary (during its final validation or its test: the run completes) is handed back to the worker's flag when
+the run's handler is removed, so the worker claims nothing more. Ground floor: imports nothing of normablate.
 
 Hand-written: ``signal.signal`` does the work; what is ours is the flag and the restore-on-exit.
 """
@@ -23,8 +25,10 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.count = 0  # signals received so far (a supervisor passes each new one on: supervise.run_workers)
 
     def __call__(self, signum, frame) -> None:  # noqa: ARG002
+        self.count += 1
         if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: give up waiting
             raise KeyboardInterrupt
         self.signum = signum
@@ -37,8 +41,10 @@ STOP = StopRequest()  # the sweep's flag: the sweep command and each worker proc
 def stop_on_signals(request: StopRequest | None = None) -> Iterator[StopRequest]:
     """Install ``request`` (default: a new ``StopRequest``) for SIGINT and SIGTERM; restore the previous handlers on
     exit. A stop already requested of the caller's handler (a sweep worker signalled while it was setting this run
-    up) carries over, so the run stops at its first step boundary, not after the whole run. Outside the main thread
-    (where Python allows no handler) it installs nothing and yields the request unset."""
+    up) carries over, so the run stops at its first step boundary, not after the whole run; and a stop requested of
+    ``request`` is handed back to the caller's handler on exit (a run signalled after its last step boundary
+    completes, and the worker around it must still stop). Outside the main thread (where Python allows no handler)
+    it installs nothing and yields the request unset."""
     request = StopRequest() if request is None else request
     if threading.current_thread() is not threading.main_thread():
         yield request
@@ -54,3 +60,7 @@ def stop_on_signals(request: StopRequest | None = None) -> Iterator[StopRequest]
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if request.signum is not None:
+            for h in previous.values():
+                if isinstance(h, StopRequest) and h is not request and h.signum is None:
+                    h.signum = request.signum

@@ -41,6 +41,28 @@ def test_a_stop_requested_of_the_outer_flag_carries_into_an_inner_run():
         STOP.signum = None
 
 
+def test_a_stop_requested_of_an_inner_run_is_handed_back_to_the_outer_flag():
+    """A run signalled after its last step boundary (its test, say) completes; the worker around it must still stop
+    (before this, the signal was lost and the worker claimed the next trial)."""
+    STOP.signum = None
+    try:
+        with stop_on_signals(STOP):
+            with stop_on_signals() as run_request:
+                os.kill(os.getpid(), signal.SIGTERM)
+                assert run_request.signum == signal.SIGTERM and STOP.signum is None
+            assert STOP.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is STOP
+    finally:
+        STOP.signum = None
+
+
+def test_each_signal_is_counted():
+    """The sweep command passes each new SIGTERM on to its workers (supervise.run_workers), so it counts them."""
+    with stop_on_signals() as request:
+        for _ in range(3):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert request.count == 3 and request.signum == signal.SIGTERM
+
+
 def test_outside_the_main_thread_nothing_is_installed():
     seen = {}
 

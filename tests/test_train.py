@@ -210,6 +210,30 @@ def test_a_stop_requested_before_the_run_started_is_not_lost(tmp_path):
     assert any(tmp_path.rglob("cut/last.ckpt"))
 
 
+class _SigtermDuringTest(L.Callback):
+    """A real SIGTERM while the test split is evaluated, after the last step boundary."""
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_stop_requested_after_the_last_step_reaches_the_sweep_worker(tmp_path):
+    """A sweep worker's run signalled during its test (nothing left to checkpoint) completes and is recorded, and the
+    worker's flag is set when it returns, so the worker claims no next trial (the signal used to be lost there)."""
+    from normablate.signals import STOP, stop_on_signals
+
+    STOP.signum = None
+    try:
+        with stop_on_signals(STOP):
+            done = train(cfg_for(tmp_path, TINY_IMAGE, "run=late", "trainer.max_steps=4", "trainer.val_every=4"),
+                         callbacks=[_SigtermDuringTest()])
+            assert done.status == "completed" and done.steps == 4 and done.test
+            assert STOP.signum == signal.SIGTERM
+    finally:
+        STOP.signum = None
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     cfg = cfg_for(tmp_path, TINY_IMAGE, "run=x", "trainer.max_steps=2", "trainer.val_every=2")
     train(cfg)

@@ -182,11 +182,11 @@ def worker_main(spec: SweepSpec, url: str, runtime: dict, name: str, t0: float, 
     if os.getppid() != parent:  # the parent died before prctl took effect
         sys.exit(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sink = QueueSink(progress) if progress is not None else None
     with stop_on_signals(STOP):
         try:
             sweep = Sweep(spec, url, runtime=runtime, worker=name)
-            if progress is not None:
-                sweep.board = QueueSink(progress)
+            sweep.board = sink
             sweep.setup(create=False)
             sweep.t0, sweep.done_at_start = t0, done_at_start
             code = sweep.work()
@@ -195,6 +195,9 @@ def worker_main(spec: SweepSpec, url: str, runtime: dict, name: str, t0: float, 
                 raise
             print(f"error: [{name}] {e}", file=sys.stderr, flush=True)
             sys.exit(REFUSED)
+        finally:  # its last log lines (a trial re-queued, the stop) reach the sweep command, also on the way out
+            if sink is not None:
+                sink.close()
     _cheap_exit(sweep)
     sys.exit(code)
 

@@ -68,8 +68,9 @@ def die_with_parent() -> None:
 
 class QueueSink:
     """A worker's progress board: its log lines and its trial's progress events go to the sweep command's ``Board``
-    (normablate/progress.py) through a queue. Progress only: what is still queued when the worker exits may be
-    dropped (the queue's feeder thread is not waited for)."""
+    (normablate/progress.py) through a queue. ``close`` (at the worker's exit) waits a bounded time for what is
+    still queued to reach the sweep command (its last lines: a trial interrupted and re-queued, the stop); the exit
+    itself never waits on the queue (a sweep command that is gone reads nothing)."""
 
     def __init__(self, queue) -> None:
         self.queue = queue
@@ -79,11 +80,21 @@ class QueueSink:
         with contextlib.suppress(Exception):
             self.queue.put_nowait(event)
 
+    def close(self, timeout: float = 10.0) -> None:
+        """No more events; wait up to ``timeout`` s for the queued ones to be written to the pipe. (CPython's
+        ``Queue`` has no bounded flush: its ``join_thread`` waits forever, so we join its feeder thread, a private
+        attribute, with a timeout; without one there is nothing to wait for.)"""
+        with contextlib.suppress(Exception):
+            self.queue.close()
+            feeder = getattr(self.queue, "_thread", None)
+            if feeder is not None:
+                feeder.join(timeout)
+
 
 def run_workers(spec: "SweepSpec", sweep: SweepView, runtime: dict, workers: int,
                 max_restarts: int | None = None, *, target: Callable[..., None]) -> int:
-    """Start ``workers`` processes on the shared storage and wait for them. A SIGTERM to this process is passed on
-    (Ctrl-C in a terminal reaches them directly); each stops after recording its current trial.
+    """Start ``workers`` processes on the shared storage and wait for them. A SIGTERM to this process is passed on,
+    each one again (Ctrl-C in a terminal reaches them directly); each stops after recording its current trial.
 
     A worker that dies (killed, out of memory, a crash) while the sweep is not being stopped is replaced by a new
     one under the same name (its trial is failed and re-queued by the reaper, then resumed from ``last.ckpt``), at
@@ -110,15 +121,15 @@ def run_workers(spec: "SweepSpec", sweep: SweepView, runtime: dict, workers: int
             sweep.board.update(event)
 
     procs = {f"w{i}": start(f"w{i}") for i in range(workers)}
-    forwarded = False
+    forwarded = STOP.count if STOP.signum is None else STOP.count - 1  # signals already passed on (or not due)
     gave_up = False
     try:
         while any(p.is_alive() for p in procs.values()):
-            if STOP.signum == signal.SIGTERM and not forwarded:
+            if STOP.signum == signal.SIGTERM and STOP.count > forwarded:  # each new SIGTERM is passed on: a worker
+                forwarded = STOP.count  # that missed one (still starting up, say) gets the next
                 for p in procs.values():
                     if p.is_alive() and p.pid:
                         os.kill(p.pid, signal.SIGTERM)
-                forwarded = True
             for name, p in list(procs.items()):
                 p.join(timeout=0.5)
                 drain()

@@ -1,0 +1,159 @@
+"""Stopping a sweep with SIGTERM: no signal is lost, whichever handler it lands in, and the workers' last lines are
+printed.
+
+A trial's run installs its own stop handler (``train`` does, through ``signals.stop_on_signals``); a signal that
+lands there after the run's last step boundary (its final validation, its test) lets the run complete. These tests
+hold the regressions of a real stop that did not stop (2026-12-06, the bn_momentum_gap study): the run absorbed the
+signal and its worker claimed the next trial; the sweep command passed SIGTERM on only once, so a second SIGTERM did
+nothing; and a stopping worker's log lines (its trial re-queued, its stop) were dropped at its exit.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+from optuna.trial import TrialState
+
+from normablate.signals import STOP, stop_on_signals
+from normablate.sweep import run_sweep
+from normablate.sweep.dryrun import train as dry_train
+from normablate.sweep.supervise import QueueSink, run_workers
+
+from support.sweep import make_spec, trials_of, wait_for
+
+GRID = {"model.norm": ["bn", "none"], "optim.lr": [0.03, 0.1, 1.0], "seed": [0, 1]}  # 12 trials
+
+
+def _first(cfg) -> bool:
+    """True for the first run of the sweep to get here (an exclusive file under its log folder, so that every
+    worker process agrees)."""
+    log_dir = cfg["trainer"]["log_dir"] if isinstance(cfg, dict) else cfg.trainer.log_dir
+    try:
+        os.close(os.open(Path(log_dir) / "signalled", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
+
+
+def late_signal_trainer(cfg, callbacks=None, resume=False):
+    """The dry-run trainer under its own stop handler, as ``train`` runs; the sweep's first run gets a SIGTERM after
+    its last step (the run completes; nothing checks the flag any more)."""
+    with stop_on_signals() as request:
+        result = dry_train(cfg, callbacks, resume)
+        if _first(cfg):
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert request.signum == signal.SIGTERM  # (the run's handler took it, not the worker's)
+    return result
+
+
+def signal_the_sweep_trainer(cfg, callbacks=None, resume=False):
+    """The sweep's first run sends SIGTERM to the sweep command after its last step; every run that ends after that,
+    still inside its own stop handler, waits (bounded) for the SIGTERM the sweep command passes on to its worker."""
+    with stop_on_signals() as request:
+        result = dry_train(cfg, callbacks, resume)
+        if _first(cfg):
+            os.kill(os.getppid(), signal.SIGTERM)
+        wait_for(lambda: request.signum is not None, 10, "the SIGTERM passed on by the sweep command")
+    return result
+
+
+def test_a_signal_a_run_took_after_its_last_step_stops_the_sweep(tmp_path):
+    """One worker (trials run in this process): the run completes and is recorded, and nothing after it starts."""
+    d = make_spec(tmp_path, grid=GRID, trainer_fn="test_stop:late_signal_trainer")
+    res = run_sweep(d, storage=str(tmp_path / "s.journal"), workers=1, verbose=False)
+    assert res.exit_code == 130 and res.counts.done == 1  # before the fix: 12, the signal was lost
+    assert Counter(t.state for t in trials_of(res.storage)) == {TrialState.COMPLETE: 1, TrialState.WAITING: 11}
+    again = run_sweep(d, storage=str(tmp_path / "s.journal"), workers=1, verbose=False)
+    assert again.exit_code == 0 and again.counts.done == 12 and len(trials_of(res.storage)) == 12  # none repeated
+
+
+def test_a_stopped_multiworker_sweep_stops_every_worker_and_prints_their_last_lines(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NORMABLATE_DRYRUN_DELAY", "0.5")
+    d = make_spec(tmp_path, grid=GRID, trainer_fn="test_stop:signal_the_sweep_trainer")
+    res = run_sweep(d, storage=str(tmp_path / "s.journal"), workers=2, verbose=True)
+    out = capsys.readouterr().out
+    # each worker finishes the trial it is in and claims no other (before the fix the runs took the signals, and the
+    # workers went on)
+    assert res.exit_code == 130 and res.counts.done <= 2, out
+    for w in ("w0", "w1"):  # each worker's own last line, sent just before it exits
+        assert f"[t/{w}] stopped by signal {int(signal.SIGTERM)}" in out, out
+
+
+def _stubborn_worker(spec, url, runtime, name, t0, done_at_start, parent, progress):  # noqa: ARG001
+    """A worker (``run_workers``' target) that misses the first SIGTERM, as one busy starting up would: it records
+    each SIGTERM in a file and exits (130, stopped) at the second."""
+    log = Path(runtime["log"])
+    seen = []
+
+    def on_term(signum, frame):  # noqa: ARG001
+        seen.append(signum)
+        with log.open("a") as f:
+            f.write(f"{len(seen)}\n")
+        if len(seen) == 2:
+            os._exit(130)
+
+    signal.signal(signal.SIGTERM, on_term)
+    with log.open("a") as f:
+        f.write(f"ready {os.getpid()}\n")
+    while True:
+        signal.pause()
+
+
+def test_each_sigterm_to_the_sweep_command_is_passed_on(tmp_path):
+    log = tmp_path / "worker.log"
+    view = SimpleNamespace(url="", t0=0.0, done_at_start=0, board=None, log=print)
+    lines = lambda: log.read_text().split("\n")[:-1] if log.exists() else []  # noqa: E731
+    killed = []
+
+    def signaller():  # (the main thread waits in run_workers, where the handler runs)
+        pid = None
+        try:
+            pid = int(wait_for(lambda: lines(), 60, "the worker to start")[0].split()[1])
+            for n in (1, 2):
+                os.kill(os.getpid(), signal.SIGTERM)
+                wait_for(lambda n=n: len(lines()) > n, 20, f"the worker to get SIGTERM #{n}")
+        except AssertionError:
+            killed.append(True)  # never passed on: end the worker so the test fails instead of hanging
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+
+    STOP.signum = None
+    t = threading.Thread(target=signaller)
+    try:
+        with stop_on_signals(STOP):
+            t.start()
+            code = run_workers(None, view, {"log": str(log)}, 1, target=_stubborn_worker)
+    finally:
+        t.join()
+        STOP.signum = None
+    assert not killed and lines()[1:] == ["1", "2"] and code == 130  # before the fix: only "1", then killed
+
+
+def _chatty_worker(q, n):
+    """Sends ``n`` events of 1 kB and an end mark through a ``QueueSink``, closes it and exits at once."""
+    sink = QueueSink(q)
+    for i in range(n):
+        sink.update({"i": i, "pad": "x" * 1000})
+    sink.update({"end": True})
+    sink.close()
+
+
+def test_a_worker_s_queued_lines_reach_the_sweep_command_before_it_exits():
+    """Far more than a pipe holds is still queued when the worker returns; ``close`` waits until it is written
+    (before, the queue's feeder thread was abandoned at exit and the tail of it was lost)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_chatty_worker, args=(q, 5000))
+    p.start()
+    got = []
+    try:
+        while not (got and "end" in got[-1]):
+            got.append(q.get(timeout=30))
+    finally:
+        p.join(timeout=60)
+    assert [e["i"] for e in got[:-1]] == list(range(5000)) and p.exitcode == 0
