@@ -234,6 +234,24 @@ def test_a_stop_requested_after_the_last_step_reaches_the_sweep_worker(tmp_path)
         STOP.signum = None
 
 
+def test_a_signal_while_lightning_sets_up_the_training_loop_stops_at_a_step_boundary(tmp_path, monkeypatch):
+    """A SIGTERM after Lightning installed its handlers but before ours replace them (the train loader is being
+    built) stops the run at its first step boundary with a checkpoint, also when that step validates (Lightning's
+    flag, left set, used to raise SIGTERMException mid-validation, with no checkpoint)."""
+    from normablate.data.common import StepDataModule
+
+    built = StepDataModule.train_dataloader
+
+    def signalled(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return built(self)
+
+    monkeypatch.setattr(StepDataModule, "train_dataloader", signalled)
+    cut = train(cfg_for(tmp_path, TINY_IMAGE, "run=early", "trainer.max_steps=4", "trainer.val_every=1"))
+    assert cut.status == "interrupted" and cut.steps == 1 and [s for s, _ in cut.history["val/acc"]] == [1]
+    assert any(tmp_path.rglob("early/last.ckpt"))
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     cfg = cfg_for(tmp_path, TINY_IMAGE, "run=x", "trainer.max_steps=2", "trainer.val_every=2")
     train(cfg)
