@@ -123,24 +123,23 @@ class RunMonitor(L.Callback):
         self._c_fit = time.process_time()
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # (Lightning installs its signal handlers after on_fit_start, before on_train_start.)
         self._own_signals(trainer)
 
     def on_test_start(self, trainer, pl_module) -> None:
-        # The test after training (evaluate.test_at_end): Lightning installs its handlers again for each
-        # trainer.test; a signal now lets the test finish (the run is complete) and stops the caller after it
-        # (signals.stop_on_signals hands it to a sweep worker's flag).
+        # the test after training (evaluate.test_at_end): a signal now lets the test finish (the run is complete)
+        # and stops the caller after it (signals.stop_on_signals hands it to a sweep worker's flag)
         self._own_signals(trainer)
 
     def _own_signals(self, trainer) -> None:
+        """Ours alone from here: stop at the next step boundary. ``train._make_trainer`` keeps Lightning from
+        installing its handlers at all; this covers a trainer made elsewhere (or a Lightning without that switch),
+        whose handlers are installed at each fit/test just before these hooks and raise SIGTERMException wherever
+        the signal lands (mid-validation, without a checkpoint)."""
         if self.stop_request is not None and threading.current_thread() is threading.main_thread():
-            # Lightning composes its own SIGTERM handler with ours and raises SIGTERMException wherever it
-            # lands (e.g. mid-validation, without a checkpoint). Ours alone: stop at the next step boundary.
             for s in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(s, self.stop_request)
-            # A SIGTERM that reached Lightning's handler before this hook (while it built the loaders) is ours now:
-            # its flag, left set, would raise SIGTERMException at the next check, mid-validation and uncheckpointed.
-            # (Private: Lightning has no public way to clear it; without the attribute there is nothing to clear.)
+            # a SIGTERM Lightning's handler already took (it calls ours too) is ours now: its flag, left set, would
+            # raise at the next check (private: Lightning has no public way to clear it)
             connector = getattr(trainer, "_signal_connector", None)
             if getattr(connector, "received_sigterm", False):
                 if self.stop_request.signum is None:

@@ -59,10 +59,18 @@ def _make_trainer(**kwargs) -> L.Trainer:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:
-        return L.Trainer(**kwargs)
+        trainer = L.Trainer(**kwargs)
     except (MisconfigurationException, ValueError, RuntimeError) as e:
         keys = ", ".join(f"trainer.{k}={kwargs[k]!r}" for k in ("accelerator", "devices", "strategy", "precision"))
         raise ConfigError(f"Lightning refuses the trainer settings ({keys}): {str(e).splitlines()[0]}") from e
+    # Ours alone decide where a signal stops a run (signals.stop_on_signals, callbacks.RunMonitor: at a step boundary,
+    # checkpointed, every rank together). Lightning's, installed at each fit/test, raise SIGTERMException wherever
+    # they land and, under DDP, signal the other ranks and broadcast from inside the handler. (Private: Lightning has
+    # no switch for it; a version without the attribute keeps its handlers, and RunMonitor still replaces them.)
+    connector = getattr(trainer, "_signal_connector", None)
+    if connector is not None and hasattr(connector, "register_signal_handlers"):
+        connector.register_signal_handlers = lambda: None
+    return trainer
 
 
 @dataclass

@@ -293,8 +293,8 @@ def run_queue(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[
     study as it starts). Returns the first non-zero exit status (a stopped or failed sweep: nothing after it
     starts), else 0.
 
-    SIGTERM / SIGINT: forwarded to the running sweep (it stops cleanly, its trials keep their checkpoints), and
-    nothing after it starts. SIGUSR1: the running study finishes, then nothing after it starts (returns 0): the
+    SIGTERM / SIGINT: forwarded to the running sweep as SIGTERM (it stops cleanly, its trials keep their
+    checkpoints), and nothing after it starts. SIGUSR1: the running study finishes, then nothing after it starts (returns 0): the
     way to stop at a study's boundary, e.g. before committing code the next study should run."""
     pairs = studies(spec_dir, journal_dir, order)
     todo = [st for pair in pairs for b, st in enumerate(pair, 1)
@@ -305,8 +305,8 @@ def run_queue(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[
 
     def on_signal(signum, frame):  # forward to the sweep (it stops cleanly) and start nothing after it
         stop.append(signum)
-        for c in child:
-            c.send_signal(signum)
+        for c in child:  # as SIGTERM: a terminal's Ctrl-C also reaches the sweep itself, and two SIGINTs would abort
+            c.send_signal(signal.SIGTERM)
 
     def on_usr1(signum, frame):  # let the running study finish; start nothing after it
         after.append(signum)

@@ -29,6 +29,17 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_stop_left():
+    """The sweep's process-wide stop flag starts and ends each test unset (a test that stops a sweep in this process
+    leaves it set, and the next one's workers would stop at once)."""
+    from normablate.signals import STOP
+
+    STOP.signum = None
+    yield
+    STOP.signum = None
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """../shared/data; tests that need it skip only when ../shared is absent (CI always has it)."""

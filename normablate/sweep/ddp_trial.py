@@ -47,7 +47,7 @@ from ..config import RunConfig, check_hardware, to_dict
 from ..errors import ConfigError
 from ..plugins import import_object
 from ..result import RunResult
-from ..signals import STOP
+from ..signals import STOP, stop_on_signals
 from .pruners import make_pruner
 from .spec import DRYRUN_TRAINER, SweepSpec
 
@@ -146,7 +146,7 @@ class TrialProcess:
                                        "pruning": self.job_pruning, "out": str(out), "parent": os.getpid()}))
             proc = subprocess.Popen([sys.executable, "-m", ENTRY, str(job)], env=child_env(),
                                     start_new_session=True)
-            forwarded = False
+            forwarded = STOP.count if STOP.signum is None else STOP.count - 1  # (as supervise.run_workers)
             try:
                 while True:
                     try:
@@ -154,10 +154,10 @@ class TrialProcess:
                         break
                     except subprocess.TimeoutExpired:
                         pass
-                    if STOP.signum is not None and not forwarded:  # rank 0 checkpoints, both ranks stop
+                    if STOP.signum is not None and STOP.count > forwarded:  # rank 0 checkpoints, both ranks stop;
+                        forwarded = STOP.count  # each new signal is passed on
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(proc.pid, signal.SIGTERM)
-                        forwarded = True
             except BaseException:  # a second Ctrl-C (KeyboardInterrupt) or an error here: stop every rank now
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -166,6 +166,8 @@ class TrialProcess:
             return self._outcome(out, rc)
 
     def _outcome(self, out: Path, rc: int) -> RunResult:
+        if not out.exists() and rc == -signal.SIGTERM and STOP.signum is not None:  # stopped before it could say
+            raise KeyboardInterrupt("the trial's process was stopped by the signal passed on")  # (re-queued)
         if not out.exists():
             raise TrialProcessError(f"the trial's process exited with code {rc} and left no outcome (killed, or "
                                     f"out of memory?)")
@@ -236,8 +238,11 @@ def main(argv: list[str] | None = None) -> int:
 
     callbacks = [_pruning_callback(job["pruning"])] if job["pruning"] else None
     try:
-        trainer_fn = import_object(job["trainer_fn"], "trainer_fn")
-        result = trainer_fn(job["config"], callbacks=callbacks, resume=job["resume"])
+        # a stop passed on while the run is set up (before train installs its own handler) carries into the run,
+        # which then stops at its first step boundary, checkpointed, instead of dying with no outcome
+        with stop_on_signals(STOP):
+            trainer_fn = import_object(job["trainer_fn"], "trainer_fn")
+            result = trainer_fn(job["config"], callbacks=callbacks, resume=job["resume"])
     except optuna.TrialPruned as e:
         cb = callbacks[0] if callbacks else None
         print(f"rank {rank_zero_only.rank}: trial pruned at step {getattr(cb, 'pruned_step', '?')}", file=sys.stderr,

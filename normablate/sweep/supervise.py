@@ -93,8 +93,9 @@ class QueueSink:
 
 def run_workers(spec: "SweepSpec", sweep: SweepView, runtime: dict, workers: int,
                 max_restarts: int | None = None, *, target: Callable[..., None]) -> int:
-    """Start ``workers`` processes on the shared storage and wait for them. A SIGTERM to this process is passed on,
-    each one again (Ctrl-C in a terminal reaches them directly); each stops after recording its current trial.
+    """Start ``workers`` processes on the shared storage and wait for them. A SIGTERM or SIGINT to this process is
+    passed on as SIGTERM, each one again (Ctrl-C in a terminal also reaches them directly); each stops after recording
+    its current trial.
 
     A worker that dies (killed, out of memory, a crash) while the sweep is not being stopped is replaced by a new
     one under the same name (its trial is failed and re-queued by the reaper, then resumed from ``last.ckpt``), at
@@ -125,8 +126,9 @@ def run_workers(spec: "SweepSpec", sweep: SweepView, runtime: dict, workers: int
     gave_up = False
     try:
         while any(p.is_alive() for p in procs.values()):
-            if STOP.signum == signal.SIGTERM and STOP.count > forwarded:  # each new SIGTERM is passed on: a worker
-                forwarded = STOP.count  # that missed one (still starting up, say) gets the next
+            if STOP.signum is not None and STOP.count > forwarded:  # each new signal is passed on, as SIGTERM: a
+                forwarded = STOP.count  # worker that missed one gets the next; a `kill -INT` reaches them too (a
+                #                         terminal's Ctrl-C reaches them directly as well: SIGINT, then SIGTERM, is one stop)
                 for p in procs.values():
                     if p.is_alive() and p.pid:
                         os.kill(p.pid, signal.SIGTERM)

@@ -226,6 +226,13 @@ def test_run_queue_makes_each_studys_tree_as_it_starts_and_sigusr1_stops_at_the_
     assert [cwd.name for _, cwd, _ in _FakeSweep.started] == ["tree-beta"]
     assert _FakeSweep.signalled == []  # SIGUSR1 is the queue's: never forwarded to the sweep
     assert signal.getsignal(signal.SIGUSR1) == before  # the handler is restored
+    # SIGINT (a terminal's Ctrl-C) during the first study: passed on as SIGTERM (the sweep got the SIGINT itself, and
+    # a second SIGINT would abort it), nothing after it starts, the queue returns 128 + SIGINT
+    _FakeSweep.started.clear()
+    monkeypatch.setattr(_FakeSweep, "on_wait", lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert fv2.run_queue(specs, journals, order=["beta", "alpha", "gamma"], workers=1, tree=tree) == 128 + signal.SIGINT
+    assert [cwd.name for _, cwd, _ in _FakeSweep.started] == ["tree-beta"]
+    assert _FakeSweep.signalled == [signal.SIGTERM]
 
 
 def test_study_commit_resumes_at_the_commit_its_trials_ran(load_script):

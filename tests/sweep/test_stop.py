@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from optuna.trial import TrialState
 
 from normablate.signals import STOP, stop_on_signals
@@ -52,11 +53,16 @@ def late_signal_trainer(cfg, callbacks=None, resume=False):
 
 
 def signal_the_sweep_trainer(cfg, callbacks=None, resume=False):
-    """The sweep's first run sends SIGTERM to the sweep command after its last step; every run that ends after that,
-    still inside its own stop handler, waits (bounded) for the SIGTERM the sweep command passes on to its worker."""
+    """Once both workers have started a run, the first run to end sends SIGTERM to the sweep command; every run that
+    ends after that, still inside its own stop handler, waits (bounded) for the SIGTERM the sweep command passes on
+    to its worker. (Both started: a worker still importing when the SIGTERM comes dies by it, without its lines.)"""
+    log_dir = Path(cfg["trainer"]["log_dir"] if isinstance(cfg, dict) else cfg.trainer.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / f"started-{os.getpid()}").touch()
     with stop_on_signals() as request:
         result = dry_train(cfg, callbacks, resume)
         if _first(cfg):
+            wait_for(lambda: len(list(log_dir.glob("started-*"))) >= 2, 60, "both workers to start a run")
             os.kill(os.getppid(), signal.SIGTERM)
         wait_for(lambda: request.signum is not None, 10, "the SIGTERM passed on by the sweep command")
     return result
@@ -98,13 +104,16 @@ def _stubborn_worker(spec, url, runtime, name, t0, done_at_start, parent, progre
             os._exit(130)
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.alarm(120)  # (bounded: if the test never signals it, SIGALRM ends it and the test fails, not hangs)
     with log.open("a") as f:
         f.write(f"ready {os.getpid()}\n")
     while True:
         signal.pause()
 
 
-def test_each_sigterm_to_the_sweep_command_is_passed_on(tmp_path):
+def test_each_signal_to_the_sweep_command_is_passed_on_as_sigterm(tmp_path):
+    """`kill -INT`, then `kill -TERM`, to the sweep command: the worker gets SIGTERM twice (the first SIGINT was once
+    kept by the sweep command; each SIGTERM after the first was dropped)."""
     log = tmp_path / "worker.log"
     view = SimpleNamespace(url="", t0=0.0, done_at_start=0, board=None, log=print)
     lines = lambda: log.read_text().split("\n")[:-1] if log.exists() else []  # noqa: E731
@@ -114,8 +123,8 @@ def test_each_sigterm_to_the_sweep_command_is_passed_on(tmp_path):
         pid = None
         try:
             pid = int(wait_for(lambda: lines(), 60, "the worker to start")[0].split()[1])
-            for n in (1, 2):
-                os.kill(os.getpid(), signal.SIGTERM)
+            for n, signum in ((1, signal.SIGINT), (2, signal.SIGTERM)):
+                os.kill(os.getpid(), signum)
                 wait_for(lambda n=n: len(lines()) > n, 20, f"the worker to get SIGTERM #{n}")
         except AssertionError:
             killed.append(True)  # never passed on: end the worker so the test fails instead of hanging
@@ -157,3 +166,16 @@ def test_a_worker_s_queued_lines_reach_the_sweep_command_before_it_exits():
     finally:
         p.join(timeout=60)
     assert [e["i"] for e in got[:-1]] == list(range(5000)) and p.exitcode == 0
+
+
+def test_a_ddp_trial_stopped_before_it_could_report_is_requeued_not_failed(tmp_path):
+    """A DDP trial's rank 0 killed by the passed-on SIGTERM before its handler was installed (while importing) left
+    no outcome and was recorded as FAILED ("killed, or out of memory?"); now it is an interruption (re-queued)."""
+    from normablate.sweep.ddp_trial import TrialProcess, TrialProcessError
+
+    missing = tmp_path / "outcome.json"
+    with pytest.raises(TrialProcessError, match="left no outcome"):  # no stop asked of this worker: a real failure
+        TrialProcess("normablate.train:train")._outcome(missing, -signal.SIGTERM)
+    STOP.signum = signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+        TrialProcess("normablate.train:train")._outcome(missing, -signal.SIGTERM)
