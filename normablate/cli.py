@@ -285,6 +285,11 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     """``args.func(args)``; errors become one line and an exit status (the traceback only when ``debug``)."""
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a run's own handler (setting up, a second Ctrl-C): what ran is
+        if debug:  # checkpointed or re-queued by then; one line, the interrupted status
+            raise
+        print("interrupted (run the same command again to continue)", file=sys.stderr)
+        return 130
     except NormablateError as e:  # bad input, refused before anything ran, or a file we cannot use
         if debug:
             raise

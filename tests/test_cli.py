@@ -300,3 +300,19 @@ def test_dry_run_sweep_with_max_epochs(tmp_path, capsys):
     (summary,) = optuna.get_all_study_summaries(storage)
     trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
     assert len(trials) == 2 and all(t.user_attrs["steps"] == 20 for t in trials)
+
+
+def test_ctrl_c_outside_a_run_is_one_line_and_status_130(capsys):
+    """Ctrl-C while a command sets up (before a run's own handler is installed), or a second Ctrl-C: no traceback."""
+    import argparse
+
+    from normablate import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    assert cli._run(argparse.Namespace(func=interrupted), debug=False) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted") and "Traceback" not in err
+    with pytest.raises(KeyboardInterrupt):  # --debug: the traceback
+        cli._run(argparse.Namespace(func=interrupted), debug=True)
