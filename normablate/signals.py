@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 REFUSED = 2  # a sweep worker's exit status for an error the user must act on (not restarted; the sweep exits 2)
@@ -32,6 +32,20 @@ class StopRequest:
         if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: give up waiting
             raise KeyboardInterrupt
         self.signum = signum
+
+    def relay(self) -> Callable[[], bool]:
+        """For a supervisor that passes each stop on to its children (``supervise.run_workers``, a DDP trial's
+        parent): a check that is true once for each signal received after this call, and once at first for a stop
+        already requested before it (not passed on yet). A child that missed one signal gets the next."""
+        passed = self.count if self.signum is None else self.count - 1
+
+        def due() -> bool:
+            nonlocal passed
+            if self.signum is None or self.count <= passed:
+                return False
+            passed = self.count
+            return True
+        return due
 
 
 STOP = StopRequest()  # the sweep's flag: the sweep command and each worker process install it

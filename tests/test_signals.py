@@ -63,6 +63,22 @@ def test_each_signal_is_counted():
     assert request.count == 3 and request.signum == signal.SIGTERM
 
 
+def test_relay_is_due_once_per_new_signal():
+    """A supervisor passes each new signal on once; a stop requested before its relay was made is due once at first
+    (it was not passed on yet), and nothing is due while no stop is requested."""
+    request = StopRequest()
+    due = request.relay()
+    assert not due()
+    request(signal.SIGTERM, None)
+    assert due() and not due()
+    request(signal.SIGTERM, None)
+    request(signal.SIGTERM, None)
+    assert due() and not due()  # two signals between checks: one pass-on (a child gets the latest)
+    late = request.relay()  # made after a stop was requested: that stop is still due once
+    assert late() and not late()
+    assert not StopRequest().relay()()
+
+
 def test_outside_the_main_thread_nothing_is_installed():
     seen = {}
 

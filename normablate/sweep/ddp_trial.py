@@ -146,7 +146,7 @@ class TrialProcess:
                                        "pruning": self.job_pruning, "out": str(out), "parent": os.getpid()}))
             proc = subprocess.Popen([sys.executable, "-m", ENTRY, str(job)], env=child_env(),
                                     start_new_session=True)
-            forwarded = STOP.count if STOP.signum is None else STOP.count - 1  # (as supervise.run_workers)
+            stop_due = STOP.relay()
             try:
                 while True:
                     try:
@@ -154,8 +154,7 @@ class TrialProcess:
                         break
                     except subprocess.TimeoutExpired:
                         pass
-                    if STOP.signum is not None and STOP.count > forwarded:  # rank 0 checkpoints, both ranks stop;
-                        forwarded = STOP.count  # each new signal is passed on
+                    if stop_due():  # each new signal is passed on: rank 0 checkpoints, both ranks stop
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(proc.pid, signal.SIGTERM)
             except BaseException:  # a second Ctrl-C (KeyboardInterrupt) or an error here: stop every rank now

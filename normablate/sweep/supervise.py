@@ -122,13 +122,13 @@ def run_workers(spec: "SweepSpec", sweep: SweepView, runtime: dict, workers: int
             sweep.board.update(event)
 
     procs = {f"w{i}": start(f"w{i}") for i in range(workers)}
-    forwarded = STOP.count if STOP.signum is None else STOP.count - 1  # signals already passed on (or not due)
+    stop_due = STOP.relay()
     gave_up = False
     try:
         while any(p.is_alive() for p in procs.values()):
-            if STOP.signum is not None and STOP.count > forwarded:  # each new signal is passed on, as SIGTERM: a
-                forwarded = STOP.count  # worker that missed one gets the next; a `kill -INT` reaches them too (a
-                #                         terminal's Ctrl-C reaches them directly as well: SIGINT, then SIGTERM, is one stop)
+            if stop_due():  # each new signal is passed on, as SIGTERM: a worker that missed one gets the next; a
+                #            `kill -INT` reaches them too (a terminal's Ctrl-C reaches them directly as well: SIGINT,
+                #            then SIGTERM, is one stop)
                 for p in procs.values():
                     if p.is_alive() and p.pid:
                         os.kill(p.pid, signal.SIGTERM)
