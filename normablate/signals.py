@@ -12,6 +12,7 @@ Hand-written: ``signal.signal`` does the work; what is ours is the flag and the 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -78,3 +79,34 @@ def stop_on_signals(request: StopRequest | None = None) -> Iterator[StopRequest]
             for h in previous.values():
                 if isinstance(h, StopRequest) and h is not request and h.signum is None:
                     h.signum = request.signum
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM (block them in this thread) while a child process is started. The child starts with
+    them blocked (a signal mask survives fork and exec), so a terminal's Ctrl-C, or a stop passed on, that reaches it
+    while it starts up and imports waits for it, not a ``KeyboardInterrupt`` traceback or a silent death, until it
+    calls ``release()`` with its own handler in place. This process gets what arrived meanwhile when the block ends.
+    (CPython starts its multiprocessing resource tracker the same way, and unblocks both signals after: it is
+    started first here, since a spawn would start it inside the block.)"""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def release() -> None:
+    """In a child started under ``held()``: deliver the signals held since its start, to the handler it has now."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Linux: get ``signum`` when the parent process dies, so a ``kill -9`` of the sweep command leaves no child
+    behind (SIGTERM, the default: a sweep worker stops as if asked; SIGKILL: a child with nothing to save). The
+    caller checks ``os.getppid()`` after it, for a parent that died before this took effect."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signum)  # PR_SET_PDEATHSIG

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from normablate.signals import STOP, StopRequest, stop_on_signals
+from normablate.signals import STOP, StopRequest, held, stop_on_signals
 
 
 def test_a_signal_sets_the_flag_and_the_old_handlers_come_back():
@@ -91,3 +91,32 @@ def test_outside_the_main_thread_nothing_is_installed():
     t.join()
     assert isinstance(seen["request"], StopRequest) and seen["request"].signum is None
     assert seen["handler"] is not seen["request"]
+
+
+def _report_mask(send) -> None:
+    send.send(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+    send.close()
+
+
+def test_a_child_started_under_held_starts_with_the_signals_held_and_this_process_gets_its_own():
+    """The spawned child inherits the block (a sweep worker or the preflight child: a Ctrl-C while it imports waits
+    for its handler). Starting the multiprocessing resource tracker inside the block once cleared it in the child.
+    This process's mask comes back, and a signal that came while it was held is then delivered."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_report_mask, args=(send,))
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with stop_on_signals() as request:
+        with held():
+            child.start()
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert request.signum is None  # held
+        assert request.signum == signal.SIGTERM  # delivered when the block ended
+    send.close()
+    try:
+        assert receive.poll(60) and receive.recv() == sorted(int(s) for s in (signal.SIGINT, signal.SIGTERM))
+    finally:
+        child.join(timeout=60)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before

@@ -29,7 +29,6 @@ own subprocess launcher starts the ranks and picks a free port.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -47,7 +46,7 @@ from ..config import RunConfig, check_hardware, to_dict
 from ..errors import ConfigError
 from ..plugins import import_object
 from ..result import RunResult
-from ..signals import STOP, stop_on_signals
+from ..signals import STOP, die_with_parent, stop_on_signals
 from .pruners import make_pruner
 from .spec import DRYRUN_TRAINER, SweepSpec
 
@@ -185,11 +184,6 @@ class TrialProcess:
 
 
 # ---------------------------------------------------------------------- the child (every rank)
-def _die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def _open_trial(p: dict[str, Any]) -> optuna.Trial:
     from .storage import open_storage, retry
 
@@ -221,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m {ENTRY} JOB.json (started by a sweep worker)", file=sys.stderr)
         return 2
     job = json.loads(Path(argv[0]).read_text())
-    _die_with_parent()
+    die_with_parent(signal.SIGKILL)
     launched = "LOCAL_RANK" in os.environ  # a rank Lightning started (its parent is rank 0)
     if not launched and os.getppid() != job["parent"]:
         return 1  # the worker died before prctl took effect

@@ -11,8 +11,11 @@ custom ``trainer_fn`` or ``--dry-run`` may use other data).
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 from ..errors import ConfigError, NormablateError
+from ..signals import STOP, die_with_parent, held, release
 from .spec import DEFAULT_TRAINER, SweepSpec
 
 
@@ -62,18 +65,31 @@ def _check_point(spec: SweepSpec, point, params) -> str:
 
 def preflight_isolated(spec: SweepSpec) -> str | None:
     """``preflight`` in a spawned child process: with several workers the sweep's own process only supervises and
-    never imports Lightning (the data modules do); the child's decoded data lands in the cache the workers read."""
+    never imports Lightning (the data modules do); the child's decoded data lands in the cache the workers read.
+    A stop requested of the sweep command meanwhile (``signals.STOP``) ends the child at once and returns None; the
+    child ignores a terminal's Ctrl-C (its parent decides) and dies with its parent."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(spec, send), name="preflight")
-    child.start()
+    child = ctx.Process(target=_child, args=(spec, send, os.getpid()), name="preflight")
+    with held():  # (a Ctrl-C while it imports waits for _child, which ignores it: no traceback)
+        child.start()
     send.close()
     try:
+        while not receive.poll(0.2):
+            if STOP.signum is not None:  # stopped: end it now (a cache file it was writing is removed)
+                child.terminate()
+                child.join(timeout=30)
+                if child.is_alive():
+                    child.kill()
+                    child.join()
+                return None
         kind, text = receive.recv()
     except EOFError:
         child.join()
+        if STOP.signum is not None:
+            return None
         raise ConfigError(f"sweep {spec.study_name!r}: the preflight process ended without an answer (exit code "
                           f"{child.exitcode}: killed or out of memory?); run the command again, or with --workers 1 "
                           f"to see the error") from None
@@ -85,7 +101,17 @@ def preflight_isolated(spec: SweepSpec) -> str | None:
     return text
 
 
-def _child(spec: SweepSpec, send) -> None:
+def _stop(signum, frame) -> None:  # noqa: ARG001
+    raise SystemExit(130)  # (not the default death: a cache file being written is removed on the way out)
+
+
+def _child(spec: SweepSpec, send, parent: int) -> None:
+    die_with_parent()
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the parent too, which decides
+    signal.signal(signal.SIGTERM, _stop)
+    release()  # (a SIGTERM held since its start ends it here; a held SIGINT is dropped)
     try:
         send.send(("ok", preflight(spec)))
     except ConfigError as e:

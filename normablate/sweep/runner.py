@@ -30,7 +30,7 @@ from typing import Any
 import optuna
 
 from ..errors import ConfigError, NormablateError
-from ..signals import REFUSED, STOP, stop_on_signals
+from ..signals import REFUSED, STOP, die_with_parent, release, stop_on_signals
 from ..studies import StudyKind
 from .ddp_trial import check_resources
 from .liveness import HOST, Heartbeat, host_id, pid_alive
@@ -39,7 +39,7 @@ from .reaper import ReaperMixin
 from .preflight import preflight, preflight_isolated
 from .spec import Point, SweepSpec, load_spec
 from .storage import display_url, normalize_url, open_storage
-from .supervise import QueueSink, check_workers, die_with_parent, run_workers
+from .supervise import QueueSink, check_workers, run_workers
 from .trial import HISTORY_POINTS, TrialMixin, compact_history, load_trainer
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -184,6 +184,7 @@ def worker_main(spec: SweepSpec, url: str, runtime: dict, name: str, t0: float, 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sink = QueueSink(progress) if progress is not None else None
     with stop_on_signals(STOP):
+        release()  # a Ctrl-C or a stop that came while it imported (held: supervise.run_workers) lands here now
         try:
             sweep = Sweep(spec, url, runtime=runtime, worker=name)
             sweep.board = sink
@@ -233,33 +234,35 @@ def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, s
     check_workers(workers)  # cores and memory of this machine (before anything is opened or spawned)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     runtime: dict[str, Any] = {}
-    sweep = Sweep(spec, storage, verbose=verbose, runtime=runtime, worker="" if workers == 1 else "main")
-    sweep.setup(create=True)
-    c = sweep.counts()
-    if workers > max(1, c.waiting):  # no more workers than trials waiting to be claimed
-        sweep.log(f"--workers {workers}: only {c.waiting} trial(s) waiting; starting {max(1, c.waiting)}")
-        workers = max(1, c.waiting)
-    if workers > 1:  # share the cores instead of oversubscribing them (a DDP trial splits them over its ranks)
-        runtime["trainer.threads"] = max(1, (os.cpu_count() or 1) // workers)
-        sweep.runtime = runtime
-    else:
-        sweep.worker = ""
-    sweep.log(f"storage {display_url(sweep.url)}; {c.done}/{c.total} done, {c.waiting} queued; {workers} worker(s); "
-              f"runs under {Path(spec.log_dir) / spec.study_name}")
-    if c.done < c.total:  # trials left: one trial's data and model first, so a bad source is one line, not N crashes
-        line = preflight(spec) if workers == 1 else preflight_isolated(spec)  # (no Lightning in a supervisor)
-        if line:
-            sweep.log(line)
-    code = 0
     STOP.signum = None
-    if verbose:  # live progress (progress.py): a line per worker's trial and the study's, refreshed on a terminal
-        from ..progress import Board
+    with stop_on_signals(STOP):  # from here a signal is a stop: set-up and preflight end (seconds), nothing starts
+        sweep = Sweep(spec, storage, verbose=verbose, runtime=runtime, worker="" if workers == 1 else "main")
+        sweep.setup(create=True)
+        c = sweep.counts()
+        if workers > max(1, c.waiting):  # no more workers than trials waiting to be claimed
+            sweep.log(f"--workers {workers}: only {c.waiting} trial(s) waiting; starting {max(1, c.waiting)}")
+            workers = max(1, c.waiting)
+        if workers > 1:  # share the cores instead of oversubscribing them (a DDP trial splits them over its ranks)
+            runtime["trainer.threads"] = max(1, (os.cpu_count() or 1) // workers)
+            sweep.runtime = runtime
+        else:
+            sweep.worker = ""
+        sweep.log(f"storage {display_url(sweep.url)}; {c.done}/{c.total} done, {c.waiting} queued; {workers} "
+                  f"worker(s); runs under {Path(spec.log_dir) / spec.study_name}")
+        if c.done < c.total and STOP.signum is None:  # one trial's data and model first, so a bad source is one
+            line = preflight(spec) if workers == 1 else preflight_isolated(spec)  # line, not N crashes (and no
+            if line:  # Lightning in a supervisor)
+                sweep.log(line)
+        code = 130
+        if verbose and STOP.signum is None:  # live progress (progress.py): a line per worker's trial and the study's
+            from ..progress import Board
 
-        sweep.board = Board()
-        sweep.tell_board(c, None)
-    with stop_on_signals(STOP):
+            sweep.board = Board()
+            sweep.tell_board(c, None)
         try:
-            if workers == 1:
+            if STOP.signum is not None:
+                pass  # stopped while it set up: no trial started
+            elif workers == 1:
                 try:
                     code = sweep.work()
                 except (KeyboardInterrupt, SystemExit):

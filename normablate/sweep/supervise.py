@@ -10,7 +10,6 @@ imports nothing of the sweep above it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing as mp
 import os
 import queue
@@ -18,7 +17,7 @@ import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..signals import REFUSED, STOP
+from ..signals import REFUSED, STOP, held
 
 if TYPE_CHECKING:  # (types only: not imported at run time)
     from .spec import SweepSpec
@@ -57,15 +56,6 @@ def check_workers(workers: int) -> None:
                           f"--workers {limit} or fewer (other machines can join with the same command and --storage)")
 
 
-def die_with_parent() -> None:
-    """Linux: get SIGTERM when the parent dies (so `kill -9` of the sweep command does not leave workers)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 class QueueSink:
     """A worker's progress board: its log lines and its trial's progress events go to the sweep command's ``Board``
     (normablate/progress.py) through a queue. ``close`` (at the worker's exit) waits a bounded time for what is
@@ -102,7 +92,9 @@ def run_workers(spec: "SweepSpec", sweep: SweepView, runtime: dict, workers: int
     most ``max_restarts`` times in all (default 2 per worker). Returns 130 when stopped by a signal, 1 when workers
     kept dying beyond that budget, else 0: whether every point is done is the study's to say (``run_sweep``).
     ``target``: a worker's entry point (a module-level function, so spawn can pickle it), called with ``(spec, url,
-    runtime, name, t0, done_at_start, parent pid, progress queue)``."""
+    runtime, name, t0, done_at_start, parent pid, progress queue)``. It starts with SIGINT and SIGTERM held
+    (``signals.held``: a Ctrl-C while it imports is no traceback) and calls ``signals.release()`` once its own
+    handler is in place."""
     ctx = mp.get_context("spawn")
     budget = 2 * workers if max_restarts is None else max_restarts
     progress = ctx.Queue() if sweep.board is not None else None  # the workers' log lines and progress events
@@ -110,7 +102,8 @@ def run_workers(spec: "SweepSpec", sweep: SweepView, runtime: dict, workers: int
     def start(name: str):
         p = ctx.Process(target=target, name=name,
                         args=(spec, sweep.url, runtime, name, sweep.t0, sweep.done_at_start, os.getpid(), progress))
-        p.start()
+        with held():  # it starts with SIGINT/SIGTERM held until its handler is in place (worker_main releases them)
+            p.start()
         return p
 
     def drain() -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -20,12 +22,13 @@ from types import SimpleNamespace
 import pytest
 from optuna.trial import TrialState
 
-from normablate.signals import STOP, stop_on_signals
+from normablate.signals import STOP, release, stop_on_signals
 from normablate.sweep import run_sweep
 from normablate.sweep.dryrun import train as dry_train
 from normablate.sweep.supervise import QueueSink, run_workers
 
-from support.sweep import make_spec, trials_of, wait_for
+from support.procs import kill_group, run_bounded
+from support.sweep import ROOT, make_spec, trials_of, wait_for
 
 GRID = {"model.norm": ["bn", "none"], "optim.lr": [0.03, 0.1, 1.0], "seed": [0, 1]}  # 12 trials
 
@@ -104,6 +107,7 @@ def _stubborn_worker(spec, url, runtime, name, t0, done_at_start, parent, progre
             os._exit(130)
 
     signal.signal(signal.SIGTERM, on_term)
+    release()  # (a run_workers target starts with SIGINT/SIGTERM held, as worker_main does)
     signal.alarm(120)  # (bounded: if the test never signals it, SIGALRM ends it and the test fails, not hangs)
     with log.open("a") as f:
         f.write(f"ready {os.getpid()}\n")
@@ -179,3 +183,39 @@ def test_a_ddp_trial_stopped_before_it_could_report_is_requeued_not_failed(tmp_p
     STOP.signum = signal.SIGTERM
     with pytest.raises(KeyboardInterrupt):
         TrialProcess("normablate.train:train")._outcome(missing, -signal.SIGTERM)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["preflight", "workers"])
+def test_ctrl_c_while_the_sweep_starts_up_stops_it_in_one_line(tmp_path, moment):
+    """A terminal's Ctrl-C (SIGINT to the whole process group) while the sweep command runs its preflight in a
+    child, or while its workers import: exit 130 with the stop line, no traceback from any process, nothing failed,
+    and the same command then runs every trial. Before, the preflight child and a worker still importing each
+    printed a KeyboardInterrupt traceback, and the sweep command, whose handler was not installed yet during its
+    set-up and preflight, ended on the preflight child's death with a misleading error."""
+    import yaml
+
+    d = make_spec(tmp_path, grid={"seed": [0, 1]}, trainer_fn="normablate.train:train", study_name="cc", kind="grid")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(d))
+    args = [sys.executable, "-m", "normablate.sweep", "--config", str(tmp_path / "s.yaml"), "--no-report",
+            "--storage", str(tmp_path / "s.journal"), "--workers", "2"]
+    log = tmp_path / "out.log"
+    trigger = "storage " if moment == "preflight" else "preflight: "
+    with open(log, "w") as f:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for(lambda: trigger in log.read_text(), 300, f"the line {trigger!r}", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=300) == 130, log.read_text()
+    finally:
+        kill_group(proc)
+        if proc.poll() is None:
+            proc.wait()
+    out = log.read_text()
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out and "stopped: " in out, out
+    assert "ended without an answer" not in out, out
+    assert not [t for t in trials_of(str(tmp_path / "s.journal"), "cc") if t.state == TrialState.FAIL]
+    again = run_bounded(args, cwd=ROOT, timeout=600, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert Counter(t.state for t in trials_of(str(tmp_path / "s.journal"), "cc")) == {TrialState.COMPLETE: 2}
