@@ -36,8 +36,9 @@ class StopRequest:
 
     def relay(self) -> Callable[[], bool]:
         """For a supervisor that passes each stop on to its children (``supervise.run_workers``, a DDP trial's
-        parent): a check that is true once for each signal received after this call, and once at first for a stop
-        already requested before it (not passed on yet). A child that missed one signal gets the next."""
+        parent): a check that is true when a signal came since it was last true (several in between: true once),
+        and at its first call for a stop already requested before the relay was made (not passed on yet). A child
+        that missed one signal gets the next."""
         passed = self.count if self.signum is None else self.count - 1
 
         def due() -> bool:
@@ -81,14 +82,45 @@ def stop_on_signals(request: StopRequest | None = None) -> Iterator[StopRequest]
                     h.signum = request.signum
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop that ends at once what is under way (``interrupt_on_signals``): a ``KeyboardInterrupt``, so every
+    caller that handles Ctrl-C handles it (the CLI: one line, exit 130)."""
+
+
+@contextlib.contextmanager
+def interrupt_on_signals(request: StopRequest) -> Iterator[None]:
+    """For work with nothing to save, such as a sweep's set-up before any trial starts: SIGINT or SIGTERM records the
+    stop in ``request`` and raises ``Interrupted`` at once, whatever is under way (a storage retry loop, a download).
+    Restores the previous handlers on exit; outside the main thread it installs nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame) -> None:  # noqa: ARG001
+        request.count += 1
+        request.signum = signum
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 @contextlib.contextmanager
 def held() -> Iterator[None]:
     """Hold SIGINT and SIGTERM (block them in this thread) while a child process is started. The child starts with
     them blocked (a signal mask survives fork and exec), so a terminal's Ctrl-C, or a stop passed on, that reaches it
     while it starts up and imports waits for it, not a ``KeyboardInterrupt`` traceback or a silent death, until it
-    calls ``release()`` with its own handler in place. This process gets what arrived meanwhile when the block ends.
-    (CPython starts its multiprocessing resource tracker the same way, and unblocks both signals after: it is
-    started first here, since a spawn would start it inside the block.)"""
+    calls ``release()`` with its own handler in place. In this process the block is on this thread only: another
+    thread may take a signal meanwhile; the rest arrive when the block ends. (CPython starts its multiprocessing
+    resource tracker the same way, and unblocks both signals after: it is started first here, since a spawn would
+    start it inside the block.) Where there are no signal masks (Windows) it holds nothing."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()
@@ -101,7 +133,8 @@ def held() -> Iterator[None]:
 
 def release() -> None:
     """In a child started under ``held()``: deliver the signals held since its start, to the handler it has now."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
 def die_with_parent(signum: int = signal.SIGTERM) -> None:

@@ -10,12 +10,13 @@ custom ``trainer_fn`` or ``--dry-run`` may use other data).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 
 from ..errors import ConfigError, NormablateError
-from ..signals import STOP, die_with_parent, held, release
+from ..signals import die_with_parent, held, release
 from .spec import DEFAULT_TRAINER, SweepSpec
 
 
@@ -66,8 +67,8 @@ def _check_point(spec: SweepSpec, point, params) -> str:
 def preflight_isolated(spec: SweepSpec) -> str | None:
     """``preflight`` in a spawned child process: with several workers the sweep's own process only supervises and
     never imports Lightning (the data modules do); the child's decoded data lands in the cache the workers read.
-    A stop requested of the sweep command meanwhile (``signals.STOP``) ends the child at once and returns None; the
-    child ignores a terminal's Ctrl-C (its parent decides) and dies with its parent."""
+    The child ignores a terminal's Ctrl-C; this process decides: an exception here (a stop: ``Interrupted``, see
+    ``runner.run_sweep``) ends the child before it propagates. The child also dies with this process."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -76,29 +77,34 @@ def preflight_isolated(spec: SweepSpec) -> str | None:
     with held():  # (a Ctrl-C while it imports waits for _child, which ignores it: no traceback)
         child.start()
     send.close()
+    answered = False
     try:
-        while not receive.poll(0.2):
-            if STOP.signum is not None:  # stopped: end it now (a cache file it was writing is removed)
-                child.terminate()
-                child.join(timeout=30)
-                if child.is_alive():
-                    child.kill()
-                    child.join()
-                return None
-        kind, text = receive.recv()
-    except EOFError:
-        child.join()
-        if STOP.signum is not None:
-            return None
-        raise ConfigError(f"sweep {spec.study_name!r}: the preflight process ended without an answer (exit code "
-                          f"{child.exitcode}: killed or out of memory?); run the command again, or with --workers 1 "
-                          f"to see the error") from None
+        try:
+            kind, text = receive.recv()
+        except EOFError:
+            kind, text = None, None
+        answered = True
     finally:
         receive.close()
-    child.join()
+        _end(child, stop=not answered)
+    if kind is None:
+        raise ConfigError(f"sweep {spec.study_name!r}: the preflight process ended without an answer (exit code "
+                          f"{child.exitcode}: killed or out of memory?); run the command again, or with --workers 1 "
+                          f"to see the error")
     if kind == "error":
         raise ConfigError(text)
     return text
+
+
+def _end(child, stop: bool) -> None:
+    """Wait for the preflight child (bounded); ``stop``: end it first (SIGTERM: it removes a cache file it was
+    writing; SIGKILL after 30 s)."""
+    if stop and child.is_alive():
+        child.terminate()
+    child.join(timeout=30)
+    if child.is_alive():
+        child.kill()
+        child.join()
 
 
 def _stop(signum, frame) -> None:  # noqa: ARG001
@@ -113,11 +119,12 @@ def _child(spec: SweepSpec, send, parent: int) -> None:
     signal.signal(signal.SIGTERM, _stop)
     release()  # (a SIGTERM held since its start ends it here; a held SIGINT is dropped)
     try:
-        send.send(("ok", preflight(spec)))
+        answer = ("ok", preflight(spec))
     except ConfigError as e:
-        send.send(("error", str(e)))
+        answer = ("error", str(e))
     except Exception as e:  # noqa: BLE001  one line for the parent, as preflight's own errors
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        send.send(("error", f"sweep {spec.study_name!r}, preflight: {type(e).__name__}: {first}"))
-    finally:
-        send.close()
+        answer = ("error", f"sweep {spec.study_name!r}, preflight: {type(e).__name__}: {first}")
+    with contextlib.suppress(OSError):  # (the parent gone, or stopped: nobody reads it)
+        send.send(answer)
+    send.close()

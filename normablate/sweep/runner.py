@@ -30,7 +30,7 @@ from typing import Any
 import optuna
 
 from ..errors import ConfigError, NormablateError
-from ..signals import REFUSED, STOP, die_with_parent, release, stop_on_signals
+from ..signals import REFUSED, STOP, die_with_parent, interrupt_on_signals, release, stop_on_signals
 from ..studies import StudyKind
 from .ddp_trial import check_resources
 from .liveness import HOST, Heartbeat, host_id, pid_alive
@@ -235,24 +235,26 @@ def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, s
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     runtime: dict[str, Any] = {}
     STOP.signum = None
-    with stop_on_signals(STOP):  # from here a signal is a stop: set-up and preflight end (seconds), nothing starts
-        sweep = Sweep(spec, storage, verbose=verbose, runtime=runtime, worker="" if workers == 1 else "main")
-        sweep.setup(create=True)
-        c = sweep.counts()
-        if workers > max(1, c.waiting):  # no more workers than trials waiting to be claimed
-            sweep.log(f"--workers {workers}: only {c.waiting} trial(s) waiting; starting {max(1, c.waiting)}")
-            workers = max(1, c.waiting)
-        if workers > 1:  # share the cores instead of oversubscribing them (a DDP trial splits them over its ranks)
-            runtime["trainer.threads"] = max(1, (os.cpu_count() or 1) // workers)
-            sweep.runtime = runtime
-        else:
-            sweep.worker = ""
-        sweep.log(f"storage {display_url(sweep.url)}; {c.done}/{c.total} done, {c.waiting} queued; {workers} "
-                  f"worker(s); runs under {Path(spec.log_dir) / spec.study_name}")
-        if c.done < c.total and STOP.signum is None:  # one trial's data and model first, so a bad source is one
-            line = preflight(spec) if workers == 1 else preflight_isolated(spec)  # line, not N crashes (and no
-            if line:  # Lightning in a supervisor)
-                sweep.log(line)
+    with stop_on_signals(STOP):
+        with interrupt_on_signals(STOP):  # set-up has nothing to save: a stop ends it at once (a storage that does
+            # not answer, a download), as Ctrl-C, exit 130; from the workers' start on, a stop lets trials checkpoint
+            sweep = Sweep(spec, storage, verbose=verbose, runtime=runtime, worker="" if workers == 1 else "main")
+            sweep.setup(create=True)
+            c = sweep.counts()
+            if workers > max(1, c.waiting):  # no more workers than trials waiting to be claimed
+                sweep.log(f"--workers {workers}: only {c.waiting} trial(s) waiting; starting {max(1, c.waiting)}")
+                workers = max(1, c.waiting)
+            if workers > 1:  # share the cores instead of oversubscribing them (a DDP trial splits them over its
+                runtime["trainer.threads"] = max(1, (os.cpu_count() or 1) // workers)  # ranks)
+                sweep.runtime = runtime
+            else:
+                sweep.worker = ""
+            sweep.log(f"storage {display_url(sweep.url)}; {c.done}/{c.total} done, {c.waiting} queued; {workers} "
+                      f"worker(s); runs under {Path(spec.log_dir) / spec.study_name}")
+            if c.done < c.total:  # one trial's data and model first, so a bad source is one line, not N crashes
+                line = preflight(spec) if workers == 1 else preflight_isolated(spec)  # (no Lightning in a
+                if line:  # supervisor)
+                    sweep.log(line)
         code = 130
         if verbose and STOP.signum is None:  # live progress (progress.py): a line per worker's trial and the study's
             from ..progress import Board
@@ -261,7 +263,7 @@ def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, s
             sweep.tell_board(c, None)
         try:
             if STOP.signum is not None:
-                pass  # stopped while it set up: no trial started
+                pass  # stopped in the moment after set-up: no trial started
             elif workers == 1:
                 try:
                     code = sweep.work()

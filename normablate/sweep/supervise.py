@@ -99,12 +99,14 @@ def run_workers(spec: "SweepSpec", sweep: SweepView, runtime: dict, workers: int
     budget = 2 * workers if max_restarts is None else max_restarts
     progress = ctx.Queue() if sweep.board is not None else None  # the workers' log lines and progress events
 
-    def start(name: str):
+    procs: dict[str, Any] = {}
+
+    def start(name: str) -> None:
         p = ctx.Process(target=target, name=name,
                         args=(spec, sweep.url, runtime, name, sweep.t0, sweep.done_at_start, os.getpid(), progress))
         with held():  # it starts with SIGINT/SIGTERM held until its handler is in place (worker_main releases them)
             p.start()
-        return p
+            procs[name] = p  # (before the block ends: a second Ctrl-C held meanwhile finds it in procs)
 
     def drain() -> None:
         while progress is not None:
@@ -114,10 +116,11 @@ def run_workers(spec: "SweepSpec", sweep: SweepView, runtime: dict, workers: int
                 return
             sweep.board.update(event)
 
-    procs = {f"w{i}": start(f"w{i}") for i in range(workers)}
     stop_due = STOP.relay()
     gave_up = False
     try:
+        for i in range(workers):
+            start(f"w{i}")
         while any(p.is_alive() for p in procs.values()):
             if stop_due():  # each new signal is passed on, as SIGTERM: a worker that missed one gets the next; a
                 #            `kill -INT` reaches them too (a terminal's Ctrl-C reaches them directly as well: SIGINT,
@@ -140,13 +143,16 @@ def run_workers(spec: "SweepSpec", sweep: SweepView, runtime: dict, workers: int
                 budget -= 1
                 sweep.log(f"worker {name} died (exit {code}); starting a new one (its trial is re-queued and "
                           f"resumes from its checkpoint)")
-                procs[name] = start(name)
+                start(name)
     except KeyboardInterrupt:  # a second Ctrl-C: stop them now (their trials are re-queued when found dead)
         for p in procs.values():
             if p.is_alive():
                 p.terminate()
         for p in procs.values():
             p.join(timeout=60)
+            if p.is_alive():  # (one that never installed its handler holds SIGTERM: it cannot be asked)
+                p.kill()
+                p.join()
         return 130
     drain()
     codes = [p.exitcode for p in procs.values()]
