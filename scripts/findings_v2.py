@@ -77,14 +77,17 @@ SOURCE = {"1b": "Santurkar et al. 2018", "1c": "Santurkar et al. 2018", "2": "Sa
           "8q": "Zhang & Sennrich 2019", "12": "Zhu et al. 2025", "10": "practitioners; Wu & Johnson 2021"}
 # the reader's notes (e.g. "untestable at this budget: ..."), by hypothesis id; written by hand, never computed
 NOTES: dict[str, str] = {
-    "santurkar_lr0.5": "untestable in this set-up: both arms end at chance in every seed (test acc 0.1000; 1 of 3 "
-                       "no-norm runs stopped as diverged): with SGD momentum 0.9 at a constant LR 0.5 BN does not "
-                       "train here either, so the contrast carries no information about the claim. What could test "
-                       "it is a recipe, not more steps: one in which BN trains at LR 0.5 at all (the paper names "
-                       "only the LRs). Finding one is a small search at full width on a GPU (about 0.04 GPU-hours "
-                       "per 40-epoch VGG-11 run by configs/studies/gpu/README.md's estimate: about 0.5 GPU-hours for "
-                       "2 arms x 3 seeds x 2 candidate recipes); budget 2 (3x steps, same recipe) is not expected "
-                       "to change it",
+    "santurkar_lr0.5": "budget 1: untestable in this set-up: both arms end at chance in every seed (test acc "
+                       "0.1000; 1 of 3 no-norm runs stopped as diverged): with SGD momentum 0.9 at a constant LR 0.5 "
+                       "BN did not train either, so the contrast carried no information about the claim. Budget 2 "
+                       "(3x steps, same recipe), against what was expected here before it ran: BN trains at LR 0.5 "
+                       "in 1 of 3 seeds (test acc 0.540; the other two at chance), no-norm in none (1 of 3 stopped "
+                       "as diverged), so the contrast now carries information, but one seed in three makes its CI "
+                       "+-0.43 wide. What would test it: a recipe in which BN trains at LR 0.5 reliably (the paper "
+                       "names only the LRs), or many more seeds (the report: about 8.5x, if the estimate were the "
+                       "truth). A recipe search at full width on a GPU costs about 0.5 GPU-hours (about 0.04 "
+                       "GPU-hours per 40-epoch VGG-11 run by configs/studies/gpu/README.md's estimate, 2 arms x 3 "
+                       "seeds x 2 candidate recipes)",
     "zhang_rms_matches_ln": "about this 0.1M-parameter LM only (the source: machine translation and larger models)",
     "zhu_dyt_matches_ln_lm": "about this 0.1M-parameter LM only; the source's LMs are 7B-70B LLaMAs with tuned "
                              "alpha_init: untestable at this machine's budget. At the source's smallest scale (7B "
