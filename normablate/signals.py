@@ -105,8 +105,22 @@ def interrupt_on_signals(request: StopRequest) -> Iterator[None]:
     try:
         yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        with _blocked():  # (a signal meanwhile reaches the restored handler, not this one half-removed)
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM blocked in this thread for the block (nothing where there are no signal masks)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager
@@ -118,17 +132,12 @@ def held() -> Iterator[None]:
     thread may take a signal meanwhile; the rest arrive when the block ends. (CPython starts its multiprocessing
     resource tracker the same way, and unblocks both signals after: it is started first here, since a spawn would
     start it inside the block.) Where there are no signal masks (Windows) it holds nothing."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    from multiprocessing import resource_tracker
+    if hasattr(signal, "pthread_sigmask"):
+        from multiprocessing import resource_tracker
 
-    resource_tracker.ensure_running()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    try:
+        resource_tracker.ensure_running()
+    with _blocked():
         yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def release() -> None:

@@ -74,11 +74,11 @@ def preflight_isolated(spec: SweepSpec) -> str | None:
     ctx = mp.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_child, args=(spec, send, os.getpid()), name="preflight")
-    with held():  # (a Ctrl-C while it imports waits for _child, which ignores it: no traceback)
-        child.start()
-    send.close()
     answered = False
     try:
+        with held():  # (a Ctrl-C while it imports waits for _child, which ignores it: no traceback; this process
+            child.start()  # gets it when the block ends, inside this try)
+        send.close()
         try:
             kind, text = receive.recv()
         except EOFError:
@@ -86,7 +86,9 @@ def preflight_isolated(spec: SweepSpec) -> str | None:
         answered = True
     finally:
         receive.close()
-        _end(child, stop=not answered)
+        send.close()
+        if child.pid is not None:
+            _end(child, stop=not answered)
     if kind is None:
         raise ConfigError(f"sweep {spec.study_name!r}: the preflight process ended without an answer (exit code "
                           f"{child.exitcode}: killed or out of memory?); run the command again, or with --workers 1 "

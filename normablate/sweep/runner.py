@@ -30,7 +30,7 @@ from typing import Any
 import optuna
 
 from ..errors import ConfigError, NormablateError
-from ..signals import REFUSED, STOP, die_with_parent, interrupt_on_signals, release, stop_on_signals
+from ..signals import REFUSED, STOP, Interrupted, die_with_parent, interrupt_on_signals, release, stop_on_signals
 from ..studies import StudyKind
 from .ddp_trial import check_resources
 from .liveness import HOST, Heartbeat, host_id, pid_alive
@@ -225,6 +225,10 @@ def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, s
     ``spec``: a sweep YAML path, a mapping, or a loaded ``SweepSpec``. ``storage``: a URL (default: the spec's, else
     ``sqlite:///<log_dir>/optuna.db``). ``workers``: processes on this machine; more machines join by running the
     same command against the same storage and study name. ``overrides``: run-config keys for every trial.
+
+    SIGINT/SIGTERM: trials stop at their next step boundary, checkpointed and re-queued, and the result's
+    ``exit_code`` is 130; a stop during set-up or the preflight starts nothing (130 too); a stop while the storage
+    is being opened (a server that does not answer) raises ``signals.Interrupted``, a ``KeyboardInterrupt``.
     """
     if not isinstance(spec, SweepSpec):
         spec = load_spec(spec, overrides=overrides, study_name=study_name, dry_run=dry_run)
@@ -236,25 +240,29 @@ def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, s
     runtime: dict[str, Any] = {}
     STOP.signum = None
     with stop_on_signals(STOP):
-        with interrupt_on_signals(STOP):  # set-up has nothing to save: a stop ends it at once (a storage that does
-            # not answer, a download), as Ctrl-C, exit 130; from the workers' start on, a stop lets trials checkpoint
-            sweep = Sweep(spec, storage, verbose=verbose, runtime=runtime, worker="" if workers == 1 else "main")
-            sweep.setup(create=True)
-            c = sweep.counts()
-            if workers > max(1, c.waiting):  # no more workers than trials waiting to be claimed
-                sweep.log(f"--workers {workers}: only {c.waiting} trial(s) waiting; starting {max(1, c.waiting)}")
-                workers = max(1, c.waiting)
-            if workers > 1:  # share the cores instead of oversubscribing them (a DDP trial splits them over its
-                runtime["trainer.threads"] = max(1, (os.cpu_count() or 1) // workers)  # ranks)
-                sweep.runtime = runtime
-            else:
-                sweep.worker = ""
-            sweep.log(f"storage {display_url(sweep.url)}; {c.done}/{c.total} done, {c.waiting} queued; {workers} "
-                      f"worker(s); runs under {Path(spec.log_dir) / spec.study_name}")
-            if c.done < c.total:  # one trial's data and model first, so a bad source is one line, not N crashes
-                line = preflight(spec) if workers == 1 else preflight_isolated(spec)  # (no Lightning in a
+        with interrupt_on_signals(STOP):  # opening the storage writes nothing: a stop ends it at once (a server
+            sweep = Sweep(spec, storage, verbose=verbose, runtime=runtime,  # that does not answer is retried for
+                          worker="" if workers == 1 else "main")  # minutes): signals.Interrupted, exit 130
+        sweep.setup(create=True)  # (under the flag: creating a study is several writes, all made before a stop)
+        c = sweep.counts()
+        if workers > max(1, c.waiting):  # no more workers than trials waiting to be claimed
+            sweep.log(f"--workers {workers}: only {c.waiting} trial(s) waiting; starting {max(1, c.waiting)}")
+            workers = max(1, c.waiting)
+        if workers > 1:  # share the cores instead of oversubscribing them (a DDP trial splits them over its ranks)
+            runtime["trainer.threads"] = max(1, (os.cpu_count() or 1) // workers)
+            sweep.runtime = runtime
+        else:
+            sweep.worker = ""
+        sweep.log(f"storage {display_url(sweep.url)}; {c.done}/{c.total} done, {c.waiting} queued; {workers} "
+                  f"worker(s); runs under {Path(spec.log_dir) / spec.study_name}")
+        if c.done < c.total and STOP.signum is None:  # one trial's data and model first, so a bad source is one
+            try:  # line, not N crashes; it saves nothing, so a stop ends it at once (a download, a decode)
+                with interrupt_on_signals(STOP):
+                    line = preflight(spec) if workers == 1 else preflight_isolated(spec)  # (no Lightning in a
                 if line:  # supervisor)
                     sweep.log(line)
+            except Interrupted:
+                pass  # (STOP is set: nothing starts)
         code = 130
         if verbose and STOP.signum is None:  # live progress (progress.py): a line per worker's trial and the study's
             from ..progress import Board

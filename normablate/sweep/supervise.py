@@ -120,7 +120,8 @@ def run_workers(spec: "SweepSpec", sweep: SweepView, runtime: dict, workers: int
     gave_up = False
     try:
         for i in range(workers):
-            start(f"w{i}")
+            if STOP.signum is None:  # (stopped meanwhile: start no more; those started are asked below)
+                start(f"w{i}")
         while any(p.is_alive() for p in procs.values()):
             if stop_due():  # each new signal is passed on, as SIGTERM: a worker that missed one gets the next; a
                 #            `kill -INT` reaches them too (a terminal's Ctrl-C reaches them directly as well: SIGINT,

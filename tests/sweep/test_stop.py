@@ -19,12 +19,14 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
 from normablate.signals import STOP, release, stop_on_signals
 from normablate.sweep import run_sweep
 from normablate.sweep.dryrun import train as dry_train
+from normablate.sweep.storage import open_storage
 from normablate.sweep.supervise import QueueSink, run_workers
 
 from support.procs import kill_group, run_bounded
@@ -246,3 +248,31 @@ def test_a_stop_while_the_storage_does_not_answer_ends_the_sweep_at_once(tmp_pat
             proc.wait()
     out = log.read_text()
     assert rc == 130 and "Traceback" not in out and "interrupted" in out and "run the same command again" in out, out
+
+
+@pytest.mark.parametrize("kind", ["lr_sensitivity", "search"])
+def test_a_stop_while_the_study_is_created_leaves_a_study_the_same_command_resumes(tmp_path, monkeypatch, kind):
+    """SIGTERM between the study's first write and its last (meta, group studies, queued trials, READY): the
+    creation completes, nothing starts (exit 130), and the same command runs every trial, with no "not made by
+    normablate sweep" refusal, no missing group study and no wait for a READY that never comes (each seen when a stop
+    during creation raised at once)."""
+    from normablate.sweep import queue
+
+    real = queue.write_meta
+
+    def signalled_write_meta(*args, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(queue, "write_meta", signalled_write_meta)
+    extra = {"grid": {"model.norm": ["bn", "none"]}, "n_trials": 2,
+             "search_space": {"optim.lr": {"low": 0.01, "high": 1.0, "log": True}}} if kind == "search" else {}
+    d = make_spec(tmp_path, kind=kind, **extra)
+    url = str(tmp_path / "s.journal")
+    res = run_sweep(d, storage=url, workers=1, verbose=False)
+    assert res.exit_code == 130 and res.counts.done == 0
+    main = optuna.load_study(study_name="t", storage=open_storage(url))
+    assert main.user_attrs.get(queue.READY) is True
+    monkeypatch.setattr(queue, "write_meta", real)
+    again = run_sweep(d, storage=url, workers=1, verbose=False)
+    assert again.exit_code == 0 and again.counts.done == again.counts.total == (4 if kind == "search" else 12)
