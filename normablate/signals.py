@@ -62,22 +62,16 @@ def stop_on_signals(request: StopRequest | None = None) -> Iterator[StopRequest]
     completes, and the worker around it must still stop). Outside the main thread (where Python allows no handler)
     it installs nothing and yields the request unset."""
     request = StopRequest() if request is None else request
-    if threading.current_thread() is not threading.main_thread():
-        yield request
-        return
-    previous = {s: signal.getsignal(s) for s in SIGNALS}
-    for s in previous:
-        signal.signal(s, request)
-    for h in previous.values():
-        if request.signum is None and h is not request and getattr(h, "signum", None) is not None:
-            request.signum = h.signum
+    previous: list = []
     try:
-        yield request
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        with _installed(request) as previous:
+            for h in previous:
+                if request.signum is None and h is not request and getattr(h, "signum", None) is not None:
+                    request.signum = h.signum
+            yield request
+    finally:  # after the restore: a signal meanwhile went to the caller's handler itself
         if request.signum is not None:
-            for h in previous.values():
+            for h in previous:
                 if isinstance(h, StopRequest) and h is not request and h.signum is None:
                     h.signum = request.signum
 
@@ -92,20 +86,28 @@ def interrupt_on_signals(request: StopRequest) -> Iterator[None]:
     """For work with nothing to save, such as a sweep's set-up before any trial starts: SIGINT or SIGTERM records the
     stop in ``request`` and raises ``Interrupted`` at once, whatever is under way (a storage retry loop, a download).
     Restores the previous handlers on exit; outside the main thread it installs nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
     def handler(signum, frame) -> None:  # noqa: ARG001
         request.count += 1
         request.signum = signum
         raise Interrupted(signum)
 
+    with _installed(handler):
+        yield
+
+
+@contextlib.contextmanager
+def _installed(handler) -> Iterator[list]:
+    """``handler`` for SIGINT and SIGTERM for the block; yields the handlers it replaced (none outside the main
+    thread, where Python allows no handler: there it installs nothing). They are restored with both signals blocked,
+    so a signal meanwhile reaches the restored handler, not one half-removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
     try:
-        yield
+        yield list(previous.values())
     finally:
-        with _blocked():  # (a signal meanwhile reaches the restored handler, not this one half-removed)
+        with _blocked():
             for s, h in previous.items():
                 signal.signal(s, h)
 

@@ -263,26 +263,25 @@ def run_sweep(spec: str | Path | dict | SweepSpec, storage: str | None = None, s
                     sweep.log(line)
             except Interrupted:
                 pass  # (STOP is set: nothing starts)
-        code = 130
-        if verbose and STOP.signum is None:  # live progress (progress.py): a line per worker's trial and the study's
-            from ..progress import Board
+        code = 130  # stopped during or just after set-up: no trial started
+        if STOP.signum is None:
+            if verbose:  # live progress (progress.py): a line per worker's trial and the study's
+                from ..progress import Board
 
-            sweep.board = Board()
-            sweep.tell_board(c, None)
-        try:
-            if STOP.signum is not None:
-                pass  # stopped in the moment after set-up: no trial started
-            elif workers == 1:
-                try:
-                    code = sweep.work()
-                except (KeyboardInterrupt, SystemExit):
-                    code = 130
-            else:
-                code = run_workers(spec, sweep, runtime, workers, target=worker_main)
-        finally:
-            if sweep.board is not None:
-                sweep.board.close()
-                sweep.board = None
+                sweep.board = Board()
+                sweep.tell_board(c, None)
+            try:
+                if workers == 1:
+                    try:
+                        code = sweep.work()
+                    except (KeyboardInterrupt, SystemExit):
+                        code = 130
+                else:
+                    code = run_workers(spec, sweep, runtime, workers, target=worker_main)
+            finally:
+                if sweep.board is not None:
+                    sweep.board.close()
+                    sweep.board = None
     counts = sweep.counts()
     if code == 0 and (counts.failed or counts.done < counts.total):
         code = 1  # the exit status is the study's: 0 only when every point is done
