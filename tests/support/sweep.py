@@ -39,7 +39,16 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 def trials_of(url: str, name: str = "t") -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=open_storage(url)).get_trials(deepcopy=False)
+    """The study's trials. A database storage's connections are closed before it returns: a test that polls
+    several times a second otherwise leaves each poll's engine to the cyclic garbage collector, and a throwaway
+    PostgreSQL server (100 connections) once refused the sweep under test with "too many clients"."""
+    storage = open_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    finally:
+        engine = getattr(storage, "engine", None)  # (RDB storages; a journal holds no connection)
+        if engine is not None:
+            engine.dispose()
 
 
 def trials_so_far(url: str, name: str = "t") -> list[optuna.trial.FrozenTrial]:
