@@ -19,7 +19,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .data import StudyData, mask_for  # noqa: E402
-from .tables import config_label  # noqa: E402
+from .tables import classes, config_label  # noqa: E402
 
 METRIC_LABELS = {
     "val/acc": "validation accuracy (fraction correct)",
@@ -188,7 +188,6 @@ def save(fig, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ chance levels
-KNOWN_CLASSES = {"synthetic": 10, "cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
 
 
 def chance(data: StudyData, metric: str) -> float | None:
@@ -213,16 +212,13 @@ def chance(data: StudyData, metric: str) -> float | None:
 
 
 def _classes(df) -> int | None:
-    """The trials' one class count (model.num_classes, else the source's known one); None if unknown or mixed."""
-    classes = set()
-    for src, n in zip(df["source"] if "source" in df else [None] * len(df),
-                      df["num_classes"] if "num_classes" in df else [None] * len(df)):
-        if n is None or (isinstance(n, float) and math.isnan(n)):
-            n = KNOWN_CLASSES.get(Path(str(src).rstrip("/")).name.lower())
-        classes.add(n)
-    if len(classes) != 1 or None in classes:
+    """The trials' one class count (``tables.classes``: recorded, else the source's known one); None if unknown or
+    mixed."""
+    found = {classes(n, src) for n, src in zip(df["num_classes"] if "num_classes" in df else [None] * len(df),
+                                               df["source"] if "source" in df else [None] * len(df))}
+    if len(found) != 1 or None in found:
         return None
-    return classes.pop()
+    return found.pop()
 
 
 def chance_line(ax, value: float | None, label: str = "chance (uniform prediction)") -> None:

@@ -5,6 +5,7 @@ Common definitions (printed in ``summary.md``; each study kind adds its own):
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -58,16 +59,36 @@ def summary(data: StudyData) -> pd.DataFrame:
 
 
 CHANCE_MARGIN = 0.01  # an accuracy at most 1 point above 1 / num_classes counts as "at chance"
+KNOWN_CLASSES = {"synthetic": 10, "cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
+
+
+def classes(recorded, source) -> int | None:
+    """A trial's number of classes: the one it recorded (runs from 2026-12-06 on), else the class count of its data
+    source when the source's name (a hub name or a local folder's last part, e.g. ``../shared/data/cifar10``) is a
+    known dataset's; None when neither tells. The report's chance line and its "at chance" count share this rule."""
+    try:
+        n = int(recorded)
+    except (TypeError, ValueError):
+        n = 0
+    if n > 0:
+        return n
+    if source is None or (isinstance(source, float) and math.isnan(source)):
+        return None
+    return KNOWN_CLASSES.get(Path(str(source).rstrip("/")).name.lower())
 
 
 def at_chance(s: pd.DataFrame, metric: str) -> int | None:
     """How many of the trials ``s`` (diverged ones too: a diverged run is tested as it stopped) end with an
-    accuracy ``metric`` at chance, at most ``CHANCE_MARGIN`` above 1 / num_classes; None for a metric that is no
-    accuracy or trials that do not record their number of classes."""
-    if not metric.endswith("acc") or metric not in s or "num_classes" not in s:
+    accuracy ``metric`` at chance, at most ``CHANCE_MARGIN`` above 1 / their number of classes (``classes``);
+    None for a metric that is no accuracy or trials whose number of classes is unknown."""
+    if not metric.endswith("acc") or metric not in s:
         return None
     done = s[s["state"] == "complete"] if "state" in s else s
-    chance = 1.0 / pd.to_numeric(done["num_classes"], errors="coerce")
+    k = [classes(n, src) for n, src in zip(done["num_classes"] if "num_classes" in done else [None] * len(done),
+                                           done["source"] if "source" in done else [None] * len(done))]
+    if not k or None in k:
+        return None
+    chance = 1.0 / pd.Series(k, index=done.index, dtype=float)
     return int((pd.to_numeric(done[metric], errors="coerce") <= chance + CHANCE_MARGIN).sum())
 
 

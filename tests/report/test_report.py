@@ -247,6 +247,12 @@ def test_an_accuracy_cell_counts_the_runs_at_chance_diverged_ones_included():
     assert cell(trials([0.3, 0.3], [False] * 2, classes=2), "final_test_acc")[4].endswith("[2/2 at chance]")
     no_classes = trials([0.1, 0.1], [False] * 2).drop(columns="num_classes")
     assert "chance" not in cell(no_classes, "final_test_acc")[4]
+    # trials from before runs recorded their classes (v2's santurkar_lr_range): the source's known count, the
+    # rule the plots' chance line uses; an unknown source still gives no count
+    old = trials([0.1, 0.1, 0.0998], [False, False, True]).assign(num_classes=None, source="../shared/data/cifar10/")
+    assert cell(old, "final_test_acc")[4] == "0.1 ± 0 [1/3 diverged; 3/3 at chance]"
+    assert "chance" not in cell(old.assign(source="mystery"), "final_test_acc")[4]
+    assert cell(old.assign(source="cifar100"), "final_test_acc")[4] == "0.1 ± 0 [1/3 diverged]"  # 0.1 > 1/100 + 0.01
 
 
 def _ppl_lr_plot(tmp_path, monkeypatch, vals: dict[tuple[str, float], list[float]]):
