@@ -13,7 +13,9 @@ budget 2) and its journal (``docs/findings/v2/<study>.journal``):
 * the verdict words apply Holm across the document's whole family: every primary hypothesis at both budgets,
   the unfinished ones at p = 1 (``analysis.budgets.family``: an interim word can only get stronger later);
 * where both budgets are finished, the change of the effect between them with its interval
-  (``analysis.budgets.change``).
+  (``analysis.budgets.change``);
+* a claim answered by two studies' rows together (``COMBINED``: claim 6 by shen_powernorm and 6w) gets its word
+  at each budget from those rows' words, by the rule fixed before the second study ran (``combine``).
 
 "untestable at this budget" is never computed: it is a reader's judgement, written in ``NOTES`` below with the
 budget that could test the claim, and shown beside the computed word.
@@ -96,6 +98,45 @@ NOTES: dict[str, str] = {
                              "10.9M parameters, ~14 GPU-hours for 54 runs) is still 600x smaller",
     "zhu_dyt_matches_ln_vit": "about a tiny ViT on CIFAR-10 only (the source: ViT-B/L on ImageNet-1k)",
 }
+
+# claims answered by two studies' rows together, with the rule that combines them, each fixed in docs/findings.md
+# before the second study's first run (6w: "How 6 and 6w combine", commit a6a610d, 2026-12-06 11:23 UTC; 6w's
+# first trial started at 12:45): claim -> (rule's words,
+# [(question, row of one study, row of the other)]). ``combine`` applies it; nothing here is judged by hand.
+COMBINED: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
+    "6": ("supported (or contradicted) only where both rows say so at a budget; otherwise inconclusive "
+          "(docs/findings.md, committed in a6a610d before 6w's first run)",
+          [("BN (masked) trails LN", "shen_bn_trails_ln", "shen_wide_bn_trails_ln"),
+           ("PowerNorm beats LN", "shen_pn_beats_ln", "shen_wide_pn_beats_ln"),
+           ("PowerNorm beats masked BN", "shen_pn_beats_masked_bn", "shen_wide_pn_beats_masked_bn")]),
+}
+
+
+def combine(rows: list[dict], combined: dict | None = None) -> tuple[str, list[dict]]:
+    """The claims of ``COMBINED`` at each budget, from the table's rows (their document-level words): a question
+    is *supported* (or *contradicted*) at a budget where both its rows are, *inconclusive* where both rows are
+    finished otherwise, and *pending* while either is not finished. Returns a markdown table and its rows."""
+    combined = COMBINED if combined is None else combined
+    by_id = {r["id"]: r for r in rows}
+    out, lines = [], []
+    for claim, (rule, questions) in combined.items():
+        for question, a, b in questions:
+            row = {"claim": claim, "question": question, "rows": (a, b)}
+            for k in (1, 2):
+                ra, rb = by_id.get(a, {}), by_id.get(b, {})
+                if ra.get(f"state_{k}") != "complete" or rb.get(f"state_{k}") != "complete":
+                    row[f"verdict_{k}"] = "pending"
+                    continue
+                wa, wb = ra[f"verdict_{k}"], rb[f"verdict_{k}"]
+                row[f"verdict_{k}"] = wa if wa == wb and wa in ("supported", "contradicted") else "inconclusive"
+            out.append(row)
+            lines.append(f"| {claim} | {question} | `{a}` + `{b}` | **{row['verdict_1']}** | **{row['verdict_2']}** |")
+    if not out:
+        return "", out
+    rules = "; ".join(f"claim {c}: {r}" for c, (r, _) in combined.items())
+    text = "\n".join([f"Claims answered by two studies' rows together, combined by a rule fixed in advance ({rules}):",
+                      "", "| # | question | rows | budget 1 | budget 2 |", "|---|---|---|---|---|", *lines, ""])
+    return text, out
 
 
 @dataclass
@@ -237,7 +278,8 @@ def build(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[str]
         f"split; a probe/ measure: the training trajectory, each run's mean over its probed steps) with {level:.0%} "
         f"intervals; the change between budgets is budget 2 − budget 1 with its "
         f"{level:.0%} interval.", "", head, *lines, ""])
-    return text, rows
+    claims_text = combine(rows)[0]
+    return text + ("\n" + claims_text if claims_text else ""), rows
 
 
 def write(text: str, findings: Path = FINDINGS, table: Path = JOURNALS / "table.md") -> None:

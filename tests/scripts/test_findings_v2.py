@@ -329,3 +329,29 @@ def test_study_tree_checks_out_the_trials_commit_and_refuses_a_changed_spec(tmp_
         fv2.study_tree(st, root)
     with pytest.raises(SystemExit, match=r"findings_v2: git rev-parse .* failed"):
         fv2.clean_tree(root, "f" * 40)
+
+
+def test_claims_of_two_studies_combine_by_their_fixed_rule(load_script):
+    """Claim 6 is answered by shen_powernorm's and 6w's rows together: supported (or contradicted) at a budget only
+    where both rows are, inconclusive otherwise, pending while either study runs; the words come from the rows,
+    never by hand, and every row the rule names is a committed hypothesis."""
+    fv2 = load_script("findings_v2")
+    rule = {"9": ("both or nothing", [("q", "a", "b")])}
+
+    def words(wa, wb, state_b="complete"):
+        rows = [{"id": "a", "state_1": "complete", "verdict_1": wa, "state_2": "complete", "verdict_2": wa},
+                {"id": "b", "state_1": "complete", "verdict_1": wb, "state_2": state_b, "verdict_2": wb}]
+        text, out = fv2.combine(rows, rule)
+        assert "both or nothing" in text and "`a` + `b`" in text
+        return out[0]["verdict_1"], out[0]["verdict_2"]
+
+    assert words("supported", "supported") == ("supported", "supported")
+    assert words("contradicted", "contradicted") == ("contradicted", "contradicted")
+    assert words("supported", "inconclusive") == ("inconclusive", "inconclusive")
+    assert words("supported", "contradicted") == ("inconclusive", "inconclusive")
+    assert words("inconclusive", "inconclusive") == ("inconclusive", "inconclusive")
+    assert words("supported", "supported", state_b="running") == ("supported", "pending")
+    assert fv2.combine([], rule)[1][0]["verdict_1"] == "pending"  # a row not in the table yet
+    assert fv2.combine([], {}) == ("", [])
+    named = {x for _, qs in fv2.COMBINED.values() for _, a, b in qs for x in (a, b)}
+    assert named <= set(fv2.CLAIM), named - set(fv2.CLAIM)
