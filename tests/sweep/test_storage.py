@@ -401,6 +401,35 @@ def test_failed_trials_resume_in_their_own_folder_on_rerun(tmp_path, capsys, mon
     assert all(t.user_attrs["history"]["train/loss"][0][0] == 11 for t in done)  # continued after step 10
 
 
+
+def test_a_retry_without_its_checkpoint_says_it_starts_again(tmp_path, capsys, monkeypatch):
+    """A failed trial's retry resumes from its folder's checkpoint; where the folder has none (the sweep re-run from
+    another working directory with a relative log_dir, or the folder removed), it trains from step 0 and says so,
+    instead of the queue's promise to resume standing unchallenged."""
+    import shutil
+
+    from optuna.trial import TrialState
+
+    from normablate.sweep import run_sweep
+    from support.sweep import trials_of
+
+    d = make_spec(tmp_path, grid={"optim.lr": [0.1, 0.2]}, trainer_fn="test_storage:flaky_trainer")
+    monkeypatch.setenv("H3_FLAKY", "fail")
+    assert run_sweep(d).exit_code == 1
+    shutil.rmtree(tmp_path / "logs" / "t" / "t0001-lr0.2")  # trial 1's checkpoint is gone; trial 0's is kept
+    capsys.readouterr()
+    monkeypatch.setenv("H3_FLAKY", "ok")
+    res = run_sweep(d)
+    out = capsys.readouterr().out
+    assert res.exit_code == 0 and res.counts.done == 2, out
+    gone = tmp_path / "logs" / "t" / "t0001-lr0.2"
+    assert f"(retry of trial 1: no checkpoint in {gone}, so it starts again from step 0)" in out, out
+    assert "no checkpoint" not in out.split("lr=0.1", 1)[1].split("\n", 1)[0]  # trial 0 resumes
+    done = {t.user_attrs["run"]: t for t in trials_of(sqlite_url(tmp_path)) if t.state == TrialState.COMPLETE}
+    assert done["t0000-lr0.1"].user_attrs["resumed"] and not done["t0001-lr0.2"].user_attrs["resumed"]
+    assert done["t0000-lr0.1"].user_attrs["history"]["train/loss"][0][0] == 11  # continued after step 10
+    assert done["t0001-lr0.2"].user_attrs["history"]["train/loss"][0][0] < 10  # trained from the start
+
 # ------------------------------------------------------------------------------------------ 8. weights_only
 class _Payload:
     def __init__(self, marker: str) -> None:
