@@ -70,10 +70,11 @@ def load(study_name: str, storage: str | None = None) -> StudyData:
                     notes.append(f"grid point {points[p].label(spec.axes)}: trial {ts[0].number} counted, "
                                  f"duplicate trial(s) {dups} ignored")
         fails = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("skipped")]
-        stopped = sum(t.user_attrs.get("error") == INTERRUPTED for t in fails)
+        interrupted = {t.number for t in fails if t.user_attrs.get("error") == INTERRUPTED}
+        stopped = len(interrupted)
         if stopped:
-            notes.append(f"{sname}: {stopped} trial(s) interrupted by a signal (a stopped sweep), each re-queued to "
-                         f"continue from its checkpoint; the interrupted ones are not counted")
+            notes.append(f"{sname}: {stopped} trial(s) interrupted by a signal (a stopped sweep), each re-queued"
+                         f"{_reruns(trials, interrupted)}; the interrupted ones are not counted")
         if len(fails) - stopped:
             notes.append(f"{sname}: {len(fails) - stopped} failed trial(s) not counted (crashed runs or dead workers, "
                          f"retried where possible)")
@@ -93,6 +94,19 @@ def load(study_name: str, storage: str | None = None) -> StudyData:
         notes.append(f"{len(df)} of {spec.total} trials finished; the tables cover those")
     return StudyData(study_name, url, spec, df, spec.total, notes, histories, probe_means=probe_means,
                      group_cols=kind.group_cols([a.name for a in spec.axes]), line_key=kind.line_key)
+
+
+def _reruns(trials: list[optuna.trial.FrozenTrial], interrupted: set[int]) -> str:
+    """How the re-runs of the ``interrupted`` trials went, as the note's tail: each records whether it found its
+    run's checkpoint (``resumed``); one that did not trained again from step 0 (the folder gone, or the sweep re-run
+    from another directory with a relative log_dir), which costs time but not the result."""
+    went = [bool(t.user_attrs["resumed"]) for t in trials if "resumed" in t.user_attrs
+            and interrupted & set(t.system_attrs.get("nb:retry_of", []))]
+    r, f = went.count(True), went.count(False)
+    how = [f"{r} continued from {'its checkpoint' if r == 1 else 'their checkpoints'}" if r else "",
+           f"{f} trained again from step 0 (no checkpoint in {'its folder' if f == 1 else 'their folders'})" if f else ""]
+    how = [h for h in how if h]
+    return f"; of the re-runs, {' and '.join(how)}" if how else " (a re-run continues from the run's checkpoint)"
 
 
 def _row(t: optuna.trial.FrozenTrial, spec: SweepSpec, points, sname: str, grouped: bool) -> dict[str, Any]:

@@ -339,5 +339,14 @@ def test_interrupted_trials_are_told_apart_from_failed_ones(tmp_path):
         t.set_user_attr("error", err)
         study.tell(t, state=TrialState.FAIL)
     notes = load(res.study_name, res.storage).notes
-    assert any("2 trial(s) interrupted by a signal" in n for n in notes), notes
+    assert any("2 trial(s) interrupted by a signal" in n and "(a re-run continues from the run's checkpoint)" in n
+               for n in notes), notes
     assert any("1 failed trial(s) not counted (crashed" in n for n in notes), notes
+    # the re-runs say whether they found their checkpoint (santurkar_lr_range_3x's did not: a worktree made again)
+    stopped = [t.number for t in study.get_trials() if t.user_attrs.get("error") == INTERRUPTED]
+    for number, resumed in zip(stopped, (True, False)):
+        study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.5, user_attrs={"resumed": resumed},
+                                                  system_attrs={"nb:retry_of": [number]}))
+    notes = load(res.study_name, res.storage).notes
+    assert any("2 trial(s) interrupted by a signal (a stopped sweep), each re-queued; of the re-runs, 1 continued from "
+               "its checkpoint and 1 trained again from step 0 (no checkpoint in its folder)" in n for n in notes), notes
