@@ -212,7 +212,8 @@ def _num(x: float) -> str:
 
 
 def build(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[str] | None = ORDER,
-          claims: dict[str, str] | None = None, notes: dict[str, str] | None = None) -> tuple[str, list[dict]]:
+          claims: dict[str, str] | None = None, notes: dict[str, str] | None = None,
+          combined: dict | None = None) -> tuple[str, list[dict]]:
     """The markdown table and its rows (one per hypothesis; Holm across all hypotheses at both budgets)."""
     claims = CLAIM if claims is None else claims
     notes = NOTES if notes is None else notes
@@ -278,7 +279,7 @@ def build(spec_dir: Path = SPECS, journal_dir: Path = JOURNALS, order: list[str]
         f"split; a probe/ measure: the training trajectory, each run's mean over its probed steps) with {level:.0%} "
         f"intervals; the change between budgets is budget 2 − budget 1 with its "
         f"{level:.0%} interval.", "", head, *lines, ""])
-    claims_text = combine(rows)[0]
+    claims_text = combine(rows, combined)[0]
     return text + ("\n" + claims_text if claims_text else ""), rows
 
 

@@ -68,7 +68,7 @@ def classes(recorded, source) -> int | None:
     known dataset's; None when neither tells. The report's chance line and its "at chance" count share this rule."""
     try:
         n = int(recorded)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # None, NaN, inf: not recorded
         n = 0
     if n > 0:
         return n

@@ -100,13 +100,14 @@ def _reruns(trials: list[optuna.trial.FrozenTrial], interrupted: set[int]) -> st
     """How the re-runs of the ``interrupted`` trials went, as the note's tail: each records whether it found its
     run's checkpoint (``resumed``); one that did not trained again from step 0 (the folder gone, or the sweep re-run
     from another directory with a relative log_dir), which costs time but not the result."""
+    # nb:retry_of holds the whole chain of attempts; its last entry is the trial this one re-runs
     went = [bool(t.user_attrs["resumed"]) for t in trials if "resumed" in t.user_attrs
-            and interrupted & set(t.system_attrs.get("nb:retry_of", []))]
+            and (t.system_attrs.get("nb:retry_of") or [None])[-1] in interrupted]
     r, f = went.count(True), went.count(False)
     how = [f"{r} continued from {'its checkpoint' if r == 1 else 'their checkpoints'}" if r else "",
            f"{f} trained again from step 0 (no checkpoint in {'its folder' if f == 1 else 'their folders'})" if f else ""]
     how = [h for h in how if h]
-    return f"; of the re-runs, {' and '.join(how)}" if how else " (a re-run continues from the run's checkpoint)"
+    return f"; of the re-runs, {' and '.join(how)}" if how else " (not re-run yet)"
 
 
 def _row(t: optuna.trial.FrozenTrial, spec: SweepSpec, points, sname: str, grouped: bool) -> dict[str, Any]:

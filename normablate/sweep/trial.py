@@ -128,7 +128,7 @@ class TrialMixin:
                                                               for k, v in params.items()) if params else "")
         # a retry whose folder holds no checkpoint (the sweep re-run from another directory with a relative log_dir,
         # or the folder removed) trains from step 0: said, not silent, since the queue promised a resume
-        fresh = (f" (retry of trial {frozen.system_attrs.get('nb:retry_of', ['?'])[-1]}: no checkpoint in {run_dir}, "
+        fresh = (f" (retry of trial {frozen.system_attrs.get('nb:retry_of', ['?'])[-1]}: no checkpoint in {run_dir.resolve()}, "
                  f"so it starts again from step 0)") if is_retry and not resume else ""
         self.log(f"trial {trial.number} started: {label}" + (" (resuming)" if resume else fresh)
                  + (f" (DDP: {world_of(cfg)} processes x {cfg.trainer.threads} threads)" if ddp else ""))

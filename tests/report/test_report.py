@@ -253,6 +253,8 @@ def test_an_accuracy_cell_counts_the_runs_at_chance_diverged_ones_included():
     assert cell(old, "final_test_acc")[4] == "0.1 ± 0 [1/3 diverged; 3/3 at chance]"
     assert "chance" not in cell(old.assign(source="mystery"), "final_test_acc")[4]
     assert cell(old.assign(source="cifar100"), "final_test_acc")[4] == "0.1 ± 0 [1/3 diverged]"  # 0.1 > 1/100 + 0.01
+    mixed = old.assign(num_classes=[float("nan"), 10.0, float("nan")])  # a float column, as pd.DataFrame(rows) makes
+    assert mixed["num_classes"].dtype == float and cell(mixed, "final_test_acc")[4].endswith("[1/3 diverged; 3/3 at chance]")
 
 
 def _ppl_lr_plot(tmp_path, monkeypatch, vals: dict[tuple[str, float], list[float]]):
@@ -339,7 +341,7 @@ def test_interrupted_trials_are_told_apart_from_failed_ones(tmp_path):
         t.set_user_attr("error", err)
         study.tell(t, state=TrialState.FAIL)
     notes = load(res.study_name, res.storage).notes
-    assert any("2 trial(s) interrupted by a signal" in n and "(a re-run continues from the run's checkpoint)" in n
+    assert any("2 trial(s) interrupted by a signal" in n and "(not re-run yet)" in n
                for n in notes), notes
     assert any("1 failed trial(s) not counted (crashed" in n for n in notes), notes
     # the re-runs say whether they found their checkpoint (santurkar_lr_range_3x's did not: a worktree made again)
@@ -350,3 +352,8 @@ def test_interrupted_trials_are_told_apart_from_failed_ones(tmp_path):
     notes = load(res.study_name, res.storage).notes
     assert any("2 trial(s) interrupted by a signal (a stopped sweep), each re-queued; of the re-runs, 1 continued from "
                "its checkpoint and 1 trained again from step 0 (no checkpoint in its folder)" in n for n in notes), notes
+    # a re-run of a re-run (its nb:retry_of is the whole chain) is not counted again for the first interrupted trial
+    study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.5, user_attrs={"resumed": True},
+                                              system_attrs={"nb:retry_of": [stopped[0], 99]}))
+    notes = load(res.study_name, res.storage).notes
+    assert any("of the re-runs, 1 continued from its checkpoint and 1 trained again" in n for n in notes), notes

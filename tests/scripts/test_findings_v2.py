@@ -355,3 +355,5 @@ def test_claims_of_two_studies_combine_by_their_fixed_rule(load_script):
     assert fv2.combine([], {}) == ("", [])
     named = {x for _, qs in fv2.COMBINED.values() for _, a, b in qs for x in (a, b)}
     assert named <= set(fv2.CLAIM), named - set(fv2.CLAIM)
+    assert all(fv2.CLAIM[a].rstrip("w") == fv2.CLAIM[b].rstrip("w") == c  # each row answers that claim (6 or 6w)
+               for c, (_, qs) in fv2.COMBINED.items() for _, a, b in qs)

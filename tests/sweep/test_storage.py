@@ -422,7 +422,7 @@ def test_a_retry_without_its_checkpoint_says_it_starts_again(tmp_path, capsys, m
     res = run_sweep(d)
     out = capsys.readouterr().out
     assert res.exit_code == 0 and res.counts.done == 2, out
-    gone = tmp_path / "logs" / "t" / "t0001-lr0.2"
+    gone = (tmp_path / "logs" / "t" / "t0001-lr0.2").resolve()
     assert f"(retry of trial 1: no checkpoint in {gone}, so it starts again from step 0)" in out, out
     assert "no checkpoint" not in out.split("lr=0.1", 1)[1].split("\n", 1)[0]  # trial 0 resumes
     done = {t.user_attrs["run"]: t for t in trials_of(sqlite_url(tmp_path)) if t.state == TrialState.COMPLETE}
