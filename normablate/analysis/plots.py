@@ -19,7 +19,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .data import StudyData, mask_for  # noqa: E402
-from .tables import classes, config_label  # noqa: E402
+from .tables import config_label, trial_classes  # noqa: E402
 
 METRIC_LABELS = {
     "val/acc": "validation accuracy (fraction correct)",
@@ -214,8 +214,7 @@ def chance(data: StudyData, metric: str) -> float | None:
 def _classes(df) -> int | None:
     """The trials' one class count (``tables.classes``: recorded, else the source's known one); None if unknown or
     mixed."""
-    found = {classes(n, src) for n, src in zip(df["num_classes"] if "num_classes" in df else [None] * len(df),
-                                               df["source"] if "source" in df else [None] * len(df))}
+    found = set(trial_classes(df))
     if len(found) != 1 or None in found:
         return None
     return found.pop()

@@ -77,6 +77,13 @@ def classes(recorded, source) -> int | None:
     return KNOWN_CLASSES.get(Path(str(source).rstrip("/")).name.lower())
 
 
+def trial_classes(df: pd.DataFrame) -> list[int | None]:
+    """Each trial's number of classes (``classes``, from its ``num_classes`` and ``source`` columns)."""
+    def column(c: str):
+        return df[c] if c in df else [None] * len(df)
+    return [classes(n, src) for n, src in zip(column("num_classes"), column("source"))]
+
+
 def at_chance(s: pd.DataFrame, metric: str) -> int | None:
     """How many of the trials ``s`` (diverged ones too: a diverged run is tested as it stopped) end with an
     accuracy ``metric`` at chance, at most ``CHANCE_MARGIN`` above 1 / their number of classes (``classes``);
@@ -84,8 +91,7 @@ def at_chance(s: pd.DataFrame, metric: str) -> int | None:
     if not metric.endswith("acc") or metric not in s:
         return None
     done = s[s["state"] == "complete"] if "state" in s else s
-    k = [classes(n, src) for n, src in zip(done["num_classes"] if "num_classes" in done else [None] * len(done),
-                                           done["source"] if "source" in done else [None] * len(done))]
+    k = trial_classes(done)
     if not k or None in k:
         return None
     chance = 1.0 / pd.Series(k, index=done.index, dtype=float)
