@@ -9,7 +9,9 @@
 Why a queue rather than ``study.optimize`` with ``GridSampler``: Optuna's GridSampler picks a random unvisited
 point per trial; two workers can pick the same point, and once every point has *started* an idle worker re-runs
 a point that is still running elsewhere. Popping a WAITING trial is atomic in every storage (a row lock in an
-RDB, log order in a journal), so each point is claimed by exactly one worker.
+RDB, log order in a journal), so each point is claimed by exactly one worker. A worker claims a retry (a stopped or
+failed trial queued again: it resumes from its checkpoint) before any other waiting trial, then the rest in
+queue order.
 
 The study *system* attribute ``normablate:spec`` holds ``{"spec", "fingerprint", "total", "kind", "groups"}`` (the
 report reads it: ``read_meta``); the *user* attribute ``normablate`` holds a compact summary (kind, metric,
@@ -303,7 +305,9 @@ class QueueMixin:
         for k in range(n):
             study, group = self.studies[(self._rr + k) % n]
             waiting = retry(lambda s=study: s.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-            for t in sorted(waiting, key=lambda t: t.number):
+            # a retry first (it resumes from its checkpoint, and its folder may not outlive the session), then the
+            # rest in queue order; a retry is enqueued behind every trial that was waiting when its trial stopped
+            for t in sorted(waiting, key=lambda t: (not t.system_attrs.get("nb:retry_of"), t.number)):
                 try:
                     if not retry(lambda tid=t._trial_id: self.storage.set_trial_state_values(tid, TrialState.RUNNING)):
                         continue

@@ -430,6 +430,45 @@ def test_a_retry_without_its_checkpoint_says_it_starts_again(tmp_path, capsys, m
     assert done["t0000-lr0.1"].user_attrs["history"]["train/loss"][0][0] == 11  # continued after step 10
     assert done["t0001-lr0.2"].user_attrs["history"]["train/loss"][0][0] < 10  # trained from the start
 
+def stop_first_trainer(cfg, callbacks=None, resume=False):
+    """Records the order runs start in; the sweep's first run writes a checkpoint at step 10 and is stopped (as by a
+    Ctrl-C), so the sweep ends with its retry queued behind the trials that never started."""
+    from normablate.sweep import dryrun
+
+    log_dir = Path(cfg.trainer.log_dir)
+    with (log_dir / "order").open("a") as f:
+        f.write(f"{cfg.run}\n")
+    if not (log_dir / "stopped").exists():
+        (log_dir / "stopped").touch()
+        run_dir = log_dir / cfg.experiment / cfg.run
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "last.ckpt").write_text(json.dumps({"step": 10}))
+        raise KeyboardInterrupt
+    return dryrun.train(cfg, callbacks=callbacks, resume=resume)
+
+
+def test_an_interrupted_trial_resumes_before_the_trials_that_never_started(tmp_path):
+    """The retry of a stopped trial is enqueued last; the next command runs it first, while its checkpoint and folder
+    are still there (the grid's order was 0, 1, 2; before the fix the retry ran after 1 and 2)."""
+    from optuna.trial import TrialState
+
+    from normablate.sweep import run_sweep
+    from support.sweep import trials_of
+
+    d = make_spec(tmp_path, grid={"optim.lr": [0.1, 0.2, 0.3]}, trainer_fn="test_storage:stop_first_trainer")
+    assert run_sweep(d, workers=1, verbose=False).exit_code == 130
+    trials = trials_of(sqlite_url(tmp_path))
+    assert [t.state for t in trials] == [TrialState.FAIL] + [TrialState.WAITING] * 3
+    assert trials[3].system_attrs["nb:retry_of"] == [0]  # (the retry is behind trials 1 and 2)
+    res = run_sweep(d, workers=1, verbose=False)
+    assert res.exit_code == 0 and res.counts.done == 3
+    order = (tmp_path / "logs" / "order").read_text().split()
+    assert order == ["t0000-lr0.1", "t0000-lr0.1", "t0001-lr0.2", "t0002-lr0.3"], order
+    done = {t.user_attrs["run"]: t for t in trials_of(sqlite_url(tmp_path)) if t.state == TrialState.COMPLETE}
+    assert done["t0000-lr0.1"].user_attrs["resumed"]
+    assert done["t0000-lr0.1"].user_attrs["history"]["train/loss"][0][0] == 11  # continued after step 10
+
+
 # ------------------------------------------------------------------------------------------ 8. weights_only
 class _Payload:
     def __init__(self, marker: str) -> None:
