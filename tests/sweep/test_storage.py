@@ -364,14 +364,19 @@ def test_workers_are_capped_at_the_trials_waiting(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ 4. failed trials
+def checkpoint_at_step_10(cfg) -> None:
+    """A dry-run checkpoint at step 10 in the run's folder, as a run stopped or crashed there leaves."""
+    run_dir = Path(cfg.trainer.log_dir) / cfg.experiment / cfg.run
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "last.ckpt").write_text(json.dumps({"step": 10}))
+
+
 def flaky_trainer(cfg, callbacks=None, resume=False):
     """Fails (after writing a checkpoint at step 10) while ``H3_FLAKY=fail``; else the dry-run trainer."""
     from normablate.sweep import dryrun
 
-    run_dir = Path(cfg.trainer.log_dir) / cfg.experiment / cfg.run
     if os.environ.get("H3_FLAKY") == "fail":
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "last.ckpt").write_text(json.dumps({"step": 10}))
+        checkpoint_at_step_10(cfg)
         raise RuntimeError("transient trouble")
     return dryrun.train(cfg, callbacks=callbacks, resume=resume)
 
@@ -430,6 +435,7 @@ def test_a_retry_without_its_checkpoint_says_it_starts_again(tmp_path, capsys, m
     assert done["t0000-lr0.1"].user_attrs["history"]["train/loss"][0][0] == 11  # continued after step 10
     assert done["t0001-lr0.2"].user_attrs["history"]["train/loss"][0][0] < 10  # trained from the start
 
+
 def stop_first_trainer(cfg, callbacks=None, resume=False):
     """Records the order runs start in; the sweep's first run writes a checkpoint at step 10 and is stopped (as by a
     Ctrl-C), so the sweep ends with its retry queued behind the trials that never started."""
@@ -440,9 +446,7 @@ def stop_first_trainer(cfg, callbacks=None, resume=False):
         f.write(f"{cfg.run}\n")
     if not (log_dir / "stopped").exists():
         (log_dir / "stopped").touch()
-        run_dir = log_dir / cfg.experiment / cfg.run
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "last.ckpt").write_text(json.dumps({"step": 10}))
+        checkpoint_at_step_10(cfg)
         raise KeyboardInterrupt
     return dryrun.train(cfg, callbacks=callbacks, resume=resume)
 
