@@ -259,15 +259,9 @@ class QueueMixin:
                      + (f"; {len(again)} resume in their own folders: {', '.join(again)}" if again else ""))
 
     def _retry_of(self, old: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
-        """A WAITING retry of failed trial ``old`` (a re-run of the command): same point, params and run folder, so
-        it resumes from the run's ``last.ckpt`` like the retry of a killed trial (``reaper._requeue``)."""
-        history = list(old.system_attrs.get("nb:retry_of", [])) + [old.number]
-        system = {"fixed_params": {**old.system_attrs.get("fixed_params", {}), **old.params},
-                  "nb:retry_of": history, "nb:retry_reason": "failed; the command was run again",
-                  "nb:run": old.user_attrs["run"], "nb:rerun_at": len(history)}
-        keep = {k: old.user_attrs[k] for k in ("point", "axes", "group") if k in old.user_attrs}
+        """A retry of failed trial ``old`` on a re-run of the command (``retry_of``); its attempts count from here."""
         self.retried.append((old.number, old.user_attrs["run"]))
-        return optuna.trial.create_trial(state=TrialState.WAITING, system_attrs=system, user_attrs=keep)
+        return retry_of(old, "failed; the command was run again", rerun=True)
 
     # ------------------------------------------------------------------ state
     def counts(self) -> Counts:
@@ -330,6 +324,22 @@ class QueueMixin:
             if t.user_attrs.get("point") == slot.point.index:
                 return t.number
         return None
+
+
+def retry_of(t: optuna.trial.FrozenTrial, reason: str, rerun: bool) -> optuna.trial.FrozenTrial:
+    """A WAITING retry of trial ``t``: same point, params and run folder, so it resumes from the run's
+    ``last.ckpt``. Both retries are built here: a killed or stale trial's by the reaper (``rerun=False``) and a
+    failed one's when the command is run again (``rerun=True``). ``nb:retry_of`` holds the whole chain of attempts;
+    ``nb:rerun_at`` is the chain's length at the last re-run of the command, from which the reaper counts its
+    ``max_retry`` (so each command gets its own retries)."""
+    history = list(t.system_attrs.get("nb:retry_of", [])) + [t.number]
+    system = {"fixed_params": {**t.system_attrs.get("fixed_params", {}), **t.params},
+              "nb:retry_of": history, "nb:retry_reason": reason,
+              "nb:rerun_at": len(history) if rerun else int(t.system_attrs.get("nb:rerun_at", 0))}
+    if t.user_attrs.get("run"):
+        system["nb:run"] = t.user_attrs["run"]
+    keep = {k: t.user_attrs[k] for k in ("point", "axes", "group") if k in t.user_attrs}
+    return optuna.trial.create_trial(state=TrialState.WAITING, system_attrs=system, user_attrs=keep)
 
 
 def _failed_unretried(trials: list) -> list:

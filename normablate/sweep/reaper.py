@@ -15,6 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .liveness import HOST, pid_alive
+from .queue import retry_of
 from .storage import retry
 
 
@@ -52,24 +53,18 @@ class ReaperMixin:
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue  # finished meanwhile, or another worker reaped it first
                 why = "its worker process is gone" if dead else f"no heartbeat for {now - seen_at:.0f}s"
-                self.log(f"trial {t.number} ({t.user_attrs.get('run', '?')}) failed: {why}; queued again")
-                self._requeue(study, t, reason=why)
+                _, what = self._requeue(study, t, reason=why)
+                self.log(f"trial {t.number} ({t.user_attrs.get('run', '?')}) failed: {why}; {what}")
                 n += 1
         return n
 
-    def _requeue(self, study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str) -> None:
-        """Enqueue a retry of ``t``: same point and params, same run directory (so it resumes)."""
-        history = list(t.system_attrs.get("nb:retry_of", [])) + [t.number]
-        if len(history) - int(t.system_attrs.get("nb:rerun_at", 0)) > int(self.spec.heartbeat["max_retry"]):
-            self.log(f"trial {t.number}: not retried again ({len(history)} attempts); re-run the command to retry")
-            return
-        fixed = {**t.system_attrs.get("fixed_params", {}), **t.params}
-        system = {"fixed_params": fixed, "nb:retry_of": history, "nb:retry_reason": reason,
-                  "nb:rerun_at": int(t.system_attrs.get("nb:rerun_at", 0))}  # (retries counted per command)
-        if t.user_attrs.get("run"):
-            system["nb:run"] = t.user_attrs["run"]
-        keep = {k: t.user_attrs[k] for k in ("point", "axes", "group") if k in t.user_attrs}
-        retry(lambda: study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, system_attrs=system,
-                                                               user_attrs=keep)))
+    def _requeue(self, study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str) -> tuple[bool, str]:
+        """Enqueue a retry of failed trial ``t`` (``queue.retry_of``: it resumes in its own folder), unless it has
+        used this command's ``max_retry``. Whether it was enqueued, and the words for the log."""
+        attempts = len(t.system_attrs.get("nb:retry_of", [])) + 1
+        if attempts - int(t.system_attrs.get("nb:rerun_at", 0)) > int(self.spec.heartbeat["max_retry"]):
+            return False, f"not retried again ({attempts} attempts); re-run the command to retry"
+        retry(lambda: study.add_trial(retry_of(t, reason, rerun=False)))
+        return True, "queued again"
 
     # ------------------------------------------------------------------ claiming and running

@@ -213,7 +213,9 @@ class TrialMixin:
         try:
             slot.trial.set_user_attr("error", reason)
             self._tell(slot, state=TrialState.FAIL)
-            self._requeue(slot.study, self.storage.get_trial(slot.trial._trial_id), reason)
+            queued, what = self._requeue(slot.study, self.storage.get_trial(slot.trial._trial_id), reason)
+            if not queued:
+                self.log(f"trial {slot.trial.number}: {what}")
         except Exception:  # noqa: BLE001  best effort while shutting down; the reaper covers the rest
             pass
 

@@ -152,6 +152,50 @@ def test_dead_worker_trial_is_failed_retried_and_resumed(tmp_path):
     one_complete_per_point(trials, 2)
 
 
+def test_a_trial_whose_worker_keeps_dying_is_retried_max_retry_times_per_command(tmp_path, capsys):
+    """heartbeat.max_retry bounds the reaper's retries of one point per command: the retry of a dead worker's trial
+    is queued again while under it, then not (and the log says so, not "queued again"); running the command again
+    gives the point a retry in its own folder and a fresh allowance, counted from that re-run."""
+    import subprocess
+    import sys
+
+    spec = load_spec(make_spec(tmp_path, grid={"model.norm": ["bn"], "optim.lr": [0.1]},
+                               heartbeat={"interval": 1, "grace": 6, "max_retry": 1}))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid on this host whose process has exited: its "worker" is dead at once
+
+    def dies(sw):  # a worker on this host claims the waiting trial and is killed
+        slot = sw.claim()
+        sw.my_trials.clear()
+        sw.storage.set_trial_system_attr(slot.trial._trial_id, "nb:worker", {"host": HOST, "pid": gone.pid})
+        run = sw.storage.get_trial(slot.trial._trial_id).system_attrs.get("nb:run")
+        assert run in (None, "bn-lr0.1")  # a retry keeps its folder
+        slot.trial.set_user_attr("run", "bn-lr0.1")  # (as run_slot does)
+        return slot.trial.number
+
+    sw = Sweep(spec, verbose=True)
+    sw.setup()
+    first = dies(sw)
+    assert sw.reap_stale() == 1
+    assert "failed: its worker process is gone; queued again" in capsys.readouterr().out
+    second = dies(sw)  # the retry (attempt 2), in the same folder
+    assert sw.reap_stale() == 1
+    out = capsys.readouterr().out
+    assert "not retried again (2 attempts)" in out and "queued again" not in out
+    assert not any(t.state == TrialState.WAITING for t in trials_of(sqlite_url(tmp_path)))
+
+    again = Sweep(spec, verbose=False)  # the command, run again
+    again.setup()
+    waiting = [t for t in trials_of(sqlite_url(tmp_path)) if t.state == TrialState.WAITING]
+    assert [(t.system_attrs["nb:retry_of"], t.system_attrs["nb:rerun_at"], t.system_attrs["nb:run"])
+            for t in waiting] == [([first, second], 2, "bn-lr0.1")]
+    third = dies(again)
+    assert again.reap_stale() == 1  # a fresh allowance: attempt 3 is this command's first
+    waiting = [t for t in trials_of(sqlite_url(tmp_path)) if t.state == TrialState.WAITING]
+    assert [(t.system_attrs["nb:retry_of"], t.system_attrs["nb:rerun_at"], t.system_attrs["nb:run"])
+            for t in waiting] == [([first, second, third], 2, "bn-lr0.1")]
+
+
 def test_reaper_ignores_clock_skew_of_live_workers(tmp_path, monkeypatch):
     """A worker on a machine whose clock is an hour behind keeps beating: it is alive, never reaped.
     Once its heartbeat value stops changing for `grace` seconds of *our* clock, it is."""
