@@ -90,6 +90,9 @@ NOTES: dict[str, str] = {
                        "truth). A recipe search at full width on a GPU costs about 0.5 GPU-hours (about 0.04 "
                        "GPU-hours per 40-epoch VGG-11 run by configs/studies/gpu/README.md's estimate, 2 arms x 3 "
                        "seeds x 2 candidate recipes)",
+    "yao_ffn_bn_matches_ln": "budget 2: contradicted at the study's own Holm family of 2 because BN + FFN BN is "
+                             "*better* than LN by more than the margin (90% CI +0.029 to +0.035 against +-0.02), "
+                             "not worse; about a 4-block, width-64 ViT on CIFAR-10 only",
     "zhang_rms_matches_ln": "about this 0.1M-parameter LM only (the source: machine translation and larger models)",
     "zhu_dyt_matches_ln_lm": "about this 0.1M-parameter LM only; the source's LMs are 7B-70B LLaMAs with tuned "
                              "alpha_init: untestable at this machine's budget. At the source's smallest scale (7B "
