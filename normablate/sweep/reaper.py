@@ -53,18 +53,25 @@ class ReaperMixin:
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue  # finished meanwhile, or another worker reaped it first
                 why = "its worker process is gone" if dead else f"no heartbeat for {now - seen_at:.0f}s"
-                _, what = self._requeue(study, t, reason=why)
+                what = self._requeue(study, t, reason=why)
                 self.log(f"trial {t.number} ({t.user_attrs.get('run', '?')}) failed: {why}; {what}")
                 n += 1
         return n
 
-    def _requeue(self, study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str) -> tuple[bool, str]:
-        """Enqueue a retry of failed trial ``t`` (``queue.retry_of``: it resumes in its own folder), unless it has
-        used this command's ``max_retry``. Whether it was enqueued, and the words for the log."""
+    def _retry_refused(self, t: optuna.trial.FrozenTrial) -> str | None:
+        """Why failed trial ``t`` gets no retry from this command (it has used the command's ``max_retry``), or
+        None. Retries count from the command's start (``nb:rerun_at``): running the command again gives more."""
         attempts = len(t.system_attrs.get("nb:retry_of", [])) + 1
         if attempts - int(t.system_attrs.get("nb:rerun_at", 0)) > int(self.spec.heartbeat["max_retry"]):
-            return False, f"not retried again ({attempts} attempts); re-run the command to retry"
-        retry(lambda: study.add_trial(retry_of(t, reason, rerun=False)))
-        return True, "queued again"
+            return f"not retried again ({attempts} attempts); re-run the command to retry"
+        return None
+
+    def _requeue(self, study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str) -> str:
+        """Enqueue a retry of failed trial ``t`` (``queue.retry_of``: it resumes in its own folder) unless
+        ``_retry_refused``; the words for the log."""
+        refused = self._retry_refused(t)
+        if refused is None:
+            retry(lambda: study.add_trial(retry_of(t, reason, rerun=False)))
+        return refused or "queued again"
 
     # ------------------------------------------------------------------ claiming and running

@@ -161,7 +161,7 @@ class TrialMixin:
                 self._tell(slot, state=TrialState.PRUNED)
                 return f"trial {trial.number} {label}: {e}"
             except (KeyboardInterrupt, SystemExit) as e:  # e.g. Lightning's SIGTERMException (a SystemExit)
-                self._interrupt(slot, f"interrupted ({type(e).__name__}); re-queued")
+                self._interrupt(slot, f"interrupted ({type(e).__name__})")
                 raise
             except Exception as e:  # noqa: BLE001  a crashed run is recorded, and the sweep goes on
                 line = getattr(e, "child_error", None) or "".join(traceback.format_exception_only(type(e), e))
@@ -200,22 +200,30 @@ class TrialMixin:
                 else f"{spec.metric} {m:.4g}" if m is not None else result.status)
         return f"last: #{trial.number} {label} -> {what} ({result.wall_time:.1f}s)"
 
-    def _tell(self, slot: Slot, value: float | None = None, state: TrialState | None = None) -> None:
+    def _tell(self, slot: Slot, value: float | None = None, state: TrialState | None = None) -> bool:
+        """Report the trial's outcome; False when another worker's reaper failed it first (its retry is queued)."""
         try:
             retry(lambda: slot.study.tell(slot.trial, value, state=state))
+            return True
         except optuna.exceptions.UpdateFinishedTrialError:
             self.log(f"trial {slot.trial.number} was failed by another worker (no heartbeat seen); its retry "
                      f"counts, this result is dropped")
+            return False
         finally:
             self.my_trials.discard(slot.trial._trial_id)
 
     def _interrupt(self, slot: Slot, reason: str) -> None:
+        """Fail a trial stopped by a signal and queue its retry, which resumes from its checkpoint. Not when another
+        worker failed it first (that one queued the retry), nor when it has used this command's ``max_retry``:
+        then its error says so, and the report does not count it among the stopped runs waiting to resume."""
         try:
-            slot.trial.set_user_attr("error", reason)
-            self._tell(slot, state=TrialState.FAIL)
-            queued, what = self._requeue(slot.study, self.storage.get_trial(slot.trial._trial_id), reason)
-            if not queued:
-                self.log(f"trial {slot.trial.number}: {what}")
+            refused = self._retry_refused(self.storage.get_trial(slot.trial._trial_id))
+            slot.trial.set_user_attr("error", reason if refused is None else f"{reason}; {refused}")
+            if self._tell(slot, state=TrialState.FAIL):
+                if refused is None:
+                    self._requeue(slot.study, self.storage.get_trial(slot.trial._trial_id), reason)
+                else:
+                    self.log(f"trial {slot.trial.number}: {refused}")
         except Exception:  # noqa: BLE001  best effort while shutting down; the reaper covers the rest
             pass
 

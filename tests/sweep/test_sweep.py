@@ -153,47 +153,81 @@ def test_dead_worker_trial_is_failed_retried_and_resumed(tmp_path):
 
 
 def test_a_trial_whose_worker_keeps_dying_is_retried_max_retry_times_per_command(tmp_path, capsys):
-    """heartbeat.max_retry bounds the reaper's retries of one point per command: the retry of a dead worker's trial
-    is queued again while under it, then not (and the log says so, not "queued again"); running the command again
-    gives the point a retry in its own folder and a fresh allowance, counted from that re-run."""
-    import subprocess
-    import sys
+    """heartbeat.max_retry bounds the retries of one point per command: the retry of a dead worker's trial is queued
+    again while under it, then not (and the log says so, not "queued again"); running the command again gives the
+    point a retry in its own folder and a fresh allowance, counted from that re-run and bounded again. A trial
+    stopped by a signal once the allowance is used is not re-queued either, and its error says so (the report
+    then does not count it among the stopped runs waiting to resume)."""
+    from normablate.sweep.queue import INTERRUPTED
 
     spec = load_spec(make_spec(tmp_path, grid={"model.norm": ["bn"], "optim.lr": [0.1]},
                                heartbeat={"interval": 1, "grace": 6, "max_retry": 1}))
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()  # a pid on this host whose process has exited: its "worker" is dead at once
+    gone = 2 ** 22 + 1  # above Linux's largest pid: a "worker" on this host that is dead at once
 
-    def dies(sw):  # a worker on this host claims the waiting trial and is killed
+    def claimed(sw):  # a worker on this host claims the waiting trial (a retry keeps its folder)
         slot = sw.claim()
         sw.my_trials.clear()
-        sw.storage.set_trial_system_attr(slot.trial._trial_id, "nb:worker", {"host": HOST, "pid": gone.pid})
-        run = sw.storage.get_trial(slot.trial._trial_id).system_attrs.get("nb:run")
-        assert run in (None, "bn-lr0.1")  # a retry keeps its folder
+        assert sw.storage.get_trial(slot.trial._trial_id).system_attrs.get("nb:run") in (None, "bn-lr0.1")
         slot.trial.set_user_attr("run", "bn-lr0.1")  # (as run_slot does)
+        return slot
+
+    def dies(sw):  # ... and is killed
+        slot = claimed(sw)
+        sw.storage.set_trial_system_attr(slot.trial._trial_id, "nb:worker", {"host": HOST, "pid": gone})
+        assert sw.reap_stale() == 1
         return slot.trial.number
+
+    def waiting():
+        return [(t.system_attrs["nb:retry_of"], t.system_attrs["nb:rerun_at"], t.system_attrs["nb:run"])
+                for t in trials_of(sqlite_url(tmp_path)) if t.state == TrialState.WAITING]
 
     sw = Sweep(spec, verbose=True)
     sw.setup()
     first = dies(sw)
-    assert sw.reap_stale() == 1
     assert "failed: its worker process is gone; queued again" in capsys.readouterr().out
     second = dies(sw)  # the retry (attempt 2), in the same folder
-    assert sw.reap_stale() == 1
     out = capsys.readouterr().out
     assert "not retried again (2 attempts)" in out and "queued again" not in out
-    assert not any(t.state == TrialState.WAITING for t in trials_of(sqlite_url(tmp_path)))
+    assert waiting() == []
 
-    again = Sweep(spec, verbose=False)  # the command, run again
+    again = Sweep(spec, verbose=True)  # the command, run again
     again.setup()
-    waiting = [t for t in trials_of(sqlite_url(tmp_path)) if t.state == TrialState.WAITING]
-    assert [(t.system_attrs["nb:retry_of"], t.system_attrs["nb:rerun_at"], t.system_attrs["nb:run"])
-            for t in waiting] == [([first, second], 2, "bn-lr0.1")]
-    third = dies(again)
-    assert again.reap_stale() == 1  # a fresh allowance: attempt 3 is this command's first
-    waiting = [t for t in trials_of(sqlite_url(tmp_path)) if t.state == TrialState.WAITING]
-    assert [(t.system_attrs["nb:retry_of"], t.system_attrs["nb:rerun_at"], t.system_attrs["nb:run"])
-            for t in waiting] == [([first, second, third], 2, "bn-lr0.1")]
+    assert waiting() == [([first, second], 2, "bn-lr0.1")]
+    third = dies(again)  # a fresh allowance: attempt 3 is this command's first
+    assert waiting() == [([first, second, third], 2, "bn-lr0.1")]
+    capsys.readouterr()
+    dies(again)  # attempt 4: the allowance of this command is used too
+    assert "not retried again (4 attempts)" in capsys.readouterr().out and waiting() == []
+
+    last = Sweep(spec, verbose=True)  # a third command: attempt 5 is reaped and retried, attempt 6 is stopped
+    last.setup()
+    dies(last)
+    slot = claimed(last)
+    last._interrupt(slot, INTERRUPTED)
+    assert "not retried again (6 attempts)" in capsys.readouterr().out and waiting() == []
+    stopped = last.storage.get_trial(slot.trial._trial_id)
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["error"] == \
+        f"{INTERRUPTED}; not retried again (6 attempts); re-run the command to retry"
+
+
+def test_a_stopped_trial_that_another_worker_reaped_first_is_not_queued_twice(tmp_path):
+    """A worker silent for longer than the grace (suspended, say) has its trial failed and retried by another
+    worker's reaper; when it is then stopped by a signal, it must not queue a second retry of the same run folder
+    (two workers would resume one checkpoint). Two things guard it: the trial's error cannot be set once it is
+    finished, and ``_tell`` says when another worker failed it first (for the moment between the two)."""
+    from normablate.sweep.queue import INTERRUPTED
+
+    sw = Sweep(load_spec(make_spec(tmp_path, grid={"model.norm": ["bn"], "optim.lr": [0.1]})), verbose=False)
+    sw.setup()
+    slot = sw.claim()
+    slot.trial.set_user_attr("run", "bn-lr0.1")
+    other = Sweep(sw.spec, verbose=False)  # another worker's reaper finds it silent
+    other.setup()
+    other.storage.set_trial_system_attr(slot.trial._trial_id, "nb:worker", {"host": HOST, "pid": 2 ** 22 + 1})
+    assert other.reap_stale() == 1
+    sw._interrupt(slot, INTERRUPTED)  # the silent worker wakes up to its stop signal
+    retries = [t for t in trials_of(sqlite_url(tmp_path)) if t.state == TrialState.WAITING]
+    assert [(t.system_attrs["nb:retry_of"], t.system_attrs["nb:run"]) for t in retries] == [([0], "bn-lr0.1")]
 
 
 def test_reaper_ignores_clock_skew_of_live_workers(tmp_path, monkeypatch):
