@@ -142,8 +142,8 @@ def run_workers(spec: "SweepSpec", sweep: SweepView, runtime: dict, workers: int
                         gave_up = True
                     continue
                 budget -= 1
-                sweep.log(f"worker {name} died (exit {code}); starting a new one (its trial is re-queued and "
-                          f"resumes from its checkpoint)")
+                sweep.log(f"worker {name} died (exit {code}); starting a new one (its trial is re-queued, up to "
+                          f"heartbeat.max_retry times per command, and resumes from its checkpoint)")
                 start(name)
     except KeyboardInterrupt:  # a second Ctrl-C: stop them now (their trials are re-queued when found dead)
         for p in procs.values():
