@@ -217,11 +217,12 @@ class TrialMixin:
         worker failed it first (that one queued the retry), nor when it has used this command's ``max_retry``:
         then its error says so, and the report does not count it among the stopped runs waiting to resume."""
         try:
-            refused = self._retry_refused(self.storage.get_trial(slot.trial._trial_id))
+            frozen = self.storage.get_trial(slot.trial._trial_id)  # (params, run, retry chain: what a retry needs)
+            refused = self._retry_refused(frozen)
             slot.trial.set_user_attr("error", reason if refused is None else f"{reason}; {refused}")
             if self._tell(slot, state=TrialState.FAIL):
                 if refused is None:
-                    self._requeue(slot.study, self.storage.get_trial(slot.trial._trial_id), reason)
+                    self._requeue(slot.study, frozen, reason)
                 else:
                     self.log(f"trial {slot.trial.number}: {refused}")
         except Exception:  # noqa: BLE001  best effort while shutting down; the reaper covers the rest
