@@ -53,8 +53,13 @@ class ReaperMixin:
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue  # finished meanwhile, or another worker reaped it first
                 why = "its worker process is gone" if dead else f"no heartbeat for {now - seen_at:.0f}s"
-                what = self._requeue(study, t, reason=why)
-                self.log(f"trial {t.number} ({t.user_attrs.get('run', '?')}) failed: {why}; {what}")
+                head = f"trial {t.number} ({t.user_attrs.get('run', '?')}) failed: {why}"
+                try:
+                    what = self._requeue(study, t, reason=why)
+                except Exception:  # the trial stays FAIL (nothing is lost: re-running retries it); say so first
+                    self.log(f"{head}; its retry could not be queued (storage error); re-run the command to retry it")
+                    raise
+                self.log(f"{head}; {what}")
                 n += 1
         return n
 

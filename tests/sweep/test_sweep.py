@@ -230,6 +230,34 @@ def test_a_stopped_trial_that_another_worker_reaped_first_is_not_queued_twice(tm
     assert [(t.system_attrs["nb:retry_of"], t.system_attrs["nb:run"]) for t in retries] == [([0], "bn-lr0.1")]
 
 
+def test_a_reaped_trial_is_logged_even_when_its_retry_cannot_be_queued(tmp_path, capsys, monkeypatch):
+    """The storage fails while the reaper queues a dead worker's retry: the failure still reaches the log (which
+    trial, why it failed, that no retry is queued and how to get one) before the error propagates, and the trial
+    stays FAIL, so running the command again retries it."""
+    import optuna
+
+    sw = Sweep(load_spec(make_spec(tmp_path, grid={"model.norm": ["bn"], "optim.lr": [0.1]})), verbose=True)
+    sw.setup()
+    slot = sw.claim()
+    sw.my_trials.clear()
+    slot.trial.set_user_attr("run", "bn-lr0.1")
+    sw.storage.set_trial_system_attr(slot.trial._trial_id, "nb:worker", {"host": HOST, "pid": 2 ** 22 + 1})
+
+    def down(self, trial):
+        raise RuntimeError("storage down")
+
+    monkeypatch.setattr(optuna.Study, "add_trial", down)
+    with pytest.raises(RuntimeError, match="storage down"):
+        sw.reap_stale()
+    assert ("trial 0 (bn-lr0.1) failed: its worker process is gone; its retry could not be queued (storage "
+            "error); re-run the command to retry it") in capsys.readouterr().out
+    monkeypatch.undo()
+    assert [t.state for t in trials_of(sqlite_url(tmp_path))] == [TrialState.FAIL]
+    again = Sweep(sw.spec, verbose=False)
+    again.setup()
+    assert [t.state for t in trials_of(sqlite_url(tmp_path))] == [TrialState.FAIL, TrialState.WAITING]
+
+
 def test_reaper_ignores_clock_skew_of_live_workers(tmp_path, monkeypatch):
     """A worker on a machine whose clock is an hour behind keeps beating: it is alive, never reaped.
     Once its heartbeat value stops changing for `grace` seconds of *our* clock, it is."""
