@@ -65,7 +65,9 @@ class ReaperMixin:
 
     def _retry_refused(self, t: optuna.trial.FrozenTrial) -> str | None:
         """Why failed trial ``t`` gets no retry from this command (it has used the command's ``max_retry``), or
-        None. Retries count from the command's start (``nb:rerun_at``): running the command again gives more."""
+        None. Retries count from the command's start (``nb:rerun_at``): running the command again gives more, and so
+        does a stop by a signal (``_interrupt``: its retry belongs to the command that resumes it). A trial left
+        RUNNING by a command that was killed (SIGKILL) counts against the command whose reaper finds it."""
         attempts = len(t.system_attrs.get("nb:retry_of", [])) + 1
         if attempts - int(t.system_attrs.get("nb:rerun_at", 0)) > int(self.spec.heartbeat["max_retry"]):
             return f"not retried again ({attempts} attempts); re-run the command to retry"

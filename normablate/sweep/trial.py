@@ -31,7 +31,7 @@ from ..provenance import git_state
 from ..result import RunResult
 from .ddp_trial import TrialProcess, needs_process, threads_per_rank, world_of
 from .liveness import Heartbeat
-from .queue import INTERRUPTED, Slot
+from .queue import INTERRUPTED, Slot, retry_of
 from .storage import StorageError, disk_full_message, is_disk_full, retry
 
 HISTORY_POINTS = 256  # curves kept per metric in the trial record (downsampled by averaging)
@@ -98,7 +98,7 @@ class TrialMixin:
         if dup is not None:
             trial.set_user_attr("skipped", f"duplicate of trial {dup}")
             retry(lambda: slot.study.tell(trial, state=TrialState.FAIL))
-            return f"trial {trial.number} skipped (point already done by trial {dup})"
+            return f"trial {trial.number} skipped (a duplicate of trial {dup}: same point, or same retry)"
         params = self._suggest(slot)
         frozen = self.storage.get_trial(trial._trial_id)
         run = frozen.system_attrs.get("nb:run")
@@ -157,13 +157,22 @@ class TrialMixin:
             try:
                 result = run_fn(cfg, callbacks=callbacks, resume=resume)
             except optuna.TrialPruned as e:
-                self._record_pruned(trial, pruning, cfg, run_dir, time.time() - t_start)
-                self._tell(slot, state=TrialState.PRUNED)
+                try:
+                    self._record_pruned(trial, pruning, cfg, run_dir, time.time() - t_start)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass  # (failed by another worker meanwhile: _tell says so)
+                if not self._tell(slot, state=TrialState.PRUNED):
+                    return f"trial {trial.number} {label}: dropped (failed by another worker meanwhile)"
                 return f"trial {trial.number} {label}: {e}"
             except (KeyboardInterrupt, SystemExit) as e:  # e.g. Lightning's SIGTERMException (a SystemExit)
                 self._interrupt(slot, f"interrupted ({type(e).__name__})")
                 raise
             except Exception as e:  # noqa: BLE001  a crashed run is recorded, and the sweep goes on
+                # (a worker whose trial another worker's reaper failed meanwhile gets its next storage write refused,
+                # e.g. the pruning callback's report: that is no crash of the run, and the point has its retry)
+                if (taken := self._taken_over(slot)) is not None:
+                    self.log(taken)
+                    return f"trial {trial.number} {label}: dropped (failed by another worker meanwhile)"
                 line = getattr(e, "child_error", None) or "".join(traceback.format_exception_only(type(e), e))
                 tb = getattr(e, "child_traceback", None) or traceback.format_exc()  # a DDP trial's: the child's
                 full = is_disk_full(e) or "No space left on device" in line
@@ -193,40 +202,59 @@ class TrialMixin:
             if value is not None:
                 self._tell(slot, value=value)
             else:
-                self.my_trials.discard(trial._trial_id)
-                self.log(f"trial {trial.number} was failed by another worker meanwhile; its retry counts instead")
+                self.log(self._taken_over(slot) or f"trial {trial.number}: its record was refused by the storage")
         m = result.final.get(spec.metric)
         what = (f"diverged at step {result.diverged_step}" if result.diverged
                 else f"{spec.metric} {m:.4g}" if m is not None else result.status)
         return f"last: #{trial.number} {label} -> {what} ({result.wall_time:.1f}s)"
 
     def _tell(self, slot: Slot, value: float | None = None, state: TrialState | None = None) -> bool:
-        """Report the trial's outcome; False when another worker's reaper failed it first (its retry is queued)."""
+        """Report the trial's outcome; False (and a log line) when another worker's reaper failed it first."""
         try:
             retry(lambda: slot.study.tell(slot.trial, value, state=state))
             return True
-        except optuna.exceptions.UpdateFinishedTrialError:
-            self.log(f"trial {slot.trial.number} was failed by another worker (no heartbeat seen); its retry "
-                     f"counts, this result is dropped")
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):  # ValueError: "Cannot tell a FAIL trial."
+            taken = self._taken_over(slot)
+            if taken is None:
+                raise
+            self.log(taken)
             return False
         finally:
             self.my_trials.discard(slot.trial._trial_id)
 
+    def _taken_over(self, slot: Slot) -> str | None:
+        """None while this worker's trial is RUNNING in the storage; else another worker's reaper failed it meanwhile
+        (its heartbeat looked silent for longer than ``heartbeat.grace``: a suspended machine, say), and this is the
+        line saying so and what became of the point. The result this worker has for it is dropped: the reaper's
+        retry, if it queued one, resumes from the run's checkpoint."""
+        t = retry(lambda: self.storage.get_trial(slot.trial._trial_id))
+        if t.state == TrialState.RUNNING:
+            return None
+        self.my_trials.discard(t._trial_id)
+        queued = any(s.system_attrs.get("nb:retry_of", [])[-1:] == [t.number]
+                     for s in retry(lambda: slot.study.get_trials(deepcopy=False)))
+        return (f"trial {t.number} was failed by another worker meanwhile (no heartbeat seen for heartbeat.grace); "
+                f"this worker's result for it is dropped; "
+                + ("its retry resumes from the run's checkpoint" if queued else
+                   "no retry of it is queued (yet): if none appears, re-run the command to retry it"))
+
     def _interrupt(self, slot: Slot, reason: str) -> None:
-        """Fail a trial stopped by a signal and queue its retry, which resumes from its checkpoint. Not when another
-        worker failed it first (that one queued the retry), nor when it has used this command's ``max_retry``:
-        then its error says so, and the report does not count it among the stopped runs waiting to resume."""
+        """Fail a trial stopped by a signal and queue its retry, which resumes from its checkpoint; not when another
+        worker failed it first (that one queued the retry). A stop is no failure of the point: the retry starts a
+        fresh ``max_retry`` allowance (``retry_of(rerun=True)``), as a re-run of the command would give it."""
+        ok = False
         try:
             frozen = self.storage.get_trial(slot.trial._trial_id)  # (params, run, retry chain: what a retry needs)
-            refused = self._retry_refused(frozen)
-            slot.trial.set_user_attr("error", reason if refused is None else f"{reason}; {refused}")
+            slot.trial.set_user_attr("error", reason)
             if self._tell(slot, state=TrialState.FAIL):
-                if refused is None:
-                    self._requeue(slot.study, frozen, reason)
-                else:
-                    self.log(f"trial {slot.trial.number}: {refused}")
-        except Exception:  # noqa: BLE001  best effort while shutting down; the reaper covers the rest
-            pass
+                retry(lambda: slot.study.add_trial(retry_of(frozen, reason, rerun=True)))
+            ok = True
+        except Exception:  # noqa: BLE001  best effort while shutting down; the trial stays RUNNING or FAIL, and
+            pass  # the reaper or a re-run of the command retries it
+        finally:
+            if not ok:
+                self.log(f"trial {slot.trial.number}: stopped, but its retry could not be queued (storage error); "
+                         f"re-run the command to continue it")
 
     def objective_value(self, result: RunResult) -> float:
         worst = -math.inf if self.spec.direction == "maximize" else math.inf

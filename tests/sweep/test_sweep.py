@@ -155,9 +155,10 @@ def test_dead_worker_trial_is_failed_retried_and_resumed(tmp_path):
 def test_a_trial_whose_worker_keeps_dying_is_retried_max_retry_times_per_command(tmp_path, capsys):
     """heartbeat.max_retry bounds the retries of one point per command: the retry of a dead worker's trial is queued
     again while under it, then not (and the log says so, not "queued again"); running the command again gives the
-    point a retry in its own folder and a fresh allowance, counted from that re-run and bounded again. A trial
-    stopped by a signal once the allowance is used is not re-queued either, and its error says so (the report
-    then does not count it among the stopped runs waiting to resume)."""
+    point a retry in its own folder and a fresh allowance, counted from that re-run and bounded again. A stop by a
+    signal is no failure of the point: the stopped trial is re-queued even once the allowance is used, and its
+    retry starts a fresh one (the command that resumes it is a new command), so repeated stops never use up the
+    retries of the commands after them."""
     from normablate.sweep.queue import INTERRUPTED
 
     spec = load_spec(make_spec(tmp_path, grid={"model.norm": ["bn"], "optim.lr": [0.1]},
@@ -196,18 +197,24 @@ def test_a_trial_whose_worker_keeps_dying_is_retried_max_retry_times_per_command
     third = dies(again)  # a fresh allowance: attempt 3 is this command's first
     assert waiting() == [([first, second, third], 2, "bn-lr0.1")]
     capsys.readouterr()
-    dies(again)  # attempt 4: the allowance of this command is used too
+    fourth = dies(again)  # attempt 4: the allowance of this command is used too
     assert "not retried again (4 attempts)" in capsys.readouterr().out and waiting() == []
 
     last = Sweep(spec, verbose=True)  # a third command: attempt 5 is reaped and retried, attempt 6 is stopped
     last.setup()
-    dies(last)
+    fifth = dies(last)
     slot = claimed(last)
     last._interrupt(slot, INTERRUPTED)
-    assert "not retried again (6 attempts)" in capsys.readouterr().out and waiting() == []
+    assert "not retried" not in capsys.readouterr().out
     stopped = last.storage.get_trial(slot.trial._trial_id)
-    assert stopped.state == TrialState.FAIL and stopped.user_attrs["error"] == \
-        f"{INTERRUPTED}; not retried again (6 attempts); re-run the command to retry"
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["error"] == INTERRUPTED
+    chain = [first, second, third, fourth, fifth, slot.trial.number]
+    assert waiting() == [(chain, 6, "bn-lr0.1")]  # queued, with a fresh allowance from here
+    resumed = Sweep(spec, verbose=True)  # the next command: its worker dies once, which its allowance covers
+    resumed.setup()
+    dies(resumed)
+    assert "failed: its worker process is gone; queued again" in capsys.readouterr().out
+    assert len(waiting()) == 1
 
 
 def test_a_stopped_trial_that_another_worker_reaped_first_is_not_queued_twice(tmp_path):
@@ -256,6 +263,92 @@ def test_a_reaped_trial_is_logged_even_when_its_retry_cannot_be_queued(tmp_path,
     again = Sweep(sw.spec, verbose=False)
     again.setup()
     assert [t.state for t in trials_of(sqlite_url(tmp_path))] == [TrialState.FAIL, TrialState.WAITING]
+
+
+@pytest.mark.parametrize("when", ["report", "pruned", "before_tell"])
+def test_a_live_worker_whose_trial_was_reaped_drops_its_result_and_goes_on(tmp_path, capsys, monkeypatch, when):
+    """A worker silent for longer than the grace (a suspended machine) has its trial failed and retried by another
+    worker's reaper, then wakes up: its next storage write for the trial is refused (the pruning callback's report
+    at the next validation, the pruned record, or the final tell: Optuna's "Cannot tell a FAIL trial."). That is
+    no crash of the run and no reason for the worker to die: it says what happened, drops its result, records no
+    error, and the point's one retry stays queued."""
+    import optuna
+
+    from normablate.sweep.dryrun import train
+
+    sw = Sweep(load_spec(make_spec(tmp_path, grid={"model.norm": ["bn"], "optim.lr": [0.1]})), verbose=True)
+    sw.setup()
+    slot = sw.claim()
+
+    def reap():  # another worker's reaper, seeing no heartbeat
+        other = Sweep(sw.spec, verbose=False)
+        other.setup()
+        other.storage.set_trial_system_attr(slot.trial._trial_id, "nb:worker", {"host": HOST, "pid": 2 ** 22 + 1})
+        assert other.reap_stale() == 1
+
+    def trainer(cfg, callbacks=None, resume=False):
+        if when == "before_tell":
+            return train(cfg, callbacks=callbacks, resume=resume)
+        reap()
+        if when == "pruned":
+            raise optuna.TrialPruned("pruned at step 10")
+        next(c for c in callbacks if hasattr(c, "trial")).trial.report(0.5, 10)  # as OptunaPruning does
+        raise AssertionError("the report was accepted")
+
+    if when == "before_tell":
+        record = sw._record
+        monkeypatch.setattr(sw, "_record", lambda trial, r: (record(trial, r), reap())[0])
+    summary = sw.run_slot(slot, trainer)
+    assert "dropped (failed by another worker meanwhile)" in summary or when == "before_tell"
+    assert (f"trial {slot.trial.number} was failed by another worker meanwhile (no heartbeat seen for "
+            f"heartbeat.grace); this worker's result for it is dropped; its retry resumes from the run's "
+            f"checkpoint") in capsys.readouterr().out
+    trials = trials_of(sqlite_url(tmp_path))
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert "error" not in trials[0].user_attrs and trials[1].system_attrs["nb:retry_of"] == [slot.trial.number]
+    assert slot.trial._trial_id not in sw.my_trials
+
+
+def test_two_retries_of_one_attempt_queued_by_concurrent_reruns_run_once(tmp_path, capsys):
+    """Two commands started at once (a re-submitted Slurm array) can both find a failed trial unretried and both
+    queue its retry. Only the lower-numbered retry runs; the other is skipped as a duplicate when claimed, before
+    it touches the run folder, so two workers never resume one checkpoint; the skipped one is not retried."""
+    from normablate.sweep.dryrun import train
+    from normablate.sweep.queue import INTERRUPTED, retry_of
+
+    sw = Sweep(load_spec(make_spec(tmp_path, grid={"model.norm": ["bn"], "optim.lr": [0.1]})), verbose=True)
+    sw.setup()
+    slot = sw.claim()
+    slot.trial.set_user_attr("run", "t0000-bn-lr0.1")
+    slot.trial.set_user_attr("error", INTERRUPTED)
+    slot.study.tell(slot.trial, state=TrialState.FAIL)
+    failed = sw.storage.get_trial(slot.trial._trial_id)
+    for _ in range(2):  # both commands' start-up re-queue, racing
+        slot.study.add_trial(retry_of(failed, "failed; the command was run again", rerun=True))
+    first, second = sw.claim(), sw.claim()  # two workers claim one each
+    assert sw.run_slot(second, train) == \
+        f"trial {second.trial.number} skipped (a duplicate of trial {first.trial.number}: same point, or same retry)"
+    assert "val/acc" in sw.run_slot(first, train)  # (it ran)
+    trials = trials_of(sqlite_url(tmp_path))
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL]
+    assert trials[1].user_attrs["run"] == "t0000-bn-lr0.1" and "run" not in trials[2].user_attrs
+    again = Sweep(sw.spec, verbose=False)  # a later re-run finds the point done: nothing to queue
+    again.setup()
+    assert len(trials_of(sqlite_url(tmp_path))) == 3 and again.counts().done == 1
+
+
+def test_a_retry_that_failed_before_recording_its_run_keeps_its_folder():
+    """A retry reaped between its claim and the moment its worker records ``run`` has its folder only in
+    ``nb:run``: its own retry (and a re-run's) must resume in that folder, not start a new one from step 0."""
+    import optuna
+
+    from normablate.sweep.queue import _failed_unretried, retry_of
+
+    t = optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"point": 0},
+                                  system_attrs={"nb:retry_of": [0], "nb:run": "t0000-bn-lr0.1", "fixed_params": {}})
+    t.number = 1
+    assert retry_of(t, "its worker process is gone", rerun=False).system_attrs["nb:run"] == "t0000-bn-lr0.1"
+    assert _failed_unretried([t]) == [t]
 
 
 def test_reaper_ignores_clock_skew_of_live_workers(tmp_path, monkeypatch):
