@@ -29,6 +29,7 @@ from ..config import to_dict
 from ..plugins import import_object
 from ..provenance import git_state
 from ..result import RunResult
+from ..signals import STOP
 from .ddp_trial import TrialProcess, needs_process, threads_per_rank, world_of
 from .liveness import Heartbeat
 from .queue import INTERRUPTED, Slot, retry_of
@@ -240,14 +241,24 @@ class TrialMixin:
 
     def _interrupt(self, slot: Slot, reason: str) -> None:
         """Fail a trial stopped by a signal and queue its retry, which resumes from its checkpoint; not when another
-        worker failed it first (that one queued the retry). A stop is no failure of the point: the retry starts a
-        fresh ``max_retry`` allowance (``retry_of(rerun=True)``), as a re-run of the command would give it."""
+        worker failed it first (that one queued the retry). A stop (``STOP`` set: the worker got SIGINT/SIGTERM) is
+        no failure of the point: its retry starts a fresh ``max_retry`` allowance (``retry_of(rerun=True)``), as a
+        re-run of the command would give it. Any other interruption (a ``sys.exit`` in a trainer, a DDP rank's) is
+        counted like a dead worker: past ``max_retry`` it is not re-queued, and its error says so."""
         ok = False
         try:
             frozen = self.storage.get_trial(slot.trial._trial_id)  # (params, run, retry chain: what a retry needs)
-            slot.trial.set_user_attr("error", reason)
+            stop = STOP.signum is not None
+            refused = None if stop else self._retry_refused(frozen)
+            try:
+                slot.trial.set_user_attr("error", reason if refused is None else f"{reason}; {refused}")
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # failed by another worker meanwhile: the tell below says so
             if self._tell(slot, state=TrialState.FAIL):
-                retry(lambda: slot.study.add_trial(retry_of(frozen, reason, rerun=True)))
+                if refused is None:
+                    retry(lambda: slot.study.add_trial(retry_of(frozen, reason, rerun=stop)))
+                else:
+                    self.log(f"trial {slot.trial.number}: {refused}")
             ok = True
         except Exception:  # noqa: BLE001  best effort while shutting down; the trial stays RUNNING or FAIL, and
             pass  # the reaper or a re-run of the command retries it

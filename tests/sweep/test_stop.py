@@ -73,6 +73,32 @@ def signal_the_sweep_trainer(cfg, callbacks=None, resume=False):
     return result
 
 
+def mid_run_signal_trainer(cfg, callbacks=None, resume=False):
+    """The first run gets a SIGTERM mid-run, under its own stop handler, and stops there (status "interrupted", as
+    ``train`` returns it); later runs (the resumed one) complete."""
+    result = dry_train(cfg, callbacks, resume)
+    if _first(cfg):
+        with stop_on_signals() as request:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert request.signum == signal.SIGTERM
+        result.status = "interrupted"
+    return result
+
+
+def test_a_run_stopped_mid_run_is_requeued_with_a_fresh_retry_allowance(tmp_path):
+    """A real stop (the signal lands in the run's handler and is handed back to the worker's flag) re-queues the
+    trial with its attempts counted from the stop (``nb:rerun_at``), so stops never use up ``heartbeat.max_retry``;
+    the next command resumes it first."""
+    d = make_spec(tmp_path, grid=GRID, trainer_fn="test_stop:mid_run_signal_trainer")
+    res = run_sweep(d, storage=str(tmp_path / "s.journal"), workers=1, verbose=False)
+    assert res.exit_code == 130 and res.counts.done == 0
+    waiting = sorted((t for t in trials_of(res.storage) if t.system_attrs.get("nb:retry_of")), key=lambda t: t.number)
+    assert [(t.state, t.system_attrs["nb:retry_of"], t.system_attrs["nb:rerun_at"]) for t in waiting] == \
+        [(TrialState.WAITING, [0], 1)]
+    again = run_sweep(d, storage=str(tmp_path / "s.journal"), workers=1, verbose=False)
+    assert again.exit_code == 0 and again.counts.done == 12 and len(trials_of(res.storage)) == 13
+
+
 def test_a_signal_a_run_took_after_its_last_step_stops_the_sweep(tmp_path):
     """One worker (trials run in this process): the run completes and is recorded, and nothing after it starts."""
     d = make_spec(tmp_path, grid=GRID, trainer_fn="test_stop:late_signal_trainer")

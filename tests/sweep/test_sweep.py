@@ -152,13 +152,15 @@ def test_dead_worker_trial_is_failed_retried_and_resumed(tmp_path):
     one_complete_per_point(trials, 2)
 
 
-def test_a_trial_whose_worker_keeps_dying_is_retried_max_retry_times_per_command(tmp_path, capsys):
+def test_a_trial_whose_worker_keeps_dying_is_retried_max_retry_times_per_command(tmp_path, capsys, monkeypatch):
     """heartbeat.max_retry bounds the retries of one point per command: the retry of a dead worker's trial is queued
     again while under it, then not (and the log says so, not "queued again"); running the command again gives the
     point a retry in its own folder and a fresh allowance, counted from that re-run and bounded again. A stop by a
     signal is no failure of the point: the stopped trial is re-queued even once the allowance is used, and its
     retry starts a fresh one (the command that resumes it is a new command), so repeated stops never use up the
-    retries of the commands after them."""
+    retries of the commands after them. Any other interruption (a SystemExit with no stop requested) counts like
+    a death: past the allowance it is not re-queued, and its error says so."""
+    from normablate.signals import STOP
     from normablate.sweep.queue import INTERRUPTED
 
     spec = load_spec(make_spec(tmp_path, grid={"model.norm": ["bn"], "optim.lr": [0.1]},
@@ -200,16 +202,28 @@ def test_a_trial_whose_worker_keeps_dying_is_retried_max_retry_times_per_command
     fourth = dies(again)  # attempt 4: the allowance of this command is used too
     assert "not retried again (4 attempts)" in capsys.readouterr().out and waiting() == []
 
-    last = Sweep(spec, verbose=True)  # a third command: attempt 5 is reaped and retried, attempt 6 is stopped
-    last.setup()
+    last = Sweep(spec, verbose=True)  # a third command: attempt 5 is reaped and retried; attempt 6 ends in a
+    last.setup()  # SystemExit that is no stop (a trainer's sys.exit): counted like a death, so not re-queued
     fifth = dies(last)
     slot = claimed(last)
-    last._interrupt(slot, INTERRUPTED)
+    last._interrupt(slot, "interrupted (SystemExit)")
+    assert "not retried again (6 attempts)" in capsys.readouterr().out and waiting() == []
+    assert last.storage.get_trial(slot.trial._trial_id).user_attrs["error"] == \
+        "interrupted (SystemExit); not retried again (6 attempts); re-run the command to retry"
+    sixth = slot.trial.number
+
+    fourth_cmd = Sweep(spec, verbose=True)  # attempt 7 dies (retried), attempt 8 is stopped by a signal: re-queued
+    fourth_cmd.setup()  # although the allowance is used, with a fresh one (the command resuming it is a new one)
+    seventh = dies(fourth_cmd)
+    slot = claimed(fourth_cmd)
+    monkeypatch.setattr(STOP, "signum", signal.SIGTERM)
+    fourth_cmd._interrupt(slot, INTERRUPTED)
+    monkeypatch.setattr(STOP, "signum", None)
     assert "not retried" not in capsys.readouterr().out
-    stopped = last.storage.get_trial(slot.trial._trial_id)
+    stopped = fourth_cmd.storage.get_trial(slot.trial._trial_id)
     assert stopped.state == TrialState.FAIL and stopped.user_attrs["error"] == INTERRUPTED
-    chain = [first, second, third, fourth, fifth, slot.trial.number]
-    assert waiting() == [(chain, 6, "bn-lr0.1")]  # queued, with a fresh allowance from here
+    chain = [first, second, third, fourth, fifth, sixth, seventh, slot.trial.number]
+    assert waiting() == [(chain, 8, "bn-lr0.1")]
     resumed = Sweep(spec, verbose=True)  # the next command: its worker dies once, which its allowance covers
     resumed.setup()
     dies(resumed)
@@ -217,14 +231,14 @@ def test_a_trial_whose_worker_keeps_dying_is_retried_max_retry_times_per_command
     assert len(waiting()) == 1
 
 
-def test_a_stopped_trial_that_another_worker_reaped_first_is_not_queued_twice(tmp_path):
+def test_a_stopped_trial_that_another_worker_reaped_first_is_not_queued_twice(tmp_path, capsys):
     """A worker silent for longer than the grace (suspended, say) has its trial failed and retried by another
     worker's reaper; when it is then stopped by a signal, it must not queue a second retry of the same run folder
     (two workers would resume one checkpoint). Two things guard it: the trial's error cannot be set once it is
     finished, and ``_tell`` says when another worker failed it first (for the moment between the two)."""
     from normablate.sweep.queue import INTERRUPTED
 
-    sw = Sweep(load_spec(make_spec(tmp_path, grid={"model.norm": ["bn"], "optim.lr": [0.1]})), verbose=False)
+    sw = Sweep(load_spec(make_spec(tmp_path, grid={"model.norm": ["bn"], "optim.lr": [0.1]})), verbose=True)
     sw.setup()
     slot = sw.claim()
     slot.trial.set_user_attr("run", "bn-lr0.1")
@@ -232,7 +246,10 @@ def test_a_stopped_trial_that_another_worker_reaped_first_is_not_queued_twice(tm
     other.setup()
     other.storage.set_trial_system_attr(slot.trial._trial_id, "nb:worker", {"host": HOST, "pid": 2 ** 22 + 1})
     assert other.reap_stale() == 1
+    capsys.readouterr()
     sw._interrupt(slot, INTERRUPTED)  # the silent worker wakes up to its stop signal
+    out = capsys.readouterr().out  # it says so, and not that a retry is missing
+    assert "was failed by another worker meanwhile" in out and "could not be queued" not in out
     retries = [t for t in trials_of(sqlite_url(tmp_path)) if t.state == TrialState.WAITING]
     assert [(t.system_attrs["nb:retry_of"], t.system_attrs["nb:run"]) for t in retries] == [([0], "bn-lr0.1")]
 
