@@ -260,7 +260,7 @@ class QueueMixin:
 
     def _retry_of(self, old: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
         """A retry of failed trial ``old`` on a re-run of the command (``retry_of``); its attempts count from here."""
-        self.retried.append((old.number, old.user_attrs.get("run") or old.system_attrs["nb:run"]))
+        self.retried.append((old.number, run_of(old)))
         return retry_of(old, "failed; the command was run again", rerun=True)
 
     # ------------------------------------------------------------------ state
@@ -322,8 +322,8 @@ class QueueMixin:
         array, can both find a failed trial unretried and both queue its retry; only the lowest-numbered one runs,
         whatever its state, so two workers never resume one checkpoint). Both are possible only after concurrent
         re-queues."""
-        chain = retry(lambda: self.storage.get_trial(slot.trial._trial_id)).system_attrs.get("nb:retry_of")
         trials = retry(lambda: slot.study.get_trials(deepcopy=False))
+        chain = next(t for t in trials if t.number == slot.trial.number).system_attrs.get("nb:retry_of")
         if chain:
             for t in trials:
                 if t.number < slot.trial.number and t.system_attrs.get("nb:retry_of") == chain:
@@ -339,26 +339,31 @@ class QueueMixin:
 def retry_of(t: optuna.trial.FrozenTrial, reason: str, rerun: bool) -> optuna.trial.FrozenTrial:
     """A WAITING retry of trial ``t``: same point, params and run folder, so it resumes from the run's
     ``last.ckpt``. Every retry is built here: a killed or stale trial's by the reaper (``rerun=False``), a stopped
-    one's by its worker (``_interrupt``) and a failed one's when the command is run again (both ``rerun=True``). ``nb:retry_of`` holds the whole chain of attempts;
-    ``nb:rerun_at`` is the chain's length at the last re-run of the command, from which the reaper counts its
+    one's by its worker (``_interrupt``) and a failed one's when the command is run again (both ``rerun=True``).
+    ``nb:retry_of`` holds the whole chain of attempts; ``nb:rerun_at`` is the chain's length at the last re-run of the command, from which the reaper counts its
     ``max_retry`` (so each command gets its own retries)."""
     history = list(t.system_attrs.get("nb:retry_of", [])) + [t.number]
     system = {"fixed_params": {**t.system_attrs.get("fixed_params", {}), **t.params},
               "nb:retry_of": history, "nb:retry_reason": reason,
               "nb:rerun_at": len(history) if rerun else int(t.system_attrs.get("nb:rerun_at", 0))}
-    run = t.user_attrs.get("run") or t.system_attrs.get("nb:run")  # (a retry failed before it recorded its run)
+    run = run_of(t)
     if run:
         system["nb:run"] = run
     keep = {k: t.user_attrs[k] for k in ("point", "axes", "group") if k in t.user_attrs}
     return optuna.trial.create_trial(state=TrialState.WAITING, system_attrs=system, user_attrs=keep)
 
 
+def run_of(t: optuna.trial.FrozenTrial) -> str | None:
+    """Trial ``t``'s run folder name: recorded by its worker (``run``), else, for a retry failed before its worker
+    recorded it, the one it was queued with (``nb:run``)."""
+    return t.user_attrs.get("run") or t.system_attrs.get("nb:run")
+
+
 def _failed_unretried(trials: list) -> list:
     """FAIL trials that ran (they have a run folder), were not skipped as duplicates and have no retry yet (no
     trial lists them in ``nb:retry_of``), oldest first."""
     retried = {n for t in trials for n in t.system_attrs.get("nb:retry_of", [])}
-    return sorted((t for t in trials if t.state == TrialState.FAIL
-                   and (t.user_attrs.get("run") or t.system_attrs.get("nb:run"))
+    return sorted((t for t in trials if t.state == TrialState.FAIL and run_of(t)
                    and not t.user_attrs.get("skipped") and t.number not in retried), key=lambda t: t.number)
 
 

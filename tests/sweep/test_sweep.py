@@ -152,6 +152,12 @@ def test_dead_worker_trial_is_failed_retried_and_resumed(tmp_path):
     one_complete_per_point(trials, 2)
 
 
+def worker_died(sw, slot) -> None:
+    """Mark ``slot``'s trial as claimed by a worker on this host that is dead at once (a pid above Linux's
+    largest), so the next ``reap_stale`` fails it."""
+    sw.storage.set_trial_system_attr(slot.trial._trial_id, "nb:worker", {"host": HOST, "pid": 2 ** 22 + 1})
+
+
 def test_a_trial_whose_worker_keeps_dying_is_retried_max_retry_times_per_command(tmp_path, capsys, monkeypatch):
     """heartbeat.max_retry bounds the retries of one point per command: the retry of a dead worker's trial is queued
     again while under it, then not (and the log says so, not "queued again"); running the command again gives the
@@ -165,7 +171,6 @@ def test_a_trial_whose_worker_keeps_dying_is_retried_max_retry_times_per_command
 
     spec = load_spec(make_spec(tmp_path, grid={"model.norm": ["bn"], "optim.lr": [0.1]},
                                heartbeat={"interval": 1, "grace": 6, "max_retry": 1}))
-    gone = 2 ** 22 + 1  # above Linux's largest pid: a "worker" on this host that is dead at once
 
     def claimed(sw):  # a worker on this host claims the waiting trial (a retry keeps its folder)
         slot = sw.claim()
@@ -176,7 +181,7 @@ def test_a_trial_whose_worker_keeps_dying_is_retried_max_retry_times_per_command
 
     def dies(sw):  # ... and is killed
         slot = claimed(sw)
-        sw.storage.set_trial_system_attr(slot.trial._trial_id, "nb:worker", {"host": HOST, "pid": gone})
+        worker_died(sw, slot)
         assert sw.reap_stale() == 1
         return slot.trial.number
 
@@ -244,7 +249,7 @@ def test_a_stopped_trial_that_another_worker_reaped_first_is_not_queued_twice(tm
     slot.trial.set_user_attr("run", "bn-lr0.1")
     other = Sweep(sw.spec, verbose=False)  # another worker's reaper finds it silent
     other.setup()
-    other.storage.set_trial_system_attr(slot.trial._trial_id, "nb:worker", {"host": HOST, "pid": 2 ** 22 + 1})
+    worker_died(other, slot)
     assert other.reap_stale() == 1
     capsys.readouterr()
     sw._interrupt(slot, INTERRUPTED)  # the silent worker wakes up to its stop signal
@@ -265,7 +270,7 @@ def test_a_reaped_trial_is_logged_even_when_its_retry_cannot_be_queued(tmp_path,
     slot = sw.claim()
     sw.my_trials.clear()
     slot.trial.set_user_attr("run", "bn-lr0.1")
-    sw.storage.set_trial_system_attr(slot.trial._trial_id, "nb:worker", {"host": HOST, "pid": 2 ** 22 + 1})
+    worker_died(sw, slot)
 
     def down(self, trial):
         raise RuntimeError("storage down")
@@ -300,7 +305,7 @@ def test_a_live_worker_whose_trial_was_reaped_drops_its_result_and_goes_on(tmp_p
     def reap():  # another worker's reaper, seeing no heartbeat
         other = Sweep(sw.spec, verbose=False)
         other.setup()
-        other.storage.set_trial_system_attr(slot.trial._trial_id, "nb:worker", {"host": HOST, "pid": 2 ** 22 + 1})
+        worker_died(other, slot)
         assert other.reap_stale() == 1
 
     def trainer(cfg, callbacks=None, resume=False):
