@@ -7,7 +7,8 @@ steps). A reader wants to know whether an effect grows or shrinks with training,
 * both sides bootstrap distributions (``verdicts.BootDist``, the selection-aware seed bootstrap of an ``at:
   best_lr`` contrast): the two studies' resamples are independent, so a random pairing of their resamples is a
   draw from the distribution of the difference; the interval is its percentile interval, each tail widened by the
-  small-sample factor of the study with fewer seeds (as ``BootDist`` does for one study);
+  small-sample factor of the study with fewer seeds (as ``BootDist`` does for one study), and never narrower
+  than the Welch t interval of the change of the t contrasts at the chosen LRs (``BootDist.floor``);
 * both sides t distributions (a fixed configuration): d2 − d1 with se = √(se1² + se2²) and Welch–Satterthwaite
   degrees of freedom;
 * otherwise (one side missing its distribution, e.g. a contrast over an axis): the normal approximation from each
@@ -57,13 +58,15 @@ def change(d1: Dist | None, t1: Test, d2: Dist | None, t2: Test, level: float, s
         k = math.sqrt(nmin / (nmin - 1)) * t_ppf(1.0 - a, nmin - 1) / _N.inv_cdf(1.0 - a)
         lo = med - (med - float(np.quantile(s, a))) * k
         hi = med + (float(np.quantile(s, 1.0 - a)) - med) * k
-        return Change(est, lo, hi, level, "difference of the two studies' independent seed bootstraps")
+        how = "difference of the two studies' independent seed bootstraps"
+        if d1._floored() and d2._floored():  # as for one study: never narrower than the t at the chosen LRs
+            tlo, thi = _t_change(d1.floor, d2.floor, a)
+            lo, hi = min(lo, tlo), max(hi, thi)
+            how += " (never narrower than the Welch t at the chosen LRs)"
+        return Change(est, lo, hi, level, how)
     if isinstance(d1, TDist) and isinstance(d2, TDist) and d1._ok() and d2._ok():
-        v1, v2 = d1.se ** 2, d2.se ** 2
-        se = math.sqrt(v1 + v2)
-        df = (v1 + v2) ** 2 / ((v1 ** 2 / d1.df if v1 else 0.0) + (v2 ** 2 / d2.df if v2 else 0.0) or math.inf)
-        q = t_ppf(1.0 - a, df) if se > 0 and math.isfinite(df) else _N.inv_cdf(1.0 - a)
-        return Change(est, est - q * se, est + q * se, level, "Welch t on the two budgets' estimates")
+        lo, hi = _t_change(d1, d2, a)
+        return Change(est, lo, hi, level, "Welch t on the two budgets' estimates")
     ses = []
     for t in (t1, t2):
         if not (math.isfinite(t.lo) and math.isfinite(t.hi)):
@@ -71,6 +74,16 @@ def change(d1: Dist | None, t1: Test, d2: Dist | None, t2: Test, level: float, s
         ses.append((t.hi - t.lo) / 2.0 / _N.inv_cdf(0.5 + t.level / 2.0))
     q = _N.inv_cdf(1.0 - a) * math.sqrt(ses[0] ** 2 + ses[1] ** 2)
     return Change(est, est - q, est + q, level, "normal approximation from each budget's interval")
+
+
+def _t_change(d1: TDist, d2: TDist, a: float) -> tuple[float, float]:
+    """The two-sided (1 − 2a) interval of d2 − d1: se = √(se1² + se2²), Welch–Satterthwaite degrees of freedom."""
+    est = d2.est - d1.est
+    v1, v2 = d1.se ** 2, d2.se ** 2
+    se = math.sqrt(v1 + v2)
+    df = (v1 + v2) ** 2 / ((v1 ** 2 / d1.df if v1 else 0.0) + (v2 ** 2 / d2.df if v2 else 0.0) or math.inf)
+    q = t_ppf(1.0 - a, df) if se > 0 and math.isfinite(df) else _N.inv_cdf(1.0 - a)
+    return est - q * se, est + q * se
 
 
 def family(tests: list[Test | None], alpha: float) -> tuple[list[str], list[float], list[float]]:

@@ -60,6 +60,13 @@ Contrasts
   97% at 3, 5 and 10 seeds, where the plain percentile interval gave 79%, 89% and 94%. BCa would need a
   jackknife through the argmax, unstable at these n. p-values invert the same interval (bisection on the
   level). Resampling is deterministic given ``seed``.
+  The floor: at 3 seeds a resample mean takes only 10 distinct values, so below a = 1/27 the bootstrap quantile
+  sticks at the smallest single-seed value and k cannot recover the t tail; where the LR choice is stable the
+  p-values were too small (a nominal 5% test rejected 7% of null studies; tests/analysis/test_verdicts.py).
+  The interval is therefore widened to contain the t interval of the same estimate with the chosen LRs taken
+  as fixed (``BootDist.floor``: paired t when the sides share the seeds, else Welch), and each p-value is the
+  larger of the two (the same interval inverted): the bootstrap carries the uncertainty of the choice, the t
+  the small-sample tail (4.5% in the same null studies).
 """
 from __future__ import annotations
 
@@ -88,7 +95,8 @@ DEFINITION = """\
   Welch; a run stopped as diverged counts there with its test value (the model as it stopped). *At each side's best LR*: the best LR is chosen on the validation metric (the ``lr_sensitivity`` rule:
   best mean among LRs at which no seed diverged), the contrast taken on test there, and the CI is a bootstrap
   over seeds that re-chooses the best LR in every resample (its percentile interval, each tail's spread about
-  the bootstrap median widened by √(n/(n−1))·t(n−1)/z, a small-sample correction). *over an axis*: supported
+  the bootstrap median widened by √(n/(n−1))·t(n−1)/z, a small-sample correction), never narrower (nor a
+  p-value smaller) than the t test's at the chosen LRs. *over an axis*: supported
   only if supported at every value, contradicted if contradicted at any (Bonferroni)."""
 
 TYPES = ("superiority", "non_inferiority", "equivalence")
@@ -185,6 +193,7 @@ class BootDist(Dist):
     n_failed: int = 0  # resamples where a side had no candidate LR (left out)
     chosen: tuple = ()  # (A's best LR, B's best LR) on the full sample; None for a side with no candidate
     stability: tuple = ()  # fraction of resamples that chose that same LR, per side
+    floor: TDist | None = None  # the t contrast at the chosen LRs: p-values never below its, interval never inside
 
     def __post_init__(self) -> None:
         s = np.asarray(self.samples, float)
@@ -215,29 +224,46 @@ class BootDist(Dist):
                 lo = mid
         return hi
 
-    def p_le(self, c: float) -> float:
-        if not self._ok():
-            return math.nan
+    def _boot_p_le(self, c: float) -> float:
         if self.lower(_A_MAX) > c:  # the lower end passes c at some level below 1/2
             return self._invert(self.lower, c, True)
         if self.upper(_A_MAX) < c:
-            return 1.0 - self.p_ge(c)
+            return 1.0 - self._boot_p_ge(c)
         return 0.5
+
+    def _boot_p_ge(self, c: float) -> float:
+        if self.upper(_A_MAX) < c:
+            return self._invert(self.upper, c, False)
+        if self.lower(_A_MAX) > c:
+            return 1.0 - self._boot_p_le(c)
+        return 0.5
+
+    def _floored(self) -> bool:
+        return self.floor is not None and self.floor._ok()
+
+    def p_le(self, c: float) -> float:
+        if not self._ok():
+            return math.nan
+        p = self._boot_p_le(c)
+        return max(p, self.floor.p_le(c)) if self._floored() else p
 
     def p_ge(self, c: float) -> float:
         if not self._ok():
             return math.nan
-        if self.upper(_A_MAX) < c:
-            return self._invert(self.upper, c, False)
-        if self.lower(_A_MAX) > c:
-            return 1.0 - self.p_le(c)
-        return 0.5
+        p = self._boot_p_ge(c)
+        return max(p, self.floor.p_ge(c)) if self._floored() else p
 
     def interval(self, level: float) -> tuple[float, float]:
+        """The bootstrap interval, widened where needed to contain the t interval at the chosen LRs (the
+        interval the p-values invert: c is inside at level 1 − 2a iff neither p-value is below a)."""
         if not self._ok():
             return math.nan, math.nan
         a = (1.0 - level) / 2.0
-        return self.lower(a), self.upper(a)
+        lo, hi = self.lower(a), self.upper(a)
+        if self._floored():
+            tlo, thi = self.floor.interval(level)
+            lo, hi = min(lo, tlo), max(hi, thi)
+        return lo, hi
 
 
 _A_MAX = 0.4999  # (k(a) is 0/0 at a = 1/2)
@@ -411,9 +437,15 @@ def selection_bootstrap(a: Side, b: Side, direction: str, samples: int = 4000, s
     stability = (float(np.mean(ra == ca[0])), float(np.mean(rb == cb[0])))
     n_eff = len(a.seeds) if paired else min(len(a.seeds), len(b.seeds))
     how = "paired" if paired else "independent"
+    floor = None
+    if all(x is not None for x in chosen):  # the t contrast of the same estimate, the LRs taken as fixed
+        at = [dict(zip(side.seeds, side.test[:, int(c[0])])) for side, c in ((a, ca), (b, cb))]
+        floor = t_contrast(at[0], at[1], None if paired else False)
     return BootDist(est, diff, n_eff, f"selection-aware bootstrap ({samples} {how} seed resamples, best LR "
-                                      f"re-chosen on val in each)", len(a.seeds), len(b.seeds), paired,
-                    n_failed=int((~np.isfinite(diff)).sum()), chosen=chosen, stability=stability)
+                                      f"re-chosen on val in each; never narrower than the "
+                                      f"{floor.method if floor else 't'} at the chosen LRs)",
+                    len(a.seeds), len(b.seeds), paired,
+                    n_failed=int((~np.isfinite(diff)).sum()), chosen=chosen, stability=stability, floor=floor)
 
 
 # ------------------------------------------------------------------------------------------ tests and Holm

@@ -46,6 +46,23 @@ def test_change_of_two_bootstraps_matches_the_normal_case():
     assert "bootstrap" in c.method
 
 
+
+def test_change_of_two_three_seed_bootstraps_is_never_narrower_than_the_welch_t_of_their_floors():
+    """At 3 seeds a bootstrap's tails cannot reach the t tail; the change between budgets keeps each study's floor
+    (the t contrast at its chosen LRs): its interval contains the Welch t interval of the two t contrasts."""
+    def boot(d):
+        x = np.asarray(d)
+        a = verdicts.Side([0, 1, 2], [0.1], x[:, None], np.zeros((3, 1), bool), x[:, None])
+        b = verdicts.Side([0, 1, 2], [0.1], np.zeros((3, 1)), np.zeros((3, 1), bool), np.zeros((3, 1)))
+        return verdicts.selection_bootstrap(a, b, "maximize")
+
+    b1, b2 = boot([0.02, -0.02, 0.08]), boot([-0.8, 0.54, 1.94])  # unequal spreads: Welch df near 2
+    c = budgets.change(b1, _test(b1), b2, _test(b2), 0.9)
+    t = budgets.change(b1.floor, _test(b1.floor), b2.floor, _test(b2.floor), 0.9)
+    assert "Welch" in t.method and c.estimate == pytest.approx(t.estimate)
+    assert (c.lo, c.hi) == pytest.approx((t.lo, t.hi))  # here the floor is the wider (bootstrap alone: -1.52, 2.59)
+    assert "never narrower" in c.method
+
 def test_change_without_distributions_uses_the_intervals():
     t1 = VTest(0.1, 0.0, 0.2, 0.9, 0.04, 0.9)
     t2 = VTest(0.3, 0.2, 0.4, 0.9, 0.01, 0.99)
