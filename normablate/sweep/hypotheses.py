@@ -148,6 +148,10 @@ def _contrast(c: Any, axes: dict[str, list], task: str, w: str) -> dict[str, Any
         fixed = _side(at_raw["fixed"], axes, f"{w}.at.fixed")
         if "seed" in fixed:
             raise ConfigError(f"{w}.at.fixed cannot fix 'seed'")
+        both = [k for k in fixed if k in a or k in b]
+        if both:  # the fixed value would override both sides: A and B would be the same runs
+            raise ConfigError(f"{w}.at.fixed fixes {', '.join(map(repr, both))}, which a or b already fix; an axis "
+                              f"is fixed either per side (a, b) or for both (at.fixed), not both ways")
         at = {"fixed": fixed}
     elif isinstance(at_raw, dict) and list(at_raw) == ["over"]:
         over = at_raw["over"]

@@ -330,6 +330,7 @@ def test_the_best_lr_interval_contains_the_t_interval_at_the_chosen_lrs():
     (hyp(), {"kind": "grid", "grid": {"seed": [0, 1], "model.norm": ["bn", "none"]}},
      r"at=best_lr needs a grid axis 'optim\.lr'"),
     (hyp(at={"over": "model.norm"}), {}, r"a and b cannot also fix it"),
+    (hyp(at={"fixed": {"model.norm": "bn"}}), {}, r"at\.fixed fixes 'model\.norm', which a or b already fix"),
     (hyp(), {"grid": {"seed": [0, 1], "optim.lr": [0.01, 0.1], "model.norm": ["bn", "none"],
                       "model.width": [8, 16]}}, r"\.a leaves grid axis 'model\.width' open"),
 ])
