@@ -553,6 +553,7 @@ class Verdict:
     notes: list[str] = field(default_factory=list)
     direction: str = "maximize"  # of the metric
     dist: Any = None  # the Dist the test was read from (None for an ``over`` contrast, combined over its values)
+    interim: str = ""  # "12/54": the study had not finished (the word is not the pre-registered verdict)
 
     def type_label(self) -> str:
         return self.type.replace("_", "-") + (f", δ = {self.margin:g}" if self.margin else "")
@@ -561,7 +562,8 @@ class Verdict:
         """The one-line verdict (printed last by ``normablate sweep``)."""
         t = self.test
         ci = (f"{t.level:.0%} CI [{t.lo:+.3g}, {t.hi:+.3g}]" if math.isfinite(t.lo) else "no CI (too few seeds)")
-        return (f"verdict {self.id}: {self.word.upper()} ({self.type_label()}, alpha {self.alpha:g}): "
+        word = self.word.upper() + (f" (INTERIM: {self.interim} runs)" if self.interim else "")
+        return (f"verdict {self.id}: {word} ({self.type_label()}, alpha {self.alpha:g}): "
                 f"A − B = {t.estimate:+.3g} on {self.split} data, {ci}, {self.p_text()} — {self.what}")
 
     def seeds_needed(self) -> str:
@@ -779,8 +781,13 @@ def evaluate(data, hypotheses: list[dict[str, Any]] | None = None, samples: int 
                            dist=vdist))
     alpha = out[0].alpha
     ws, adj, adjk = words([v.test for v in out], alpha)
+    done, total = len(data.trials), int(getattr(data, "total", 0) or 0)
     for v, w, a, kk in zip(out, ws, adj, adjk):
         v.word, v.p_adj, v.p_counter_adj = w, a, kk
+        if done < total:  # read before the study finished: not the pre-registered verdict (optional stopping)
+            v.interim = f"{done}/{total}"
+            v.notes.insert(0, f"interim: {done} of the study's {total} runs had finished; the pre-registered "
+                              f"verdict is the one read when all have")
         need = v.seeds_needed()
         if need:
             v.notes.append(need)
@@ -818,7 +825,8 @@ def markdown(verdicts: list[Verdict]) -> str:
         ci = (f"[{_fmt(t.lo)}, {_fmt(t.hi)}] ({t.level:.0%})" if math.isfinite(t.lo) else "no CI (< 2 seeds)")
         body.append("| " + " | ".join(x.replace("|", "\\|").replace("\n", " ") for x in (
             v.id, v.claim, v.type_label(), f"{_fmt(t.estimate)} ({v.split}) {ci}, n = {t.n_a} vs {t.n_b}",
-            v.p_text().replace("Holm-adjusted p = ", ""), f"**{v.word}**")) + " |")
+            v.p_text().replace("Holm-adjusted p = ", ""),
+            f"**{v.word}**" + (f" (interim, {v.interim} runs)" if v.interim else ""))) + " |")
     lines = [f"## Verdicts (pre-registered hypotheses; Holm across {len(verdicts)}, alpha {alpha:g})", "",
              head + "\n".join(body), ""]
     for v in verdicts:

@@ -143,6 +143,23 @@ def test_diverged_runs_with_a_test_value_count_at_a_fixed_configuration():
     assert old.test.n_b == 0 and old.word == "inconclusive"
 
 
+
+def test_a_verdict_read_before_the_study_finished_is_marked_interim():
+    """A report or a sweep's closing lines on an unfinished study (a run still going, a worker stopped) say so in
+    the word, the line and the notes: a word read early is not the pre-registered verdict (optional stopping)."""
+    spec = load_spec(spec_dict([hyp("f", at={"fixed": {"optim.lr": 0.1}})]))
+    means = {("bn", 0.01): 0.5, ("bn", 0.1): 0.6, ("none", 0.01): 0.5, ("none", 0.1): 0.4}
+    full = study(spec, means, sd=0.005)
+    (v,) = V.evaluate(full)
+    assert v.word == "supported" and not v.interim and "INTERIM" not in v.line()
+    part = study(spec, means, sd=0.005)
+    part.trials = part.trials.iloc[:-4]  # 20 of 24 runs
+    (w,) = V.evaluate(part)
+    assert w.word == "supported" and w.interim == "20/24"
+    assert "SUPPORTED (INTERIM: 20/24 runs)" in w.line()
+    assert w.notes[0].startswith("interim: 20 of the study's 24 runs had finished")
+    assert "**supported** (interim, 20/24 runs)" in V.markdown([w])
+
 def test_equivalence_that_does_not_hold():
     spec = load_spec(spec_dict([hyp("eq", "equivalence", at={"fixed": {"optim.lr": 0.1}}, margin=0.02)]))
     data = study(spec, {("bn", 0.01): 0.5, ("bn", 0.1): 0.8, ("none", 0.01): 0.5, ("none", 0.1): 0.7}, sd=0.005)
