@@ -22,7 +22,10 @@ Faults the user can act on end the command with one line naming the file or serv
 ``StorageError``): a corrupt SQLite file or journal, a full disk, a database server still unreachable after the
 patience. A journal file is checked before anything is appended (``check_journal``): a torn or garbage tail (a
 crash or a full disk mid-append) is cut off after a backup copy is kept; damage before the last complete record is
-refused.
+refused. While a process uses a journal, a file replaced or cut short under it (a ``git stash`` or ``checkout`` of
+a tracked journal, a copy or sync tool writing over it) stops that process before it reads or writes another
+record (``JournalReplaced``): Optuna's file backend reads on from byte offsets, so it would otherwise go on blind,
+writing claims and failures against a log it no longer sees (this happened once to a findings study).
 """
 from __future__ import annotations
 
@@ -48,6 +51,10 @@ log = logging.getLogger(__name__)
 class StorageError(NormablateError):
     """The study's storage cannot be used as it is (corrupt file, full disk, unreachable server). The message names
     the file or server and what to do; the CLI prints it as one line and exits 2."""
+
+
+class JournalReplaced(StorageError):
+    """The journal file a process was using was replaced or cut short under it (see the module doc)."""
 
 
 class NoStorage(StorageError):
@@ -214,7 +221,7 @@ def open_storage(url: str | None, log_dir: str | Path = "lightning_logs", *, cre
     url = normalize_url(url, log_dir)
     check_url(url)
     if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
+        from optuna.storages.journal import JournalStorage
 
         path = Path(url[len("journal:"):])
         if not create and not path.exists():
@@ -223,7 +230,7 @@ def open_storage(url: str | None, log_dir: str | Path = "lightning_logs", *, cre
         path.parent.mkdir(parents=True, exist_ok=True)
         check_journal(path)
         try:  # (wrapped for its errors only: a full disk names the journal; nothing there is retried)
-            return retrying(JournalStorage(JournalFileBackend(str(path))), url)
+            return retrying(JournalStorage(_guarded_backend_class()(str(path))), url)
         except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError: changed since check_journal read it)
             raise StorageError(f"journal {str(path)!r} cannot be read ({type(e).__name__}: {e}); restore it from a "
                                f"backup or move it aside") from None
@@ -242,6 +249,65 @@ def open_storage(url: str | None, log_dir: str | Path = "lightning_logs", *, cre
     if url.startswith("sqlite"):
         _sqlite_immediate(storage.engine)
     return retrying(storage, url)
+
+
+_GUARDED: type | None = None
+
+
+def _guarded_backend_class() -> type:
+    """Optuna's ``JournalFileBackend`` that refuses a file replaced or cut short under it (``JournalReplaced``).
+
+    Optuna's backend remembers the byte offset of every record it has read and seeks there on the next read; if
+    the file is swapped for another (a new inode) or truncated below those offsets, its reads silently return
+    nothing from then on while its appends still land, so a worker would claim, fail and retry trials against a log
+    it cannot see. Before every read, and under the journal lock before every append, this one checks that the
+    file is the one it opened and still holds every byte it has read. ``check_journal``'s repair cuts only a torn
+    tail after the last complete record, which no process has read, so it passes."""
+    global _GUARDED
+    if _GUARDED is None:
+        from optuna.storages.journal import JournalFileBackend
+        from optuna.storages.journal._file import get_lock_file
+
+        class GuardedJournalFileBackend(JournalFileBackend):
+            def __init__(self, file_path: str, lock_obj=None) -> None:
+                super().__init__(file_path, lock_obj)
+                st = os.stat(self._file_path)
+                self._nb_file = (st.st_dev, st.st_ino)
+
+            def _nb_check(self) -> None:
+                seen = max(self._log_number_offset.values())  # bytes of records this process has read
+                try:
+                    st = os.stat(self._file_path)
+                except FileNotFoundError:
+                    st = None
+                if st is not None and (st.st_dev, st.st_ino) == self._nb_file and st.st_size >= seen:
+                    return
+                now = ("it is gone" if st is None else f"it now holds {st.st_size} bytes"
+                       + (", in another file" if (st.st_dev, st.st_ino) != self._nb_file else ""))
+                raise JournalReplaced(
+                    f"journal {self._file_path!r} was replaced or cut short while this process used it (it had "
+                    f"read {seen} bytes of records; {now}); stopped before reading or writing another record. "
+                    f"Something outside the sweep changed the file (a git stash or checkout of a tracked journal, "
+                    f"a copy or sync over it): put back the file as it was, or a later copy of it, and run the same "
+                    f"command again (finished trials in it are kept)")
+
+            def read_logs(self, log_number_from: int):
+                self._nb_check()
+                return super().read_logs(log_number_from)
+
+            def append_logs(self, logs: list[dict[str, Any]]) -> None:
+                # Optuna's append_logs, with the check inside its lock (the lock is not reentrant, so the
+                # six lines are repeated rather than wrapped)
+                with get_lock_file(self._lock):
+                    self._nb_check()
+                    data = "\n".join(json.dumps(x, separators=(",", ":")) for x in logs) + "\n"
+                    with open(self._file_path, "ab") as f:
+                        f.write(data.encode("utf-8"))
+                        f.flush()
+                        os.fsync(f.fileno())
+
+        _GUARDED = GuardedJournalFileBackend
+    return _GUARDED
 
 
 def _rdb_storage(url: str, kwargs: dict[str, Any]):

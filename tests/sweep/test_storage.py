@@ -20,7 +20,8 @@ import yaml
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from normablate.cli import main
-from normablate.sweep.storage import StorageError, check_journal, open_storage
+from normablate.sweep import storage as storage_mod
+from normablate.sweep.storage import JournalReplaced, StorageError, check_journal, open_storage
 
 from support.helpers import run_main
 from support.sweep import make_spec, sqlite_url
@@ -597,6 +598,53 @@ def test_full_disk_under_a_journal_names_the_journal(tmp_path, monkeypatch):
     def full(self, logs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(JournalFileBackend, "append_logs", full)
+    monkeypatch.setattr(storage_mod._guarded_backend_class(), "append_logs", full)
     with pytest.raises(StorageError, match=f"no space left on the disk holding {str(j)!r}; free some space"):
         optuna.create_study(study_name="s2", storage=st)
+
+
+def _live_journal(tmp_path):
+    """A journal storage in use: a study with two trials, read back (so its reader has offsets to seek to)."""
+    j = tmp_path / "j.journal"
+    st = open_storage(f"journal:{j}")
+    study = optuna.create_study(study_name="s", storage=st)
+    study.enqueue_trial({"x": 1})
+    before = j.read_bytes()  # (an older state of the file: what a stash or checkout would bring back)
+    study.enqueue_trial({"x": 2})
+    assert len(study.get_trials()) == 2
+    return j, study, before
+
+
+@pytest.mark.parametrize("how", ["replaced by an older copy", "cut short in place", "removed"])
+def test_a_journal_changed_under_a_live_storage_stops_it_before_it_writes_blind(tmp_path, how):
+    """A git stash of a tracked journal once did this to a running findings study: Optuna's reader seeks to the byte
+    offsets it remembers, so past a new or shorter file it read nothing while its writes still landed (a worker
+    claimed queued trials 60 times over and failed a trial it had completed). Now the next read or write stops
+    with one line naming the file, and nothing is appended."""
+    j, study, before = _live_journal(tmp_path)
+    if how == "replaced by an older copy":
+        j.unlink()
+        j.write_bytes(before)  # a new file (another inode), as git writes one
+    elif how == "cut short in place":
+        with open(j, "r+b") as f:
+            f.truncate(len(before))
+    else:
+        j.unlink()
+    for call in (study.get_trials, lambda: study.enqueue_trial({"x": 3})):
+        with pytest.raises(JournalReplaced, match=rf"journal {str(j)!r} was replaced or cut short while this "
+                                                  rf"process used it .*put back the file as it was"):
+            call()
+    assert (j.read_bytes() == before) if how != "removed" else not j.exists()  # nothing was written
+
+
+def test_a_torn_tail_cut_by_another_process_does_not_stop_a_live_storage(tmp_path, capsys):
+    """check_journal (another command opening the journal) cuts only a torn tail after the last complete record,
+    which no reader has passed: a live storage reads and writes on."""
+    j, study, _ = _live_journal(tmp_path)
+    whole = j.read_bytes()
+    with open(j, "ab") as f:
+        f.write(b'{"op_code":4,"worker_id":"dead-wri')  # a writer killed mid-record
+    open_storage(f"journal:{j}")  # cuts the tail (and says so on stderr)
+    assert "dropped" in capsys.readouterr().err and j.read_bytes() == whole
+    study.enqueue_trial({"x": 3})
+    assert len(study.get_trials()) == 3 and len(j.read_bytes()) > len(whole)
