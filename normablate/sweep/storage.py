@@ -260,9 +260,11 @@ def _guarded_backend_class() -> type:
     Optuna's backend remembers the byte offset of every record it has read and seeks there on the next read; if
     the file is swapped for another (a new inode) or truncated below those offsets, its reads silently return
     nothing from then on while its appends still land, so a worker would claim, fail and retry trials against a log
-    it cannot see. Before every read, and under the journal lock before every append, this one checks that the
-    file is the one it opened and still holds every byte it has read. ``check_journal``'s repair cuts only a torn
-    tail after the last complete record, which no process has read, so it passes."""
+    it cannot see. Before every read, and under the journal lock before every append (on the open file it appends
+    to), this one checks that the file is the one it opened (device and inode), still holds every byte it has
+    read, and still has the last bytes it read where it read them (an inode number is reused after a delete, and a
+    copy over the file keeps it). ``check_journal``'s repair cuts only a torn tail after the last complete record,
+    which no process has read, so it passes."""
     global _GUARDED
     if _GUARDED is None:
         from optuna.storages.journal import JournalFileBackend
@@ -273,17 +275,27 @@ def _guarded_backend_class() -> type:
                 super().__init__(file_path, lock_obj)
                 st = os.stat(self._file_path)
                 self._nb_file = (st.st_dev, st.st_ino)
+                self._nb_tail = (0, b"")  # (end offset, the bytes before it) of the records last read
 
-            def _nb_check(self) -> None:
+            def _nb_check(self, fd: int | None = None) -> None:
                 seen = max(self._log_number_offset.values())  # bytes of records this process has read
+                end, tail = self._nb_tail
                 try:
-                    st = os.stat(self._file_path)
+                    st = os.fstat(fd) if fd is not None else os.stat(self._file_path)
+                    same = (st.st_dev, st.st_ino) == self._nb_file and st.st_size >= seen
+                    if same and tail:  # (an inode number can be reused, and a copy over the file keeps it)
+                        if fd is not None:
+                            same = os.pread(fd, len(tail), end - len(tail)) == tail
+                        else:
+                            with open(self._file_path, "rb") as f:
+                                f.seek(end - len(tail))
+                                same = f.read(len(tail)) == tail
                 except FileNotFoundError:
-                    st = None
-                if st is not None and (st.st_dev, st.st_ino) == self._nb_file and st.st_size >= seen:
+                    st, same = None, False
+                if same:
                     return
                 now = ("it is gone" if st is None else f"it now holds {st.st_size} bytes"
-                       + (", in another file" if (st.st_dev, st.st_ino) != self._nb_file else ""))
+                       + ("" if st.st_size < seen else ", not the records it read"))
                 raise JournalReplaced(
                     f"journal {self._file_path!r} was replaced or cut short while this process used it (it had "
                     f"read {seen} bytes of records; {now}); stopped before reading or writing another record. "
@@ -293,18 +305,28 @@ def _guarded_backend_class() -> type:
 
             def read_logs(self, log_number_from: int):
                 self._nb_check()
-                return super().read_logs(log_number_from)
+                yield from super().read_logs(log_number_from)
+                seen = max(self._log_number_offset.values())
+                if seen > self._nb_tail[0]:  # remember the end of what was just read (its last <= 256 bytes)
+                    with open(self._file_path, "rb") as f:
+                        f.seek(max(0, seen - 256))
+                        self._nb_tail = (seen, f.read(seen - max(0, seen - 256)))
 
             def append_logs(self, logs: list[dict[str, Any]]) -> None:
-                # Optuna's append_logs, with the check inside its lock (the lock is not reentrant, so the
-                # six lines are repeated rather than wrapped)
+                # Optuna's append_logs, with the check inside its lock, on the file it writes to (the lock is not
+                # reentrant, so its few lines are repeated rather than wrapped)
                 with get_lock_file(self._lock):
-                    self._nb_check()
                     data = "\n".join(json.dumps(x, separators=(",", ":")) for x in logs) + "\n"
-                    with open(self._file_path, "ab") as f:
+                    try:  # (append mode without O_CREAT: a file removed meanwhile is not made anew)
+                        fd = os.open(self._file_path, os.O_RDWR | os.O_APPEND)
+                    except FileNotFoundError:
+                        self._nb_check()  # raises: the file is gone
+                        raise
+                    with os.fdopen(fd, "r+b") as f:
+                        self._nb_check(fd)
                         f.write(data.encode("utf-8"))
                         f.flush()
-                        os.fsync(f.fileno())
+                        os.fsync(fd)
 
         _GUARDED = GuardedJournalFileBackend
     return _GUARDED

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -615,7 +616,8 @@ def _live_journal(tmp_path):
     return j, study, before
 
 
-@pytest.mark.parametrize("how", ["replaced by an older copy", "cut short in place", "removed"])
+@pytest.mark.parametrize("how", ["replaced by an older copy", "cut short in place", "removed",
+                                 "a longer journal copied over it"])
 def test_a_journal_changed_under_a_live_storage_stops_it_before_it_writes_blind(tmp_path, how):
     """A git stash of a tracked journal once did this to a running findings study: Optuna's reader seeks to the byte
     offsets it remembers, so past a new or shorter file it read nothing while its writes still landed (a worker
@@ -628,8 +630,15 @@ def test_a_journal_changed_under_a_live_storage_stops_it_before_it_writes_blind(
     elif how == "cut short in place":
         with open(j, "r+b") as f:
             f.truncate(len(before))
-    else:
+    elif how == "removed":
         j.unlink()
+    else:  # in place (same inode, as cp or rsync --inplace write), longer than what was read: sizes cannot tell
+        other = optuna.create_study(study_name="s", storage=open_storage(f"journal:{tmp_path / 'other.journal'}"))
+        for x in range(10):
+            other.enqueue_trial({"x": 10 + x})
+        before, read, inode = (tmp_path / "other.journal").read_bytes(), j.stat().st_size, j.stat().st_ino
+        shutil.copyfile(tmp_path / "other.journal", j)
+        assert j.stat().st_ino == inode and len(before) >= read
     for call in (study.get_trials, lambda: study.enqueue_trial({"x": 3})):
         with pytest.raises(JournalReplaced, match=rf"journal {str(j)!r} was replaced or cut short while this "
                                                   rf"process used it .*put back the file as it was"):
