@@ -278,22 +278,27 @@ def _guarded_backend_class() -> type:
                 self._nb_tail = (0, b"")  # (end offset, the bytes before it) of the records last read
 
             def _nb_check(self, fd: int | None = None) -> None:
+                """Check the open file ``fd``, else the file at the path (opened for the check)."""
+                if fd is None:
+                    try:
+                        fd = os.open(self._file_path, os.O_RDONLY)
+                    except FileNotFoundError:
+                        return self._nb_refuse(None)
+                    try:
+                        return self._nb_check(fd)
+                    finally:
+                        os.close(fd)
                 seen = max(self._log_number_offset.values())  # bytes of records this process has read
                 end, tail = self._nb_tail
-                try:
-                    st = os.fstat(fd) if fd is not None else os.stat(self._file_path)
-                    same = (st.st_dev, st.st_ino) == self._nb_file and st.st_size >= seen
-                    if same and tail:  # (an inode number can be reused, and a copy over the file keeps it)
-                        if fd is not None:
-                            same = os.pread(fd, len(tail), end - len(tail)) == tail
-                        else:
-                            with open(self._file_path, "rb") as f:
-                                f.seek(end - len(tail))
-                                same = f.read(len(tail)) == tail
-                except FileNotFoundError:
-                    st, same = None, False
-                if same:
-                    return
+                st = os.fstat(fd)
+                same = (st.st_dev, st.st_ino) == self._nb_file and st.st_size >= seen
+                if same and tail:  # (an inode number can be reused, and a copy over the file keeps it)
+                    same = os.pread(fd, len(tail), end - len(tail)) == tail
+                if not same:
+                    self._nb_refuse(st)
+
+            def _nb_refuse(self, st) -> None:  # always raises
+                seen = max(self._log_number_offset.values())
                 now = ("it is gone" if st is None else f"it now holds {st.st_size} bytes"
                        + ("" if st.st_size < seen else ", not the records it read"))
                 raise JournalReplaced(
@@ -320,8 +325,7 @@ def _guarded_backend_class() -> type:
                     try:  # (append mode without O_CREAT: a file removed meanwhile is not made anew)
                         fd = os.open(self._file_path, os.O_RDWR | os.O_APPEND)
                     except FileNotFoundError:
-                        self._nb_check()  # raises: the file is gone
-                        raise
+                        self._nb_refuse(None)
                     with os.fdopen(fd, "r+b") as f:
                         self._nb_check(fd)
                         f.write(data.encode("utf-8"))
