@@ -27,7 +27,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from .verdicts import BootDist, Dist, TDist, Test, t_ppf, words
+from .verdicts import BootDist, Dist, TDist, Test, t_ppf, widening, words
 
 _N = NormalDist()
 
@@ -54,8 +54,7 @@ def change(d1: Dist | None, t1: Test, d2: Dist | None, t2: Test, level: float, s
         n = min(len(d1.samples), len(d2.samples))
         s = rng.permutation(d2.samples)[:n] - rng.permutation(d1.samples)[:n]
         med = float(np.median(s))
-        nmin = min(d1.n, d2.n)
-        k = math.sqrt(nmin / (nmin - 1)) * t_ppf(1.0 - a, nmin - 1) / _N.inv_cdf(1.0 - a)
+        k = widening(min(d1.n, d2.n), a)  # (the smaller study's n: the wider of the two)
         lo = med - (med - float(np.quantile(s, a))) * k
         hi = med + (float(np.quantile(s, 1.0 - a)) - med) * k
         how = "difference of the two studies' independent seed bootstraps"

@@ -177,6 +177,12 @@ class TDist(Dist):
         return self.est - q * self.se, self.est + q * self.se
 
 
+def widening(n: int, a: float) -> float:
+    """k(n, a) = √(n/(n−1))·t(1−a, n−1)/z(1−a): the factor by which a bootstrap tail's spread about its median is
+    widened at one-sided level a when the resamples are of n seeds (the t's small-sample correction)."""
+    return math.sqrt(n / (n - 1)) * t_ppf(1.0 - a, n - 1) / _N.inv_cdf(1.0 - a)
+
+
 @dataclass
 class BootDist(Dist):
     """A bootstrap distribution ``samples`` of the estimate ``est`` from ``n`` seeds: the percentile interval with
@@ -204,7 +210,7 @@ class BootDist(Dist):
         return math.isfinite(self.est) and self.n >= 2 and len(self.samples) > 1
 
     def _k(self, a: float) -> float:
-        return math.sqrt(self.n / (self.n - 1)) * t_ppf(1.0 - a, self.n - 1) / _N.inv_cdf(1.0 - a)
+        return widening(self.n, a)
 
     def lower(self, a: float) -> float:
         """The interval's lower end at one-sided level a (increasing in a)."""
