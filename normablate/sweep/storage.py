@@ -22,7 +22,8 @@ Faults the user can act on end the command with one line naming the file or serv
 ``StorageError``): a corrupt SQLite file or journal, a full disk, a database server still unreachable after the
 patience. A journal file is checked before anything is appended (``check_journal``): a torn or garbage tail (a
 crash or a full disk mid-append) is cut off after a backup copy is kept; damage before the last complete record is
-refused. While a process uses a journal, a file replaced or cut short under it (a ``git stash`` or ``checkout`` of
+refused; a live writer does the same, under the journal lock, to a record a sibling worker left torn when it was
+killed mid-append, rather than glue its own onto it. While a process uses a journal, a file replaced or cut short under it (a ``git stash`` or ``checkout`` of
 a tracked journal, a copy or sync tool writing over it) stops that process before it reads or writes another
 record (``JournalReplaced``): Optuna's file backend reads on from byte offsets, so it would otherwise go on blind,
 writing claims and failures against a log it no longer sees (this happened once to a findings study).
@@ -127,35 +128,44 @@ def display_url(url: str) -> str:
         return url
 
 
-def _record_ok(line: bytes) -> bool:
-    """Whether one journal line is a complete record as Optuna's ``JournalFileBackend.read_logs`` reads it: the line
-    ends with a newline and ``json.loads`` gives an operation (a JSON object with ``op_code``). Optuna itself only
-    skips a bad *last* line and fails on any other (``JSONDecodeError``; ``UnicodeDecodeError`` for binary bytes)."""
+def _record(line: bytes) -> dict | None:
+    """One journal line's record, or None where it is not a complete one: a complete record ends with a newline
+    and ``json.loads`` gives an operation (a JSON object with ``op_code``). Optuna's own reader only skips a bad
+    *last* line and fails on any other (``JSONDecodeError``; ``UnicodeDecodeError`` for binary bytes)."""
     if not line.endswith(b"\n"):
-        return False
+        return None
     try:
         rec = json.loads(line)
     except ValueError:  # JSONDecodeError, UnicodeDecodeError
-        return False
-    return isinstance(rec, dict) and "op_code" in rec
+        return None
+    return rec if isinstance(rec, dict) and "op_code" in rec else None
+
+
+def _lines(data: bytes) -> list[bytes]:
+    """``data`` split after each newline (only ``\\n``, as Optuna's reader splits), the last piece kept if unended."""
+    parts = data.split(b"\n")
+    return [p + b"\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
 
 
 def _scan_journal(path: Path) -> tuple[int, int | None, int]:
     """(end of the last complete record, offset of the first bad byte after it or None, file size). Raises
-    ``StorageError`` naming the offset when a bad line comes before a complete record (damage inside the file)."""
+    ``StorageError`` naming the offset when a bad line comes before a complete record (damage inside the file).
+    Reads the size the file has when it starts, at once, so that bytes a writer appends meanwhile cannot split a
+    line in two."""
     good_end, first_bad, offset = 0, None, 0
     with open(path, "rb") as f:
-        for line in f:
-            if _record_ok(line):
-                if first_bad is not None:
-                    raise StorageError(
-                        f"journal {str(path)!r} is damaged: the record at byte {first_bad} does not parse and "
-                        f"complete records follow it, so it was left as it is and nothing was written; restore the "
-                        f"file from a backup, or move it aside and start the study again")
-                good_end = offset + len(line)
-            elif first_bad is None:
-                first_bad = offset
-            offset += len(line)
+        data = f.read(os.fstat(f.fileno()).st_size)
+    for line in _lines(data):
+        if _record(line) is not None:
+            if first_bad is not None:
+                raise StorageError(
+                    f"journal {str(path)!r} is damaged: the record at byte {first_bad} does not parse and "
+                    f"complete records follow it, so it was left as it is and nothing was written; restore the "
+                    f"file from a backup, or move it aside and start the study again")
+            good_end = offset + len(line)
+        elif first_bad is None:
+            first_bad = offset
+        offset += len(line)
     return good_end, first_bad, offset
 
 
@@ -164,41 +174,50 @@ def check_journal(path: str | Path) -> int:
 
     Hand-written because Optuna's ``JournalFileBackend`` appends straight after whatever the file ends with: after
     a torn write (a crash or a full disk mid-append) the next record is glued to the torn one, and from then on
-    every read fails. Here, a tail after the last complete record (``_record_ok``) that is not one is cut off, under
-    Optuna's own journal lock (a live writer's half-written line is waited for, not cut), after the file is copied
-    to ``PATH.bak-<UTC time>``; one line on stderr names the file and the bytes dropped. A bad record with complete
-    ones after it, or a non-empty file with no complete record at all (not a journal, or a binary file), is refused
-    (``StorageError``) and nothing is written."""
+    every read fails. Here, a tail after the last complete record (``_record``) that is not one is cut off, under
+    Optuna's own journal lock, after the file is copied to ``PATH.bak-<UTC time>``; one line on stderr names the
+    file and the bytes dropped. A bad record with complete ones after it, or a non-empty file with no complete
+    record at all (not a journal, or a binary file), is refused (``StorageError``) and nothing is written. A first
+    look is taken without the lock (the usual case, a whole file, costs no lock); anything wrong in it may be a live
+    writer's half-written line, so every decision is taken on a second look under the lock, where no writer is
+    mid-record."""
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return 0
-    good_end, first_bad, size = _scan_journal(path)
-    if first_bad is None:
-        return 0
-    if good_end == 0:
-        raise StorageError(f"{str(path)!r} is not an Optuna journal (no complete record in its {size} bytes; the "
-                           f"first bad byte is at offset {first_bad}), so it was left as it is; pass another file to "
-                           f"--storage, or move this one aside")
+    try:
+        if _scan_journal(path)[1] is None:
+            return 0
+    except StorageError:
+        pass  # (decided under the lock)
     from optuna.storages.journal import JournalFileSymlinkLock
     from optuna.storages.journal._file import get_lock_file
 
     with get_lock_file(JournalFileSymlinkLock(str(path))):  # the lock Optuna's append_logs holds
-        good_end, first_bad, size = _scan_journal(path)  # again: a writer may have finished its line meanwhile
+        good_end, first_bad, size = _scan_journal(path)
         if first_bad is None:
             return 0
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-        backup = path.with_name(f"{path.name}.bak-{stamp}")
-        if backup.exists():
-            backup = path.with_name(f"{path.name}.bak-{stamp}-{os.getpid()}")
-        shutil.copy2(path, backup)
+        if good_end == 0:
+            raise StorageError(f"{str(path)!r} is not an Optuna journal (no complete record in its {size} bytes; "
+                               f"the first bad byte is at offset {first_bad}), so it was left as it is; pass another "
+                               f"file to --storage, or move this one aside")
         with open(path, "r+b") as f:
-            f.truncate(good_end)
-            f.flush()
-            os.fsync(f.fileno())
-    dropped = size - good_end
-    print(f"journal {str(path)!r}: dropped {dropped} bytes of an incomplete or garbage tail after the last complete "
-          f"record (byte {good_end}); the file as it was is kept in {str(backup)!r}", file=sys.stderr, flush=True)
-    return dropped
+            _cut_tail(path, f.fileno(), good_end, size)
+    return size - good_end
+
+
+def _cut_tail(path: Path, fd: int, good_end: int, size: int) -> None:
+    """Cut the journal open as ``fd`` back to ``good_end`` (the end of its last complete record), the file as it was
+    copied to ``PATH.bak-<UTC time>`` first; one line on stderr. The caller holds the journal lock."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    backup = path.with_name(f"{path.name}.bak-{stamp}")
+    if backup.exists():
+        backup = path.with_name(f"{path.name}.bak-{stamp}-{os.getpid()}")
+    shutil.copy2(path, backup)
+    os.ftruncate(fd, good_end)
+    os.fsync(fd)
+    print(f"journal {str(path)!r}: dropped {size - good_end} bytes of an incomplete or garbage tail after the last "
+          f"complete record (byte {good_end}); the file as it was is kept in {str(backup)!r}", file=sys.stderr,
+          flush=True)
 
 
 def _sqlite_immediate(engine) -> None:
@@ -252,19 +271,42 @@ def open_storage(url: str | None, log_dir: str | Path = "lightning_logs", *, cre
 
 
 _GUARDED: type | None = None
+_TAIL = 256  # bytes kept of the end of what a backend has read, to recognise its file by
+
+
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` (fewer only at the end of the file)."""
+    parts, got = [], 0
+    while got < n:
+        b = os.pread(fd, n - got, offset + got)
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
 
 
 def _guarded_backend_class() -> type:
-    """Optuna's ``JournalFileBackend`` that refuses a file replaced or cut short under it (``JournalReplaced``).
+    """Optuna's ``JournalFileBackend`` with its reads and appends re-written to refuse a file replaced or cut short
+    under it (``JournalReplaced``), and to cut a dead writer's torn record before appending.
 
     Optuna's backend remembers the byte offset of every record it has read and seeks there on the next read; if
     the file is swapped for another (a new inode) or truncated below those offsets, its reads silently return
     nothing from then on while its appends still land, so a worker would claim, fail and retry trials against a log
-    it cannot see. Before every read, and under the journal lock before every append (on the open file it appends
-    to), this one checks that the file is the one it opened (device and inode), still holds every byte it has
-    read, and still has the last bytes it read where it read them (an inode number is reused after a delete, and a
-    copy over the file keeps it). ``check_journal``'s repair cuts only a torn tail after the last complete record,
-    which no process has read, so it passes."""
+    it cannot see. Hand-written (Optuna's reader opens the path anew for each step and cannot be checked between
+    them): every read and every append works on one open descriptor, and checks first that it is the file this
+    backend opened (device and inode), that it still holds every byte read so far, and that the last bytes read are
+    still where they were (an inode number is reused after a delete, and a copy over the file keeps it). A read
+    takes the file's size, reads up to it at once, and compares the bytes of the records it read with a second read
+    before it hands them on, so a copy written over the file meanwhile is refused too, not read half-and-half.
+
+    Reading follows Optuna's format: one JSON record per line; a line not yet ended by a newline (a writer
+    mid-record), or a last line that does not parse, is left for the next read; a bad line with more after it is
+    damage (``StorageError`` naming the byte). An append waits for Optuna's journal lock (after checking the file,
+    so a removed journal with a stale lock is refused rather than waited on), checks again under it, and if the file
+    does not end with a newline, cuts that torn tail (a writer killed mid-append: no one holding the lock can be
+    writing it, and no reader passes a line without its newline) as ``check_journal`` does, instead of gluing its
+    record onto it."""
     global _GUARDED
     if _GUARDED is None:
         from optuna.storages.journal import JournalFileBackend
@@ -272,33 +314,30 @@ def _guarded_backend_class() -> type:
 
         class GuardedJournalFileBackend(JournalFileBackend):
             def __init__(self, file_path: str, lock_obj=None) -> None:
-                super().__init__(file_path, lock_obj)
+                super().__init__(file_path, lock_obj)  # (Optuna's: the lock, and an empty file if there is none)
                 st = os.stat(self._file_path)
                 self._nb_file = (st.st_dev, st.st_ino)
-                self._nb_tail = (0, b"")  # (end offset, the bytes before it) of the records last read
+                self._nb_seen, self._nb_tail = 0, b""  # end of the records read so far; its last <= _TAIL bytes
 
-            def _nb_check(self, fd: int | None = None) -> None:
-                """Check the open file ``fd``, else the file at the path (opened for the check)."""
-                if fd is None:
-                    try:
-                        fd = os.open(self._file_path, os.O_RDONLY)
-                    except FileNotFoundError:
-                        return self._nb_refuse(None)
-                    try:
-                        return self._nb_check(fd)
-                    finally:
-                        os.close(fd)
-                seen = max(self._log_number_offset.values())  # bytes of records this process has read
-                end, tail = self._nb_tail
+            def _nb_open(self, flags: int) -> int:
+                try:  # (never O_CREAT: a file removed meanwhile is not made anew)
+                    return os.open(self._file_path, flags)
+                except FileNotFoundError:
+                    self._nb_refuse(None)
+
+            def _nb_check(self, fd: int) -> int:
+                """The size of the open file ``fd``, after checking that it is this backend's file, unchanged."""
                 st = os.fstat(fd)
+                seen, tail = self._nb_seen, self._nb_tail
                 same = (st.st_dev, st.st_ino) == self._nb_file and st.st_size >= seen
-                if same and tail:  # (an inode number can be reused, and a copy over the file keeps it)
-                    same = os.pread(fd, len(tail), end - len(tail)) == tail
+                if same and tail:
+                    same = os.pread(fd, len(tail), seen - len(tail)) == tail
                 if not same:
                     self._nb_refuse(st)
+                return st.st_size
 
             def _nb_refuse(self, st) -> None:  # always raises
-                seen = max(self._log_number_offset.values())
+                seen = self._nb_seen
                 now = ("it is gone" if st is None else f"it now holds {st.st_size} bytes"
                        + ("" if st.st_size < seen else ", not the records it read"))
                 raise JournalReplaced(
@@ -309,31 +348,77 @@ def _guarded_backend_class() -> type:
                     f"command again (finished trials in it are kept)")
 
             def read_logs(self, log_number_from: int):
-                self._nb_check()
-                yield from super().read_logs(log_number_from)
-                seen = max(self._log_number_offset.values())
-                if seen > self._nb_tail[0]:  # remember the end of what was just read (its last <= 256 bytes)
-                    with open(self._file_path, "rb") as f:
-                        f.seek(max(0, seen - 256))
-                        self._nb_tail = (seen, f.read(seen - max(0, seen - 256)))
+                offsets = self._log_number_offset  # log number -> byte offset of its line (Optuna's)
+                n = log_number_from if log_number_from in offsets else 0
+                start = offsets[n]
+                fd = self._nb_open(os.O_RDONLY)
+                try:
+                    size = self._nb_check(fd)
+                    data = _pread_all(fd, size - start, start)
+                    records, end, bad = [], 0, None  # (end: of the last complete record, within data)
+                    for line in _lines(data):
+                        if bad is not None:  # a bad line with more after it: damage, unless the file changed
+                            if _pread_all(fd, len(data), start) != data:
+                                self._nb_refuse(os.fstat(fd))
+                            raise StorageError(
+                                f"journal {self._file_path!r} is damaged: the record at byte {start + bad} does not "
+                                f"parse and more follows it; restore the file from a backup, or move it aside")
+                        if not line.endswith(b"\n"):
+                            break  # a writer mid-record: read it next time
+                        rec = _record(line)
+                        if rec is None:
+                            bad = end
+                            continue
+                        end += len(line)
+                        n += 1
+                        offsets.setdefault(n, start + end)
+                        if n > log_number_from:
+                            records.append(rec)
+                    if end:  # the bytes of those records, read again: a copy over the file meanwhile shows here
+                        if _pread_all(fd, end, start) != data[:end]:
+                            self._nb_refuse(os.fstat(fd))
+                        if start + end > self._nb_seen:  # (its tail: from data, else before it, checked above)
+                            self._nb_seen, keep = start + end, min(_TAIL, start + end)
+                            self._nb_tail = data[end - keep:end] if keep <= end else _pread_all(
+                                fd, keep, start + end - keep)
+                finally:
+                    os.close(fd)
+                yield from records
 
             def append_logs(self, logs: list[dict[str, Any]]) -> None:
-                # Optuna's append_logs, with the check inside its lock, on the file it writes to (the lock is not
-                # reentrant, so its few lines are repeated rather than wrapped)
+                data = ("\n".join(json.dumps(x, separators=(",", ":")) for x in logs) + "\n").encode("utf-8")
+                fd = self._nb_open(os.O_RDONLY)  # (before waiting for the lock: a lock left by a killed writer
+                try:  # on a journal since removed would otherwise be waited on forever)
+                    self._nb_check(fd)
+                finally:
+                    os.close(fd)
                 with get_lock_file(self._lock):
-                    data = "\n".join(json.dumps(x, separators=(",", ":")) for x in logs) + "\n"
-                    try:  # (append mode without O_CREAT: a file removed meanwhile is not made anew)
-                        fd = os.open(self._file_path, os.O_RDWR | os.O_APPEND)
-                    except FileNotFoundError:
-                        self._nb_refuse(None)
-                    with os.fdopen(fd, "r+b") as f:
-                        self._nb_check(fd)
-                        f.write(data.encode("utf-8"))
-                        f.flush()
+                    fd = self._nb_open(os.O_RDWR | os.O_APPEND)
+                    try:
+                        size = self._nb_check(fd)
+                        if size and os.pread(fd, 1, size - 1) != b"\n":  # a writer killed mid-record
+                            _cut_tail(Path(self._file_path), fd, _last_line_end(fd, size), size)
+                        view = memoryview(data)
+                        while view:
+                            view = view[os.write(fd, view):]
                         os.fsync(fd)
+                    finally:
+                        os.close(fd)
 
         _GUARDED = GuardedJournalFileBackend
     return _GUARDED
+
+
+def _last_line_end(fd: int, size: int) -> int:
+    """The offset just past the last newline of the open file ``fd`` of ``size`` bytes (0 if it has none)."""
+    pos = size
+    while pos > 0:
+        lo = max(0, pos - 65536)
+        i = _pread_all(fd, pos - lo, lo).rfind(b"\n")
+        if i >= 0:
+            return lo + i + 1
+        pos = lo
+    return 0
 
 
 def _rdb_storage(url: str, kwargs: dict[str, Any]):

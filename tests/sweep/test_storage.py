@@ -657,3 +657,120 @@ def test_a_torn_tail_cut_by_another_process_does_not_stop_a_live_storage(tmp_pat
     assert "dropped" in capsys.readouterr().err and j.read_bytes() == whole
     study.enqueue_trial({"x": 3})
     assert len(study.get_trials()) == 3 and len(j.read_bytes()) > len(whole)
+
+
+def test_a_half_written_record_seen_without_the_lock_is_waited_for_not_refused(tmp_path, monkeypatch):
+    """A second worker opening a fresh journal while the first is mid-way through writing its first record (under
+    Optuna's lock) once got "is not an Optuna journal": the look without the lock decided. Now it only leads to a
+    second look under the lock, where the record is whole."""
+    import threading
+
+    from optuna.storages.journal import JournalFileSymlinkLock
+    from optuna.storages.journal._file import get_lock_file
+
+    j = tmp_path / "j.journal"
+    record = json.dumps({"op_code": 0, "worker_id": "w", "study_name": "s", "directions": [1]}) + "\n"
+    scans, first_done = [], threading.Event()
+    real_scan = storage_mod._scan_journal
+
+    def scan(path):
+        try:
+            out = real_scan(path)
+        except StorageError as e:
+            out = e
+        scans.append(out)
+        first_done.set()
+        if isinstance(out, StorageError):
+            raise out
+        return out
+
+    monkeypatch.setattr(storage_mod, "_scan_journal", scan)
+    result = {}
+    with get_lock_file(JournalFileSymlinkLock(str(j))):  # the first writer, mid-record
+        j.write_bytes(record[:20].encode())
+        t = threading.Thread(target=lambda: result.setdefault("dropped", check_journal(j)), daemon=True)
+        t.start()
+        assert first_done.wait(30)
+        with open(j, "ab") as f:
+            f.write(record[20:].encode())
+    t.join(30)
+    assert not t.is_alive() and result == {"dropped": 0}, result
+    assert scans[0] == (0, 0, 20) and scans[-1] == (len(record), None, len(record))  # seen torn, then whole
+    assert j.read_text() == record
+
+
+def test_a_copy_over_the_journal_during_a_read_is_refused_before_its_records_are_used(tmp_path, monkeypatch):
+    """A copy written over the journal in place (same inode) between reading the new bytes and using them: the
+    bytes are read again and compared, so the read stops (JournalReplaced) instead of handing on half of each."""
+    j, study, _ = _live_journal(tmp_path)
+    optuna.load_study(study_name="s", storage=open_storage(f"journal:{j}")).enqueue_trial({"x": 5})  # news
+    other = optuna.create_study(study_name="s", storage=open_storage(f"journal:{tmp_path / 'other.journal'}"))
+    for x in range(10):
+        other.enqueue_trial({"x": 10 + x})
+    real, calls = storage_mod._pread_all, []
+
+    def pread_then_copy(fd, n, offset):
+        out = real(fd, n, offset)
+        calls.append(n)
+        if len(calls) == 1:  # right after the read of the new bytes
+            shutil.copyfile(tmp_path / "other.journal", j)
+        return out
+
+    monkeypatch.setattr(storage_mod, "_pread_all", pread_then_copy)
+    with pytest.raises(JournalReplaced, match="was replaced or cut short"):
+        study.get_trials()
+    assert len(calls) == 2  # the read, and the read again that showed the copy
+
+
+def test_a_removed_journal_with_a_stale_lock_is_refused_not_waited_on(tmp_path):
+    """A lock left by a writer killed while holding it, and the journal removed: Optuna's lock waits for the lock
+    forever (it stats the dangling link in a loop); the file is checked before the lock is waited for."""
+    import threading
+
+    j, study, _ = _live_journal(tmp_path)
+    os.symlink(j, f"{j}.lock")  # Optuna's symlink lock, as a killed writer leaves it
+    j.unlink()
+    out = {}
+
+    def write():
+        try:
+            study.enqueue_trial({"x": 3})
+        except Exception as e:  # noqa: BLE001
+            out["e"] = e
+
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the append waited on the stale lock"
+    assert isinstance(out.get("e"), JournalReplaced) and "it is gone" in str(out["e"])
+
+
+def test_a_binary_garbage_tail_cut_by_another_process_does_not_stop_a_live_storage(tmp_path, capsys):
+    """A tail that is not UTF-8 (a disk-level fault) is a bad last line: a live reader leaves it unread, as it does
+    a JSON one, so check_journal's cut (another command opening the journal) does not stop it."""
+    j, study, _ = _live_journal(tmp_path)
+    with open(j, "ab") as f:
+        f.write(b"\x80\xff garbage\n")
+    assert len(study.get_trials()) == 2  # the bad last line is left unread
+    assert check_journal(j) > 0 and "dropped" in capsys.readouterr().err
+    study.enqueue_trial({"x": 3})
+    assert len(study.get_trials()) == 3
+
+
+def test_an_append_after_a_writer_killed_mid_record_cuts_its_torn_tail_first(tmp_path, capsys):
+    """A sibling worker killed mid-append leaves a record without its newline; check_journal runs only when a
+    storage is opened, so a live writer used to glue its own record onto it (lost, and the file damaged from then
+    on). Under the lock no one can be writing that tail and no reader has passed it: it is cut, after a backup."""
+    j, study, _ = _live_journal(tmp_path)
+    whole = j.read_bytes()
+    with open(j, "ab") as f:
+        f.write(b'{"op_code":4,"worker_id":"dead-wri')
+    study.enqueue_trial({"x": 3})
+    assert "dropped 34 bytes" in capsys.readouterr().err
+    assert [t.system_attrs["fixed_params"]["x"] for t in study.get_trials()] == [1, 2, 3]
+    data = j.read_bytes()
+    assert data.startswith(whole) and b"dead-wri" not in data and data.endswith(b"\n")
+    assert [json.loads(line)["op_code"] for line in data.splitlines()]  # every line a record
+    fresh = optuna.load_study(study_name="s", storage=open_storage(f"journal:{j}"))
+    assert len(fresh.get_trials()) == 3
+    assert len(list(tmp_path.glob("j.journal.bak-*"))) == 1
