@@ -23,13 +23,15 @@ Faults the user can act on end the command with one line naming the file or serv
 patience. A journal file is checked before anything is appended (``check_journal``): a torn or garbage tail (a
 crash or a full disk mid-append) is cut off after a backup copy is kept; damage before the last complete record is
 refused; a live writer does the same, under the journal lock, to a record a sibling worker left torn when it was
-killed mid-append, rather than glue its own onto it. While a process uses a journal, a file replaced or cut short under it (a ``git stash`` or ``checkout`` of
+killed mid-append, rather than glue its own onto it; both hold ``flock`` on the file under Optuna's symlink lock
+(``_journal_lock``: Optuna's alone can be taken over). While a process uses a journal, a file replaced or cut short under it (a ``git stash`` or ``checkout`` of
 a tracked journal, a copy or sync tool writing over it) stops that process before it reads or writes another
 record (``JournalReplaced``): Optuna's file backend reads on from byte offsets, so it would otherwise go on blind,
 writing claims and failures against a log it no longer sees (this happened once to a findings study).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import json
@@ -141,20 +143,22 @@ def _record(line: bytes) -> dict | None:
     return rec if isinstance(rec, dict) and "op_code" in rec else None
 
 
-def _lines(data: bytes) -> list[bytes]:
-    """``data`` split after each newline (only ``\\n``, as Optuna's reader splits), the last piece kept if unended."""
-    parts = data.split(b"\n")
-    return [p + b"\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+def _lines(data: bytes):
+    """``data``'s lines, each with its newline (only ``\\n``, as Optuna's reader splits); a last piece without one
+    too. One at a time (a journal's first replay reads the whole file)."""
+    i, n = 0, len(data)
+    while i < n:
+        j = data.find(b"\n", i)
+        j = n if j < 0 else j + 1
+        yield data[i:j]
+        i = j
 
 
-def _scan_journal(path: Path) -> tuple[int, int | None, int]:
-    """(end of the last complete record, offset of the first bad byte after it or None, file size). Raises
-    ``StorageError`` naming the offset when a bad line comes before a complete record (damage inside the file).
-    Reads the size the file has when it starts, at once, so that bytes a writer appends meanwhile cannot split a
-    line in two."""
+def _scan(data: bytes, path: Path) -> tuple[int, int | None]:
+    """(end of the last complete record of journal bytes ``data``, offset of the first bad byte after it or None).
+    Raises ``StorageError`` naming the offset when a bad line comes before a complete record (damage inside the
+    file)."""
     good_end, first_bad, offset = 0, None, 0
-    with open(path, "rb") as f:
-        data = f.read(os.fstat(f.fileno()).st_size)
     for line in _lines(data):
         if _record(line) is not None:
             if first_bad is not None:
@@ -166,7 +170,26 @@ def _scan_journal(path: Path) -> tuple[int, int | None, int]:
         elif first_bad is None:
             first_bad = offset
         offset += len(line)
-    return good_end, first_bad, offset
+    return good_end, first_bad
+
+
+def _good_end(fd: int, size: int, path: Path, *, whole: bool = False) -> int:
+    """The end of the last complete record of the journal open as ``fd`` (its first ``size`` bytes), where only a
+    torn or garbage tail follows it: ``size`` when the file is whole. Damage inside the file, or no complete record
+    in a file that is not empty (not a journal, a binary file), is refused (``StorageError``). Cheap in the usual
+    case unless ``whole``: only the last line is read when it is a complete record."""
+    if size == 0:
+        return 0
+    if not whole and os.pread(fd, 1, size - 1) == b"\n":
+        start = _last_line_end(fd, size - 1)
+        if _record(_pread_all(fd, size - start, start)) is not None:
+            return size
+    good_end, first_bad = _scan(_pread_all(fd, size, 0), path)
+    if good_end == 0:
+        raise StorageError(f"{str(path)!r} is not an Optuna journal (no complete record in its {size} bytes; the "
+                           f"first bad byte is at offset {first_bad}), so it was left as it is; pass another file to "
+                           f"--storage, or move this one aside")
+    return good_end
 
 
 def check_journal(path: str | Path) -> int:
@@ -175,46 +198,123 @@ def check_journal(path: str | Path) -> int:
     Hand-written because Optuna's ``JournalFileBackend`` appends straight after whatever the file ends with: after
     a torn write (a crash or a full disk mid-append) the next record is glued to the torn one, and from then on
     every read fails. Here, a tail after the last complete record (``_record``) that is not one is cut off, under
-    Optuna's own journal lock, after the file is copied to ``PATH.bak-<UTC time>``; one line on stderr names the
-    file and the bytes dropped. A bad record with complete ones after it, or a non-empty file with no complete
-    record at all (not a journal, or a binary file), is refused (``StorageError``) and nothing is written. A first
-    look is taken without the lock (the usual case, a whole file, costs no lock); anything wrong in it may be a live
-    writer's half-written line, so every decision is taken on a second look under the lock, where no writer is
-    mid-record."""
+    the journal lock (``_journal_lock``), after the file is copied to ``PATH.bak-<UTC time>``; one line on stderr
+    names the file and the bytes dropped. A bad record with complete ones after it, or a non-empty file with no
+    complete record at all (not a journal, or a binary file), is refused (``StorageError``) and nothing is written.
+    A first look is taken without the lock (the usual case, a whole file, costs no lock); anything wrong in it may be
+    a live writer's half-written line, so every decision is taken on a second look under the lock, where no writer
+    is mid-record."""
     path = Path(path)
-    if not path.exists() or path.stat().st_size == 0:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
         return 0
     try:
-        if _scan_journal(path)[1] is None:
-            return 0
-    except StorageError:
-        pass  # (decided under the lock)
-    from optuna.storages.journal import JournalFileSymlinkLock
-    from optuna.storages.journal._file import get_lock_file
-
-    with get_lock_file(JournalFileSymlinkLock(str(path))):  # the lock Optuna's append_logs holds
-        good_end, first_bad, size = _scan_journal(path)
-        if first_bad is None:
-            return 0
-        if good_end == 0:
-            raise StorageError(f"{str(path)!r} is not an Optuna journal (no complete record in its {size} bytes; "
-                               f"the first bad byte is at offset {first_bad}), so it was left as it is; pass another "
-                               f"file to --storage, or move this one aside")
-        with open(path, "r+b") as f:
-            _cut_tail(path, f.fileno(), good_end, size)
-    return size - good_end
+        size = os.fstat(fd).st_size
+        try:
+            if _scan(_pread_all(fd, size, 0), path)[1] is None:
+                return 0
+        except StorageError:
+            pass  # (decided under the lock)
+        with _journal_lock(fd, path):
+            size = os.fstat(fd).st_size
+            good_end = _good_end(fd, size, path, whole=True)
+            if good_end < size:
+                _cut_tail(path, good_end, size)
+            return size - good_end
+    finally:
+        os.close(fd)
 
 
-def _cut_tail(path: Path, fd: int, good_end: int, size: int) -> None:
-    """Cut the journal open as ``fd`` back to ``good_end`` (the end of its last complete record), the file as it was
-    copied to ``PATH.bak-<UTC time>`` first; one line on stderr. The caller holds the journal lock."""
+def _journal_lock(fd: int, path: Path, symlink_lock=None):
+    """The journal's write lock, held by every append and every cut: ``flock`` on the open file, then Optuna's
+    symlink lock (``symlink_lock``, or a new one on ``path``), which is what plain Optuna processes writing the same
+    file take. Both because Optuna's symlink lock alone can be taken over: a lock left by a writer killed while
+    holding it is broken by its waiters once the journal has not changed for 30 s, and a waiter past that grace
+    breaks every later holder's lock too, so several writers may hold it at once (appends survive that, each one
+    write; a cut does not). ``flock`` is released by the kernel when its holder dies, so it cannot go stale and is
+    never taken over; it excludes writers on this machine, and on others where the file system supports it (NFS
+    with its lock service); plain Optuna writers do not take it. A journal removed while this waits is refused
+    (``FileNotFoundError``), where Optuna's own wait would spin."""
+    import fcntl
+
+    @contextlib.contextmanager
+    def held():
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            lock = symlink_lock or _symlink_lock_class()(str(path))
+            lock.acquire()
+            try:
+                yield
+            finally:
+                try:
+                    lock.release()
+                except RuntimeError:  # (a plain Optuna process broke it after its grace period)
+                    log.warning("journal lock of %s was broken by another process while held", path)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    return held()
+
+
+_SYMLINK_LOCK: type | None = None
+
+
+def _symlink_lock_class() -> type:
+    """Optuna's ``JournalFileSymlinkLock`` (the same lock file, the same grace period before a lock left by a
+    writer that died is broken) with a wait that stops, with ``FileNotFoundError``, when the journal is removed
+    meanwhile: Optuna's reads the lock's time through the link and, the journal gone, retries without sleeping,
+    forever."""
+    global _SYMLINK_LOCK
+    if _SYMLINK_LOCK is None:
+        from optuna.storages.journal import JournalFileSymlinkLock
+
+        class SymlinkLock(JournalFileSymlinkLock):
+            def acquire(self) -> bool:
+                pause, since, mtime = 0.001, time.monotonic(), None
+                while True:
+                    try:
+                        os.symlink(self._lock_target_file, self._lock_file)
+                        return True
+                    except FileExistsError:
+                        pass
+                    now = os.stat(self._lock_target_file).st_mtime  # (FileNotFoundError: the journal is gone)
+                    if now != mtime:  # the journal changed: its lock holder is alive
+                        mtime, since = now, time.monotonic()
+                    elif self.grace_period is not None and time.monotonic() - since > self.grace_period:
+                        log.warning("journal lock %s held for %ss with no change to the journal: breaking it",
+                                    self._lock_file, self.grace_period)
+                        with contextlib.suppress(RuntimeError):  # (another waiter broke it first)
+                            self.release()
+                        since, pause = time.monotonic(), 0.001
+                        continue
+                    time.sleep(pause)
+                    pause = min(pause * 2, 1.0)
+
+        _SYMLINK_LOCK = SymlinkLock
+    return _SYMLINK_LOCK
+
+
+def _cut_tail(path: Path, good_end: int, size: int) -> None:
+    """Cut the journal back to ``good_end`` (the end of its last complete record), the file as it was copied first
+    to ``PATH.bak-<UTC time>`` (a new name, never another backup's); one line on stderr. The caller holds the
+    journal lock; a file that is no longer ``size`` bytes long is not cut (``StorageError``)."""
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    backup = path.with_name(f"{path.name}.bak-{stamp}")
-    if backup.exists():
-        backup = path.with_name(f"{path.name}.bak-{stamp}-{os.getpid()}")
-    shutil.copy2(path, backup)
-    os.ftruncate(fd, good_end)
-    os.fsync(fd)
+    for n in range(1000):
+        backup = path.with_name(f"{path.name}.bak-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            with open(backup, "xb") as out, open(path, "rb") as src:
+                shutil.copyfileobj(src, out)
+            break
+        except FileExistsError:
+            continue
+    with open(path, "r+b") as f:
+        if os.fstat(f.fileno()).st_size != size:
+            raise StorageError(f"journal {str(path)!r} changed while its torn tail was being cut (another writer "
+                               f"not under its lock?), so it was not cut; run the same command again")
+        f.truncate(good_end)
+        f.flush()
+        os.fsync(f.fileno())
     print(f"journal {str(path)!r}: dropped {size - good_end} bytes of an incomplete or garbage tail after the last "
           f"complete record (byte {good_end}); the file as it was is kept in {str(backup)!r}", file=sys.stderr,
           flush=True)
@@ -302,11 +402,11 @@ def _guarded_backend_class() -> type:
 
     Reading follows Optuna's format: one JSON record per line; a line not yet ended by a newline (a writer
     mid-record), or a last line that does not parse, is left for the next read; a bad line with more after it is
-    damage (``StorageError`` naming the byte). An append waits for Optuna's journal lock (after checking the file,
-    so a removed journal with a stale lock is refused rather than waited on), checks again under it, and if the file
-    does not end with a newline, cuts that torn tail (a writer killed mid-append: no one holding the lock can be
-    writing it, and no reader passes a line without its newline) as ``check_journal`` does, instead of gluing its
-    record onto it."""
+    damage (``StorageError`` naming the byte). An append checks the file, waits for the journal lock
+    (``_journal_lock``; a journal removed meanwhile is refused), checks again under it, and cuts a torn or garbage
+    tail after the last complete record as ``check_journal`` does (a writer killed mid-append: no one holding the
+    lock can be writing it, and no reader passes a line without its newline or one that does not parse), instead of
+    gluing its record onto it."""
     global _GUARDED
     if _GUARDED is None:
         from optuna.storages.journal import JournalFileBackend
@@ -314,7 +414,7 @@ def _guarded_backend_class() -> type:
 
         class GuardedJournalFileBackend(JournalFileBackend):
             def __init__(self, file_path: str, lock_obj=None) -> None:
-                super().__init__(file_path, lock_obj)  # (Optuna's: the lock, and an empty file if there is none)
+                super().__init__(file_path, lock_obj or _symlink_lock_class()(file_path))  # (and an empty file)
                 st = os.stat(self._file_path)
                 self._nb_file = (st.st_dev, st.st_ino)
                 self._nb_seen, self._nb_tail = 0, b""  # end of the records read so far; its last <= _TAIL bytes
@@ -326,12 +426,19 @@ def _guarded_backend_class() -> type:
                     self._nb_refuse(None)
 
             def _nb_check(self, fd: int) -> int:
-                """The size of the open file ``fd``, after checking that it is this backend's file, unchanged."""
+                """The size of the open file ``fd``, after checking that it is this backend's file, unchanged, and
+                still the file at the path."""
                 st = os.fstat(fd)
                 seen, tail = self._nb_seen, self._nb_tail
                 same = (st.st_dev, st.st_ino) == self._nb_file and st.st_size >= seen
                 if same and tail:
                     same = os.pread(fd, len(tail), seen - len(tail)) == tail
+                if same:
+                    try:
+                        at = os.stat(self._file_path)
+                    except FileNotFoundError:
+                        self._nb_refuse(None)
+                    same = (at.st_dev, at.st_ino) == self._nb_file
                 if not same:
                     self._nb_refuse(st)
                 return st.st_size
@@ -387,23 +494,23 @@ def _guarded_backend_class() -> type:
 
             def append_logs(self, logs: list[dict[str, Any]]) -> None:
                 data = ("\n".join(json.dumps(x, separators=(",", ":")) for x in logs) + "\n").encode("utf-8")
-                fd = self._nb_open(os.O_RDONLY)  # (before waiting for the lock: a lock left by a killed writer
-                try:  # on a journal since removed would otherwise be waited on forever)
-                    self._nb_check(fd)
-                finally:
-                    os.close(fd)
-                with get_lock_file(self._lock):
-                    fd = self._nb_open(os.O_RDWR | os.O_APPEND)
-                    try:
+                path = Path(self._file_path)
+                fd = self._nb_open(os.O_RDWR | os.O_APPEND)
+                try:
+                    self._nb_check(fd)  # (before the wait too: a removed journal is refused, not waited on)
+                    with _journal_lock(fd, path, self._lock):
                         size = self._nb_check(fd)
-                        if size and os.pread(fd, 1, size - 1) != b"\n":  # a writer killed mid-record
-                            _cut_tail(Path(self._file_path), fd, _last_line_end(fd, size), size)
+                        end = _good_end(fd, size, path)  # a tail a writer killed mid-record left: cut, not glued to
+                        if end < size:
+                            _cut_tail(path, end, size)
                         view = memoryview(data)
                         while view:
                             view = view[os.write(fd, view):]
                         os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                except FileNotFoundError:  # (removed while this waited for the lock, or cut)
+                    self._nb_refuse(None)
+                finally:
+                    os.close(fd)
 
         _GUARDED = GuardedJournalFileBackend
     return _GUARDED
