@@ -193,7 +193,7 @@ def test_bench_sweep_section_runs_the_quick_sweep_with_1_and_2_workers(tmp_path)
     _, csv_path = bench.run_bench(tmp_path, tiny=True, sections=["sweep"], command="pytest sweep")
     rows = {r["name"]: r for r in csv.DictReader(csv_path.open()) if r["section"] == "sweep"}
     head = next(r for name, r in rows.items() if name.startswith("quick sweep"))
-    assert "(2 trials per run)" in head["name"]
+    assert "(2 trials per run)" in head["name"], head["note"]  # (the note says why a run failed)
     assert "failed" not in head["note"] and float(head["ours_value"]) > 0 and float(head["reference_value"]) > 0
     assert float(head["ratio"]) > 0
     for w in (1, 2):
