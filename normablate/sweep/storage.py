@@ -186,9 +186,10 @@ def _good_end(fd: int, size: int, path: Path, *, whole: bool = False) -> int:
             return size
     good_end, first_bad = _scan(_pread_all(fd, size, 0), path)
     if good_end == 0:
-        raise StorageError(f"{str(path)!r} is not an Optuna journal (no complete record in its {size} bytes; the "
-                           f"first bad byte is at offset {first_bad}), so it was left as it is; pass another file to "
-                           f"--storage, or move this one aside")
+        raise StorageError(f"{str(path)!r} is not an Optuna journal (no complete record in its {size} bytes: another "
+                           f"kind of file, or a journal whose first record was torn; the first bad byte is at offset "
+                           f"{first_bad}), so it was left as it is; pass another file to --storage, or move this one "
+                           f"aside")
     return good_end
 
 
@@ -205,6 +206,8 @@ def check_journal(path: str | Path) -> int:
     a live writer's half-written line, so every decision is taken on a second look under the lock, where no writer
     is mid-record."""
     path = Path(path)
+    if path.is_dir():
+        raise StorageError(f"{str(path)!r} is a folder, not a journal file; pass a file path to --storage")
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -220,7 +223,7 @@ def check_journal(path: str | Path) -> int:
             size = os.fstat(fd).st_size
             good_end = _good_end(fd, size, path, whole=True)
             if good_end < size:
-                _cut_tail(path, good_end, size)
+                _cut_tail(path, fd, good_end, size)
             return size - good_end
     finally:
         os.close(fd)
@@ -240,7 +243,24 @@ def _journal_lock(fd: int, path: Path, symlink_lock=None):
 
     @contextlib.contextmanager
     def held():
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        t0, pause, warned = time.monotonic(), 0.001, False
+        while True:  # (polled: a holder that is stopped, not dead, keeps it; say so, and give up after the patience)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - t0
+                if waited > patience():
+                    raise StorageError(
+                        f"journal {str(path)!r}: another process has held its lock for {waited:.0f} s (stopped or "
+                        f"hung: Ctrl-Z, a suspended job, a hung file system?); resume or end it, then run the same "
+                        f"command again (NORMABLATE_STORAGE_PATIENCE sets how long to wait)") from None
+                if waited > 10 and not warned:
+                    print(f"journal {str(path)!r}: waiting for its lock, held by another process for {waited:.0f} s "
+                          f"(stopped or hung?)", file=sys.stderr, flush=True)
+                    warned = True
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
         try:
             lock = symlink_lock or _symlink_lock_class()(str(path))
             lock.acquire()
@@ -295,28 +315,38 @@ def _symlink_lock_class() -> type:
     return _SYMLINK_LOCK
 
 
-def _cut_tail(path: Path, good_end: int, size: int) -> None:
-    """Cut the journal back to ``good_end`` (the end of its last complete record), the file as it was copied first
-    to ``PATH.bak-<UTC time>`` (a new name, never another backup's); one line on stderr. The caller holds the
-    journal lock; a file that is no longer ``size`` bytes long is not cut (``StorageError``)."""
+def _cut_tail(path: Path, fd: int, good_end: int, size: int) -> None:
+    """Cut the journal open as ``fd`` back to ``good_end`` (the end of its last complete record), after the bytes cut
+    off are kept in ``PATH.bak-<UTC time>`` (a new name, never another backup's; only those bytes, so that a nearly
+    full disk, where torn writes come from, has room for them); one line on stderr. The caller holds the journal
+    lock; a file at the path that is no longer the one ``fd`` opened, or no longer ``size`` bytes long, is not cut
+    (``StorageError``)."""
+    dropped = _pread_all(fd, size - good_end, good_end)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     for n in range(1000):
         backup = path.with_name(f"{path.name}.bak-{stamp}" + (f"-{n}" if n else ""))
         try:
-            with open(backup, "xb") as out, open(path, "rb") as src:
-                shutil.copyfileobj(src, out)
+            with open(backup, "xb") as out:
+                try:
+                    out.write(dropped)
+                    out.flush()
+                except OSError:
+                    os.unlink(backup)  # (a partial backup would only fill the disk further)
+                    raise
             break
         except FileExistsError:
             continue
     with open(path, "r+b") as f:
-        if os.fstat(f.fileno()).st_size != size:
-            raise StorageError(f"journal {str(path)!r} changed while its torn tail was being cut (another writer "
-                               f"not under its lock?), so it was not cut; run the same command again")
+        st, mine = os.fstat(f.fileno()), os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino) or st.st_size != size:
+            os.unlink(backup)
+            raise StorageError(f"journal {str(path)!r} was replaced or written to while its torn tail was being cut "
+                               f"(by a process not under its lock?), so it was not cut; run the same command again")
         f.truncate(good_end)
         f.flush()
         os.fsync(f.fileno())
     print(f"journal {str(path)!r}: dropped {size - good_end} bytes of an incomplete or garbage tail after the last "
-          f"complete record (byte {good_end}); the file as it was is kept in {str(backup)!r}", file=sys.stderr,
+          f"complete record (byte {good_end}); those bytes are kept in {str(backup)!r}", file=sys.stderr,
           flush=True)
 
 
@@ -347,7 +377,13 @@ def open_storage(url: str | None, log_dir: str | Path = "lightning_logs", *, cre
             raise NoStorage(f"no journal {str(path)!r}, so no studies there (no sweep has written there); check "
                             f"--storage")
         path.parent.mkdir(parents=True, exist_ok=True)
-        check_journal(path)
+        try:
+            check_journal(path)
+        except OSError as e:  # (a full disk while a torn tail's bytes are kept: name the journal)
+            err = failure(e, url)
+            if err is None:
+                raise
+            raise err from None
         try:  # (wrapped for its errors only: a full disk names the journal; nothing there is retried)
             return retrying(JournalStorage(_guarded_backend_class()(str(path))), url)
         except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError: changed since check_journal read it)
@@ -500,9 +536,10 @@ def _guarded_backend_class() -> type:
                     self._nb_check(fd)  # (before the wait too: a removed journal is refused, not waited on)
                     with _journal_lock(fd, path, self._lock):
                         size = self._nb_check(fd)
-                        end = _good_end(fd, size, path)  # a tail a writer killed mid-record left: cut, not glued to
+                        end = size if size == self._nb_seen else _good_end(fd, size, path)  # (a tail a writer killed
+                        # mid-record left: cut, not glued to; none when the file ends where this backend last read)
                         if end < size:
-                            _cut_tail(path, end, size)
+                            _cut_tail(path, fd, end, size)
                         view = memoryview(data)
                         while view:
                             view = view[os.write(fd, view):]

@@ -72,7 +72,7 @@ def test_torn_or_garbage_journal_tail_is_cut_after_a_backup(tmp_path, capsys, ho
     dropped = len(damaged) - j.stat().st_size
     assert dropped > 0 and one_line(err).startswith(f"journal {str(j)!r}: dropped {dropped} bytes"), err
     backups = list(tmp_path.glob("j.log.bak-*"))
-    assert len(backups) == 1 and backups[0].read_bytes() == damaged and str(backups[0]) in err
+    assert len(backups) == 1 and backups[0].read_bytes() == damaged[j.stat().st_size:] and str(backups[0]) in err
     assert whole.startswith(j.read_bytes()) and j.read_bytes().endswith(b"\n")
     study = optuna.load_study(study_name="j", storage=st)  # the storage goes on: appends land on a whole record
     n_before = len(study.get_trials())
@@ -875,6 +875,46 @@ def test_each_cut_keeps_its_own_backup(tmp_path, capsys):
             f.write(tail)
         assert check_journal(j) == len(tail)
     backups = sorted(tmp_path.glob("j.journal.bak-*"), key=lambda p: p.stat().st_size)
-    assert [b.read_bytes()[-len(t):] for b, t in zip(backups, tails)] == tails and len(backups) == 3
+    assert [b.read_bytes() for b in backups] == tails
     err = capsys.readouterr().err
     assert all(f"kept in {str(b)!r}" in err for b in backups), err
+
+
+def test_a_cut_refuses_a_file_replaced_at_the_path_meanwhile(tmp_path):
+    """check_journal decides on the file it opened and locked; if another file now sits at the path (same size, so
+    sizes cannot tell), that one is not cut, and no backup is left."""
+    j, _, _ = _live_journal(tmp_path)
+    with open(j, "ab") as f:
+        f.write(b'{"op_code":4,"torn')
+    size, good_end = j.stat().st_size, len(j.read_bytes()) - len(b'{"op_code":4,"torn')
+    fd = os.open(j, os.O_RDONLY)
+    try:
+        other = tmp_path / "other"
+        other.write_bytes(b"x" * (size - 1) + b"\n")
+        os.replace(other, j)
+        with pytest.raises(StorageError, match="was replaced or written to while its torn tail was being cut"):
+            storage_mod._cut_tail(j, fd, good_end, size)
+    finally:
+        os.close(fd)
+    assert j.read_bytes() == b"x" * (size - 1) + b"\n" and not list(tmp_path.glob("j.journal.bak-*"))
+
+
+def test_a_journal_lock_held_past_the_patience_is_one_line_not_a_silent_wait(tmp_path, monkeypatch):
+    """A holder that is stopped, not dead (Ctrl-Z, a suspended job), keeps its flock: a writer says so on stderr
+    and, past NORMABLATE_STORAGE_PATIENCE, stops with a StorageError naming the journal."""
+    import fcntl
+
+    j, study, _ = _live_journal(tmp_path)
+    monkeypatch.setenv("NORMABLATE_STORAGE_PATIENCE", "0.5")
+    with open(j, "rb") as holder:  # another open file description: flock excludes it as another process's
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(StorageError, match=rf"journal {str(j)!r}: another process has held its lock for"):
+            study.enqueue_trial({"x": 3})
+    study.enqueue_trial({"x": 3})  # released: the next append goes through
+    assert len(study.get_trials()) == 3
+
+
+def test_a_folder_given_as_a_journal_is_named(tmp_path):
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(StorageError, match=rf"{str(tmp_path / 'adir')!r} is a folder, not a journal file"):
+        check_journal(tmp_path / "adir")
